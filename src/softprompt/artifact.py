@@ -1,0 +1,244 @@
+"""The prompt file: one ``.safetensors`` file with the prompt tensor and JSON metadata.
+
+Layout (format_version 1):
+    tensor  "prompt"        (P, d), float16 by default (bfloat16 if values overflow float16)
+    header  "format_version" "1"
+    header  "softprompt"     JSON of :class:`PromptMeta`
+
+safetensors is data only: loading a prompt file cannot run code. Files are written atomically
+(temp file + fsync + rename), so a crash never leaves a half-written prompt behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import __version__
+from .base import BaseModel, sketch_similarity
+from .errors import PromptFileError
+
+FORMAT_VERSION = 1
+MAX_PROMPT_FILE_BYTES = 256 * 1024 * 1024
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+TaskType = Literal["classify", "generate"]
+TASK_TYPES = ("classify", "generate")
+
+
+@dataclass
+class PromptMeta:
+    """Everything a prompt file says about its prompt besides the tensor."""
+
+    base_model: str
+    """Name of the base model it was trained on (hub id, path, or the embedded default's name)."""
+    fingerprint: str
+    """Hash of the base model's input embedding matrix (see ``base.embedding_fingerprint``)."""
+    length: int
+    """P, number of virtual tokens."""
+    dim: int
+    """d, embedding width of the base model."""
+    task: TaskType | None = None
+    """"classify" or "generate"; None for a prompt not tied to a task yet."""
+    template: str | None = None
+    """Where the input goes, e.g. "Text: {text}\\nTopic:"."""
+    labels: list[str] | None = None
+    """Class labels (classification), in score order."""
+    verbalizer: dict[str, str] | None = None
+    """Label -> the words the model must produce (default: the label itself)."""
+    name: str | None = None
+    """A short name for the task, e.g. "topic"."""
+    sketch: list[float] = field(default_factory=list)
+    """Fingerprint sketch, to tell a differently quantized copy of the base model from another model."""
+    dtype: str = "float16"
+    """Storage dtype of the tensor."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """Summary of how it was trained (steps, data, metrics...)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form fields (import provenance, ...)."""
+    created: str = ""
+    softprompt_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def for_base(cls, base: BaseModel, length: int, **kw: Any) -> "PromptMeta":
+        """Metadata pre-filled with ``base``'s name, fingerprint and width."""
+        return cls(base_model=base.name, fingerprint=base.fingerprint, sketch=base.sketch,
+                   length=length, dim=base.dim, **kw)
+
+
+@dataclass
+class LoadedPrompt:
+    """A prompt read from disk: float32 tensor (P, d) plus its metadata."""
+
+    tensor: torch.Tensor
+    meta: PromptMeta
+    path: Path | None = None
+
+
+def _storage_dtype(tensor: torch.Tensor, dtype: str) -> str:
+    if dtype not in STORAGE_DTYPES:
+        raise PromptFileError(f"unknown prompt dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+    if dtype == "float16" and tensor.abs().max().item() > torch.finfo(torch.float16).max:
+        return "bfloat16"  # values too large for float16: keep the range, lose some mantissa
+    return dtype
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prompt_bytes(tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> bytes:
+    """Serialize a prompt (P, d) and its metadata to prompt-file bytes."""
+    from safetensors.torch import save
+
+    if tensor.dim() != 2:
+        raise PromptFileError(f"a prompt tensor must be (P, d), got shape {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise PromptFileError("refusing to save a prompt with NaN or infinite values")
+    dtype = _storage_dtype(tensor, dtype)
+    meta.length, meta.dim = int(tensor.shape[0]), int(tensor.shape[1])
+    meta.dtype = dtype
+    meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    header = {"format_version": str(FORMAT_VERSION), "softprompt": json.dumps(asdict(meta), sort_keys=True)}
+    data = tensor.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
+    return save({"prompt": data}, metadata=header)
+
+
+def save_prompt(path: str | os.PathLike, tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> Path:
+    """Write a prompt file atomically and return its path.
+
+    Args:
+        path: destination ``.safetensors`` file.
+        tensor: the prompt, (P, d) (a :class:`~softprompt.prompt.SoftPrompt`'s ``weight``).
+        meta: its metadata; ``length``, ``dim`` and ``dtype`` are filled from the tensor.
+        dtype: storage dtype: "float16" (default), "bfloat16" or "float32".
+    """
+    atomic_write_bytes(path, prompt_bytes(tensor, meta, dtype))
+    return Path(path)
+
+
+def _meta_from_header(header: dict[str, str], where: str) -> PromptMeta:
+    if "format_version" not in header or "softprompt" not in header:
+        raise PromptFileError(f"{where}: not a softprompt prompt file (no softprompt metadata)")
+    try:
+        version = int(header["format_version"])
+    except ValueError:
+        raise PromptFileError(f"{where}: bad format_version {header['format_version']!r}") from None
+    if version > FORMAT_VERSION:
+        raise PromptFileError(
+            f"{where}: prompt file format {version} is newer than this softprompt supports "
+            f"({FORMAT_VERSION}); upgrade softprompt"
+        )
+    if version < 1:
+        raise PromptFileError(f"{where}: bad format_version {version}")
+    try:
+        raw = json.loads(header["softprompt"])
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{where}: corrupt metadata ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise PromptFileError(f"{where}: corrupt metadata (not a JSON object)")
+    known = {f.name for f in fields(PromptMeta)}
+    missing = [k for k in ("base_model", "fingerprint", "length", "dim") if k not in raw]
+    if missing:
+        raise PromptFileError(f"{where}: metadata lacks {', '.join(missing)}")
+    try:
+        meta = PromptMeta(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as e:
+        raise PromptFileError(f"{where}: corrupt metadata ({e})") from None
+    if meta.task is not None and meta.task not in TASK_TYPES:
+        raise PromptFileError(f"{where}: unknown task type {meta.task!r}")
+    return meta
+
+
+def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
+    """Parse prompt-file bytes (no base-model check); raises :class:`PromptFileError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise PromptFileError(f"{where}: truncated or empty file ({len(data)} bytes)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise PromptFileError(f"{where}: truncated or corrupt file (header says {header_len} bytes, file has {len(data)})")
+    try:
+        header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        tensors = load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PromptFileError(f"{where}: not a valid safetensors file ({msg})") from None
+    meta = _meta_from_header(header, where)
+    if set(tensors) != {"prompt"}:
+        raise PromptFileError(f"{where}: expected one tensor named 'prompt', found {sorted(tensors) or 'none'}")
+    t = tensors["prompt"]
+    if t.dim() != 2 or tuple(t.shape) != (meta.length, meta.dim):
+        raise PromptFileError(
+            f"{where}: prompt tensor has shape {tuple(t.shape)} but metadata says ({meta.length}, {meta.dim})"
+        )
+    if not t.is_floating_point() or not torch.isfinite(t).all():
+        raise PromptFileError(f"{where}: prompt tensor holds non-finite or non-float values")
+    return LoadedPrompt(t.to(torch.float32), meta)
+
+
+def check_compatible(meta: PromptMeta, base: BaseModel, where: str = "prompt file", strict: bool = True) -> None:
+    """Raise :class:`PromptFileError` if a prompt does not belong to ``base``.
+
+    With ``strict=False`` a fingerprint mismatch is accepted when the dimensions agree (for a
+    deliberately re-quantized or converted copy of the same model).
+    """
+    if meta.dim != base.dim:
+        raise PromptFileError(
+            f"{where}: prompt width {meta.dim} does not match base model {base.name!r} (width {base.dim}); "
+            f"it was trained for {meta.base_model!r}"
+        )
+    if meta.fingerprint == base.fingerprint or not strict:
+        return
+    sim = sketch_similarity(meta.sketch, base.sketch)
+    hint = (
+        f" (embedding similarity {sim:.3f}: looks like a differently quantized copy of the same model; "
+        "pass --allow-other-base / strict=False to use it anyway)"
+        if sim > 0.95
+        else ""
+    )
+    raise PromptFileError(
+        f"{where}: trained for base model {meta.base_model!r} (fingerprint {meta.fingerprint[:12]}), "
+        f"not {base.name!r} (fingerprint {base.fingerprint[:12]}){hint}"
+    )
+
+
+def load_prompt(path: str | os.PathLike, base: BaseModel | None = None, *, strict: bool = True) -> LoadedPrompt:
+    """Read a prompt file; if ``base`` is given, check it belongs to that model.
+
+    Raises:
+        PromptFileError: missing, too large, truncated/corrupt, unknown version, or wrong model;
+            the message names the file and the problem.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PromptFileError(f"{p}: no such prompt file")
+    size = p.stat().st_size
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise PromptFileError(f"{p}: {size} bytes is too large for a prompt file")
+    loaded = prompt_from_bytes(p.read_bytes(), str(p))
+    loaded.path = p
+    if base is not None:
+        check_compatible(loaded.meta, base, str(p), strict=strict)
+    return loaded

@@ -1,0 +1,54 @@
+"""The ``softprompt`` command line: routing only.
+
+Each command lives in its own module under ``softprompt.commands`` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a plain function taking the
+parsed arguments. User errors (:class:`SoftpromptError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import SoftpromptError
+
+COMMANDS: list[str] = [
+    "softprompt.commands.demo",
+    "softprompt.commands.inspect",
+]
+"""Modules that register a subcommand, in ``--help`` order."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softprompt",
+        description="Prompt tuning for frozen open language models: train, evaluate, save and serve soft prompts.",
+    )
+    parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMANDS:
+        importlib.import_module(mod).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SoftpromptError as e:
+        print(f"softprompt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"softprompt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

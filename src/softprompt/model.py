@@ -1,0 +1,207 @@
+"""A frozen HF causal LM with soft prompts prepended to its input embeddings.
+
+Layout of a packed row (B rows, T text positions, Pmax = longest prompt in the batch):
+
+    [ gap (Pmax - P_i, masked) | prompt_i (P_i) | text tokens (T, may carry left or right padding) ]
+
+Masked positions may sit anywhere: position ids are ``cumsum(mask) - 1``, so every row sees its
+prompt at positions 0..P_i-1 and its text right after, whatever its padding. This is what lets one
+batch mix prompts of different lengths (multi-task training, serving).
+
+Not here: KV-prefix batching for serving (serve/), the training loop (train.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import BaseModel, assert_frozen
+
+IGNORE_INDEX = -100
+
+Prompts = torch.Tensor | Sequence[torch.Tensor]
+"""One (P, d) prompt for every row, a (B, P, d) tensor, or a list of B tensors (P_i, d)."""
+
+
+@dataclass
+class Packed:
+    """Model inputs with prompts prepended."""
+
+    inputs_embeds: torch.Tensor  # (B, Pmax + T, d)
+    attention_mask: torch.Tensor  # (B, Pmax + T) long
+    position_ids: torch.Tensor  # (B, Pmax + T) long
+    labels: torch.Tensor | None  # (B, Pmax + T) long, IGNORE_INDEX on prompt and gap
+    prompt_width: int  # Pmax
+
+
+def _prompt_block(prompts: Prompts, B: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align each row's prompt in a (B, Pmax, d) block; returns (block, mask (B, Pmax))."""
+    dev, dt = like.device, like.dtype
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 2:
+            prompts = prompts.unsqueeze(0).expand(B, -1, -1)  # (B, P, d)
+        if prompts.dim() != 3 or prompts.shape[0] != B:
+            raise ValueError(f"prompts must be (P, d) or (B={B}, P, d), got {tuple(prompts.shape)}")
+        mask = torch.ones(B, prompts.shape[1], dtype=torch.long, device=dev)
+        return prompts.to(dev, dt), mask
+    if len(prompts) != B:
+        raise ValueError(f"got {len(prompts)} prompts for a batch of {B} rows")
+    lengths = [p.shape[0] for p in prompts]
+    Pmax = max(lengths)
+    # (B, Pmax, d): left-pad each prompt with zeros to Pmax
+    block = torch.stack([F.pad(p.to(dev, dt), (0, 0, Pmax - p.shape[0], 0)) for p in prompts])
+    idx = torch.arange(Pmax, device=dev)
+    mask = (idx[None, :] >= (Pmax - torch.tensor(lengths, device=dev))[:, None]).long()  # (B, Pmax)
+    return block, mask
+
+
+def pack(
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompts: Prompts,
+    labels: torch.Tensor | None = None,
+) -> Packed:
+    """Prepend prompts to token embeddings (pure function).
+
+    Args:
+        embeds: token embeddings, (B, T, d).
+        attention_mask: (B, T), 1 on real tokens (left or right padding both fine).
+        prompts: see :data:`Prompts`.
+        labels: optional (B, T) target ids, IGNORE_INDEX where no loss is wanted.
+    """
+    B = embeds.shape[0]
+    block, pmask = _prompt_block(prompts, B, embeds)  # (B, Pmax, d), (B, Pmax)
+    inputs = torch.cat([block, embeds], dim=1)  # (B, Pmax + T, d)
+    mask = torch.cat([pmask, attention_mask.to(pmask)], dim=1)  # (B, Pmax + T)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, Pmax + T)
+    full_labels = None
+    if labels is not None:
+        pad = torch.full_like(pmask, IGNORE_INDEX)
+        full_labels = torch.cat([pad, labels.to(pmask)], dim=1)  # (B, Pmax + T)
+    return Packed(inputs, mask, position_ids, full_labels, block.shape[1])
+
+
+def _apply_logit_quirks(config, logits: torch.Tensor) -> torch.Tensor:
+    """Post-lm-head transforms some families apply inside their forward (quirks fenced here)."""
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(config, "logits_scaling", None)  # Granite
+    if scale:
+        logits = logits / scale
+    return logits
+
+
+class PromptedModel(nn.Module):
+    """A frozen causal LM that takes soft prompts; only prompts passed in receive gradients."""
+
+    def __init__(self, base: BaseModel):
+        super().__init__()
+        self.base = base
+        self.lm = base.model
+        assert_frozen(self.lm)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings through the model's own embedding module, (B, T) -> (B, T, d)."""
+        return self.lm.get_input_embeddings()(input_ids)
+
+    def pack(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompts: Prompts,
+        labels: torch.Tensor | None = None,
+    ) -> Packed:
+        """Embed ``input_ids`` (B, T) and prepend ``prompts``; see :func:`pack`."""
+        return pack(self.embed(input_ids), attention_mask, prompts, labels)
+
+    def hidden_states(self, packed: Packed) -> torch.Tensor:
+        """Final hidden states before the lm head, (B, Pmax + T, d)."""
+        inner = self.lm.base_model
+        if inner is self.lm:  # no separate decoder module: take it from the full forward
+            out = self.lm(
+                inputs_embeds=packed.inputs_embeds,
+                attention_mask=packed.attention_mask,
+                position_ids=packed.position_ids,
+                output_hidden_states=True,
+                use_cache=False,
+            )
+            return out.hidden_states[-1]
+        out = inner(
+            inputs_embeds=packed.inputs_embeds,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The lm head (with family quirks) on any (..., d) hidden states -> (..., V) logits."""
+        return _apply_logit_quirks(self.config, self.lm.get_output_embeddings()(hidden))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompts: Prompts,
+    ) -> torch.Tensor:
+        """Full logits over every position, (B, Pmax + T, V). For inference and tests; training
+        uses :meth:`target_logprobs`, which projects only the positions that carry loss."""
+        packed = self.pack(input_ids, attention_mask, prompts)
+        return self.project(self.hidden_states(packed))
+
+    def target_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompts: Prompts,
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities of the target tokens, computing the lm head only where labels are set.
+
+        Args:
+            labels: (B, T) target ids aligned with ``input_ids`` (the token to predict *at* that
+                position, HF convention: it is predicted from the position before), IGNORE_INDEX
+                elsewhere.
+        Returns:
+            ``(row_sums (B,), token_counts (B,))``: summed log p(target) per row and the number of
+            target tokens per row. ``-(row_sums.sum() / token_counts.sum())`` is the usual loss.
+        """
+        packed = self.pack(input_ids, attention_mask, prompts, labels)
+        hidden = self.hidden_states(packed)  # (B, L, d)
+        targets = packed.labels[:, 1:]  # (B, L-1)
+        sel = targets != IGNORE_INDEX  # (B, L-1)
+        rows = sel.nonzero(as_tuple=True)[0]  # (N,)
+        h = hidden[:, :-1][sel]  # (N, d): only positions that predict a target
+        logits = self.project(h).float()  # (N, V)
+        tok_lp = -F.cross_entropy(logits, targets[sel], reduction="none")  # (N,)
+        B = input_ids.shape[0]
+        sums = torch.zeros(B, dtype=tok_lp.dtype, device=tok_lp.device).index_add(0, rows, tok_lp)
+        counts = sel.sum(1)  # (B,)
+        return sums, counts
+
+    @torch.no_grad()
+    def prefix_cache(self, prompt: torch.Tensor):
+        """Run one prompt (P, d) through the model once and return its KV cache (batch 1).
+
+        In a causal decoder the prompt's keys/values at positions 0..P-1 do not depend on what
+        follows, so serving computes them once per prompt.
+        """
+        emb = prompt.to(self.lm.device, self.lm.dtype)[None]  # (1, P, d)
+        P = emb.shape[1]
+        out = self.lm(
+            inputs_embeds=emb,
+            attention_mask=torch.ones(1, P, dtype=torch.long, device=emb.device),
+            position_ids=torch.arange(P, device=emb.device)[None],
+            use_cache=True,
+        )
+        return out.past_key_values

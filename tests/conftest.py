@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random-weight models built offline, once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(model_root):
+    """Path of a tiny Llama checkpoint directory (config + safetensors + tokenizer)."""
+    from softprompt.testing import tiny_model_dir
+
+    return tiny_model_dir(model_root / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """A frozen tiny Llama BaseModel."""
+    from softprompt import load_base_model
+
+    return load_base_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_family(model_root):
+    """Factory: a frozen tiny BaseModel of a given family (llama, qwen2, gpt2, gemma)."""
+    from softprompt.testing import tiny_base
+
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = tiny_base(model_root / family, family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_base():
+    """The real embedded default model (SmolLM2-135M-Instruct); tests using it are marked real_model."""
+    from softprompt import load_base_model
+
+    return load_base_model()

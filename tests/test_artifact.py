@@ -1,0 +1,156 @@
+"""The prompt file: round trip, size, and every kind of bad file rejected with its message."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from softprompt import PromptFileError, PromptMeta, SoftPrompt, load_prompt, save_prompt
+from softprompt.artifact import FORMAT_VERSION, prompt_bytes
+
+
+def make(tiny, length=5):
+    p = SoftPrompt.initialize(tiny.embedding, tiny.tokenizer, length, "vocab")
+    meta = PromptMeta.for_base(tiny, length, task="classify", template="Text: {text}\nLabel:",
+                               labels=["a", "b"], name="t", training={"steps": 3})
+    return p.weight.detach(), meta
+
+
+def rewrite_header(path, fn):
+    """Rewrite a prompt file's safetensors metadata with fn(dict) -> dict."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = fn(header["__metadata__"])
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_round_trip_is_bit_exact(tiny, tmp_path, dtype):
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta, dtype=dtype)
+    a = load_prompt(path, tiny)
+    b = load_prompt(path, tiny)
+    assert torch.equal(a.tensor, b.tensor)
+    assert torch.equal(a.tensor, w.to(getattr(torch, dtype)).float())
+    assert a.meta.labels == ["a", "b"] and a.meta.template == "Text: {text}\nLabel:"
+    assert a.meta.training == {"steps": 3} and a.meta.dtype == dtype and a.meta.format_version == FORMAT_VERSION
+    # saving what was loaded gives the same tensor bytes again
+    save_prompt(tmp_path / "q.safetensors", a.tensor, a.meta, dtype=dtype)
+    assert torch.equal(load_prompt(tmp_path / "q.safetensors").tensor, a.tensor)
+
+
+def test_float16_overflow_falls_back_to_bfloat16(tiny, tmp_path):
+    w, meta = make(tiny)
+    w = w.clone()
+    w[0, 0] = 1e6
+    save_prompt(tmp_path / "p.safetensors", w, meta)
+    assert load_prompt(tmp_path / "p.safetensors").meta.dtype == "bfloat16"
+
+
+def test_write_is_atomic_on_failure(tiny, tmp_path):
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta)
+    before = path.read_bytes()
+    with pytest.raises(PromptFileError, match="NaN"):
+        save_prompt(path, torch.full_like(w, float("nan")), meta)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(PromptFileError, match="no such prompt file"):
+        load_prompt(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("cut", [0, 5, 100, -10])
+def test_truncated_file(tiny, tmp_path, cut):
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut])
+    with pytest.raises(PromptFileError, match=r"p\.safetensors: (truncated|not a valid)"):
+        load_prompt(path)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "g.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}")
+    with pytest.raises(PromptFileError, match="not a valid safetensors"):
+        load_prompt(path)
+
+
+def test_pickle_is_not_a_prompt_file(tiny, tmp_path):
+    path = tmp_path / "p.bin"
+    torch.save({"prompt": torch.zeros(2, 2)}, path)
+    with pytest.raises(PromptFileError):
+        load_prompt(path)
+
+
+def test_plain_safetensors_without_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"prompt": torch.zeros(2, 4)}, tmp_path / "x.safetensors")
+    with pytest.raises(PromptFileError, match="not a softprompt prompt file"):
+        load_prompt(tmp_path / "x.safetensors")
+
+
+def test_newer_format_version(tiny, tmp_path):
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta)
+    rewrite_header(path, lambda h: {**h, "format_version": str(FORMAT_VERSION + 1)})
+    with pytest.raises(PromptFileError, match="newer than this softprompt supports"):
+        load_prompt(path)
+
+
+def test_corrupt_metadata_json(tiny, tmp_path):
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta)
+    rewrite_header(path, lambda h: {**h, "softprompt": "{oops"})
+    with pytest.raises(PromptFileError, match="corrupt metadata"):
+        load_prompt(path)
+
+
+def test_shape_disagrees_with_metadata(tiny, tmp_path):
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta)
+    rewrite_header(path, lambda h: {**h, "softprompt": h["softprompt"].replace('"length": 5', '"length": 6')})
+    with pytest.raises(PromptFileError, match=r"shape \(5, 64\) but metadata says \(6, 64\)"):
+        load_prompt(path)
+
+
+def test_wrong_base_model_is_refused(tiny, tiny_family, tmp_path):
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta)
+    other = tiny_family("qwen2")  # same width, other weights
+    with pytest.raises(PromptFileError, match="trained for base model .* not .*fingerprint"):
+        load_prompt(path, other)
+    load_prompt(path, other, strict=False)  # explicitly allowed
+
+
+def test_wrong_width_is_refused(tiny, tmp_path):
+    from softprompt.testing import tiny_base
+
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta)
+    wide = tiny_base(tmp_path / "wide", "llama", hidden=96)
+    with pytest.raises(PromptFileError, match="prompt width 64 does not match"):
+        load_prompt(path, wide, strict=False)
+
+
+def test_fingerprint_ignores_load_dtype(tiny_dir, tiny):
+    from softprompt import load_base_model
+
+    half = load_base_model(str(tiny_dir), dtype="bfloat16")
+    assert half.fingerprint == tiny.fingerprint
+
+
+def test_bytes_api_matches_file(tiny, tmp_path):
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta)
+    assert prompt_bytes(w, meta) == path.read_bytes()
