@@ -126,23 +126,28 @@ class PromptedModel(nn.Module):
 
     def hidden_states(self, packed: Packed) -> torch.Tensor:
         """Final hidden states before the lm head, (B, Pmax + T, d)."""
+        return self.decode(packed.inputs_embeds, packed.attention_mask, packed.position_ids)[0]
+
+    def decode(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values=None,
+        use_cache: bool = False,
+    ):
+        """Run the decoder (no lm head). Returns ``(hidden (B, L, d), cache or None)``.
+
+        ``attention_mask`` covers the cached positions too: (B, past + L).
+        """
         inner = self.lm.base_model
+        kw = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                  past_key_values=past_key_values, use_cache=use_cache)
         if inner is self.lm:  # no separate decoder module: take it from the full forward
-            out = self.lm(
-                inputs_embeds=packed.inputs_embeds,
-                attention_mask=packed.attention_mask,
-                position_ids=packed.position_ids,
-                output_hidden_states=True,
-                use_cache=False,
-            )
-            return out.hidden_states[-1]
-        out = inner(
-            inputs_embeds=packed.inputs_embeds,
-            attention_mask=packed.attention_mask,
-            position_ids=packed.position_ids,
-            use_cache=False,
-        )
-        return out.last_hidden_state
+            out = self.lm(output_hidden_states=True, **kw)
+            return out.hidden_states[-1], out.past_key_values if use_cache else None
+        out = inner(**kw)
+        return out.last_hidden_state, out.past_key_values if use_cache else None
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The lm head (with family quirks) on any (..., d) hidden states -> (..., V) logits."""
@@ -205,3 +210,15 @@ class PromptedModel(nn.Module):
             use_cache=True,
         )
         return out.past_key_values
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (key, value) tensors of every layer of an HF cache, each (B, H, L, hd)."""
+    return [(layer[0], layer[1]) for layer in cache]
+
+
+def make_cache(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """A fresh HF ``DynamicCache`` holding the given per-layer (key, value) tensors."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])

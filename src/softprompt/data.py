@@ -1,0 +1,293 @@
+"""Data: files -> examples, task specs (template + labels/verbalizer), and how text becomes tokens.
+
+One :class:`TaskSpec` decides how an example's text is rendered and tokenized and what the target
+tokens are. Training, evaluation, prediction and serving all go through it, so a prompt is scored
+exactly the way it was trained.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from .errors import DataError
+
+TaskKind = Literal["classify", "generate"]
+TASK_KINDS: tuple[str, ...] = ("classify", "generate")
+
+PLACEHOLDERS: dict[str, str] = {"classify": "text", "generate": "input"}
+"""The template placeholder of each task kind."""
+
+DEFAULT_TEMPLATES: dict[str, str] = {
+    "classify": "Text: {text}\nLabel:",
+    "generate": "Input: {input}\nOutput:",
+}
+
+DEFAULT_FIELDS: dict[str, tuple[str, str]] = {
+    "classify": ("text", "label"),
+    "generate": ("input", "output"),
+}
+"""(source field, target field) of each task kind in data files."""
+
+
+@dataclass
+class Example:
+    """One labelled example: ``source`` (text / input) and ``target`` (label / output)."""
+
+    source: str
+    target: str
+    line: int = 0
+    """Line number in the file it came from (1-based; 0 when not from a file)."""
+
+
+@dataclass
+class TaskSpec:
+    """How a task turns an example into tokens.
+
+    Args:
+        kind: "classify" (rank classification over ``labels``) or "generate".
+        template: text around the example, with ``{text}`` (classify) or ``{input}`` (generate).
+        labels: class labels, in score order (classify only).
+        verbalizer: label -> words the model must produce; default: the label itself.
+        max_length: most source tokens (template included); longer texts are cut.
+        max_target_length: most target tokens for generation (EOS included).
+    """
+
+    kind: TaskKind
+    template: str | None = None
+    labels: list[str] | None = None
+    verbalizer: dict[str, str] | None = None
+    max_length: int = 256
+    max_target_length: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise DataError(f"unknown task {self.kind!r}; choose one of {', '.join(TASK_KINDS)}")
+        if self.template is None:
+            self.template = DEFAULT_TEMPLATES[self.kind]
+        ph = "{" + PLACEHOLDERS[self.kind] + "}"
+        if self.template.count(ph) != 1:
+            raise DataError(f"template {self.template!r} must contain {ph} exactly once")
+        if self.max_length < 8:
+            raise DataError(f"--max-length must be at least 8, got {self.max_length}")
+        if self.kind == "classify":
+            if not self.labels or len(self.labels) < 2:
+                raise DataError(f"a classification task needs at least 2 labels, got {self.labels or []}")
+            if len(set(self.labels)) != len(self.labels):
+                raise DataError(f"duplicate labels in {self.labels}")
+            verb = self.verbalizer or {}
+            unknown = [k for k in verb if k not in self.labels]
+            if unknown:
+                raise DataError(f"verbalizer names unknown label(s) {unknown}; labels are {self.labels}")
+            words = self.words
+            if any(not w.strip() for w in words):
+                raise DataError("verbalizer maps a label to empty words")
+            dup = sorted({w for w in words if words.count(w) > 1})
+            if dup:
+                raise DataError(f"verbalizer maps several labels to the same words {dup}")
+        elif self.labels or self.verbalizer:
+            raise DataError("labels and a verbalizer only apply to --task classify")
+
+    @property
+    def placeholder(self) -> str:
+        return PLACEHOLDERS[self.kind]
+
+    @property
+    def words(self) -> list[str]:
+        """The verbalized words of each label, in label order."""
+        verb = self.verbalizer or {}
+        return [verb.get(label, label) for label in self.labels or []]
+
+    def render(self, text: str) -> str:
+        """The template with the example in place (only the placeholder is replaced)."""
+        return self.template.replace("{" + self.placeholder + "}", text)
+
+    def _lead(self) -> str:
+        """Targets start with a space unless the template already ends in whitespace."""
+        return "" if self.template[-1:].isspace() else " "
+
+    def source_ids(self, tokenizer, text: str) -> list[int]:
+        """Token ids of the rendered source, the text cut so the whole fits ``max_length``."""
+        ids = tokenizer(self.render(text), add_special_tokens=True)["input_ids"]
+        if len(ids) <= self.max_length:
+            return list(ids)
+        text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        budget = max(1, len(text_ids) - (len(ids) - self.max_length))
+        for _ in range(4):  # decoding then re-tokenizing can shift a token or two
+            cut = tokenizer.decode(text_ids[:budget])
+            ids = tokenizer(self.render(cut), add_special_tokens=True)["input_ids"]
+            if len(ids) <= self.max_length:
+                return list(ids)
+            budget = max(1, budget - (len(ids) - self.max_length))
+        return list(ids[-self.max_length :])
+
+    def label_ids(self, tokenizer) -> list[list[int]]:
+        """Token ids of each label's words as a continuation of the source (classify)."""
+        out = []
+        for word in self.words:
+            ids = tokenizer(self._lead() + word, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise DataError(f"label words {word!r} tokenize to nothing")
+            out.append(list(ids))
+        return out
+
+    def target_ids(self, tokenizer, output: str) -> list[int]:
+        """Token ids of a generation target, EOS-terminated, cut to ``max_target_length``."""
+        ids = tokenizer(self._lead() + output, add_special_tokens=False)["input_ids"]
+        ids = list(ids[: self.max_target_length - 1])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        return ids
+
+    def to_meta(self) -> dict:
+        """The fields a prompt file records (``PromptMeta`` keyword arguments)."""
+        return {"task": self.kind, "template": self.template, "labels": self.labels,
+                "verbalizer": self.verbalizer or None}
+
+    @classmethod
+    def from_meta(cls, meta, max_length: int = 256) -> "TaskSpec":
+        """The spec a prompt file was trained with."""
+        if meta.task is None:
+            raise DataError("the prompt file does not name its task type")
+        return cls(kind=meta.task, template=meta.template, labels=meta.labels, verbalizer=meta.verbalizer,
+                   max_length=max_length)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _value(row: dict, key: str, where: str) -> str:
+    if key not in row or row[key] is None:
+        raise DataError(f"{where}: missing field {key!r}")
+    v = row[key]
+    if isinstance(v, (dict, list)):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    v = str(v)
+    if not v.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return v
+
+
+def _rows(path: Path):
+    """Yield (line number, dict) from a JSONL or CSV file."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+                yield i, row
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            try:
+                for row in reader:
+                    if None in row:
+                        raise DataError(f"{path}:{reader.line_num}: more fields than the header has")
+                    yield reader.line_num, row
+            except csv.Error as e:
+                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    else:
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl or .csv")
+
+
+def load_examples(
+    path: str | Path,
+    kind: TaskKind,
+    source_field: str | None = None,
+    target_field: str | None = None,
+    *,
+    require_target: bool = True,
+) -> list[Example]:
+    """Read labelled examples from a JSONL or CSV file.
+
+    Args:
+        kind: the task kind; picks the default field names ("text"/"label" or "input"/"output").
+        source_field, target_field: other field names.
+        require_target: False for unlabelled input (prediction).
+    Raises:
+        DataError naming file and line: unreadable, malformed, missing or empty field, empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    sf, tf = DEFAULT_FIELDS[kind]
+    sf, tf = source_field or sf, target_field or tf
+    out = []
+    try:
+        for line, row in _rows(path):
+            where = f"{path}:{line}"
+            target = _value(row, tf, where) if require_target else str(row.get(tf) or "")
+            if kind == "classify":
+                target = target.strip()
+            out.append(Example(_value(row, sf, where), target, line))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not out:
+        raise DataError(f"{path}: no examples (empty file)")
+    return out
+
+
+def labels_of(examples: Sequence[Example]) -> list[str]:
+    """The sorted set of labels in a classification data set."""
+    return sorted({ex.target for ex in examples})
+
+
+def check_classification(train: Sequence[Example], eval_: Sequence[Example] | None, labels: Sequence[str],
+                         eval_name: str = "eval set") -> None:
+    """Refuse single-class training sets and eval labels never seen in training."""
+    seen = {ex.target for ex in train}
+    if len(seen) < 2:
+        raise DataError(f"the training set has a single class ({next(iter(seen))!r}); need at least 2")
+    unknown = [l for l in seen if l not in labels]
+    if unknown:
+        raise DataError(f"training labels {sorted(unknown)} are not in the label set {list(labels)}")
+    for ex in eval_ or []:
+        if ex.target not in labels:
+            raise DataError(f"{eval_name}:{ex.line}: label {ex.target!r} never seen in training ({', '.join(labels)})")
+
+
+def split_examples(examples: Sequence[Example], fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of ``examples`` (seeded shuffle); returns (train, held-out)."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--eval-split must be between 0 and 1, got {fraction}")
+    items = list(examples)
+    random.Random(seed).shuffle(items)
+    n = max(1, round(len(items) * fraction))
+    if n >= len(items):
+        raise DataError(f"--eval-split {fraction} leaves no training examples out of {len(items)}")
+    return items[n:], items[:n]
+
+
+def parse_verbalizer(value: str | None) -> dict[str, str] | None:
+    """``--verbalizer``: a JSON file or object, or ``label=words,label=words``."""
+    if not value:
+        return None
+    text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"--verbalizer: malformed JSON ({e.msg})") from None
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
+            raise DataError("--verbalizer: JSON must map label strings to word strings")
+        return obj
+    out = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise DataError(f"--verbalizer: expected label=words, got {part.strip()!r}")
+        k, v = part.split("=", 1)
+        if k.strip() in out:
+            raise DataError(f"--verbalizer: label {k.strip()!r} given twice")
+        out[k.strip()] = v.strip()
+    return out
