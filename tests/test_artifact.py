@@ -151,6 +151,9 @@ def test_fingerprint_ignores_load_dtype(tiny_dir, tiny):
 
 
 def test_bytes_api_matches_file(tiny, tmp_path):
+    from softprompt.artifact import prompt_from_bytes
+
     w, meta = make(tiny)
     path = save_prompt(tmp_path / "p.safetensors", w, meta)
-    assert prompt_bytes(w, meta) == path.read_bytes()
+    a, b = prompt_from_bytes(prompt_bytes(w, meta)), load_prompt(path)
+    assert torch.equal(a.tensor, b.tensor) and a.meta == b.meta

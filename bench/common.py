@@ -1,0 +1,78 @@
+"""Shared helpers for the benchmarks: machine facts and writing JSON + Markdown results.
+
+Benchmarks are run by hand (`.venv/bin/python bench/NAME.py`), never by the test suite. Each
+writes `bench/results/NAME.json` and `bench/results/NAME.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, torch version: the context every result needs."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows of dicts -> a Markdown table (floats to 4 significant digits)."""
+    if not rows:
+        return "(no rows)\n"
+    cols = list(columns or rows[0].keys())
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def write_results(name: str, rows: Sequence[dict[str, Any]], summary: dict[str, Any] | None = None,
+                  columns: Sequence[str] | None = None, notes: str = "") -> Path:
+    """Write `results/NAME.json` and `results/NAME.md`; returns the Markdown path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = {"benchmark": name, "machine": machine(), "summary": summary or {}, "rows": list(rows)}
+    (RESULTS / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
+    m = info["machine"]
+    md = [f"## {name}", "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+          + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f"; {m['date']}.", ""]
+    md.append(markdown_table(rows, columns))
+    if summary:
+        md += ["", "Summary: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
+                                          for k, v in summary.items())]
+    if notes:
+        md += ["", notes]
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return path
