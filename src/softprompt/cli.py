@@ -17,6 +17,8 @@ from .errors import SoftpromptError
 COMMANDS: list[str] = [
     "softprompt.commands.demo",
     "softprompt.commands.inspect",
+    "softprompt.commands.export",
+    "softprompt.commands.import_",
 ]
 """Modules that register a subcommand, in ``--help`` order."""
 

@@ -1,0 +1,54 @@
+"""``softprompt export FILE --format peft --out DIR``: write a prompt file in another tool's format."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from ..artifact import LoadedPrompt, load_prompt
+
+
+def _export_peft(loaded: LoadedPrompt, args: argparse.Namespace) -> Path:
+    from ..peft_io import export_peft
+
+    base = None
+    if args.model:
+        from ..base import load_base_model
+
+        base = load_base_model(args.model)
+    return export_peft(loaded, args.out, base=base, base_model_name=args.base_model_name,
+                       strict=not args.allow_other_base)
+
+
+EXPORT_FORMATS: dict[str, Callable[[LoadedPrompt, argparse.Namespace], Path]] = {
+    "peft": _export_peft,
+}
+"""Export formats by ``--format`` name; each writes ``--out`` and returns it."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a prompt file to another format (a PEFT adapter directory)",
+        description="Write a prompt file as a Hugging Face PEFT PROMPT_TUNING adapter directory "
+                    "(adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.",
+    )
+    p.add_argument("file", help="a .safetensors prompt file")
+    p.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="peft", help="output format (default: peft)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", default=None,
+                   help="check the prompt against this base model (hub id or folder) and take num_layers/"
+                        "num_attention_heads from it; default: the prompt's base model's config if available locally")
+    p.add_argument("--base-model-name", default=None,
+                   help="base_model_name_or_path to record (default: the prompt's base model)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="with --model: accept a prompt whose fingerprint is another copy of the model")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load_prompt(args.file)
+    out = EXPORT_FORMATS[args.format](loaded, args)
+    m = loaded.meta
+    print(f"wrote {args.format} adapter {out} ({m.length} virtual tokens x {m.dim} dims, base {m.base_model})")
+    return 0
