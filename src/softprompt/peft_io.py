@@ -162,7 +162,9 @@ def _check_shape_fields(adapter: PeftAdapter, base: BaseModel) -> tuple[int, int
     cfg, where = adapter.config, adapter.path / CONFIG_NAME
     task = cfg.get("task_type")
     if task not in (None, CAUSAL_LM):
-        raise PromptFileError(f"{where}: task_type {task!r} is not supported; softprompt runs prompts on causal LMs ({CAUSAL_LM})")
+        raise PromptFileError(
+            f"{where}: task_type {task!r} is not supported; softprompt runs prompts on causal LMs ({CAUSAL_LM})"
+        )
     subm = cfg.get("num_transformer_submodules")
     if subm not in (None, 1):
         raise PromptFileError(
@@ -206,12 +208,18 @@ def _encoder_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def _names(tensors: Mapping[str, torch.Tensor], most: int = 5) -> str:
+    """A short list of tensor names for an error message."""
+    names = sorted(tensors)
+    more = f", ... ({len(names)} in all)" if len(names) > most else ""
+    return (", ".join(names[:most]) + more) if names else "no tensors"
+
+
 def prompt_tuning_embeddings(adapter: PeftAdapter, P: int, d: int) -> torch.Tensor:
     """PROMPT_TUNING: the saved ``prompt_embeddings`` are the virtual tokens, (P, d)."""
     where = str(adapter.path / WEIGHTS_NAME)
     if PROMPT_KEY not in adapter.tensors:
-        found = ", ".join(sorted(adapter.tensors)) or "no tensors"
-        raise PromptFileError(f"{where}: missing tensor {PROMPT_KEY!r} (found {found})")
+        raise PromptFileError(f"{where}: missing tensor {PROMPT_KEY!r} (found {_names(adapter.tensors)})")
     return _check_prompt_tensor(adapter.tensors[PROMPT_KEY], P, d, where)
 
 
@@ -223,8 +231,9 @@ def p_tuning_embeddings(adapter: PeftAdapter, P: int, d: int) -> torch.Tensor:
     where = str(adapter.path / WEIGHTS_NAME)
     state = _encoder_state(adapter.tensors)
     if "embedding.weight" not in state or not any(k.startswith(("mlp_head.", "lstm_head.")) for k in state):
-        found = ", ".join(sorted(adapter.tensors)) or "no tensors"
-        raise PromptFileError(f"{where}: missing tensor {PROMPT_KEY!r} and no prompt-encoder weights (found {found})")
+        raise PromptFileError(
+            f"{where}: missing tensor {PROMPT_KEY!r} and no prompt-encoder weights (found {_names(adapter.tensors)})"
+        )
     try:
         from peft import PromptEncoderConfig
         from peft.tuners.p_tuning import PromptEncoder
