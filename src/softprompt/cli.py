@@ -17,8 +17,11 @@ from .errors import SoftpromptError
 COMMANDS: list[str] = [
     "softprompt.commands.demo",
     "softprompt.commands.inspect",
+    "softprompt.commands.eval",
+    "softprompt.commands.example_data",
     "softprompt.commands.export",
     "softprompt.commands.import_",
+    "softprompt.commands.serve",
 ]
 """Modules that register a subcommand, in ``--help`` order."""
 

@@ -1,0 +1,76 @@
+"""``softprompt serve``: serve every prompt of a folder on one base model over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..serve.config import EngineConfig, ServeConfig
+
+
+def register(sub) -> None:
+    d = ServeConfig()
+    e = EngineConfig()
+    p = sub.add_parser(
+        "serve", help="serve many prompts on one base model over HTTP",
+        description="Serve the prompt files of a folder on one frozen base model: mixed-task batching, "
+        "cached prompt prefixes, classify/generate endpoints, run-time prompt loading.",
+    )
+    p.add_argument("--prompts", metavar="DIR", default=None,
+                   help="folder of .safetensors prompt files, loaded at start; names are file stems")
+    p.add_argument("--model", default=None, help="base model (hub id or local folder); default: SmolLM2-135M-Instruct")
+    p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host}); another address needs --api-key")
+    p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 picks a free one)")
+    p.add_argument("--api-key", default=None,
+                   help="require this key on every request (Authorization: Bearer KEY); default $SOFTPROMPT_API_KEY")
+    p.add_argument("--max-batch", type=int, default=e.max_batch, help=f"most rows per forward pass (default {e.max_batch})")
+    p.add_argument("--max-wait-ms", type=float, default=e.max_wait_ms,
+                   help=f"how long a request waits for others to batch with (default {e.max_wait_ms:g})")
+    p.add_argument("--max-queue", type=int, default=e.max_queue,
+                   help=f"most waiting requests; more get HTTP 429 (default {e.max_queue})")
+    p.add_argument("--request-timeout", type=float, default=e.request_timeout,
+                   help=f"seconds before a request fails with HTTP 503 (default {e.request_timeout:g})")
+    p.add_argument("--max-input-tokens", type=int, default=e.max_input_tokens,
+                   help=f"longest input with its template, in tokens (default {e.max_input_tokens})")
+    p.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens,
+                   help=f"most tokens a generation may ask for (default {e.max_new_tokens})")
+    p.add_argument("--max-ensemble", type=int, default=e.max_ensemble,
+                   help=f"most prompts in one ensemble request (default {e.max_ensemble})")
+    p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes,
+                   help=f"largest request body / prompt upload (default {d.max_upload_bytes})")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="base model weight dtype")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: CPU)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="accept prompts made for a differently quantized copy of the base model")
+    p.add_argument("--log-level", default=d.log_level, help=f"server log level (default {d.log_level})")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Build and validate the settings (raises ConfigError naming the flag)."""
+    engine = EngineConfig(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        request_timeout=args.request_timeout, max_input_tokens=args.max_input_tokens,
+        max_new_tokens=args.max_new_tokens, max_ensemble=args.max_ensemble,
+    )
+    return ServeConfig(
+        prompts_dir=args.prompts, model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+        max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device,
+        allow_other_base=args.allow_other_base, log_level=args.log_level, engine=engine,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..serve.app import run_server
+    from ..serve.engine import create_engine
+
+    config = config_from_args(args)
+    engine = create_engine(config)
+    names = engine.bank.names()
+
+    def ready(url: str) -> None:
+        print(f"serving {len(names)} prompt(s) on {engine.pm.base.name} at {url}"
+              f"{' (' + ', '.join(names) + ')' if names else ''}; docs at {url}/docs", file=sys.stderr)
+
+    run_server(config, engine, on_ready=ready)
+    return 0

@@ -1,0 +1,474 @@
+"""The HTTP shell around the engine (FastAPI): request/response schemas, errors as JSON, auth,
+metrics, server start-up. Every decision about batching lives in the engine.
+
+Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
+
+    POST   /v1/classify            classify one text (one prompt, an ensemble, or the bare model)
+    POST   /v1/classify/batch      several classify requests at once
+    POST   /v1/generate            generate (``"stream": true`` for server-sent events)
+    POST   /v1/generate/batch      several generate requests at once
+    GET    /v1/prompts             loaded prompts, and prompt files available in --prompts
+    GET    /v1/prompts/{name}      one prompt
+    PUT    /v1/prompts/{name}      upload a prompt file (raw bytes), replacing any of that name
+    POST   /v1/prompts/{name}/load load (or reload) <name>.safetensors from --prompts
+    DELETE /v1/prompts/{name}      unload
+    GET    /healthz, /metrics
+
+Errors are ``{"error": {"type": ..., "message": ...}}`` with the status from :data:`STATUS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import PromptFileError, SoftpromptError
+from .bank import SUFFIX, NAME_RE
+from .config import ServeConfig
+from .engine import ClassifyRequest, ClassifyResult, Engine, GenerateRequest, GenerateResult, Job, create_engine
+from .errors import (
+    BadPromptNameError, EngineStoppedError, InputTooLongError, InvalidRequestError, QueueFullError, RequestError,
+    RequestTimeoutError, UnknownPromptError, UploadTooLargeError, WrongTaskError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type, tuple[int, str]] = {
+    UnknownPromptError: (404, "unknown_prompt"),
+    WrongTaskError: (422, "wrong_task"),
+    InputTooLongError: (413, "input_too_long"),
+    BadPromptNameError: (400, "bad_prompt_name"),
+    InvalidRequestError: (422, "invalid_request"),
+    UploadTooLargeError: (413, "upload_too_large"),
+    PromptFileError: (422, "invalid_prompt_file"),
+    QueueFullError: (429, "queue_full"),
+    RequestTimeoutError: (503, "timeout"),
+    EngineStoppedError: (503, "unavailable"),
+    RequestError: (400, "request_failed"),
+    SoftpromptError: (400, "bad_request"),
+}
+"""HTTP status and error type of each error class (the most specific class in the MRO wins)."""
+
+
+def status_of(error: BaseException) -> tuple[int, str]:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500, "internal"
+
+
+def error_body(kind: str, message: str) -> dict:
+    return {"error": {"type": kind, "message": message}}
+
+
+def error_response(error: BaseException) -> JSONResponse:
+    status, kind = status_of(error)
+    message = str(error) if status != 500 else f"internal error ({type(error).__name__})"
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(error_body(kind, message), status_code=status, headers=headers)
+
+
+# ----------------------------------------------------------------------------- schemas
+
+
+class ClassifyBody(BaseModel):
+    """Classify ``text``: with a prompt, an ensemble of prompts, or the bare model (no prompt +
+    ``labels``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(description="The input text (put into each prompt's template).")
+    prompt: str | list[str] | None = Field(
+        None, description="A prompt name, or several (an ensemble: same labels, probabilities averaged); "
+        "omit for the bare model.")
+    labels: list[str] | None = Field(None, description="Bare model only: the class labels.")
+    template: str | None = Field(None, description="Bare model only: template with {text}.")
+
+    def to_request(self) -> ClassifyRequest:
+        names = [] if self.prompt is None else [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        return ClassifyRequest(self.text, names, self.labels, self.template)
+
+
+class GenerateBody(BaseModel):
+    """Continue ``text`` with a generation prompt (its template applied) or the bare model."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(description="The input text.")
+    prompt: str | None = Field(None, description="A generation prompt's name; omit for the bare model.")
+    max_new_tokens: int = Field(32, description="Most tokens to generate (capped by --max-new-tokens).")
+    temperature: float = Field(0.0, description="0 = greedy; more = sampling.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(None, description="Sampling seed (same seed, same tokens).")
+    stop: list[str] | str = Field(default_factory=list, description="Strings that end the generation.")
+    stream: bool = Field(False, description="Stream tokens as server-sent events.")
+
+    def to_request(self) -> GenerateRequest:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return GenerateRequest(self.text, self.prompt, self.max_new_tokens, self.temperature, self.top_p,
+                               self.seed, stop)
+
+
+class ClassifyBatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests: list[ClassifyBody] = Field(description="Classify requests, answered in order.")
+
+
+class GenerateBatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests: list[GenerateBody] = Field(description="Generate requests (no streaming), answered in order.")
+
+
+class ClassifyOut(BaseModel):
+    label: str
+    probs: dict[str, float]
+    scores: list[list[float]] = Field(description="Summed log-probability of each label, per prompt.")
+    prompts: list[str]
+
+
+class GenerateOut(BaseModel):
+    text: str
+    finish_reason: str
+    tokens: int
+    prompt: str | None
+
+
+class ClassifyBatchOut(BaseModel):
+    results: list[ClassifyOut]
+
+
+class GenerateBatchOut(BaseModel):
+    results: list[GenerateOut]
+
+
+def classify_out(r: ClassifyResult) -> dict:
+    return asdict(r)
+
+
+def generate_out(r: GenerateResult) -> dict:
+    return {"text": r.text, "finish_reason": r.finish_reason, "tokens": len(r.token_ids), "prompt": r.prompt}
+
+
+# ----------------------------------------------------------------------------- app
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return 400, "malformed_json", f"malformed JSON: {first.get('ctx', {}).get('error', 'cannot parse the body')}"
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
+    return 422, "invalid_request", f"{loc}: {first.get('msg', 'invalid')}"
+
+
+def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    """The FastAPI app over a started ``engine`` (the caller starts and stops the engine)."""
+    app = FastAPI(title="softprompt", version=__version__,
+                  description="Many soft prompts on one frozen base model: mixed-task batching, cached prompt prefixes.")
+    metrics = engine.metrics
+    timeout = config.engine.request_timeout
+    key = config.api_key.encode() if config.api_key else None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        t0 = time.perf_counter()
+        if key is not None:
+            auth = request.headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), key):
+                return JSONResponse(error_body("unauthorized", "missing or wrong API key (Authorization: Bearer KEY)"),
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_upload_bytes):
+            return JSONResponse(error_body("too_large", f"request body larger than --max-upload-bytes {config.max_upload_bytes}"),
+                                status_code=413)
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.http.labels(route, str(response.status_code)).inc()
+        metrics.http_latency.labels(route).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(SoftpromptError)
+    async def on_user_error(request: Request, exc: SoftpromptError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        status, kind, message = _validation_message(exc)
+        return JSONResponse(error_body(kind, message), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return error_response(exc)
+
+    async def run_jobs(jobs: list[Job]) -> list[Any]:
+        """Queue jobs (all or none) and await their results without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for job in jobs:
+            fut = loop.create_future()
+            futures.append(fut)
+            job.listener = _resolver(loop, fut)
+        engine.enqueue(jobs)
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), timeout + 5)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"no answer within --request-timeout {timeout} s") from None
+        finally:
+            for job in jobs:  # on error, timeout or disconnect: drop the rest
+                if not job.done:
+                    job.cancel(RequestTimeoutError("request abandoned"))
+
+    def prepare(bodies, index: bool) -> list[Job]:
+        jobs = []
+        for i, body in enumerate(bodies):
+            try:
+                jobs.append(engine.prepare(body.to_request()))
+            except SoftpromptError as e:
+                if index:
+                    raise type(e)(f"requests[{i}]: {e}") from None
+                raise
+        return jobs
+
+    @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"])
+    async def classify(body: ClassifyBody):
+        """Classify one text; returns the label and class probabilities."""
+        (result,) = await run_jobs(prepare([body], False))
+        return classify_out(result)
+
+    @app.post("/v1/classify/batch", response_model=ClassifyBatchOut, tags=["inference"])
+    async def classify_batch(body: ClassifyBatchBody):
+        """Several classify requests (any prompts); results in request order."""
+        results = await run_jobs(prepare(body.requests, True)) if body.requests else []
+        return {"results": [classify_out(r) for r in results]}
+
+    @app.post("/v1/generate", response_model=GenerateOut, tags=["inference"],
+              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events "
+                               "(event: token / done / error) when stream is true"}})
+    async def generate(body: GenerateBody):
+        """Generate a continuation; with ``"stream": true`` tokens arrive as server-sent events."""
+        (job,) = prepare([body], False)
+        if not body.stream:
+            (result,) = await run_jobs([job])
+            return generate_out(result)
+        return StreamingResponse(_sse(engine, job, timeout), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/generate/batch", response_model=GenerateBatchOut, tags=["inference"])
+    async def generate_batch(body: GenerateBatchBody):
+        """Several generate requests (no streaming); results in request order."""
+        if any(b.stream for b in body.requests):
+            raise InvalidRequestError("streaming is not available in batch requests")
+        results = await run_jobs(prepare(body.requests, True)) if body.requests else []
+        return {"results": [generate_out(r) for r in results]}
+
+    @app.get("/v1/prompts", tags=["prompts"])
+    async def list_prompts():
+        """Loaded prompts, and prompt files in --prompts that are not loaded."""
+        loaded = [e.describe() for e in engine.bank.entries()]
+        available = []
+        if engine.bank.directory is not None:
+            names = {e["name"] for e in loaded}
+            available = sorted(n for p in engine.bank.directory.glob(f"*{SUFFIX}")
+                               if NAME_RE.fullmatch(n := p.name[: -len(SUFFIX)]) and n not in names)
+        return {"prompts": loaded, "available": available}
+
+    @app.get("/v1/prompts/{name}", tags=["prompts"])
+    async def get_prompt(name: str):
+        return engine.bank.get(name).describe()
+
+    @app.put("/v1/prompts/{name}", status_code=201, tags=["prompts"],
+             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}}}})
+    async def upload_prompt(name: str, request: Request):
+        """Upload a prompt file (the raw ``.safetensors`` bytes); replaces a prompt of that name.
+        Kept in memory: copy the file into --prompts to keep it across restarts."""
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > config.max_upload_bytes:
+                raise UploadTooLargeError(f"upload larger than --max-upload-bytes {config.max_upload_bytes}")
+        entry = await asyncio.to_thread(engine.bank.load_bytes, name, bytes(data), config.max_upload_bytes)
+        return entry.describe()
+
+    @app.post("/v1/prompts/{name}/load", tags=["prompts"])
+    async def load_prompt(name: str):
+        """Load (or reload) ``<name>.safetensors`` from the prompts folder."""
+        entry = await asyncio.to_thread(engine.bank.load_file, name)
+        return entry.describe()
+
+    @app.delete("/v1/prompts/{name}", tags=["prompts"])
+    async def unload_prompt(name: str):
+        """Unload a prompt; requests already accepted for it still complete."""
+        engine.bank.unload(name)
+        return {"unloaded": name}
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz():
+        ok = engine.running
+        body = {"status": "ok" if ok else "stopped", "model": engine.pm.base.name, "prompts": len(engine.bank),
+                "queue_depth": engine.queue_depth}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics_endpoint():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
+    """An engine listener that settles ``fut`` on the event loop (called from the worker thread)."""
+
+    def settle(kind: str, payload) -> None:
+        if fut.done():
+            return
+        if kind == "error":
+            fut.set_exception(payload)
+        else:
+            fut.set_result(payload)
+
+    def listener(kind: str, payload) -> None:
+        if kind != "token":
+            loop.call_soon_threadsafe(settle, kind, payload)
+
+    return listener
+
+
+def _sse_event(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _sse(engine: Engine, job: Job, timeout: float) -> AsyncIterator[str]:
+    """Server-sent events for one generation: ``token`` events, then ``done`` or ``error``."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job.listener = lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+    try:
+        engine.enqueue([job])
+    except SoftpromptError as e:
+        status, kind = status_of(e)
+        yield _sse_event("error", error_body(kind, str(e)))
+        return
+    deadline = loop.time() + timeout + 5
+    try:
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(events.get(), max(0.01, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                yield _sse_event("error", error_body("timeout", f"no answer within --request-timeout {timeout} s"))
+                return
+            if kind == "token":
+                yield _sse_event("token", {"text": payload})
+            elif kind == "done":
+                yield _sse_event("done", generate_out(payload))
+                return
+            else:
+                status, k = status_of(payload)
+                yield _sse_event("error", error_body(k, str(payload) if status != 500 else "internal error"))
+                return
+    finally:
+        if not job.done:  # client went away
+            job.cancel()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class RunningServer:
+    """A server started by :func:`start_server`, serving in a background thread."""
+
+    url: str
+    engine: Engine
+    server: Any
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.engine.stop()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        raise SoftpromptError(f"--host {host} --port {port}: cannot bind ({e.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn_server(app: FastAPI, config: ServeConfig):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=config.log_level in ("info", "debug", "trace"),
+                                         timeout_graceful_shutdown=5))
+
+
+def start_server(config: ServeConfig, engine: Engine | None = None, ready_timeout: float = 30.0) -> RunningServer:
+    """Start the server in a background thread and return once it accepts connections.
+
+    Args:
+        config: settings; ``port=0`` picks a free port (see ``RunningServer.url``).
+        engine: an engine to serve (started here if it is not); default: built from ``config``
+            (loads the model and every prompt of ``config.prompts_dir``).
+    """
+    engine = engine or create_engine(config)
+    engine.start()
+    sock = _bind(config.host, config.port)
+    port = sock.getsockname()[1]
+    server = _uvicorn_server(build_app(engine, config), config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="softprompt-http", daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() - t0 > ready_timeout:
+            engine.stop()
+            raise SoftpromptError(f"the server did not start on {config.host}:{port}")
+        time.sleep(0.01)
+    host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+    return RunningServer(f"http://{host}:{port}", engine, server, thread)
+
+
+def run_server(config: ServeConfig, engine: Engine | None = None, on_ready=None) -> None:
+    """Serve until interrupted (Ctrl-C / SIGTERM), in the calling thread.
+
+    Args:
+        on_ready: called with the base URL once the socket is bound and the model loaded.
+    """
+    engine = engine or create_engine(config)
+    engine.start()
+    try:
+        sock = _bind(config.host, config.port)
+        port = sock.getsockname()[1]
+        host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+        if on_ready is not None:
+            on_ready(f"http://{host}:{port}")
+        _uvicorn_server(build_app(engine, config), config).run(sockets=[sock])
+    finally:
+        engine.stop()

@@ -1,0 +1,193 @@
+"""Pure batching functions of the serving engine: which jobs run together, how each row's cached
+prompt prefix and source are laid out, and how outputs are split back. No model, no threads.
+
+Layout of a batched row, mirroring model.py (where the prompt is embeddings, here it is its cached
+keys/values; Pmax = longest prefix in the batch):
+
+    [ gap (Pmax - P_i, masked) | prefix_i KV (P_i) | pad (masked) | source_i | generated ... ]
+
+Position ids are ``cumsum(mask) - 1``, so row i's source continues at position P_i whatever the gap.
+The cache of a running generation may hold masked columns anywhere (rows that joined later are
+left-padded to the batch's length), which is correct for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+KV = tuple[torch.Tensor, torch.Tensor]
+"""One layer's (keys, values)."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PrefixKV:
+    """A prompt's precomputed key/value prefix: per layer (keys, values), each (H, P, hd).
+
+    ``layers`` is empty for the bare model (no prompt, P = 0).
+    """
+
+    layers: tuple[KV, ...]
+    length: int
+
+    @classmethod
+    def empty(cls) -> "PrefixKV":
+        return cls((), 0)
+
+
+def select_jobs(
+    kinds: Sequence[str], rows: Sequence[int], max_rows: int, free_generate_rows: int
+) -> list[int]:
+    """Pick queued jobs for the next step, in arrival order (pure).
+
+    A job is taken if its rows still fit: classification rows count against ``max_rows`` (one
+    forward pass), generation rows against ``free_generate_rows`` (slots left in the running
+    generation batch). Jobs that do not fit are skipped, not blocking the ones behind them.
+
+    Args:
+        kinds: "classify" or "generate" of each queued job.
+        rows: rows each job needs (an ensemble of k prompts needs k).
+    Returns:
+        Indices of the jobs to take.
+    """
+    taken, used = [], {"classify": 0, "generate": 0}
+    cap = {"classify": max_rows, "generate": free_generate_rows}
+    for i, (kind, n) in enumerate(zip(kinds, rows)):
+        if used[kind] + n <= cap[kind]:
+            used[kind] += n
+            taken.append(i)
+    return taken
+
+
+def stack_prefixes(prefixes: Sequence[PrefixKV]) -> tuple[list[KV], torch.Tensor]:
+    """Batch per-prompt prefixes, right-aligned behind a masked gap (pure).
+
+    Args:
+        prefixes: one per row; lengths may differ, zero-length (bare model) allowed.
+    Returns:
+        ``(layers, mask)``: per layer (keys (B, H, Pmax, hd), values (B, H, Pmax, hd)) and the
+        prefix attention mask (B, Pmax), 0 on the gap. ``layers`` is empty when Pmax == 0.
+    """
+    B = len(prefixes)
+    Pmax = max((p.length for p in prefixes), default=0)
+    lengths = torch.tensor([p.length for p in prefixes])
+    mask = (torch.arange(Pmax)[None, :] >= (Pmax - lengths)[:, None]).long()  # (B, Pmax)
+    if Pmax == 0:
+        return [], mask
+    like = next(p for p in prefixes if p.length > 0)
+    layers = []
+    for li, (k0, v0) in enumerate(like.layers):
+        H, _, hd = k0.shape
+        keys, values = [], []
+        for p in prefixes:
+            if p.length == 0:
+                keys.append(k0.new_zeros(H, Pmax, hd))
+                values.append(v0.new_zeros(H, Pmax, v0.shape[-1]))
+            else:
+                k, v = p.layers[li]  # (H, P_i, hd)
+                keys.append(F.pad(k, (0, 0, Pmax - p.length, 0)))  # (H, Pmax, hd), zeros in the gap
+                values.append(F.pad(v, (0, 0, Pmax - p.length, 0)))
+        layers.append((torch.stack(keys), torch.stack(values)))  # (B, H, Pmax, hd) each
+    if mask.device != like.layers[0][0].device:
+        mask = mask.to(like.layers[0][0].device)
+    return layers, mask
+
+
+def source_positions(prefix_mask: torch.Tensor, source_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask and position ids for sources read after cached prefixes (pure).
+
+    Args:
+        prefix_mask: (B, Pmax), from :func:`stack_prefixes`.
+        source_mask: (B, T), left-padded sources.
+    Returns:
+        ``(mask (B, Pmax + T), position_ids (B, T))``; row i's first source token sits at P_i.
+    """
+    mask = torch.cat([prefix_mask.to(source_mask), source_mask], 1)  # (B, Pmax + T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_mask.shape[1]:]  # (B, T)
+    return mask, pos
+
+
+def select_rows(layers: Sequence[KV], mask: torch.Tensor, idx: torch.Tensor | Sequence[int]) -> tuple[list[KV], torch.Tensor]:
+    """Keep rows ``idx`` of a batched cache (B, H, L, hd) and its mask (B, L) (pure)."""
+    idx = torch.as_tensor(idx, dtype=torch.long, device=mask.device)
+    return [(k[idx], v[idx]) for k, v in layers], mask[idx]
+
+
+def trim_left(layers: Sequence[KV], mask: torch.Tensor) -> tuple[list[KV], torch.Tensor]:
+    """Drop leading columns that no row attends to (after rows left the batch) (pure)."""
+    used = mask.any(0).nonzero()
+    start = int(used[0]) if len(used) else mask.shape[1]
+    if start == 0:
+        return list(layers), mask
+    return [(k[:, :, start:], v[:, :, start:]) for k, v in layers], mask[:, start:]
+
+
+def concat_rows(a: tuple[Sequence[KV], torch.Tensor], b: tuple[Sequence[KV], torch.Tensor]) -> tuple[list[KV], torch.Tensor]:
+    """Join two batched caches row-wise, left-padding the shorter with masked columns (pure).
+
+    Args:
+        a, b: ``(layers, mask)`` with layers of (B_x, H, L_x, hd) and mask (B_x, L_x).
+    Returns:
+        ``(layers, mask)`` of (B_a + B_b, H, max(L_a, L_b), hd) and (B_a + B_b, max(L_a, L_b)).
+    """
+    (la, ma), (lb, mb) = a, b
+    L = max(ma.shape[1], mb.shape[1])
+
+    def pad(t: torch.Tensor, n: int) -> torch.Tensor:  # left-pad the sequence dim (-2 for KV, -1 for masks)
+        if n == 0:
+            return t
+        return F.pad(t, (0, 0, n, 0)) if t.dim() == 4 else F.pad(t, (n, 0))
+
+    na, nb = L - ma.shape[1], L - mb.shape[1]
+    layers = [(torch.cat([pad(ka, na), pad(kb, nb)]), torch.cat([pad(va, na), pad(vb, nb)]))
+              for (ka, va), (kb, vb) in zip(la, lb)]
+    return layers, torch.cat([pad(ma, na), pad(mb.to(ma), nb)])
+
+
+def group_indices(keys: Sequence[Hashable]) -> list[tuple[Hashable, list[int]]]:
+    """Group row indices by key, groups in order of first appearance (pure).
+
+    Used to score each distinct label set once over the rows that share it.
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return list(groups.items())
+
+
+def split_rows(items: Sequence[T], counts: Sequence[int]) -> list[list[T]]:
+    """Split a flat per-row sequence back into consecutive per-job chunks (pure)."""
+    if sum(counts) != len(items):
+        raise ValueError(f"counts {list(counts)} do not add up to {len(items)} rows")
+    out, i = [], 0
+    for n in counts:
+        out.append(list(items[i : i + n]))
+        i += n
+    return out
+
+
+def ensemble_probs(scores: torch.Tensor) -> torch.Tensor:
+    """Average class probabilities over an ensemble's members, (k, C) scores -> (C,) (pure)."""
+    return scores.float().softmax(-1).mean(0)
+
+
+def stream_safe_length(text: str, stops: Sequence[str]) -> int:
+    """How much of a partial generation can be streamed without ever being taken back (pure).
+
+    Holds back what could still become the start of a stop string (the last ``len(stop) - 1``
+    characters), a trailing incomplete UTF-8 character (decoded as U+FFFD), and trailing
+    whitespace (the final text is stripped).
+    """
+    n = len(text)
+    hold = max((len(s) for s in stops if s), default=1) - 1
+    n = max(0, n - hold)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    while n and text[n - 1].isspace():
+        n -= 1
+    return n

@@ -1,0 +1,115 @@
+"""Serving configuration: every ``softprompt serve`` flag, validated up front.
+
+Errors name the flag (``--max-batch must be at least 1, got 0``). Not here: loading the model or
+the prompts (bank.py), the batching loop (engine.py), HTTP (app.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+
+API_KEY_ENV = "SOFTPROMPT_API_KEY"
+"""Environment variable read when ``--api-key`` is not given."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class EngineConfig:
+    """Batching and limits of the in-process engine (the ``softprompt serve`` flags it reads)."""
+
+    max_batch: int = 16
+    """``--max-batch``: most rows in one forward pass (an ensemble of k prompts takes k rows)."""
+    max_wait_ms: float = 5.0
+    """``--max-wait-ms``: how long the first queued request waits for others to batch with."""
+    max_queue: int = 256
+    """``--max-queue``: most requests waiting; beyond that a request is refused (HTTP 429)."""
+    request_timeout: float = 30.0
+    """``--request-timeout``: seconds a request may take in all (queue + compute) before it fails (HTTP 503)."""
+    max_input_tokens: int = 512
+    """``--max-input-tokens``: longest accepted input, template included, in tokens."""
+    max_new_tokens: int = 256
+    """``--max-new-tokens``: cap on what a generation request may ask for."""
+    max_ensemble: int = 8
+    """``--max-ensemble``: most prompts one request may name."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "--max-batch": self.max_batch, "--max-queue": self.max_queue,
+            "--max-input-tokens": self.max_input_tokens, "--max-new-tokens": self.max_new_tokens,
+            "--max-ensemble": self.max_ensemble,
+        }
+        for flag, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag} must be a whole number of at least 1, got {value!r}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise ConfigError(f"--max-wait-ms must be between 0 and 10000, got {self.max_wait_ms}")
+        if not 0 < self.request_timeout <= 3600:
+            raise ConfigError(f"--request-timeout must be more than 0 and at most 3600 seconds, got {self.request_timeout}")
+        if self.max_ensemble > self.max_batch:
+            raise ConfigError(f"--max-ensemble ({self.max_ensemble}) must not exceed --max-batch ({self.max_batch})")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of the prompt server: model, prompts, network, security, and the engine's."""
+
+    prompts_dir: str | None = None
+    """``--prompts``: folder of ``.safetensors`` prompt files, all loaded at start (names are file
+    stems); prompts can also be loaded from it by name at run time. None: no folder (uploads only)."""
+    model: str | None = None
+    """``--model``: base model (hub id or local folder); None for the embedded default."""
+    host: str = "127.0.0.1"
+    """``--host``: address to bind; a non-loopback address needs an API key."""
+    port: int = 8000
+    """``--port``: TCP port (0 picks a free one)."""
+    api_key: str | None = None
+    """``--api-key`` (or $SOFTPROMPT_API_KEY): required as ``Authorization: Bearer KEY`` or
+    ``X-API-Key: KEY`` on every request when set."""
+    max_upload_bytes: int = 16 * 1024 * 1024
+    """``--max-upload-bytes``: largest accepted prompt upload."""
+    dtype: str = "float32"
+    """``--dtype``: base model weights: float32, bfloat16 or float16."""
+    device: str | None = None
+    """``--device``: torch device, e.g. cuda (default: CPU)."""
+    allow_other_base: bool = False
+    """``--allow-other-base``: accept prompts whose fingerprint differs when the widths agree."""
+    log_level: str = "warning"
+    """``--log-level``: uvicorn log level."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Batching and limits."""
+
+    def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key must not be empty")
+        if self.prompts_dir is not None and not Path(self.prompts_dir).is_dir():
+            raise ConfigError(f"--prompts {self.prompts_dir}: no such folder")
+        if not self.host:
+            raise ConfigError("--host must not be empty")
+        if not is_loopback(self.host) and not self.api_key:
+            raise ConfigError(
+                f"--host {self.host} is not a loopback address: set --api-key (or ${API_KEY_ENV}) to serve on it"
+            )
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port!r}")
+        if isinstance(self.max_upload_bytes, bool) or not isinstance(self.max_upload_bytes, int) or self.max_upload_bytes < 1:
+            raise ConfigError(f"--max-upload-bytes must be a whole number of at least 1, got {self.max_upload_bytes!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ConfigError(f"--log-level {self.log_level!r} is not a uvicorn log level")

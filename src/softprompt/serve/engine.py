@@ -1,0 +1,637 @@
+"""The serving engine: one frozen base model, many prompts, mixed-task dynamic batching.
+
+One worker thread owns the model. Requests (for any prompt, of any task) are validated and
+tokenized in the caller's thread, queued, and batched by the worker:
+
+- classification: queued jobs are grouped into one forward pass over each row's cached prompt
+  prefix + its source (``_prefill``), then each distinct label set is scored once over its rows by
+  ``scoring.label_logprobs`` (the same function training and evaluation use);
+- generation: new rows are prefilled the same way and join the running batch (continuous
+  batching, rows left-padded with masked columns); each step samples with ``scoring.sample_next``,
+  and rows that finish (EOS, stop string, length, timeout, cancel) leave the batch.
+
+The first request of an idle engine waits at most ``max_wait_ms`` for others to share its batch.
+Not here: HTTP (app.py), the layout arithmetic (batching.py, pure and tested on its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal, Sequence
+
+import torch
+
+from ..base import BaseModel
+from ..data import TaskSpec
+from ..errors import DataError, ModelLoadError
+from ..model import PromptedModel, cache_layers, make_cache
+from ..scoring import SourceState, find_stop, label_logprobs, left_pad, pad_id, sample_next
+from .bank import PromptBank, PromptEntry
+from .batching import (
+    KV, PrefixKV, concat_rows, ensemble_probs, group_indices, select_jobs, select_rows, source_positions,
+    split_rows, stack_prefixes, stream_safe_length, trim_left,
+)
+from .config import EngineConfig
+from .errors import (
+    EngineStoppedError, InputTooLongError, InvalidRequestError, QueueFullError, RequestError, RequestTimeoutError,
+    WrongTaskError,
+)
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+BARE_GENERATE = TaskSpec("generate", template="{input}", max_length=1 << 30)
+"""Bare-model generation: the text is the whole input (no template)."""
+
+CHARS_PER_TOKEN_LIMIT = 64
+"""Inputs longer than this many characters per allowed token are refused before tokenizing."""
+
+
+# ----------------------------------------------------------------------------- requests, results
+
+
+@dataclass
+class ClassifyRequest:
+    """Rank-classify ``text`` with one prompt, an ensemble of prompts, or the bare model.
+
+    Args:
+        text: the input, put into each prompt's template.
+        prompts: prompt names; several = an ensemble (same labels; class probabilities averaged);
+            empty = the bare model, which then needs ``labels`` (and optionally ``template``).
+        labels, template: bare model only.
+    """
+
+    text: str
+    prompts: list[str] = field(default_factory=list)
+    labels: list[str] | None = None
+    template: str | None = None
+
+
+@dataclass
+class GenerateRequest:
+    """Continue ``text`` with a prompt (its template applied) or the bare model (``prompt=None``).
+
+    Args:
+        temperature: 0 = greedy; else sampling, with nucleus ``top_p`` and an optional ``seed``
+            (same seed, same tokens, whatever else shares the batch).
+        stop: strings that end the generation (not included in the result).
+    """
+
+    text: str
+    prompt: str | None = None
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClassifyResult:
+    label: str
+    probs: dict[str, float]
+    """Class probabilities (softmax of the summed label log-probs; averaged over an ensemble)."""
+    scores: list[list[float]]
+    """Summed log-probability of each label, per prompt (one list per ensemble member)."""
+    prompts: list[str]
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["eos", "stop", "length"]
+    prompt: str | None
+
+
+Result = ClassifyResult | GenerateResult
+Listener = Callable[[str, object], None]
+"""Called from the worker thread with ("token", str delta), then ("done", Result) or ("error", exc)."""
+
+
+@dataclass
+class Row:
+    """One model row: a prompt prefix and a tokenized source (a job has one, an ensemble k)."""
+
+    prefix: PrefixKV
+    source_ids: list[int]
+    label_ids: tuple[tuple[int, ...], ...] | None = None
+
+
+class Job:
+    """A queued request: its rows, deadline and outcome. Finished exactly once."""
+
+    def __init__(self, kind: str, request, rows: list[Row], labels: list[str] | None = None,
+                 listener: Listener | None = None):
+        self.kind = kind
+        self.request = request
+        self.rows = rows
+        self.labels = labels
+        self.listener = listener
+        self.submitted = time.monotonic()
+        self.deadline = float("inf")
+        self.started: float | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._result: Result | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Wait for the outcome; returns the result or raises the request's error."""
+        if not self._done.wait(timeout):
+            raise RequestTimeoutError(f"no result within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def cancel(self, error: BaseException | None = None) -> None:
+        """Give up on the request (client gone, caller timeout); the engine drops its rows."""
+        self.fail(error or RequestError("request cancelled"))
+
+    def emit(self, delta: str) -> None:
+        if delta and self.listener is not None and not self.done:
+            self.listener("token", delta)
+
+    def finish(self, result: Result) -> bool:
+        with self._lock:
+            if self._done.is_set():
+                return False
+            self._result = result
+            self._done.set()
+        if self.listener is not None:
+            self.listener("done", result)
+        return True
+
+    def fail(self, error: BaseException) -> bool:
+        with self._lock:
+            if self._done.is_set():
+                return False
+            self._error = error
+            self._done.set()
+        if self.listener is not None:
+            self.listener("error", error)
+        return True
+
+
+@dataclass
+class _GenRow:
+    job: Job
+    generator: torch.Generator | None
+    temperature: float
+    top_p: float
+    max_new: int
+    stops: list[str]
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: str = ""
+
+
+@dataclass
+class _GenBatch:
+    """The running generation batch: one cache over all rows."""
+
+    rows: list[_GenRow]
+    layers: list[KV]  # per layer (B, H, L, hd)
+    mask: torch.Tensor  # (B, L)
+    pos: torch.Tensor  # (B,) position id of each row's next token
+    logits: torch.Tensor  # (B, V) next-token logits
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def check_servable(config) -> None:
+    """Refuse models whose caches the prefix batching cannot lay out (quirks fenced here)."""
+    kinds = set(getattr(config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"])
+    if kinds - {"full_attention"}:
+        raise ModelLoadError(
+            f"the serving engine supports full-attention decoders only; this model has {sorted(kinds)} layers"
+        )
+
+
+class Engine:
+    """Serve many prompts on one frozen base model, in-process.
+
+    Args:
+        base: the frozen base model.
+        config: batching and limits.
+        prompts_dir: folder of prompt files; load them with ``engine.bank.load_all()``.
+        strict: refuse prompts trained on another copy of the model (see ``check_compatible``).
+        metrics: where to count (default: a fresh registry).
+
+    Use as a context manager (or ``start()`` / ``stop()``); ``classify``, ``generate`` and
+    ``stream`` block, ``submit`` returns a :class:`Job`.
+    """
+
+    def __init__(self, base: BaseModel, config: EngineConfig | None = None, *, prompts_dir=None,
+                 strict: bool = True, metrics: Metrics | None = None):
+        self.config = config or EngineConfig()
+        check_servable(base.model.config)
+        self.pm = PromptedModel(base)
+        self.tokenizer = base.tokenizer
+        self.device = base.device
+        self.model_lock = threading.Lock()
+        self.bank = PromptBank(self.pm, prompts_dir, strict=strict, max_spec_length=1 << 30,
+                               model_lock=self.model_lock)
+        self.metrics = metrics or Metrics()
+        self.metrics.prompts.set_function(lambda: len(self.bank))
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._pad = pad_id(self.pm)
+        self._eos = self.tokenizer.eos_token_id
+        self._bare_specs: dict[tuple, TaskSpec] = {}
+
+    # -- lifecycle
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="softprompt-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; queued and running requests fail with :class:`EngineStoppedError`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    # -- blocking conveniences
+
+    def classify(self, text: str, prompt: str | Sequence[str] | None = None, *, labels: list[str] | None = None,
+                 template: str | None = None) -> ClassifyResult:
+        """Classify ``text`` with a prompt, an ensemble (list of names), or the bare model (None + labels)."""
+        names = [] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        return self.submit(ClassifyRequest(text, names, labels, template)).result()
+
+    def generate(self, text: str, prompt: str | None = None, **sampling) -> GenerateResult:
+        """Generate a continuation; ``sampling`` holds :class:`GenerateRequest` fields."""
+        return self.submit(GenerateRequest(text, prompt, **sampling)).result()
+
+    def stream(self, text: str, prompt: str | None = None, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated (their concatenation is the final text)."""
+        import queue
+
+        events: queue.Queue = queue.Queue()
+        self.submit(GenerateRequest(text, prompt, **sampling), listener=lambda k, p: events.put((k, p)))
+        while True:
+            kind, payload = events.get(timeout=self.config.request_timeout + 30)
+            if kind == "token":
+                yield payload
+            elif kind == "error":
+                raise payload
+            else:
+                return
+
+    # -- submission
+
+    def submit(self, request: ClassifyRequest | GenerateRequest, listener: Listener | None = None) -> Job:
+        """Validate, tokenize and queue a request; raises :class:`RequestError` subclasses."""
+        job = self.prepare(request, listener)
+        self.enqueue([job])
+        return job
+
+    def prepare(self, request: ClassifyRequest | GenerateRequest, listener: Listener | None = None) -> Job:
+        """Validate and tokenize a request into a :class:`Job` (not queued yet)."""
+        if isinstance(request, ClassifyRequest):
+            return self._prepare_classify(request, listener)
+        if isinstance(request, GenerateRequest):
+            return self._prepare_generate(request, listener)
+        raise TypeError(f"not a request: {type(request).__name__}")
+
+    def enqueue(self, jobs: Sequence[Job]) -> None:
+        """Queue jobs, all or none; raises :class:`QueueFullError` when they do not fit."""
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise EngineStoppedError("the engine is not running")
+            if len(self._queue) + len(jobs) > self.config.max_queue:
+                for job in jobs:
+                    self.metrics.requests.labels(job.kind, "queue_full").inc()
+                raise QueueFullError(
+                    f"the queue is full ({len(self._queue)} waiting, --max-queue {self.config.max_queue}); retry later"
+                )
+            now = time.monotonic()
+            for job in jobs:
+                job.submitted = now
+                job.deadline = now + self.config.request_timeout
+                self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify_all()
+
+    def _source_ids(self, spec: TaskSpec, text: str) -> list[int]:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequestError("the input text is empty")
+        limit = self.config.max_input_tokens
+        if len(text) > CHARS_PER_TOKEN_LIMIT * limit:
+            raise InputTooLongError(f"the input has {len(text)} characters, too long for --max-input-tokens {limit}")
+        ids = spec.source_ids(self.tokenizer, text)
+        if len(ids) > limit:
+            raise InputTooLongError(f"the input is {len(ids)} tokens with its template, more than --max-input-tokens {limit}")
+        return ids
+
+    def _entry(self, name: str, kind: str) -> PromptEntry:
+        entry = self.bank.get(name)
+        if entry.spec.kind != kind:
+            raise WrongTaskError(f"prompt {name!r} is a {entry.spec.kind} prompt, not a {kind} prompt")
+        return entry
+
+    def _bare_spec(self, labels, template) -> TaskSpec:
+        key = (tuple(labels or ()), template)
+        if key not in self._bare_specs:
+            try:
+                spec = TaskSpec("classify", template=template, labels=list(labels or []), max_length=1 << 30)
+                spec.label_ids(self.tokenizer)
+            except DataError as e:
+                raise InvalidRequestError(f"bare-model classification: {e}") from None
+            if len(self._bare_specs) > 1024:
+                self._bare_specs.clear()
+            self._bare_specs[key] = spec
+        return self._bare_specs[key]
+
+    def _prepare_classify(self, req: ClassifyRequest, listener) -> Job:
+        names = list(req.prompts)
+        if len(names) > self.config.max_ensemble:
+            raise InvalidRequestError(f"{len(names)} prompts in one request; --max-ensemble is {self.config.max_ensemble}")
+        if not names:
+            if not req.labels:
+                raise InvalidRequestError("name a prompt, or give labels to classify with the bare model")
+            spec = self._bare_spec(req.labels, req.template)
+            lab = tuple(tuple(x) for x in spec.label_ids(self.tokenizer))
+            rows = [Row(PrefixKV.empty(), self._source_ids(spec, req.text), lab)]
+            return Job("classify", req, rows, list(spec.labels), listener)
+        if req.labels is not None or req.template is not None:
+            raise InvalidRequestError("labels and template come from the prompt file; give them only for the bare model")
+        entries = [self._entry(n, "classify") for n in names]
+        labels = entries[0].spec.labels
+        for e in entries[1:]:
+            if e.spec.labels != labels:
+                raise InvalidRequestError(
+                    f"an ensemble needs prompts with the same labels: {entries[0].name!r} has {labels}, "
+                    f"{e.name!r} has {e.spec.labels}"
+                )
+        rows = [Row(e.prefix, self._source_ids(e.spec, req.text), e.label_ids) for e in entries]
+        return Job("classify", req, rows, list(labels), listener)
+
+    def _prepare_generate(self, req: GenerateRequest, listener) -> Job:
+        if not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.config.max_new_tokens:
+            raise InvalidRequestError(f"max_new_tokens must be between 1 and {self.config.max_new_tokens}, got {req.max_new_tokens}")
+        if not 0 <= req.temperature <= 100:
+            raise InvalidRequestError(f"temperature must be between 0 and 100, got {req.temperature}")
+        if not 0 < req.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be more than 0 and at most 1, got {req.top_p}")
+        if len(req.stop) > 16 or any(not isinstance(s, str) or not s or len(s) > 256 for s in req.stop):
+            raise InvalidRequestError("stop takes at most 16 non-empty strings of at most 256 characters")
+        if req.prompt is None:
+            prefix, spec = PrefixKV.empty(), BARE_GENERATE
+        else:
+            entry = self._entry(req.prompt, "generate")
+            prefix, spec = entry.prefix, entry.spec
+        return Job("generate", req, [Row(prefix, self._source_ids(spec, req.text))], None, listener)
+
+    # -- worker
+
+    def _take(self, block: bool, free_generate: int) -> list[Job] | None:
+        """Jobs for the next step (None when stopping). Blocks while idle; once a job is queued,
+        waits up to ``max_wait_ms`` (from its arrival) for more to fill the batch."""
+        expired: list[Job] = []
+        with self._cond:
+            if block:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                wait_until = self._queue[0].submitted + self.config.max_wait_ms / 1000 if self._queue else 0
+                while not self._stopping:
+                    rows = sum(len(j.rows) for j in self._queue)
+                    left = wait_until - time.monotonic()
+                    if rows >= self.config.max_batch or left <= 0:
+                        break
+                    self._cond.wait(left)
+            if self._stopping:
+                return None
+            now = time.monotonic()
+            live = deque()
+            for job in self._queue:
+                if job.done:  # cancelled by its caller
+                    continue
+                if now > job.deadline:
+                    expired.append(job)
+                else:
+                    live.append(job)
+            self._queue = live
+            idx = select_jobs([j.kind for j in live], [len(j.rows) for j in live], self.config.max_batch, free_generate)
+            taken = [live[i] for i in idx]
+            chosen = set(idx)
+            self._queue = deque(j for i, j in enumerate(live) if i not in chosen)
+            self.metrics.queue_depth.set(len(self._queue))
+        for job in expired:
+            self._fail(job, RequestTimeoutError(f"the request waited more than --request-timeout {self.config.request_timeout} s"))
+        for job in taken:
+            job.started = now
+            self.metrics.queue_wait.labels(job.kind).observe(now - job.submitted)
+        return taken
+
+    def _run(self) -> None:
+        gen: _GenBatch | None = None
+        try:
+            while True:
+                free = self.config.max_batch - (len(gen.rows) if gen else 0)
+                jobs = self._take(block=gen is None, free_generate=free)
+                if jobs is None:
+                    break
+                classify = [j for j in jobs if j.kind == "classify"]
+                generate = [j for j in jobs if j.kind == "generate"]
+                if classify:
+                    self._guard(classify, self._classify, classify)
+                if generate:
+                    joined = self._guard(generate, self._admit, gen, generate)
+                    gen = joined if joined is not None else gen
+                if gen is not None:
+                    gen = self._guard([r.job for r in gen.rows], self._step, gen)
+                self.metrics.generation_rows.set(len(gen.rows) if gen else 0)
+        finally:
+            with self._cond:
+                left = list(self._queue)
+                self._queue.clear()
+                self.metrics.queue_depth.set(0)
+            for job in left + ([r.job for r in gen.rows] if gen else []):
+                self._fail(job, EngineStoppedError("the server is shutting down"))
+
+    def _guard(self, jobs: Sequence[Job], fn, *args):
+        """Run one batch step; if it raises, fail its jobs (not the server) and return None."""
+        try:
+            return fn(*args)
+        except Exception as e:  # a bug or an out-of-memory: the batch fails, the engine goes on
+            log.exception("batch of %d %s jobs failed", len(jobs), jobs[0].kind if jobs else "?")
+            for job in jobs:
+                self._fail(job, e)
+            return None
+
+    def _finish(self, job: Job, result: Result) -> None:
+        if job.finish(result):
+            self.metrics.requests.labels(job.kind, "ok").inc()
+            self.metrics.latency.labels(job.kind).observe(time.monotonic() - job.submitted)
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        if job.fail(error):
+            outcome = "timeout" if isinstance(error, RequestTimeoutError) else type(error).__name__
+            self.metrics.requests.labels(job.kind, outcome).inc()
+
+    # -- model steps (worker thread only)
+
+    def _prefill(self, rows: Sequence[Row]) -> SourceState:
+        """Read each row's source after its cached prefix: one forward pass over the sources only."""
+        layers, pmask = stack_prefixes([r.prefix for r in rows])  # (B, H, Pmax, hd), (B, Pmax)
+        ids, smask = left_pad([r.source_ids for r in rows], self._pad, self.device)  # (B, T)
+        mask, pos = source_positions(pmask.to(self.device), smask)  # (B, Pmax + T), (B, T)
+        cache = make_cache(layers) if layers else None
+        hidden, cache = self.pm.decode(self.pm.embed(ids), mask, pos, past_key_values=cache, use_cache=True)
+        return SourceState(cache, mask, hidden[:, -1], mask.sum(1))  # last_hidden (B, d), next_pos (B,)
+
+    @torch.no_grad()
+    def _classify(self, jobs: list[Job]) -> None:
+        rows = [r for j in jobs for r in j.rows]
+        self.metrics.batch_rows.labels("classify").observe(len(rows))
+        with self.model_lock:
+            state = self._prefill(rows)
+            scores: list[torch.Tensor | None] = [None] * len(rows)
+            for label_ids, idx in group_indices([r.label_ids for r in rows]):
+                sub = state if len(idx) == len(rows) else _select_state(state, idx)
+                s = label_logprobs(self.pm, sub, label_ids).float().cpu()  # (b, C)
+                for j, i in enumerate(idx):
+                    scores[i] = s[j]
+        for job, chunk in zip(jobs, split_rows(scores, [len(j.rows) for j in jobs])):
+            member = torch.stack(chunk)  # (k, C)
+            probs = ensemble_probs(member)  # (C,)
+            names = job.request.prompts
+            self._finish(job, ClassifyResult(
+                label=job.labels[int(probs.argmax())],
+                probs={l: float(p) for l, p in zip(job.labels, probs)},
+                scores=member.tolist(),
+                prompts=list(names),
+            ))
+
+    @torch.no_grad()
+    def _admit(self, gen: _GenBatch | None, jobs: list[Job]) -> _GenBatch:
+        """Prefill new generation rows and join them to the running batch."""
+        rows = [j.rows[0] for j in jobs]
+        with self.model_lock:
+            state = self._prefill(rows)
+            logits = self.pm.project(state.last_hidden)  # (b, V)
+        new_rows = []
+        for job in jobs:
+            req: GenerateRequest = job.request
+            g = None
+            if req.temperature > 0:
+                seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+                g = torch.Generator().manual_seed(seed)
+            new_rows.append(_GenRow(job, g, req.temperature, req.top_p, req.max_new_tokens, list(req.stop)))
+        layers = cache_layers(state.cache)
+        if gen is None:
+            return _GenBatch(new_rows, layers, state.mask, state.next_pos, logits)
+        layers, mask = concat_rows((gen.layers, gen.mask), (layers, state.mask))
+        return _GenBatch(gen.rows + new_rows, layers, mask, torch.cat([gen.pos, state.next_pos]),
+                         torch.cat([gen.logits, logits]))
+
+    @torch.no_grad()
+    def _step(self, gen: _GenBatch) -> _GenBatch | None:
+        """Sample one token per row, retire finished rows, run the rest one step."""
+        rows = gen.rows
+        self.metrics.batch_rows.labels("generate").observe(len(rows))
+        nxt = sample_next(gen.logits, [r.temperature for r in rows], [r.top_p for r in rows],
+                          [r.generator for r in rows])  # (B,)
+        now = time.monotonic()
+        keep = []
+        for i, row in enumerate(rows):
+            job = row.job
+            if job.done:  # cancelled
+                continue
+            if now > job.deadline:
+                self._fail(job, RequestTimeoutError(f"generation took more than --request-timeout {self.config.request_timeout} s"))
+                continue
+            t = int(nxt[i])
+            if t == self._eos:
+                self._end(row, "eos")
+                continue
+            row.out.append(t)
+            self.metrics.tokens.inc()
+            row.text = self.tokenizer.decode(row.out, skip_special_tokens=True)
+            if row.stops and find_stop(row.text, row.stops) >= 0:
+                self._end(row, "stop")
+                continue
+            if len(row.out) >= row.max_new:
+                self._end(row, "length")
+                continue
+            visible = row.text.lstrip()
+            safe = visible[: stream_safe_length(visible, row.stops)]
+            if len(safe) > len(row.emitted) and safe.startswith(row.emitted):
+                job.emit(safe[len(row.emitted):])
+                row.emitted = safe
+            keep.append(i)
+        if not keep:
+            return None
+        layers, mask, pos = gen.layers, gen.mask, gen.pos
+        if len(keep) < len(rows):
+            layers, mask = trim_left(*select_rows(layers, mask, keep))
+            pos, nxt = pos[keep], nxt[keep]
+        mask = torch.cat([mask, mask.new_ones(len(keep), 1)], 1)  # (B', L + 1)
+        with self.model_lock:
+            hidden, cache = self.pm.decode(self.pm.embed(nxt[:, None].to(self.device)), mask, pos[:, None],
+                                           past_key_values=make_cache(layers), use_cache=True)
+            logits = self.pm.project(hidden[:, -1])  # (B', V)
+        return _GenBatch([rows[i] for i in keep], cache_layers(cache), mask, pos + 1, logits)
+
+    def _end(self, row: _GenRow, reason: str) -> None:
+        text = row.text
+        cut = find_stop(text, row.stops) if row.stops else -1
+        final = (text[:cut] if cut >= 0 else text).strip()
+        if final.startswith(row.emitted):
+            row.job.emit(final[len(row.emitted):])
+        req: GenerateRequest = row.job.request
+        self._finish(row.job, GenerateResult(final, list(row.out), reason, req.prompt))
+
+
+def _select_state(state: SourceState, idx: Sequence[int]) -> SourceState:
+    """Rows ``idx`` of a SourceState (for scoring one label set over the rows that use it)."""
+    layers, mask = select_rows(cache_layers(state.cache), state.mask, idx)
+    t = torch.as_tensor(idx, device=state.last_hidden.device)
+    return SourceState(make_cache(layers), mask, state.last_hidden[t], state.next_pos[t])
+
+
+def create_engine(config, base: BaseModel | None = None) -> Engine:
+    """Load the base model named by a :class:`~softprompt.serve.config.ServeConfig` (unless given),
+    build the engine and load every prompt of ``config.prompts_dir``. Not started."""
+    from ..base import load_base_model
+
+    if base is None:
+        base = load_base_model(config.model, dtype=config.dtype, device=config.device)
+    engine = Engine(base, config.engine, prompts_dir=config.prompts_dir, strict=not config.allow_other_base)
+    engine.bank.load_all()
+    return engine

@@ -1,0 +1,100 @@
+"""Pure batching functions of the serving engine (no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt.serve.batching import (
+    PrefixKV, concat_rows, ensemble_probs, group_indices, select_jobs, select_rows, source_positions, split_rows,
+    stack_prefixes, stream_safe_length, trim_left,
+)
+
+
+def prefix(P: int, fill: float, layers: int = 2, H: int = 2, hd: int = 3) -> PrefixKV:
+    if P == 0:
+        return PrefixKV.empty()
+    return PrefixKV(tuple((torch.full((H, P, hd), fill), torch.full((H, P, hd), -fill)) for _ in range(layers)), P)
+
+
+def test_select_jobs_fills_in_order_and_skips_what_does_not_fit():
+    kinds = ["classify", "generate", "classify", "classify", "generate", "classify"]
+    rows = [3, 1, 4, 1, 1, 2]
+    # classify: 3 + 4 > 6, so the 4-row ensemble is skipped and the ones behind it still run
+    assert select_jobs(kinds, rows, max_rows=6, free_generate_rows=1) == [0, 1, 3, 5]
+    assert select_jobs(kinds, rows, max_rows=6, free_generate_rows=0) == [0, 3, 5]
+    assert select_jobs(kinds, rows, max_rows=8, free_generate_rows=2) == [0, 1, 2, 3, 4]
+    assert select_jobs([], [], 4, 4) == []
+
+
+def test_stack_prefixes_right_aligns_behind_a_masked_gap():
+    layers, mask = stack_prefixes([prefix(2, 1.0), prefix(0, 0.0), prefix(3, 2.0)])
+    assert mask.tolist() == [[0, 1, 1], [0, 0, 0], [1, 1, 1]]
+    assert len(layers) == 2
+    k, v = layers[0]
+    assert k.shape == (3, 2, 3, 3) and v.shape == (3, 2, 3, 3)
+    assert torch.equal(k[0, :, 0], torch.zeros(2, 3))  # the gap is zeros
+    assert torch.equal(k[0, :, 1:], torch.ones(2, 2, 3))
+    assert torch.equal(v[2], torch.full((2, 3, 3), -2.0))
+    assert torch.equal(k[1], torch.zeros(2, 3, 3))
+
+
+def test_stack_prefixes_of_bare_rows_is_empty():
+    layers, mask = stack_prefixes([PrefixKV.empty(), PrefixKV.empty()])
+    assert layers == [] and mask.shape == (2, 0)
+
+
+def test_source_positions_continue_from_each_prefix_length():
+    pmask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 0]])
+    smask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    mask, pos = source_positions(pmask, smask)
+    assert mask.tolist() == [[0, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]]
+    assert pos[:, -1].tolist() == [3, 5, 0]  # last token: P_i + n_i - 1
+    assert pos[0, 1:].tolist() == [2, 3] and pos[1].tolist() == [3, 4, 5]
+
+
+def test_select_and_trim_rows():
+    k = torch.arange(3 * 1 * 4 * 1, dtype=torch.float).view(3, 1, 4, 1)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    layers, m = select_rows([(k, -k)], mask, [0, 2])
+    assert m.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    assert torch.equal(layers[0][0], k[[0, 2]])
+    layers, m = trim_left(layers, m)
+    assert m.tolist() == [[0, 1, 1], [1, 1, 1]]  # the first column was masked in every row left
+    assert torch.equal(layers[0][0], k[[0, 2]][:, :, 1:])
+    assert torch.equal(layers[0][1], -k[[0, 2]][:, :, 1:])
+
+
+def test_concat_rows_left_pads_the_shorter_batch():
+    a = ([(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))], torch.tensor([[1, 1, 1]]))
+    b = ([(torch.full((2, 2, 1, 4), 5.0), torch.full((2, 2, 1, 4), 6.0))], torch.tensor([[1], [1]]))
+    layers, mask = concat_rows(a, b)
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 1]]
+    k, v = layers[0]
+    assert k.shape == (3, 2, 3, 4)
+    assert torch.equal(k[1, :, :2], torch.zeros(2, 2, 4)) and torch.equal(k[1, :, 2], torch.full((2, 4), 5.0))
+    assert torch.equal(v[2, :, 2], torch.full((2, 4), 6.0))
+    layers2, mask2 = concat_rows(b, a)  # either order
+    assert mask2.tolist() == [[0, 0, 1], [0, 0, 1], [1, 1, 1]]
+
+
+def test_group_and_split():
+    keys = [("a",), ("b",), ("a",), ("c",), ("b",)]
+    assert group_indices(keys) == [(("a",), [0, 2]), (("b",), [1, 4]), (("c",), [3])]
+    assert split_rows(list("abcdef"), [1, 3, 2]) == [["a"], ["b", "c", "d"], ["e", "f"]]
+    with pytest.raises(ValueError):
+        split_rows([1, 2], [3])
+
+
+def test_ensemble_probs_average_member_probabilities():
+    scores = torch.log(torch.tensor([[0.9, 0.1], [0.5, 0.5]]))
+    torch.testing.assert_close(ensemble_probs(scores), torch.tensor([0.7, 0.3]))
+    torch.testing.assert_close(ensemble_probs(scores[:1]), torch.tensor([0.9, 0.1]))
+
+
+def test_stream_safe_length_holds_back_what_may_change():
+    assert stream_safe_length("hello world", []) == 11
+    assert stream_safe_length("hello wor", ["world"]) == 5  # "wor" + one more could still become a stop string
+    assert stream_safe_length("hello ", []) == 5  # trailing space: the final text is stripped
+    assert stream_safe_length("caf\ufffd", []) == 3  # incomplete UTF-8 character
+    assert stream_safe_length("", ["x"]) == 0
