@@ -105,6 +105,10 @@ def test_cached_prefix_equals_full_concatenation(model_root, family):
                 assert ours.token_ids == ref.token_ids and ours.text == ref.text
 
 
+def stat(engine, name, kind="classify", **labels):
+    return engine.metrics.registry.get_sample_value(name, {"kind": kind, **labels}) or 0
+
+
 def mixed_requests():
     reqs = []
     for i, text in enumerate(TEXTS):
@@ -134,16 +138,18 @@ def test_mixed_batch_equals_each_request_alone(base):
     with Engine(base, EngineConfig(max_batch=64, max_wait_ms=0)) as eng:
         add_prompts(eng)
         alone = [eng.submit(r).result() for r in reqs]  # one at a time: batches of one
-        assert eng.metrics.batch_rows.labels("classify")._sum.get() == sum(
-            len(r.prompts) or 1 for r in reqs if isinstance(r, ClassifyRequest))
+        n_rows = sum(len(r.prompts) or 1 for r in reqs if isinstance(r, ClassifyRequest))
+        assert stat(eng, "softprompt_batch_rows_sum") == n_rows
+        assert stat(eng, "softprompt_batch_rows_count") == sum(isinstance(r, ClassifyRequest) for r in reqs)
     with Engine(base, EngineConfig(max_batch=64, max_wait_ms=500)) as eng:
         add_prompts(eng)
         jobs = [eng.prepare(r) for r in reqs]
         eng.enqueue(jobs)  # all arrive together: one classify pass, one generation batch
         mixed = [j.result(timeout=60) for j in jobs]
-        hist = eng.metrics.batch_rows.labels("classify")
-        assert hist._sum.get() == sum(len(j.rows) for j in jobs if j.kind == "classify")
-        assert hist._sum.get() > 1 and sum(b.get() for b in hist._buckets[:4]) == 0  # never fewer than 8 rows
+        assert stat(eng, "softprompt_batch_rows_sum") == n_rows
+        assert stat(eng, "softprompt_batch_rows_count") == 1  # every classification row in one forward pass
+        assert stat(eng, "softprompt_batch_rows_count", "generate") <= max(r.max_new_tokens for r in reqs
+                                                                           if isinstance(r, GenerateRequest))
     for a, b in zip(alone, mixed):
         same(a, b)
     # and the uncached reference agrees with both
@@ -303,7 +309,7 @@ def test_queue_full_timeout_and_unload_while_queued(base):
         for job in queued:
             with pytest.raises(RequestTimeoutError, match="--request-timeout"):
                 job.result(timeout=10)
-        assert eng.metrics.requests.labels("classify", "timeout")._value.get() == 3
+        assert stat(eng, "softprompt_requests_total", outcome="timeout") == 3
         assert eng.generate("after", "gen", max_new_tokens=2).finish_reason in ("length", "eos")  # still serving
 
 
