@@ -18,6 +18,7 @@ COMMANDS: list[str] = [
     "softprompt.commands.demo",
     "softprompt.commands.inspect",
     "softprompt.commands.eval",
+    "softprompt.commands.predict",
     "softprompt.commands.example_data",
     "softprompt.commands.export",
     "softprompt.commands.import_",

@@ -1,0 +1,317 @@
+"""Baselines a tuned prompt is compared with, on the same examples and through the same scoring.
+
+- ``bare``: the base model with no prompt and the same template.
+- ``instruction``: a hand-written instruction (what a prompt engineer would write first) before
+  the template.
+- ``few-shot``: k training examples in context (seeded, balanced over classes), each cut short so
+  the whole context stays within ``max_length``.
+- ``tfidf-lr``: TF-IDF + logistic regression trained on the training file (classification).
+
+The language-model baselines are :class:`~softprompt.data.TaskSpec` s with a longer template,
+scored by :func:`softprompt.evaluate.evaluate_prompt` with ``prompt=None``: exactly the path the
+tuned prompt takes, minus the prompt.
+
+Not here: loading files (commands/eval.py), plots (report.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+from .artifact import PromptMeta
+from .data import Example, TaskSpec
+from .errors import ConfigError
+from .evaluate import classification_metrics, evaluate_prompt
+from .model import PromptedModel
+
+SHOT_SEPARATOR = "\n\n"
+"""Between in-context examples (and the stop string of few-shot generation)."""
+
+SHOT_SHARE = 0.5
+"""Share of ``max_length`` the few-shot examples may take together; the rest is the query's."""
+
+
+@dataclass
+class BaselineConfig:
+    """Settings of the baselines.
+
+    Args:
+        shots: k, in-context examples of the few-shot baseline (``--shots``).
+        seed: seeds the choice of shots and the classifier (``--seed``).
+        instruction: the instruction baseline's text (``--instruction``); default: built from the
+            task name and labels.
+    """
+
+    shots: int = 5
+    seed: int = 0
+    instruction: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.shots < 1:
+            raise ConfigError(f"--shots must be at least 1, got {self.shots}")
+        if self.instruction is not None and not self.instruction.strip():
+            raise ConfigError("--instruction must not be empty")
+
+
+@dataclass
+class BaselineContext:
+    """What a baseline gets: the model, the task, the eval examples and the training examples."""
+
+    pm: PromptedModel
+    spec: TaskSpec
+    examples: Sequence[Example]
+    train: Sequence[Example] | None = None
+    config: BaselineConfig = field(default_factory=BaselineConfig)
+    name: str | None = None
+    """The task's name from the prompt file (e.g. "topic"), used in the default instruction."""
+    batch_size: int = 16
+    gen_kw: dict = field(default_factory=dict)
+    """Generation settings (``max_new_tokens``, ``stop``...) shared by every method."""
+
+
+# ----------------------------------------------------------------------------- text baselines (pure)
+
+
+def default_instruction(spec: TaskSpec, name: str | None = None) -> str:
+    """What a prompt engineer would write first, e.g. "Classify the topic of the text as one of:
+    business, sport, tech." (the words listed are the ones scored)."""
+    if spec.kind == "classify":
+        what = f"the {name} of the text" if name else "the text"
+        return f"Classify {what} as one of: {', '.join(spec.words)}."
+    return f"Write the {name} for the input." if name else "Read the input and write the output."
+
+
+def _safe(text: str, spec: TaskSpec) -> str:
+    """Keep literal placeholders in example text from being mistaken for the template's."""
+    ph = spec.placeholder
+    return text.replace("{" + ph + "}", "(" + ph + ")")
+
+
+def instruction_spec(spec: TaskSpec, instruction: str) -> TaskSpec:
+    """``spec`` with ``instruction`` and a blank line before its template."""
+    return replace(spec, template=_safe(instruction.strip(), spec) + SHOT_SEPARATOR + spec.template)
+
+
+def pick_shots(train: Sequence[Example], k: int, kind: str, seed: int = 0) -> list[Example]:
+    """k training examples (seeded); for classification round-robin over the classes so they are
+    balanced where possible, then shuffled so no class always sits last."""
+    rng = random.Random(seed)
+    if kind != "classify":
+        return rng.sample(list(train), min(k, len(train)))
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for ex in train:
+        groups[ex.target].append(ex)
+    pools = [rng.sample(v, len(v)) for _, v in sorted(groups.items())]
+    rng.shuffle(pools)
+    out: list[Example] = []
+    while len(out) < k and any(pools):
+        for pool in pools:
+            if pool and len(out) < k:
+                out.append(pool.pop())
+    rng.shuffle(out)
+    return out
+
+
+def cut_tokens(tokenizer, text: str, n: int) -> str:
+    """The longest prefix of ``text`` of at most ``n`` tokens (whole text when it fits)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= n:
+        return text
+    for m in range(max(0, n), -1, -1):  # re-tokenizing a decoded cut can grow by a token
+        cut = tokenizer.decode(ids[:m])
+        if len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= n:
+            return cut
+    return ""
+
+
+def render_shot(spec: TaskSpec, ex: Example, tokenizer, budget: int) -> str:
+    """One in-context example (template with its source, then its target), at most about
+    ``budget`` tokens: the target (cut to half the budget for generation) is kept whole and the
+    source is cut to what is left (at least 4 tokens)."""
+    if spec.kind == "classify":
+        target = spec.words[spec.labels.index(ex.target)] if ex.target in spec.labels else ex.target
+    else:
+        target = cut_tokens(tokenizer, ex.target, max(1, budget // 2))
+    tail = spec._lead() + _safe(target, spec)
+    frame = len(tokenizer(spec.render("") + tail, add_special_tokens=False)["input_ids"])
+    source = cut_tokens(tokenizer, _safe(ex.source, spec), max(4, budget - frame))
+    return spec.render(source) + tail
+
+
+def few_shot_spec(spec: TaskSpec, shots: Sequence[Example], tokenizer) -> TaskSpec:
+    """``spec`` with in-context examples before its template, together within ``SHOT_SHARE`` of
+    ``spec.max_length`` tokens (the query text is cut to the rest by ``TaskSpec.source_ids``)."""
+    if not shots:
+        raise ConfigError("few-shot needs at least one training example")
+    budget = max(8, int(spec.max_length * SHOT_SHARE) // len(shots))
+    blocks = [render_shot(spec, ex, tokenizer, budget) for ex in shots]
+    return replace(spec, template=SHOT_SEPARATOR.join(blocks) + SHOT_SEPARATOR + spec.template)
+
+
+# ----------------------------------------------------------------------------- the baselines
+
+
+def run_bare(ctx: BaselineContext) -> dict:
+    """The base model, no prompt, same template."""
+    m = evaluate_prompt(ctx.pm, None, ctx.spec, ctx.examples, ctx.batch_size, **ctx.gen_kw)
+    m["setup"] = f"template {ctx.spec.template!r}, no prompt"
+    return m
+
+
+def run_instruction(ctx: BaselineContext) -> dict:
+    """A hand-written instruction before the template."""
+    text = ctx.config.instruction or default_instruction(ctx.spec, ctx.name)
+    m = evaluate_prompt(ctx.pm, None, instruction_spec(ctx.spec, text), ctx.examples, ctx.batch_size, **ctx.gen_kw)
+    m["setup"] = f"instruction {text!r}"
+    return m
+
+
+def run_few_shot(ctx: BaselineContext) -> dict:
+    """k training examples in context before the template."""
+    shots = pick_shots(ctx.train or [], ctx.config.shots, ctx.spec.kind, ctx.config.seed)
+    spec = few_shot_spec(ctx.spec, shots, ctx.pm.base.tokenizer)
+    gen_kw = dict(ctx.gen_kw)
+    if ctx.spec.kind == "generate":  # the model would go on writing the next example
+        gen_kw["stop"] = [*gen_kw.get("stop", ()), SHOT_SEPARATOR]
+    m = evaluate_prompt(ctx.pm, None, spec, ctx.examples, ctx.batch_size, **gen_kw)
+    n_ctx = len(ctx.pm.base.tokenizer(spec.render(""), add_special_tokens=False)["input_ids"])
+    m["setup"] = f"{len(shots)} shots (seed {ctx.config.seed}), {n_ctx} context tokens before the query"
+    return m
+
+
+def tfidf_lr(train: Sequence[Example], examples: Sequence[Example], labels: Sequence[str], seed: int = 0) -> dict:
+    """Train TF-IDF (word 1-2 grams, sublinear tf) + logistic regression on ``train`` and score
+    ``examples`` (whole texts); classification metrics plus ``log_loss`` and ``predictions``."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    if len({ex.target for ex in train}) < 2:
+        raise ConfigError("tfidf-lr needs at least 2 classes in the training file")
+    clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                        LogisticRegression(max_iter=2000, random_state=seed))
+    clf.fit([ex.source for ex in train], [ex.target for ex in train])
+    texts, gold = [ex.source for ex in examples], [ex.target for ex in examples]
+    pred = [str(p) for p in clf.predict(texts)]
+    m = classification_metrics(gold, pred, labels)
+    probs = clf.predict_proba(texts)  # (N, classes seen in training)
+    col = {c: i for i, c in enumerate(clf.classes_)}
+    m["log_loss"] = float(sum(-math.log(max(probs[i][col[g]] if g in col else 0.0, 1e-15))
+                              for i, g in enumerate(gold)) / max(1, len(gold)))
+    m["predictions"] = pred
+    return m
+
+
+def run_tfidf_lr(ctx: BaselineContext) -> dict:
+    """A classical text classifier trained on the training file."""
+    m = tfidf_lr(ctx.train or [], ctx.examples, ctx.spec.labels, ctx.config.seed)
+    m["setup"] = f"trained on {len(ctx.train or [])} examples, whole texts"
+    return m
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A baseline: how to run it, which tasks it applies to, whether it needs training data."""
+
+    run: Callable[[BaselineContext], dict]
+    title: str
+    kinds: tuple[str, ...] = ("classify", "generate")
+    needs_train: bool = False
+
+
+BASELINES: dict[str, Baseline] = {
+    "bare": Baseline(run_bare, "bare model"),
+    "instruction": Baseline(run_instruction, "instruction"),
+    "few-shot": Baseline(run_few_shot, "few-shot", needs_train=True),
+    "tfidf-lr": Baseline(run_tfidf_lr, "TF-IDF + LR", kinds=("classify",), needs_train=True),
+}
+"""Baselines by name, in table order."""
+
+
+def run_baselines(ctx: BaselineContext, names: Sequence[str] | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+    """Run the baselines that apply to the task.
+
+    Returns:
+        (metrics by baseline name, each with ``predictions``, ``setup`` and ``seconds``;
+         reason by name of each baseline skipped).
+    """
+    results: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for name in names or list(BASELINES):
+        if name not in BASELINES:
+            raise ConfigError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+        b = BASELINES[name]
+        if ctx.spec.kind not in b.kinds:
+            continue
+        if b.needs_train and not ctx.train:
+            skipped[name] = "no training data (pass --train FILE)"
+            continue
+        t0 = time.perf_counter()
+        results[name] = b.run(ctx)
+        results[name]["seconds"] = round(time.perf_counter() - t0, 2)
+    return results, skipped
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+PROMPT_ROW = "prompt"
+"""Key of the tuned prompt's results (the baselines use their BASELINES names)."""
+
+
+@dataclass
+class Comparison:
+    """Metrics of the prompt and each baseline on the same examples."""
+
+    prompt_path: str
+    data_path: str
+    meta: PromptMeta
+    spec: TaskSpec
+    n: int
+    results: dict[str, dict]
+    """Method name -> metrics (``PROMPT_ROW`` first, then baselines), with ``predictions``."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    train_path: str | None = None
+    gold: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """Everything but the per-example predictions."""
+        return {
+            "prompt": self.prompt_path, "data": self.data_path, "train": self.train_path, "n": self.n,
+            "task": self.spec.kind, "template": self.spec.template, "labels": self.spec.labels,
+            "max_length": self.spec.max_length,
+            "results": {k: {m: v for m, v in r.items() if m != "predictions"} for k, r in self.results.items()},
+            "skipped": self.skipped,
+        }
+
+
+COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "classify": [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("log_loss", "log-loss")],
+    "generate": [("exact_match", "exact"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")],
+}
+"""Table columns of each task kind: (metric key, header)."""
+
+
+def method_title(name: str) -> str:
+    return "soft prompt" if name == PROMPT_ROW else BASELINES[name].title
+
+
+def format_table(result: Comparison) -> str:
+    """The methods side by side, one row each (plain text)."""
+    cols = COLUMNS[result.spec.kind]
+    head = ["method"] + [h for _, h in cols] + ["seconds"]
+    rows = []
+    for name, m in result.results.items():
+        vals = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "-" for k, _ in cols]
+        rows.append([method_title(name)] + vals + [f"{m.get('seconds', 0):.1f}"])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    lines += [f"({method_title(k)} skipped: {why})" for k, why in result.skipped.items()]
+    return "\n".join(lines)
+
+

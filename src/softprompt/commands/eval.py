@@ -1,0 +1,226 @@
+"""``softprompt eval PROMPT --data FILE``: metrics of a prompt file on labelled data, with baselines.
+
+The label set, verbalizer and template come from the prompt file, so the prompt is scored the way
+it was trained; baselines are scored on the same examples in the same run (see baselines.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..artifact import PromptMeta, check_compatible, load_prompt
+from ..baselines import PROMPT_ROW, BaselineConfig, BaselineContext, Comparison, format_table, run_baselines
+from ..data import Example, TaskSpec, load_examples
+from ..errors import ConfigError, DataError
+from ..evaluate import evaluate_prompt
+
+TRAIN_FILE_KEYS = ("train_file", "train", "train_path", "data")
+"""Keys of a prompt file's training summary that may name its training file."""
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``softprompt eval``.
+
+    Args:
+        prompt: the prompt file.
+        data: labelled JSONL/CSV file to score on.
+        model: base model (hub id or folder); None: the default model.
+        baselines: also score the baselines (``--baselines``).
+        train: training file for few-shot and TF-IDF (``--train``); default: the one the prompt's
+            training summary names, if it exists.
+        baseline: BaselineConfig (``--shots``, ``--seed``, ``--instruction``).
+        max_length: most tokens of template + text; default: what the prompt was trained with, else 256.
+        batch_size: examples per forward pass.
+        limit: score a seeded (stratified) subsample of this many examples.
+        source_field, target_field: field names in the data files.
+        max_new_tokens: generation length limit (generate); default: the task's target length.
+        stop: stop strings for generation.
+        allow_other_base: accept a prompt trained on a differently quantized copy of the model.
+    """
+
+    prompt: str
+    data: str
+    model: str | None = None
+    baselines: bool = False
+    train: str | None = None
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    max_length: int | None = None
+    batch_size: int = 16
+    limit: int | None = None
+    source_field: str | None = None
+    target_field: str | None = None
+    max_new_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    allow_other_base: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if self.max_length is not None and self.max_length < 8:
+            raise ConfigError(f"--max-length must be at least 8, got {self.max_length}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+
+
+def training_file(meta: PromptMeta, prompt_path: str | Path) -> Path | None:
+    """The training file a prompt's training summary names, if it still exists (relative paths
+    are tried from the working directory and from the prompt file's folder)."""
+    for key in TRAIN_FILE_KEYS:
+        value = (meta.training or {}).get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        for cand in (Path(value), Path(prompt_path).parent / value):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def check_labels(examples: list[Example], labels: list[str], where: str) -> None:
+    """Refuse examples whose label is not one of the prompt's labels (names file:line)."""
+    for ex in examples:
+        if ex.target not in labels:
+            raise DataError(f"{where}:{ex.line}: label {ex.target!r} is not one of the prompt's labels "
+                            f"({', '.join(labels)})")
+
+
+def evaluate_file(config: EvalConfig, base=None) -> Comparison:
+    """Score a prompt file (and, with ``config.baselines``, the baselines) on ``config.data``.
+
+    Args:
+        base: an already loaded BaseModel; default: load ``config.model``.
+    """
+    from ..base import load_base_model
+    from ..examples import subsample
+    from ..model import PromptedModel
+
+    loaded = load_prompt(config.prompt)  # metadata first: cheap errors before loading a model
+    meta = loaded.meta
+    max_length = config.max_length or int((meta.training or {}).get("max_length") or 256)
+    spec = TaskSpec.from_meta(meta, max_length=max_length)
+    examples = load_examples(config.data, spec.kind, config.source_field, config.target_field)
+    if spec.kind == "classify":
+        check_labels(examples, spec.labels, config.data)
+    if config.limit is not None:
+        examples = subsample(examples, config.limit, spec.kind, config.baseline.seed)
+    train_path = config.train or (str(training_file(meta, config.prompt) or "") or None)
+    train = None
+    if config.baselines and train_path:
+        train = load_examples(train_path, spec.kind, config.source_field, config.target_field)
+        if spec.kind == "classify":
+            check_labels(train, spec.labels, train_path)
+    if base is None:
+        base = load_base_model(config.model)
+    check_compatible(meta, base, config.prompt, strict=not config.allow_other_base)
+    pm = PromptedModel(base)
+    gen_kw = {"max_new_tokens": config.max_new_tokens or spec.max_target_length}
+    if config.stop:
+        gen_kw["stop"] = list(config.stop)
+    if spec.kind == "classify":
+        gen_kw = {}
+    t0 = time.perf_counter()
+    prompt_m = evaluate_prompt(pm, loaded.tensor.to(base.device), spec, examples, config.batch_size, **gen_kw)
+    prompt_m["seconds"] = round(time.perf_counter() - t0, 2)
+    prompt_m["setup"] = f"{meta.length} virtual tokens, template {spec.template!r}"
+    results = {PROMPT_ROW: prompt_m}
+    skipped: dict[str, str] = {}
+    if config.baselines:
+        ctx = BaselineContext(pm, spec, examples, train, config.baseline, meta.name, config.batch_size, gen_kw)
+        more, skipped = run_baselines(ctx)
+        results.update(more)
+    return Comparison(config.prompt, config.data, meta, spec, len(examples), results, skipped,
+                      train_path if train is not None else None, [ex.target for ex in examples])
+
+
+# ----------------------------------------------------------------------------- output
+
+def format_details(m: dict) -> str:
+    """Per-class precision/recall/F1 and the confusion matrix (rows = gold) of one method."""
+    labels = m["confusion"]["labels"]
+    w = max(8, *(len(l) for l in labels))
+    lines = [f"{'class':<{w}}  precision  recall     f1  support"]
+    for l in labels:
+        c = m["per_class"][l]
+        lines.append(f"{l:<{w}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:5.3f}  {c['support']:7d}")
+    cw = max(5, *(len(l) for l in labels))
+    lines += ["", "confusion (rows = gold, columns = predicted)",
+              f"{'':<{w}}  " + "  ".join(f"{l[:cw]:>{cw}}" for l in labels)]
+    for l, row in zip(labels, m["confusion"]["matrix"]):
+        lines.append(f"{l:<{w}}  " + "  ".join(f"{v:>{cw}}" for v in row))
+    return "\n".join(lines)
+
+
+def print_result(result: Comparison, out=sys.stdout) -> None:
+    """The human summary: what was scored, the table, and the prompt's per-class details."""
+    extra = f", training file {result.train_path}" if result.train_path else ""
+    print(f"{result.prompt_path} on {result.data_path}: {result.n} examples, task {result.spec.kind}, "
+          f"max length {result.spec.max_length}{extra}", file=out)
+    print(file=out)
+    print(format_table(result), file=out)
+    if result.spec.kind == "classify":
+        print(f"\nsoft prompt per class\n{format_details(result.results[PROMPT_ROW])}", file=out)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="score a prompt file on labelled data, optionally against baselines",
+                       description="Score a prompt file on labelled data (JSONL/CSV). Classification: accuracy, "
+                                   "macro-F1, per-class precision/recall, confusion matrix. Generation: exact "
+                                   "match, ROUGE-L, chrF. --baselines adds the bare model, an instruction, "
+                                   "few-shot examples and (classification) TF-IDF + logistic regression.")
+    p.add_argument("prompt", help="the .safetensors prompt file")
+    p.add_argument("--data", required=True, help="labelled JSONL or CSV file")
+    p.add_argument("--model", default=None, help="base model (hub id or folder); default: the default model")
+    p.add_argument("--baselines", action="store_true", help="also score the baselines on the same examples")
+    p.add_argument("--train", default=None,
+                   help="training file for few-shot and TF-IDF (default: the one the prompt was trained on)")
+    p.add_argument("--shots", type=int, default=5, help="in-context examples of the few-shot baseline (default: 5)")
+    p.add_argument("--instruction", default=None, help="text of the instruction baseline (default: built from the labels)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the shots, the classifier and --limit (default: 0)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="most tokens of template + text (default: the prompt's training value, else 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default: 16)")
+    p.add_argument("--limit", type=int, default=None, help="score a seeded, stratified subsample of N examples")
+    p.add_argument("--source-field", default=None, help="field of the input text (default: text / input)")
+    p.add_argument("--target-field", default=None, help="field of the label / output (default: label / output)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length limit (generate)")
+    p.add_argument("--stop", action="append", default=[], help="stop string for generation (repeatable)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="accept a prompt trained on a differently quantized copy of the base model")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--report", default=None, help="write an HTML report (plots as PNG next to it)")
+    p.add_argument("--log", default=None, help="training metrics.jsonl for the report (default: found next to the prompt)")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(
+        prompt=args.prompt, data=args.data, model=args.model, baselines=args.baselines, train=args.train,
+        baseline=BaselineConfig(shots=args.shots, seed=args.seed, instruction=args.instruction),
+        max_length=args.max_length, batch_size=args.batch_size, limit=args.limit,
+        source_field=args.source_field, target_field=args.target_field, max_new_tokens=args.max_new_tokens,
+        stop=args.stop, allow_other_base=args.allow_other_base,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.report and not args.report.lower().endswith((".html", ".htm")):
+        raise ConfigError(f"--report must name an .html file, got {args.report!r}")
+    result = evaluate_file(config)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print_result(result)
+    if args.report:
+        from ..report import write_report
+
+        paths = write_report(args.report, result, log=args.log)
+        print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr if args.json else sys.stdout)
+    return 0

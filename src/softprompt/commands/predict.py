@@ -1,0 +1,207 @@
+"""``softprompt predict PROMPT [TEXT ...]``: label + class probabilities, or generated text, as JSONL.
+
+Inputs are the TEXT arguments or, without any, the lines of stdin: JSON objects carrying the task's
+source field (``text`` / ``input``, or ``--field``) or plain text lines. Output is one JSON object
+per input, in input order, written as each batch finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, TextIO
+
+from ..data import DEFAULT_FIELDS, TaskSpec
+from ..errors import ConfigError, DataError
+
+
+@dataclass
+class PredictConfig:
+    """Settings of ``softprompt predict``.
+
+    Args:
+        prompt: the prompt file.
+        model: base model (hub id or folder); None: the default model.
+        batch_size: inputs per forward pass (``--batch-size``).
+        max_length: most tokens of template + text; default: the prompt's training value, else 256.
+        source_field: field of the text in JSON input lines (default: the task's, ``text`` / ``input``).
+        temperature: 0 is greedy; above 0 samples (generate).
+        top_p: nucleus sampling mass (generate).
+        seed: seeds sampling; input i (counting from 0) uses ``seed + i`` whatever the batching.
+        max_new_tokens: generation length limit; default: the task's target length.
+        stop: stop strings (generate).
+        allow_other_base: accept a prompt trained on a differently quantized copy of the model.
+    """
+
+    prompt: str
+    model: str | None = None
+    batch_size: int = 16
+    max_length: int | None = None
+    source_field: str | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    allow_other_base: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 8:
+            raise ConfigError(f"--max-length must be at least 8, got {self.max_length}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Item:
+    """One input: its text, an optional ``id`` carried to the output, where it came from."""
+
+    text: str
+    id: object = None
+    where: str = ""
+
+
+def parse_line(line: str, source_field: str, where: str) -> Item | None:
+    """A stdin line as an input (pure): a JSON object with ``source_field``, or plain text;
+    None for a blank line."""
+    s = line.strip()
+    if not s:
+        return None
+    if not s.startswith("{"):
+        return Item(s, None, where)
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg}); plain-text lines must not start with '{{'") from None
+    value = obj.get(source_field)
+    if not isinstance(value, str):
+        what = "missing" if value is None else f"not a string ({type(value).__name__})"
+        raise DataError(f"{where}: field {source_field!r} is {what}")
+    if not value.strip():
+        raise DataError(f"{where}: field {source_field!r} is empty")
+    return Item(value, obj.get("id"), where)
+
+
+def read_items(texts: list[str], stream: TextIO, source_field: str) -> Iterator[Item]:
+    """The TEXT arguments, or else the non-blank lines of ``stream``."""
+    if texts:
+        for i, t in enumerate(texts, 1):
+            if not t.strip():
+                raise DataError(f"TEXT argument {i} is empty")
+            yield Item(t, None, f"argument {i}")
+        return
+    for i, line in enumerate(stream, 1):
+        item = parse_line(line, source_field, f"stdin:{i}")
+        if item is not None:
+            yield item
+
+
+def chunks(items: Iterable[Item], n: int) -> Iterator[list[Item]]:
+    """Consecutive groups of ``n`` (the last may be shorter), read lazily."""
+    buf: list[Item] = []
+    for it in items:
+        buf.append(it)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+class Predictor:
+    """A loaded prompt on its base model, predicting batches of texts."""
+
+    def __init__(self, config: PredictConfig, base=None):
+        from ..artifact import check_compatible, load_prompt
+        from ..base import load_base_model
+        from ..model import PromptedModel
+
+        loaded = load_prompt(config.prompt)
+        self.meta = loaded.meta
+        max_length = config.max_length or int((self.meta.training or {}).get("max_length") or 256)
+        self.spec = TaskSpec.from_meta(self.meta, max_length=max_length)
+        self.config = config
+        self.base = base if base is not None else load_base_model(config.model)
+        check_compatible(self.meta, self.base, config.prompt, strict=not config.allow_other_base)
+        self.pm = PromptedModel(self.base)
+        self.prompt = loaded.tensor.to(self.base.device)  # (P, d)
+        self.done = 0  # inputs predicted so far (offsets the per-input seeds)
+
+    @property
+    def source_field(self) -> str:
+        return self.config.source_field or DEFAULT_FIELDS[self.spec.kind][0]
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        """Predictions of one batch: ``{"label", "probs"}`` (classify) or ``{"output", "finish_reason"}``."""
+        from ..evaluate import score_classification
+        from ..scoring import generate
+
+        c = self.config
+        if self.spec.kind == "classify":
+            probs = score_classification(self.pm, self.prompt, self.spec, texts, c.batch_size).exp()  # (N, C)
+            out = [{"label": self.spec.labels[int(row.argmax())],
+                    "probs": {l: round(float(p), 6) for l, p in zip(self.spec.labels, row.tolist())}}
+                   for row in probs]
+        else:
+            sources = [self.spec.source_ids(self.base.tokenizer, t) for t in texts]
+            gens = generate(self.pm, self.prompt, sources, max_new_tokens=c.max_new_tokens or self.spec.max_target_length,
+                            temperature=c.temperature, top_p=c.top_p, stop=c.stop,
+                            seed=None if c.seed is None else c.seed + self.done)
+            out = [{"output": g.text, "finish_reason": g.finish_reason} for g in gens]
+        self.done += len(texts)
+        return out
+
+
+def predict_stream(predictor: Predictor, items: Iterable[Item], out: TextIO) -> int:
+    """Predict ``items`` batch by batch, writing one JSON line each; returns how many."""
+    n = 0
+    for batch in chunks(items, predictor.config.batch_size):
+        for item, pred in zip(batch, predictor.predict([it.text for it in batch])):
+            row = {"id": item.id, **pred} if item.id is not None else pred
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out.flush()
+        n += len(batch)
+    return n
+
+
+def register(sub) -> None:
+    p = sub.add_parser("predict", help="predict with a prompt file (JSONL out)",
+                       description="Predict with a prompt file: label + class probabilities (classify) or "
+                                   "generated text (generate), one JSON line per input. Inputs: TEXT arguments, "
+                                   "or lines on stdin (JSON objects with the task's source field, or plain text).")
+    p.add_argument("prompt", help="the .safetensors prompt file")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="input texts (default: read lines from stdin)")
+    p.add_argument("--model", default=None, help="base model (hub id or folder); default: the default model")
+    p.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="most tokens of template + text (default: the prompt's training value, else 256)")
+    p.add_argument("--field", default=None, help="source field of JSON input lines (default: text / input)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (input i uses seed + i)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length limit")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="accept a prompt trained on a differently quantized copy of the base model")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    config = PredictConfig(prompt=args.prompt, model=args.model, batch_size=args.batch_size,
+                           max_length=args.max_length, source_field=args.field, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                           allow_other_base=args.allow_other_base)
+    stdin = stdin or sys.stdin
+    if not args.texts and stdin.isatty():
+        raise ConfigError("give TEXT arguments or pipe input lines on stdin")
+    predictor = Predictor(config)
+    predict_stream(predictor, read_items(args.texts, stdin, predictor.source_field), stdout or sys.stdout)
+    return 0
