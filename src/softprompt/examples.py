@@ -131,6 +131,8 @@ def _by_label(examples: Sequence[Example]) -> dict[str, list[Example]]:
 def _allocate(sizes: dict[str, int], n: int) -> dict[str, int]:
     """Split ``n`` over groups in proportion to ``sizes`` (largest remainder), each ≤ its size."""
     total = sum(sizes.values())
+    if total == 0:
+        return {k: 0 for k in sizes}
     exact = {k: n * s / total for k, s in sizes.items()}
     alloc = {k: min(sizes[k], int(v)) for k, v in exact.items()}
     for k in sorted(exact, key=lambda k: (alloc[k] - exact[k], k)):
@@ -170,14 +172,17 @@ def split(examples: Sequence[Example], kind: TaskKind, dev: float = 0.1, test: f
         raise DataError(f"dev and test fractions must be in (0, 1) and sum below 1, got {dev} and {test}")
     rng = random.Random(seed)
     groups = _by_label(examples) if kind == "classify" else {"": list(examples)}
+    sizes = {k: len(v) for k, v in groups.items()}
+    n_test = _allocate(sizes, round(len(examples) * test))  # exact totals, proportional per class
+    rest = {k: sizes[k] - n_test[k] for k in sizes}
+    n_dev = _allocate(rest, round(len(examples) * dev))
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    for items in groups.values():
+    for k, items in groups.items():
         items = list(items)
         rng.shuffle(items)
-        n_test, n_dev = round(len(items) * test), round(len(items) * dev)
-        out["test"] += items[:n_test]
-        out["dev"] += items[n_test : n_test + n_dev]
-        out["train"] += items[n_test + n_dev :]
+        out["test"] += items[: n_test[k]]
+        out["dev"] += items[n_test[k] : n_test[k] + n_dev[k]]
+        out["train"] += items[n_test[k] + n_dev[k] :]
     for s in SPLITS:
         rng.shuffle(out[s])
     if any(not v for v in out.values()):

@@ -157,8 +157,9 @@ def format_details(m: dict) -> str:
     return "\n".join(lines)
 
 
-def print_result(result: Comparison, out=sys.stdout) -> None:
+def print_result(result: Comparison, out=None) -> None:
     """The human summary: what was scored, the table, and the prompt's per-class details."""
+    out = out or sys.stdout
     extra = f", training file {result.train_path}" if result.train_path else ""
     print(f"{result.prompt_path} on {result.data_path}: {result.n} examples, task {result.spec.kind}, "
           f"max length {result.spec.max_length}{extra}", file=out)
