@@ -20,11 +20,20 @@ def prefix(P: int, fill: float, layers: int = 2, H: int = 2, hd: int = 3) -> Pre
 def test_select_jobs_fills_in_order_and_skips_what_does_not_fit():
     kinds = ["classify", "generate", "classify", "classify", "generate", "classify"]
     rows = [3, 1, 4, 1, 1, 2]
+    toks = [10] * 6
     # classify: 3 + 4 > 6, so the 4-row ensemble is skipped and the ones behind it still run
-    assert select_jobs(kinds, rows, max_rows=6, free_generate_rows=1) == [0, 1, 3, 5]
-    assert select_jobs(kinds, rows, max_rows=6, free_generate_rows=0) == [0, 3, 5]
-    assert select_jobs(kinds, rows, max_rows=8, free_generate_rows=2) == [0, 1, 2, 3, 4]
-    assert select_jobs([], [], 4, 4) == []
+    assert select_jobs(kinds, rows, toks, max_rows=6, free_generate_rows=1, max_tokens=100) == [0, 1, 3, 5]
+    assert select_jobs(kinds, rows, toks, max_rows=6, free_generate_rows=0, max_tokens=100) == [0, 3, 5]
+    assert select_jobs(kinds, rows, toks, max_rows=8, free_generate_rows=2, max_tokens=100) == [0, 1, 2, 3, 4]
+    assert select_jobs([], [], [], 4, 4, 100) == []
+
+
+def test_select_jobs_keeps_a_step_within_the_token_budget():
+    kinds = ["classify", "generate", "classify", "classify"]
+    rows = [1, 1, 1, 1]
+    assert select_jobs(kinds, rows, [50, 30, 40, 20], 8, 8, max_tokens=100) == [0, 1, 3]
+    assert select_jobs(kinds, rows, [500, 30, 40, 20], 8, 8, max_tokens=100) == [0]  # a long first job still runs
+    assert select_jobs(kinds, rows, [500, 30, 40, 20], 8, 0, max_tokens=100) == [0]
 
 
 def test_stack_prefixes_right_aligns_behind_a_masked_gap():

@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--api-key", default=None,
                    help="require this key on every request (Authorization: Bearer KEY); default $SOFTPROMPT_API_KEY")
     p.add_argument("--max-batch", type=int, default=e.max_batch, help=f"most rows per forward pass (default {e.max_batch})")
+    p.add_argument("--max-batch-tokens", type=int, default=e.max_batch_tokens,
+                   help=f"most input tokens read in one step (default {e.max_batch_tokens})")
     p.add_argument("--max-wait-ms", type=float, default=e.max_wait_ms,
                    help=f"how long a request waits for others to batch with (default {e.max_wait_ms:g})")
     p.add_argument("--max-queue", type=int, default=e.max_queue,
@@ -49,7 +51,7 @@ def register(sub) -> None:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """Build and validate the settings (raises ConfigError naming the flag)."""
     engine = EngineConfig(
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         request_timeout=args.request_timeout, max_input_tokens=args.max_input_tokens,
         max_new_tokens=args.max_new_tokens, max_ensemble=args.max_ensemble,
     )

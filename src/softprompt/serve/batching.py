@@ -41,25 +41,35 @@ class PrefixKV:
 
 
 def select_jobs(
-    kinds: Sequence[str], rows: Sequence[int], max_rows: int, free_generate_rows: int
+    kinds: Sequence[str],
+    rows: Sequence[int],
+    tokens: Sequence[int],
+    max_rows: int,
+    free_generate_rows: int,
+    max_tokens: int,
 ) -> list[int]:
     """Pick queued jobs for the next step, in arrival order (pure).
 
     A job is taken if its rows still fit: classification rows count against ``max_rows`` (one
     forward pass), generation rows against ``free_generate_rows`` (slots left in the running
-    generation batch). Jobs that do not fit are skipped, not blocking the ones behind them.
+    generation batch); and if its source tokens fit the step's ``max_tokens`` budget (shared by
+    both kinds, so one step stays short and a running generation keeps decoding; the first job
+    is always taken, whatever its size). Jobs that do not fit are skipped, not blocking the ones
+    behind them.
 
     Args:
         kinds: "classify" or "generate" of each queued job.
         rows: rows each job needs (an ensemble of k prompts needs k).
+        tokens: source tokens each job reads (over all its rows).
     Returns:
         Indices of the jobs to take.
     """
-    taken, used = [], {"classify": 0, "generate": 0}
+    taken, used, used_tokens = [], {"classify": 0, "generate": 0}, 0
     cap = {"classify": max_rows, "generate": free_generate_rows}
-    for i, (kind, n) in enumerate(zip(kinds, rows)):
-        if used[kind] + n <= cap[kind]:
+    for i, (kind, n, t) in enumerate(zip(kinds, rows, tokens)):
+        if used[kind] + n <= cap[kind] and (used_tokens + t <= max_tokens or not taken):
             used[kind] += n
+            used_tokens += t
             taken.append(i)
     return taken
 

@@ -33,6 +33,10 @@ class EngineConfig:
 
     max_batch: int = 16
     """``--max-batch``: most rows in one forward pass (an ensemble of k prompts takes k rows)."""
+    max_batch_tokens: int = 2048
+    """``--max-batch-tokens``: most input tokens read in one step (classification and new
+    generations together; a longer single request still runs). Keeps steps short so that running
+    generations keep decoding while classification traffic flows."""
     max_wait_ms: float = 5.0
     """``--max-wait-ms``: how long the first queued request waits for others to batch with."""
     max_queue: int = 256
@@ -48,7 +52,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         positive = {
-            "--max-batch": self.max_batch, "--max-queue": self.max_queue,
+            "--max-batch": self.max_batch, "--max-batch-tokens": self.max_batch_tokens, "--max-queue": self.max_queue,
             "--max-input-tokens": self.max_input_tokens, "--max-new-tokens": self.max_new_tokens,
             "--max-ensemble": self.max_ensemble,
         }

@@ -131,6 +131,7 @@ class Job:
         self.kind = kind
         self.request = request
         self.rows = rows
+        self.tokens = sum(len(r.source_ids) for r in rows)
         self.labels = labels
         self.listener = listener
         self.submitted = time.monotonic()
@@ -430,8 +431,9 @@ class Engine:
                 wait_until = self._queue[0].submitted + self.config.max_wait_ms / 1000 if self._queue else 0
                 while not self._stopping:
                     rows = sum(len(j.rows) for j in self._queue)
+                    tokens = sum(j.tokens for j in self._queue)
                     left = wait_until - time.monotonic()
-                    if rows >= self.config.max_batch or left <= 0:
+                    if rows >= self.config.max_batch or tokens >= self.config.max_batch_tokens or left <= 0:
                         break
                     self._cond.wait(left)
             if self._stopping:
@@ -446,7 +448,8 @@ class Engine:
                 else:
                     live.append(job)
             self._queue = live
-            idx = select_jobs([j.kind for j in live], [len(j.rows) for j in live], self.config.max_batch, free_generate)
+            idx = select_jobs([j.kind for j in live], [len(j.rows) for j in live], [j.tokens for j in live],
+                              self.config.max_batch, free_generate, self.config.max_batch_tokens)
             taken = [live[i] for i in idx]
             chosen = set(idx)
             self._queue = deque(j for i, j in enumerate(live) if i not in chosen)
