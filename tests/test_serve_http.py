@@ -292,7 +292,8 @@ def test_config_is_validated_up_front(tmp_path, monkeypatch):
     monkeypatch.delenv("SOFTPROMPT_API_KEY")
     assert ServeConfig(host="::1").api_key is None and ServeConfig(host="localhost").host == "localhost"
     for kw, flag in [({"port": 70000}, "--port"), ({"prompts_dir": str(tmp_path / "no")}, "--prompts"),
-                     ({"api_key": " "}, "--api-key"), ({"max_upload_bytes": 0}, "--max-upload-bytes")]:
+                     ({"api_key": " "}, "--api-key"), ({"max_upload_bytes": 0}, "--max-upload-bytes"),
+                     ({"threads": 0}, "--threads"), ({"dtype": "int8"}, "--dtype")]:
         with pytest.raises(ConfigError, match=flag):
             ServeConfig(**kw)
     for kw, flag in [({"max_batch": 0}, "--max-batch"), ({"max_wait_ms": -1}, "--max-wait-ms"),

@@ -42,6 +42,7 @@ def register(sub) -> None:
                    help=f"largest request body / prompt upload (default {d.max_upload_bytes})")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="base model weight dtype")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept prompts made for a differently quantized copy of the base model")
     p.add_argument("--log-level", default=d.log_level, help=f"server log level (default {d.log_level})")
@@ -57,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     )
     return ServeConfig(
         prompts_dir=args.prompts, model=args.model, host=args.host, port=args.port, api_key=args.api_key,
-        max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device,
+        max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device, threads=args.threads,
         allow_other_base=args.allow_other_base, log_level=args.log_level, engine=engine,
     )
 

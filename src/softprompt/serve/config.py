@@ -89,6 +89,8 @@ class ServeConfig:
     """``--dtype``: base model weights: float32, bfloat16 or float16."""
     device: str | None = None
     """``--device``: torch device, e.g. cuda (default: CPU)."""
+    threads: int | None = None
+    """``--threads``: torch CPU threads (default: torch's choice, one per core)."""
     allow_other_base: bool = False
     """``--allow-other-base``: accept prompts whose fingerprint differs when the widths agree."""
     log_level: str = "warning"
@@ -115,5 +117,8 @@ class ServeConfig:
             raise ConfigError(f"--max-upload-bytes must be a whole number of at least 1, got {self.max_upload_bytes!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or not 1 <= self.threads <= 1024):
+            raise ConfigError(f"--threads must be a whole number between 1 and 1024, got {self.threads!r}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"--log-level {self.log_level!r} is not a uvicorn log level")

@@ -633,6 +633,8 @@ def create_engine(config, base: BaseModel | None = None) -> Engine:
     build the engine and load every prompt of ``config.prompts_dir``. Not started."""
     from ..base import load_base_model
 
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     if base is None:
         base = load_base_model(config.model, dtype=config.dtype, device=config.device)
     engine = Engine(base, config.engine, prompts_dir=config.prompts_dir, strict=not config.allow_other_base)
