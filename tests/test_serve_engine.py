@@ -210,6 +210,20 @@ def test_stream_pieces_add_up_to_the_final_text(engine):
             assert "e" not in final.text
 
 
+def test_abandoned_stream_is_cancelled(engine):
+    cancelled = lambda: stat(engine, "softprompt_requests_total", "generate", outcome="cancelled")  # noqa: E731
+    before = cancelled()
+    stream = engine.stream(TEXTS[0], "gen", max_new_tokens=200, temperature=1.0, seed=0)
+    next(stream)
+    stream.close()
+    for _ in range(500):
+        if cancelled() > before and engine.metrics.registry.get_sample_value("softprompt_generation_rows") == 0:
+            break
+        time.sleep(0.01)
+    assert cancelled() == before + 1
+    assert engine.metrics.registry.get_sample_value("softprompt_generation_rows") == 0
+
+
 def test_stop_string_ends_generation(engine):
     kw = dict(max_new_tokens=20, temperature=1.0, seed=1)
     full = engine.generate(TEXTS[0], "gen", **kw)

@@ -134,6 +134,23 @@ def test_streaming_generation(client):
     assert r.status_code == 404 and r.json()["error"]["type"] == "unknown_prompt"
 
 
+def test_a_client_that_goes_away_frees_its_row(server, client):
+    reg = server.engine.metrics.registry
+    cancelled = lambda: reg.get_sample_value("softprompt_requests_total", {"kind": "generate", "outcome": "cancelled"}) or 0  # noqa: E731
+    before = cancelled()
+    body = {"prompt": "gen", "text": TEXTS[1], "max_new_tokens": 250, "temperature": 1.0, "seed": 0, "stream": True}
+    with client.stream("POST", "/v1/generate", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: token"):
+                break
+    for _ in range(500):  # the engine drops the row at its next step
+        if cancelled() > before and reg.get_sample_value("softprompt_generation_rows") == 0:
+            break
+        time.sleep(0.01)
+    assert cancelled() == before + 1 and reg.get_sample_value("softprompt_generation_rows") == 0
+    assert client.post("/v1/generate", json={**body, "stream": False, "max_new_tokens": 3}).json()["tokens"] == 3
+
+
 def test_batch_endpoints(client):
     reqs = [{"prompt": "topic", "text": t} for t in TEXTS]
     r = client.post("/v1/classify/batch", json={"requests": reqs})

@@ -159,8 +159,8 @@ class Job:
         self.fail(error or RequestError("request cancelled"))
 
     def emit(self, delta: str) -> None:
-        if delta and self.listener is not None and not self.done:
-            self.listener("token", delta)
+        if delta and not self.done:
+            self._notify("token", delta)
 
     def finish(self, result: Result) -> bool:
         with self._lock:
@@ -168,8 +168,7 @@ class Job:
                 return False
             self._result = result
             self._done.set()
-        if self.listener is not None:
-            self.listener("done", result)
+        self._notify("done", result)
         return True
 
     def fail(self, error: BaseException) -> bool:
@@ -178,9 +177,16 @@ class Job:
                 return False
             self._error = error
             self._done.set()
-        if self.listener is not None:
-            self.listener("error", error)
+        self._notify("error", error)
         return True
+
+    def _notify(self, kind: str, payload) -> None:
+        if self.listener is None:
+            return
+        try:
+            self.listener(kind, payload)
+        except Exception:  # a listener's failure (e.g. its event loop closed) must not hit other rows
+            log.warning("listener of a %s job failed on %r", self.kind, kind, exc_info=True)
 
 
 @dataclass
@@ -303,15 +309,19 @@ class Engine:
         import queue
 
         events: queue.Queue = queue.Queue()
-        self.submit(GenerateRequest(text, prompt, **sampling), listener=lambda k, p: events.put((k, p)))
-        while True:
-            kind, payload = events.get(timeout=self.config.request_timeout + 30)
-            if kind == "token":
-                yield payload
-            elif kind == "error":
-                raise payload
-            else:
-                return
+        job = self.submit(GenerateRequest(text, prompt, **sampling), listener=lambda k, p: events.put((k, p)))
+        try:
+            while True:
+                kind, payload = events.get(timeout=self.config.request_timeout + 30)
+                if kind == "token":
+                    yield payload
+                elif kind == "error":
+                    raise payload
+                else:
+                    return
+        finally:
+            if not job.done:  # the caller stopped reading: free the row
+                job.cancel()
 
     # -- submission
 
@@ -442,6 +452,7 @@ class Engine:
             live = deque()
             for job in self._queue:
                 if job.done:  # cancelled by its caller
+                    self.metrics.requests.labels(job.kind, "cancelled").inc()
                     continue
                 if now > job.deadline:
                     expired.append(job)
@@ -574,7 +585,8 @@ class Engine:
         keep = []
         for i, row in enumerate(rows):
             job = row.job
-            if job.done:  # cancelled
+            if job.done:  # cancelled by its caller
+                self.metrics.requests.labels(job.kind, "cancelled").inc()
                 continue
             if now > job.deadline:
                 self._fail(job, RequestTimeoutError(f"generation took more than --request-timeout {self.config.request_timeout} s"))
