@@ -125,3 +125,41 @@ def test_bad_train_labels_and_flags(files, tiny_dir, tmp_path, capsys):
     assert "no such prompt file" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         EvalConfig("p", "d", max_length=4)
+
+
+def _readme_commands(section: str) -> list[str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", body, re.S)
+    return [l.split("  #")[0].strip() for b in blocks for l in b.splitlines() if "softprompt " in l]
+
+
+def test_readme_commands_run(files, tiny_dir, tmp_path, monkeypatch, capsys):
+    """The commands of the README's Evaluation, Prediction and Example data sections, on the tiny
+    model (``--model`` added) in a folder holding the files they name."""
+    import io
+    import shlex
+
+    prompt, test, _ = files
+    assert prompt == tmp_path / "topic.safetensors" and test == tmp_path / "test.jsonl"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.jsonl").write_text(json.dumps({"text": "the match was won", "id": 1}) + "\n")
+    cmds = [c for s in ("Evaluation", "Prediction", "Example data") for c in _readme_commands(s)]
+    assert len(cmds) >= 6
+    for cmd in cmds:
+        stdin = None
+        if cmd.startswith("cat "):
+            src, cmd = cmd[4:].split("|", 1)
+            stdin = io.StringIO((tmp_path / src.strip()).read_text())
+        cmd = cmd.split(" > ")[0]
+        argv = shlex.split(cmd)[1:]
+        if argv[0] != "example-data":
+            argv += ["--model", str(tiny_dir)]
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", stdin)
+        assert main(argv) == 0, cmd
+        capsys.readouterr()
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "data" / "bbc" / "test.jsonl").is_file()
