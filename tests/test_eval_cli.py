@@ -163,3 +163,14 @@ def test_readme_commands_run(files, tiny_dir, tmp_path, monkeypatch, capsys):
         assert main(argv) == 0, cmd
         capsys.readouterr()
     assert (tmp_path / "report.html").is_file() and (tmp_path / "data" / "bbc" / "test.jsonl").is_file()
+
+
+def test_trained_spec_reads_lengths_from_the_training_summary():
+    from softprompt.commands.eval import trained_spec
+
+    meta = PromptMeta("m", "f", 2, 8, task="generate", training={"config": {"max_length": 100, "max_target_length": 20}})
+    spec = trained_spec(meta)
+    assert (spec.max_length, spec.max_target_length) == (100, 20)
+    assert trained_spec(meta, 50).max_length == 50
+    meta.training = {}
+    assert (trained_spec(meta).max_length, trained_spec(meta).max_target_length) == (256, 64)

@@ -57,9 +57,9 @@ def test_read_log_errors_name_the_line(tmp_path):
 def test_find_log(tmp_path):
     prompt = tmp_path / "topic.safetensors"
     assert find_log(prompt) is None
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.jsonl").write_text("")
-    assert find_log(prompt, {"log": "run/metrics.jsonl"}) == tmp_path / "run" / "metrics.jsonl"
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.jsonl").write_text("")
+    assert find_log(prompt, {"log": "logs/metrics.jsonl"}) == tmp_path / "logs" / "metrics.jsonl"
     (tmp_path / "metrics.jsonl").write_text("")
     assert find_log(prompt) == tmp_path / "metrics.jsonl"
 
@@ -89,3 +89,25 @@ def test_report_with_log_and_generation(tmp_path):
     assert "Training curves from" in paths[0].read_text()
     paths = write_report(tmp_path / "r2.html", _comparison(), log=log)
     assert "r2-curves.png" in [p.name for p in paths]
+
+
+def test_curve_series_reads_the_training_log_format():
+    """train.py's metrics.jsonl: step records and evaluation records nesting metrics per task."""
+    recs = [{"step": 1, "loss": 1.2, "lr": 0.01, "examples": 8, "examples_per_s": 3.0, "elapsed": 2.0},
+            {"step": 2, "loss": 0.9, "lr": 0.02, "examples": 16, "examples_per_s": 3.1, "elapsed": 4.0},
+            {"step": 2, "eval": {"topic": {"accuracy": 0.5, "macro_f1": 0.4, "log_loss": 1.1, "n": 10}}, "improved": True},
+            {"step": 2, "eval": {"topic": {"accuracy": 0.5}, "other": {"rouge_l": 0.2}}, "improved": False}]
+    s = curve_series(recs[:3])
+    assert s["loss"] == {"loss": ([1.0, 2.0], [1.2, 0.9]), "dev/log_loss": ([2.0], [1.1])}
+    assert s["metric"] == {"dev/accuracy": ([2.0], [0.5]), "dev/macro_f1": ([2.0], [0.4])}
+    multi = curve_series(recs[3:])["metric"]
+    assert set(multi) == {"dev/topic/accuracy", "dev/other/rouge_l"}
+    assert set(curve_series(recs[3:], task="topic")["metric"]) == {"dev/accuracy"}
+    long = [{"step": i, "loss": 1 / i} for i in range(1, 60)]
+    assert plot_curves(long).startswith(PNG)  # with the running mean
+
+
+def test_find_log_in_the_training_run_folder(tmp_path):
+    (tmp_path / "topic.run").mkdir()
+    (tmp_path / "topic.run" / "metrics.jsonl").write_text("")
+    assert find_log(tmp_path / "topic.safetensors") == tmp_path / "topic.run" / "metrics.jsonl"

@@ -24,8 +24,8 @@ from .errors import ConfigError, DataError
 
 
 LOG_NAME = "metrics.jsonl"
-NOT_PLOTTED = {"step", "epoch", "lr", "learning_rate", "seconds", "time", "elapsed", "tokens", "examples",
-               "tokens_per_second", "examples_per_second", "grad_norm", "best"}
+NOT_PLOTTED = {"step", "epoch", "lr", "learning_rate", "seconds", "time", "elapsed", "tokens", "examples", "n",
+               "tokens_per_s", "examples_per_s", "grad_norm", "best"}
 """Numeric log fields that are not loss or metric curves."""
 
 COMPARED: dict[str, list[tuple[str, str]]] = {
@@ -57,38 +57,55 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 def find_log(prompt_path: str | Path, training: dict | None = None) -> Path | None:
-    """The training log of a prompt file: named in its training summary, or ``metrics.jsonl`` next
-    to it or in ``<stem>.run/``; None when there is none."""
+    """The training log of a prompt file: named in its training summary, or ``metrics.jsonl`` in
+    the run folder training writes next to it (``<name>.run/``, or ``run/`` for several tasks), or
+    next to it; None when there is none."""
     p = Path(prompt_path)
     named = [(training or {}).get(k) for k in ("log", "metrics_log", "metrics", "run_dir", "out")]
     cands = []
     for v in named:
         if isinstance(v, str) and v:
             cands += [Path(v), Path(v) / LOG_NAME, p.parent / v, p.parent / v / LOG_NAME]
-    cands += [p.parent / LOG_NAME, p.parent / f"{p.stem}.run" / LOG_NAME, p.with_suffix(".metrics.jsonl")]
+    # train.py writes <out>.run/metrics.jsonl (the name up to its first dot), or run/ for several tasks
+    cands += [p.parent / f"{p.name.split('.')[0]}.run" / LOG_NAME, p.parent / f"{p.stem}.run" / LOG_NAME,
+              p.parent / "run" / LOG_NAME, p.parent / LOG_NAME]
     return next((c for c in cands if c.is_file()), None)
 
 
-def curve_series(records: Sequence[dict]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+def curve_series(records: Sequence[dict], task: str | None = None) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
     """Group a log's numeric fields into ``{"loss": {name: (steps, values)}, "metric": {...}}`` (pure).
 
-    Fields whose name contains "loss" are losses; other numeric fields (bar bookkeeping such as
-    ``lr`` or ``seconds``) are metrics. A record without ``step`` is skipped. A record with a
-    ``split``/``phase`` field prefixes its names with it (``dev/accuracy``).
+    Training's ``metrics.jsonl`` has step records (``{"step", "loss", "lr", ...}``) and evaluation
+    records (``{"step", "eval": {task: {"accuracy": ..., "log_loss": ...}}}``); evaluation values
+    become ``dev/<metric>`` (``dev/<task>/<metric>`` when the record has several tasks and ``task``
+    is not one of them). Fields whose name contains "loss" are losses, other numeric fields metrics;
+    bookkeeping (``lr``, ``elapsed``, ...) is left out, and so is a record without ``step``.
     """
     out: dict[str, dict[str, tuple[list[float], list[float]]]] = {"loss": {}, "metric": {}}
+
+    def add(name: str, step: float, v) -> None:
+        if name.rsplit("/", 1)[-1] in NOT_PLOTTED or isinstance(v, bool) or not isinstance(v, (int, float)):
+            return
+        if not math.isfinite(v):
+            return
+        xs, ys = out["loss" if "loss" in name else "metric"].setdefault(name, ([], []))
+        xs.append(float(step))
+        ys.append(float(v))
+
     for rec in records:
         step = rec.get("step")
-        if not isinstance(step, (int, float)):
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
             continue
-        prefix = next((f"{rec[k]}/" for k in ("split", "phase", "kind") if isinstance(rec.get(k), str)), "")
+        evals = rec.get("eval")
+        if isinstance(evals, dict):
+            chosen = {task: evals[task]} if task in evals else evals
+            for name, m in chosen.items():
+                prefix = "dev/" if len(chosen) == 1 else f"dev/{name}/"
+                for k, v in (m.items() if isinstance(m, dict) else []):
+                    add(prefix + k, step, v)
+        prefix = next((f"{rec[k]}/" for k in ("split", "phase") if isinstance(rec.get(k), str)), "")
         for k, v in rec.items():
-            if k in NOT_PLOTTED or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                continue
-            group = "loss" if "loss" in k else "metric"
-            xs, ys = out[group].setdefault(prefix + k, ([], []))
-            xs.append(float(step))
-            ys.append(float(v))
+            add(prefix + k, step, v)
     return out
 
 
@@ -109,9 +126,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_curves(records: Sequence[dict]) -> bytes | None:
+def plot_curves(records: Sequence[dict], task: str | None = None) -> bytes | None:
     """Loss and metric curves over steps (PNG), or None when the log has no curves."""
-    series = curve_series(records)
+    series = curve_series(records, task)
     groups = [(g, s) for g, s in series.items() if s]
     if not groups:
         return None
@@ -119,7 +136,12 @@ def plot_curves(records: Sequence[dict]) -> bytes | None:
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (group, s) in zip(axes, groups):
         for name, (xs, ys) in sorted(s.items()):
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
+            line, = ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name,
+                            alpha=0.35 if len(xs) >= 30 else 1.0)
+            if len(xs) >= 30:  # noisy per-step values: add a running mean
+                k = max(5, len(xs) // 20)
+                ax.plot(xs[k - 1 :], [sum(ys[i - k + 1 : i + 1]) / k for i in range(k - 1, len(ys))],
+                        color=line.get_color(), label=f"{name} (mean of {k})")
         ax.set_xlabel("step")
         ax.set_title("loss" if group == "loss" else "metrics")
         ax.grid(alpha=0.3)
@@ -246,7 +268,7 @@ def write_report(path: str | Path, result: Comparison, log: str | Path | None = 
     if log_path is None:
         log_note = "No training log (metrics.jsonl) was found for this prompt, so there are no training curves."
     else:
-        curves = plot_curves(read_log(log_path))
+        curves = plot_curves(read_log(log_path), result.meta.name)
         if curves is None:
             log_note = f"The training log {log_path} has no step-wise losses or metrics to plot."
         else:

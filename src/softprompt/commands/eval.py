@@ -83,6 +83,21 @@ def training_file(meta: PromptMeta, prompt_path: str | Path) -> Path | None:
     return None
 
 
+def trained_spec(meta: PromptMeta, max_length: int | None = None) -> TaskSpec:
+    """The task spec a prompt was trained with, its text and target lengths included (from the
+    training summary, flat or under ``config``); ``max_length`` overrides, default 256."""
+    summary = meta.training or {}
+    settings = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+
+    def setting(key: str) -> int | None:
+        v = summary.get(key, settings.get(key))
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 else None
+
+    spec = TaskSpec.from_meta(meta, max_length=max_length or max(8, setting("max_length") or 256))
+    spec.max_target_length = setting("max_target_length") or spec.max_target_length
+    return spec
+
+
 def check_labels(examples: list[Example], labels: list[str], where: str) -> None:
     """Refuse examples whose label is not one of the prompt's labels (names file:line)."""
     for ex in examples:
@@ -103,8 +118,7 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
 
     loaded = load_prompt(config.prompt)  # metadata first: cheap errors before loading a model
     meta = loaded.meta
-    max_length = config.max_length or int((meta.training or {}).get("max_length") or 256)
-    spec = TaskSpec.from_meta(meta, max_length=max_length)
+    spec = trained_spec(meta, config.max_length)
     examples = load_examples(config.data, spec.kind, config.source_field, config.target_field)
     if spec.kind == "classify":
         check_labels(examples, spec.labels, config.data)

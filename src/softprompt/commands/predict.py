@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, TextIO
 
-from ..data import DEFAULT_FIELDS, TaskSpec
+from ..data import DEFAULT_FIELDS
 from ..errors import ConfigError, DataError
 
 
@@ -123,11 +123,11 @@ class Predictor:
         from ..artifact import check_compatible, load_prompt
         from ..base import load_base_model
         from ..model import PromptedModel
+        from .eval import trained_spec
 
         loaded = load_prompt(config.prompt)
         self.meta = loaded.meta
-        max_length = config.max_length or int((self.meta.training or {}).get("max_length") or 256)
-        self.spec = TaskSpec.from_meta(self.meta, max_length=max_length)
+        self.spec = trained_spec(self.meta, config.max_length)
         self.config = config
         self.base = base if base is not None else load_base_model(config.model)
         check_compatible(self.meta, self.base, config.prompt, strict=not config.allow_other_base)
