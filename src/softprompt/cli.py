@@ -17,6 +17,7 @@ from .errors import SoftpromptError
 COMMANDS: list[str] = [
     "softprompt.commands.demo",
     "softprompt.commands.inspect",
+    "softprompt.commands.train",
     "softprompt.commands.eval",
     "softprompt.commands.predict",
     "softprompt.commands.example_data",

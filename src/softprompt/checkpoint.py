@@ -1,0 +1,152 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+One ``.safetensors`` file, written atomically (so a run killed mid-write leaves the previous
+checkpoint intact): tensors for the prompts (float32), the best prompts so far, the optimizer state
+and the RNG states; JSON metadata for the step, the early-stopping state, the optimizer's scalar
+settings and the settings of the run that wrote it. Data only: no pickle, nothing executes on load.
+
+Not here: what is saved when (train.py), the final prompt file (artifact.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import atomic_write_bytes
+from .errors import ConfigError
+
+CHECKPOINT_FORMAT = "softprompt-checkpoint/1"
+
+
+@dataclass
+class TrainState:
+    """The state of a run after ``step`` optimizer steps."""
+
+    step: int
+    """Optimizer steps completed; the data order is a pure function of it (schedule.py)."""
+    names: list[str]
+    """Task names, in prompt order."""
+    prompts: list[torch.Tensor]
+    """Current prompts, float32 (P, d) each."""
+    best_prompts: list[torch.Tensor]
+    """Best prompt of each task so far by its dev metric (the current one when there is no dev set)."""
+    optimizer: dict
+    """``optimizer.state_dict()``."""
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Torch RNG states ("cpu", "cuda:0", ...)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """JSON-able: examples seen, best metrics, evals without improvement, elapsed time, settings."""
+
+
+def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state dict -> (tensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = t
+    for pid, st in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def checkpoint_bytes(state: TrainState) -> bytes:
+    """Serialize a training state (safetensors bytes)."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (p, b) in enumerate(zip(state.prompts, state.best_prompts)):
+        tensors[f"prompt.{i}"] = p.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"best.{i}"] = b.detach().to("cpu", torch.float32).contiguous()
+    opt_tensors, opt_meta = _split_optimizer(state.optimizer)
+    tensors.update(opt_tensors)
+    for k, v in state.rng.items():
+        tensors[f"rng.{k}"] = v.detach().cpu().contiguous()
+    meta = {"format": CHECKPOINT_FORMAT, "step": state.step, "names": state.names, "optimizer": opt_meta,
+            "info": state.info}
+    return save(tensors, metadata={"softprompt_checkpoint": json.dumps(meta)})
+
+
+def save_checkpoint(path: str | os.PathLike, state: TrainState) -> Path:
+    """Write a checkpoint atomically (temp file + fsync + rename); returns its path."""
+    atomic_write_bytes(path, checkpoint_bytes(state))
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> TrainState:
+    """Read a checkpoint; raises :class:`ConfigError` (``--resume``) naming the problem."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {p}")
+    data = p.read_bytes()
+    try:
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        meta = json.loads(header["softprompt_checkpoint"])
+    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--resume: {p} is not a readable softprompt checkpoint ({type(e).__name__})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"--resume: {p} has checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    n = len(meta["names"])
+    try:
+        prompts = [tensors[f"prompt.{i}"] for i in range(n)]
+        best = [tensors[f"best.{i}"] for i in range(n)]
+    except KeyError as e:
+        raise ConfigError(f"--resume: {p} lacks tensor {e.args[0]}") from None
+    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return TrainState(step=int(meta["step"]), names=list(meta["names"]), prompts=prompts, best_prompts=best,
+                      optimizer=_join_optimizer(tensors, meta["optimizer"]), rng=rng, info=meta["info"])
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """The torch RNG states of this process (CPU and every CUDA device)."""
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda:{i}"] = s
+    return out
+
+
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    if "cpu" in states:
+        torch.set_rng_state(states["cpu"])
+    if torch.cuda.is_available():
+        cuda = [states[k] for k in sorted(states) if k.startswith("cuda:")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def state_digest(state: TrainState) -> str:
+    """A short hash of a checkpoint's step and prompts (ranks compare it on resume)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{state.step}:{','.join(state.names)}".encode())
+    for p in state.prompts:
+        h.update(p.to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "checkpoint_bytes", "rng_states", "set_rng_states",
+           "state_digest", "CHECKPOINT_FORMAT"]

@@ -1,0 +1,138 @@
+"""``softprompt train``: flags -> :class:`softprompt.train.TrainConfig` -> :func:`softprompt.train.train`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import ConfigError
+
+
+def _float_or_none(v: str):
+    return None if v.lower() in ("none", "off") else float(v)
+
+
+def _int_or_none(v: str):
+    return None if v.lower() in ("none", "off") else int(v)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a soft prompt (or one per task) on a frozen base model",
+        description="Train a soft prompt on a frozen base model. Only the prompt trains; the loss covers only "
+                    "target tokens. Classification is trained and scored as rank classification over each "
+                    "label's full token sequence. Writes the prompt file(s) plus metrics.jsonl and periodic "
+                    "checkpoints in the run directory (default: <out>.run/ next to --out).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data and task")
+    d.add_argument("--data", help="training file (.jsonl or .csv)")
+    d.add_argument("--task", default="classify", choices=["classify", "generate"], help="task type")
+    d.add_argument("--out", default=None, help="prompt file to write (a directory with --task-file)")
+    d.add_argument("--name", default=None, help="task name recorded in the prompt file (default: --out's name)")
+    d.add_argument("--eval", default=None, help="dev file: early stopping keeps the best prompt on it")
+    d.add_argument("--eval-split", type=float, default=None, help="or hold out this fraction of --data as dev set")
+    d.add_argument("--template", default=None,
+                   help='text around each example, e.g. "Text: {text}\\nTopic:" (default: "Text: {text}\\nLabel:" '
+                        'or "Input: {input}\\nOutput:")')
+    d.add_argument("--labels", default=None, help="comma-separated label order (default: sorted training labels)")
+    d.add_argument("--verbalizer", default=None, help='label words: "label=words,..." or JSON (text or file)')
+    d.add_argument("--text-field", default=None, help="field holding the text (classify; default: text)")
+    d.add_argument("--label-field", default=None, help="field holding the label (classify; default: label)")
+    d.add_argument("--input-field", default=None, help="field holding the input (generate; default: input)")
+    d.add_argument("--output-field", default=None, help="field holding the output (generate; default: output)")
+    d.add_argument("--task-file", default=None,
+                   help="JSON listing several tasks, trained together in mixed batches, one prompt each")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="base model: hub id or local folder (default: SmolLM2-135M-Instruct)")
+    m.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype of the base (the prompt stays float32)")
+    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute precision: auto = bf16 autocast where the CPU/GPU has fast bf16, else fp32")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    m.add_argument("--device-map", default=None, help='spread a large base over devices ("auto"; one process)')
+    m.add_argument("--quantize", default=None, choices=["4bit", "8bit"], help="bitsandbytes base weights (CUDA)")
+    m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    o = p.add_argument_group("prompt and optimisation")
+    o.add_argument("--prompt-length", type=int, default=20, help="virtual tokens")
+    o.add_argument("--init", default="auto", choices=["auto", "random", "vocab", "text", "labels"],
+                   help="prompt init (auto: labels for classification, text with --init-text, else vocab)")
+    o.add_argument("--init-text", default=None, help="text for --init text")
+    o.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 100)")
+    o.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --max-steps)")
+    o.add_argument("--batch-size", type=int, default=8, help="examples per step, all processes together")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same result, less memory)")
+    o.add_argument("--lr", type=float, default=0.03, help="peak learning rate (AdamW)")
+    o.add_argument("--warmup", type=float, default=0.1, help="warmup: fraction of steps (<1) or steps")
+    o.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="lr decay")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    o.add_argument("--max-grad-norm", type=_float_or_none, default=1.0, help="clip each prompt's grad norm (none: off)")
+    o.add_argument("--classify-loss", default="ce", choices=["ce", "ce+lm"],
+                   help="ce: cross-entropy over the labels' summed log-probs; ce+lm: plus the gold label's LM loss")
+    o.add_argument("--seed", type=int, default=0, help="seeds init and data order")
+    o.add_argument("--max-length", type=int, default=256, help="most source tokens (longer texts are cut)")
+    o.add_argument("--max-target-length", type=int, default=64, help="most target tokens (generate)")
+    e = p.add_argument_group("evaluation and run")
+    e.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 5 times a run)")
+    e.add_argument("--eval-batch-size", type=int, default=16, help="batch size of dev evaluation")
+    e.add_argument("--patience", type=_int_or_none, default=3, help="evaluations without improvement before stopping (none: off)")
+    e.add_argument("--run-dir", default=None, help="metrics.jsonl + checkpoint.safetensors (default: <out>.run/)")
+    e.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: 10 a run; 0: off)")
+    e.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    e.add_argument("--prompt-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the prompt file")
+    e.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`TrainConfig` the flags describe (validated)."""
+    from ..train import TrainConfig
+
+    if args.text_field and args.input_field:
+        raise ConfigError("give --text-field (classify) or --input-field (generate), not both")
+    if args.label_field and args.output_field:
+        raise ConfigError("give --label-field (classify) or --output-field (generate), not both")
+    out = args.out or ("prompts" if args.task_file else None)
+    if out is None:
+        raise ConfigError("--out is required (the prompt file to write)")
+    labels = [l.strip() for l in args.labels.split(",") if l.strip()] if args.labels else None
+    return TrainConfig(
+        data=args.data, task=args.task, out=out, name=args.name, template=args.template, labels=labels,
+        verbalizer=args.verbalizer, eval=args.eval, eval_split=args.eval_split,
+        source_field=args.text_field or args.input_field, target_field=args.label_field or args.output_field,
+        task_file=args.task_file, model=args.model, dtype=args.dtype, device=args.device,
+        device_map=args.device_map, quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
+        prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, max_steps=args.max_steps,
+        epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+        schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        classify_loss=args.classify_loss, precision=args.precision, seed=args.seed, max_length=args.max_length,
+        max_target_length=args.max_target_length, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        patience=args.patience, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        quiet=args.quiet, prompt_dtype=args.prompt_dtype,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if config.quiet:
+        _silence()
+    from ..train import train
+
+    train(config)
+    return 0
+
+
+def _silence() -> None:
+    """--quiet: library warnings and progress bars off (errors still print)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass

@@ -1,0 +1,387 @@
+"""Training settings: typed, validated up front (errors name the CLI flag), and the data they
+point at, read and checked before any model loads (so bad input fails at once).
+
+Not here: the loop (train.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from .base import DTYPES
+from .data import TASK_KINDS, Example, TaskKind, TaskSpec, check_classification, labels_of, load_examples, \
+    parse_verbalizer, split_examples
+from .errors import ConfigError, DataError
+from .objective import CLASSIFY_LOSSES
+from .prompt import INIT_STRATEGIES
+from .schedule import SCHEDULES, steps_per_epoch
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+INITS: tuple[str, ...] = ("auto", *INIT_STRATEGIES)
+
+DEFAULT_MAX_STEPS = 100
+"""Steps when neither --max-steps nor --epochs is given."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class TaskConfig:
+    """One task of a run: its data, how examples become tokens, and where its prompt goes.
+
+    Fields mirror the single-task flags of ``softprompt train``; a ``--task-file`` lists these.
+    """
+
+    name: str
+    """Short name: the prompt file's name and the key in logs."""
+    data: str
+    """Training file (.jsonl or .csv)."""
+    task: TaskKind = "classify"
+    """"classify" or "generate"."""
+    template: str | None = None
+    """Text around the example, with {text} (classify) or {input} (generate)."""
+    labels: list[str] | None = None
+    """Explicit label order (default: the sorted labels of the training file)."""
+    verbalizer: dict[str, str] | str | None = None
+    """Label -> words the model must produce (dict, JSON text/file, or "label=words,...")."""
+    eval: str | None = None
+    """Dev file for early stopping and the best prompt."""
+    eval_split: float | None = None
+    """Or hold out this fraction of the training file as the dev set."""
+    source_field: str | None = None
+    """Field holding the text / input (default: "text" / "input")."""
+    target_field: str | None = None
+    """Field holding the label / output (default: "label" / "output")."""
+    init_text: str | None = None
+    """Text for --init text."""
+    prompt_length: int | None = None
+    """Virtual tokens of this task's prompt (default: the run's --prompt-length)."""
+    out: str | None = None
+    """Prompt file (default: <out dir>/<name>.safetensors)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.strip() or any(c in self.name for c in "/\\\0"):
+            raise ConfigError(f"task name {self.name!r} must be non-empty and contain no slashes")
+        if self.task not in TASK_KINDS:
+            raise ConfigError(f"--task {self.task!r}: choose one of {', '.join(TASK_KINDS)}")
+        if self.eval and self.eval_split is not None:
+            raise ConfigError("give either --eval or --eval-split, not both")
+        if self.eval_split is not None and not 0 < self.eval_split < 1:
+            raise ConfigError(f"--eval-split must be between 0 and 1, got {self.eval_split}")
+        if isinstance(self.verbalizer, str):
+            self.verbalizer = parse_verbalizer(self.verbalizer)
+        if self.labels is not None:
+            if not isinstance(self.labels, list) or not all(isinstance(l, str) and l.strip() for l in self.labels):
+                raise ConfigError("--labels must be a list of non-empty label names")
+            self.labels = [l.strip() for l in self.labels]
+        if self.task == "generate" and (self.labels or self.verbalizer):
+            raise ConfigError("--labels and --verbalizer only apply to --task classify")
+        if self.prompt_length is not None and self.prompt_length < 1:
+            raise ConfigError(f"--prompt-length must be at least 1, got {self.prompt_length}")
+
+
+TASK_FILE_KEYS = {f.name for f in fields(TaskConfig)}
+
+
+def load_task_file(path: str | Path) -> list[TaskConfig]:
+    """``--task-file``: JSON ``{"tasks": [{...}, ...]}`` (or a bare list) of :class:`TaskConfig`
+    fields; relative paths are relative to the task file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--task-file: no such file {p}")
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--task-file {p}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    items = obj.get("tasks") if isinstance(obj, dict) else obj
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"--task-file {p}: expected a non-empty list of tasks under \"tasks\"")
+    out = []
+    for i, item in enumerate(items):
+        where = f"--task-file {p}: task {i + 1}"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected an object")
+        unknown = sorted(set(item) - TASK_FILE_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(TASK_FILE_KEYS)}")
+        for key in ("name", "data"):
+            if key not in item:
+                raise ConfigError(f"{where}: missing {key!r}")
+        item = dict(item)
+        for key in ("data", "eval", "out"):
+            if item.get(key) and not Path(item[key]).is_absolute():
+                item[key] = str(p.parent / item[key])
+        if isinstance(item.get("verbalizer"), str) and not item["verbalizer"].lstrip().startswith("{"):
+            vf = p.parent / item["verbalizer"]
+            if vf.is_file():
+                item["verbalizer"] = str(vf)
+        try:
+            out.append(TaskConfig(**item))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    names = [t.name for t in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"--task-file {p}: duplicate task name(s) {dup}")
+    return out
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Validated on creation; errors name the CLI flag.
+
+    One task: ``data`` + ``task`` (+ template, labels, ...) and ``out`` is the prompt file.
+    Several tasks: ``tasks`` (or ``task_file``) and ``out`` is a directory of prompt files.
+    """
+
+    # --- data and task (one task) ---
+    data: str | None = None
+    """Training file (.jsonl or .csv)."""
+    task: TaskKind = "classify"
+    """"classify" (rank classification over the labels) or "generate"."""
+    out: str = "prompt.safetensors"
+    """Prompt file (one task) or output directory (several tasks)."""
+    name: str | None = None
+    """Task name recorded in the prompt file (default: the file name without suffix)."""
+    template: str | None = None
+    """Text around the example, with {text} (classify) or {input} (generate)."""
+    labels: list[str] | None = None
+    """Explicit label order (default: sorted labels of the training file)."""
+    verbalizer: dict[str, str] | str | None = None
+    """Label -> words (dict, JSON text or file, or "label=words,...")."""
+    eval: str | None = None
+    """Dev file: early stopping and the best prompt."""
+    eval_split: float | None = None
+    """Or hold out this fraction of the training file as the dev set."""
+    source_field: str | None = None
+    """Field of the text / input (--text-field / --input-field)."""
+    target_field: str | None = None
+    """Field of the label / output (--label-field / --output-field)."""
+    # --- several tasks ---
+    task_file: str | None = None
+    """JSON file listing tasks (see :func:`load_task_file`)."""
+    tasks: list[TaskConfig] | None = None
+    """Tasks given directly (Python API)."""
+    # --- model ---
+    model: str | None = None
+    """Base model: hub id or local folder (default: the embedded SmolLM2-135M-Instruct)."""
+    dtype: str = "float32"
+    """Weight dtype of the base model: float32, bfloat16, float16 or auto (the prompt stays float32)."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)."""
+    device_map: str | None = None
+    """Spread a base that does not fit one device over several ("auto"); one process only."""
+    quantize: Literal["4bit", "8bit"] | None = None
+    """Load the base with bitsandbytes 4-/8-bit weights (CUDA only)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more time."""
+    # --- prompt ---
+    prompt_length: int = 20
+    """Virtual tokens per prompt."""
+    init: str = "auto"
+    """Init strategy: auto (labels for classification, text if --init-text, else vocab), random, vocab, text, labels."""
+    init_text: str | None = None
+    """Text for --init text."""
+    # --- optimisation ---
+    max_steps: int | None = None
+    """Optimizer steps (default: 100, or --epochs)."""
+    epochs: float | None = None
+    """Passes over the training data (instead of --max-steps)."""
+    batch_size: int = 8
+    """Examples per optimizer step, over all processes and micro-batches."""
+    grad_accum: int = 1
+    """Split each step's batch into this many micro-batches (same result, less memory)."""
+    lr: float = 0.03
+    """Peak learning rate (AdamW)."""
+    warmup: float = 0.1
+    """Warmup: a fraction of all steps (< 1) or a number of steps."""
+    schedule: str = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the prompt."""
+    max_grad_norm: float | None = 1.0
+    """Clip each prompt's gradient norm (None: no clipping)."""
+    classify_loss: str = "ce"
+    """Classification loss: ce (cross-entropy over the labels' summed log-probs) or ce+lm (plus the gold label's LM loss)."""
+    precision: Precision = "auto"
+    """Compute precision: auto (bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16 (CUDA)."""
+    seed: int = 0
+    """Seeds prompt init and data order."""
+    max_length: int = 256
+    """Most source tokens (template included); longer texts are cut."""
+    max_target_length: int = 64
+    """Most target tokens for generation."""
+    # --- evaluation and early stopping ---
+    eval_every: int | None = None
+    """Evaluate on the dev set every N steps (default: 5 times per run)."""
+    eval_batch_size: int = 16
+    """Batch size for dev evaluation."""
+    patience: int | None = 3
+    """Stop after this many evaluations without improvement (None: never stop early)."""
+    # --- run management ---
+    run_dir: str | None = None
+    """Where metrics.jsonl and checkpoint.safetensors go (default: <out>.run/ next to --out)."""
+    checkpoint_every: int | None = None
+    """Write a checkpoint every N steps (default: 10 times per run; 0: never)."""
+    resume: bool = False
+    """Continue from the checkpoint in the run directory."""
+    quiet: bool = False
+    """Print nothing but errors."""
+    prompt_dtype: str = "float16"
+    """Storage dtype of the saved prompt files: float16, bfloat16 or float32."""
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, field_name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{_flag(field_name)} {msg}")
+
+        given = sum(x is not None for x in (self.data, self.task_file, self.tasks))
+        if given != 1:
+            raise ConfigError("give exactly one of --data (one task) or --task-file (several tasks)")
+        need(self.task in TASK_KINDS, "task", f"{self.task!r}: choose one of {', '.join(TASK_KINDS)}")
+        need(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"{self.dtype!r}: choose auto or {', '.join(DTYPES)}")
+        need(self.quantize in (None, "4bit", "8bit"), "quantize", f"{self.quantize!r}: choose 4bit or 8bit")
+        need(self.prompt_length >= 1, "prompt_length", f"must be at least 1, got {self.prompt_length}")
+        need(self.init in INITS, "init", f"{self.init!r}: choose one of {', '.join(INITS)}")
+        need(self.init != "text" or bool(self.init_text and self.init_text.strip()) or self.tasks is not None
+             or self.task_file is not None, "init_text", "is required with --init text")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError("give either --max-steps or --epochs, not both")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}")
+        need(self.epochs is None or self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
+        need(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
+        need(self.batch_size % self.grad_accum == 0, "grad_accum",
+             f"{self.grad_accum} must divide --batch-size {self.batch_size} (the batch is split into micro-batches)")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()), "warmup",
+             f"must be a fraction below 1 or a whole number of steps, got {self.warmup}")
+        need(self.schedule in SCHEDULES, "schedule", f"{self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+             f"must be positive, got {self.max_grad_norm}")
+        need(self.classify_loss in CLASSIFY_LOSSES, "classify_loss",
+             f"{self.classify_loss!r}: choose one of {', '.join(CLASSIFY_LOSSES)}")
+        need(self.precision in PRECISIONS, "precision", f"{self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        need(self.max_length >= 8, "max_length", f"must be at least 8, got {self.max_length}")
+        need(self.max_target_length >= 2, "max_target_length", f"must be at least 2, got {self.max_target_length}")
+        need(self.eval_every is None or self.eval_every >= 1, "eval_every", f"must be at least 1, got {self.eval_every}")
+        need(self.eval_batch_size >= 1, "eval_batch_size", f"must be at least 1, got {self.eval_batch_size}")
+        need(self.patience is None or self.patience >= 1, "patience", f"must be at least 1, got {self.patience}")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 0, "checkpoint_every",
+             f"must be >= 0, got {self.checkpoint_every}")
+        need(self.prompt_dtype in ("float16", "bfloat16", "float32"), "prompt_dtype",
+             f"{self.prompt_dtype!r}: choose float16, bfloat16 or float32")
+        need(self.device_map is None or self.quantize is not None or self.device is None, "device_map",
+             "and --device are exclusive")
+        if self.data is not None:
+            self.tasks_resolved = [TaskConfig(
+                name=self.name or Path(self.out).name.split(".")[0] or "prompt", data=self.data, task=self.task,
+                template=self.template, labels=self.labels, verbalizer=self.verbalizer, eval=self.eval,
+                eval_split=self.eval_split, source_field=self.source_field, target_field=self.target_field,
+                init_text=self.init_text, out=self.out)]
+        else:
+            for flag in ("template", "labels", "verbalizer", "eval", "eval_split", "source_field", "target_field"):
+                if getattr(self, flag) is not None:
+                    raise ConfigError(f"{_flag(flag)} belongs in the task file when training several tasks")
+            tasks = self.tasks if self.tasks is not None else load_task_file(self.task_file)
+            names = [t.name for t in tasks]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"duplicate task names {names}")
+            if not tasks:
+                raise ConfigError("no tasks given")
+            self.tasks_resolved = list(tasks)
+
+    @property
+    def multi(self) -> bool:
+        """Several tasks: ``out`` is a directory."""
+        return self.data is None
+
+    def run_path(self) -> Path:
+        """The run directory (metrics.jsonl, checkpoint.safetensors)."""
+        if self.run_dir:
+            return Path(self.run_dir)
+        out = Path(self.out)
+        return out / "run" if self.multi else out.with_name(out.name.split(".")[0] + ".run")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that decide the trained prompt (a resumed run must match them)."""
+        skip = {"out", "run_dir", "resume", "quiet", "checkpoint_every", "device", "grad_accum", "eval_batch_size",
+                "tasks", "task_file", "prompt_dtype", "device_map"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        d["tasks"] = [{k: v for k, v in asdict(t).items() if k not in ("out", "data", "eval")}
+                      for t in self.tasks_resolved]
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+# ----------------------------------------------------------------------------- data (no model)
+
+
+@dataclass
+class PreparedTask:
+    """A task's checked data and spec; built before the model loads."""
+
+    config: TaskConfig
+    spec: TaskSpec
+    train: list[Example]
+    dev: list[Example] | None
+    out: Path
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def prepare(config: TrainConfig) -> list[PreparedTask]:
+    """Read and check every task's data (files, labels, splits, templates). Raises DataError or
+    ConfigError naming file, line and problem; loads no model."""
+    out = []
+    for tc in config.tasks_resolved:
+        train_ex = load_examples(tc.data, tc.task, tc.source_field, tc.target_field)
+        dev = None
+        if tc.eval:
+            dev = load_examples(tc.eval, tc.task, tc.source_field, tc.target_field)
+        elif tc.eval_split is not None:
+            train_ex, dev = split_examples(train_ex, tc.eval_split, config.seed)
+        labels = None
+        if tc.task == "classify":
+            labels = tc.labels or labels_of(train_ex)
+            check_classification(train_ex, dev, labels, eval_name=str(tc.eval or tc.data))
+        spec = TaskSpec(kind=tc.task, template=tc.template, labels=labels, verbalizer=tc.verbalizer or None,
+                        max_length=config.max_length, max_target_length=config.max_target_length)
+        path = Path(tc.out) if tc.out else Path(config.out) / f"{tc.name}.safetensors"
+        out.append(PreparedTask(tc, spec, train_ex, dev, path))
+    n = sum(len(t.train) for t in out)
+    if n < config.batch_size:
+        files = ", ".join(str(t.config.data) for t in out)
+        raise DataError(f"--batch-size {config.batch_size} is larger than the training set ({n} examples in {files})")
+    paths = [t.out.resolve() for t in out]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("two tasks would write the same prompt file; give each an own name or out")
+    return out
+
+
+def data_fingerprint(tasks: Sequence[PreparedTask]) -> str:
+    """Hash of every task's training examples, labels and template (resume refuses other data)."""
+    h = hashlib.sha256()
+    for t in tasks:
+        h.update(json.dumps([t.name, t.spec.kind, t.spec.template, t.spec.labels, t.spec.words]).encode())
+        for ex in t.train:
+            h.update(ex.source.encode() + b"\0" + ex.target.encode() + b"\1")
+    return h.hexdigest()[:16]
+
+
+def total_steps(config: TrainConfig, n_examples: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    if config.epochs is not None:
+        return max(1, math.ceil(config.epochs * steps_per_epoch(n_examples, config.batch_size)))
+    return DEFAULT_MAX_STEPS
