@@ -8,7 +8,7 @@ import torch
 from softprompt import PromptedModel
 from softprompt.baselines import (
     BASELINES, SHOT_SEPARATOR, BaselineConfig, BaselineContext, cut_tokens, default_instruction, few_shot_spec,
-    instruction_spec, pick_shots, run_baselines, tfidf_lr,
+    instruction_spec, pick_shots, run_baselines, shots_that_fit, tfidf_lr,
 )
 from softprompt.data import Example, TaskSpec
 from softprompt.errors import ConfigError
@@ -102,7 +102,7 @@ def test_run_baselines_same_path_as_the_prompt(tiny):
     gold = torch.tensor([SPEC.labels.index(e.target) for e in TEST])
     assert abs(results["instruction"]["log_loss"] - float(-instr[torch.arange(3), gold].mean())) < 1e-5
     assert results["bare"]["log_loss"] != pytest.approx(results["instruction"]["log_loss"])
-    assert "3 shots" in results["few-shot"]["setup"] and results["tfidf-lr"]["seconds"] >= 0
+    assert " shots" in results["few-shot"]["setup"] and results["tfidf-lr"]["seconds"] >= 0
 
 
 def test_skips_without_training_data_and_for_generation(tiny):
@@ -123,3 +123,17 @@ def test_config_errors():
         BaselineConfig(instruction="  ")
     with pytest.raises(ConfigError, match="unknown baseline"):
         run_baselines(BaselineContext(None, SPEC, TEST), ["zero-shot-cot"])
+
+
+def test_fewer_shots_when_k_do_not_fit(tiny):
+    tok = tiny.tokenizer
+    roomy = TaskSpec("classify", template=SPEC.template, labels=SPEC.labels, max_length=512)
+    assert shots_that_fit(roomy, tok, 5) == 5
+    tight = TaskSpec("classify", template=SPEC.template, labels=SPEC.labels, max_length=48)
+    k = shots_that_fit(tight, tok, 5)
+    assert 1 <= k < 5
+    spec = few_shot_spec(tight, pick_shots(TRAIN, k, "classify"), tok)
+    shot_part = spec.template[: -len(SHOT_SEPARATOR + tight.template)]
+    assert len(tok(shot_part, add_special_tokens=False)["input_ids"]) <= 24 + 2 * k
+    ctx = BaselineContext(PromptedModel(tiny), tight, TEST, TRAIN, BaselineConfig(shots=5))
+    assert f"{k} shots (of 5" in run_baselines(ctx, ["few-shot"])[0]["few-shot"]["setup"]

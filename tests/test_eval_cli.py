@@ -35,7 +35,7 @@ def files(tiny, tmp_path):
 def test_json_has_every_method_and_matches_the_scoring_path(files, tiny, tiny_dir, capsys):
     prompt, test, _ = files
     assert main(["eval", str(prompt), "--data", str(test), "--model", str(tiny_dir), "--baselines", "--json",
-                 "--shots", "3"]) == 0
+                 "--shots", "3", "--precision", "fp32"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out["results"]) == ["prompt", "bare", "instruction", "few-shot", "tfidf-lr"] and out["skipped"] == {}
     assert out["n"] == 6 and out["max_length"] == 64 and out["train"].endswith("train.jsonl")  # from the summary
@@ -47,6 +47,11 @@ def test_json_has_every_method_and_matches_the_scoring_path(files, tiny, tiny_di
     spec = TaskSpec("classify", template="Text: {text}\nTopic:", labels=LABELS, max_length=64)
     ref = evaluate_prompt(PromptedModel(tiny), load_prompt(prompt).tensor, spec, load_examples(test, "classify"))
     assert r["accuracy"] == ref["accuracy"] and r["log_loss"] == pytest.approx(ref["log_loss"], abs=1e-5)
+    assert out["precision"] == "fp32"
+    # bf16 autocast: the same path, close scores
+    assert main(["eval", str(prompt), "--data", str(test), "--model", str(tiny_dir), "--json", "--precision", "bf16"]) == 0
+    bf = json.loads(capsys.readouterr().out)
+    assert bf["precision"] == "bfloat16" and bf["results"]["prompt"]["log_loss"] == pytest.approx(ref["log_loss"], rel=0.02)
 
 
 def test_human_table_and_report(files, tiny_dir, tmp_path, capsys):

@@ -56,7 +56,7 @@ def test_chunks():
 def test_classify_matches_scoring_and_batching(classify_prompt, tiny, tiny_dir, monkeypatch, capsys):
     path, weight = classify_prompt
     lines = "\n".join([json.dumps({"text": TEXTS[0], "id": "a"}), TEXTS[1], "", *TEXTS[2:]]) + "\n"
-    code, out1, _ = _run(monkeypatch, capsys, ["predict", str(path), "--model", str(tiny_dir), "--batch-size", "2"], lines)
+    code, out1, _ = _run(monkeypatch, capsys, ["predict", str(path), "--model", str(tiny_dir), "--batch-size", "2", "--precision", "fp32"], lines)
     assert code == 0 and len(out1) == 5 and out1[0]["id"] == "a" and "id" not in out1[1]
     ref = score_classification(PromptedModel(tiny), weight, TaskSpec("classify", template="Text: {text}\nTopic:",
                                                                       labels=LABELS), TEXTS).exp()
@@ -64,7 +64,7 @@ def test_classify_matches_scoring_and_batching(classify_prompt, tiny, tiny_dir, 
         assert sum(row["probs"].values()) == pytest.approx(1, abs=1e-4)
         assert row["label"] == max(row["probs"], key=row["probs"].get) == LABELS[int(r.argmax())]
         assert [row["probs"][l] for l in LABELS] == pytest.approx(r.tolist(), abs=1e-5)
-    code, out2, _ = _run(monkeypatch, capsys, ["predict", str(path), *TEXTS, "--model", str(tiny_dir)])
+    code, out2, _ = _run(monkeypatch, capsys, ["predict", str(path), *TEXTS, "--model", str(tiny_dir), "--precision", "fp32"])
     assert code == 0 and [r["label"] for r in out2] == [r["label"] for r in out1]
 
 

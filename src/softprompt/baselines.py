@@ -4,7 +4,7 @@
 - ``instruction``: a hand-written instruction (what a prompt engineer would write first) before
   the template.
 - ``few-shot``: k training examples in context (seeded, balanced over classes), each cut short so
-  the whole context stays within ``max_length``.
+  together they take at most half of ``max_length`` (fewer examples when k do not fit).
 - ``tfidf-lr``: TF-IDF + logistic regression trained on the training file (classification).
 
 The language-model baselines are :class:`~softprompt.data.TaskSpec` s with a longer template,
@@ -34,6 +34,9 @@ SHOT_SEPARATOR = "\n\n"
 
 SHOT_SHARE = 0.5
 """Share of ``max_length`` the few-shot examples may take together; the rest is the query's."""
+
+MIN_SHOT_TEXT = 8
+"""Fewest text tokens an in-context example keeps; fewer shots are used when k do not fit."""
 
 
 @dataclass
@@ -143,6 +146,18 @@ def render_shot(spec: TaskSpec, ex: Example, tokenizer, budget: int) -> str:
     return spec.render(source) + tail
 
 
+def shots_that_fit(spec: TaskSpec, tokenizer, k: int) -> int:
+    """How many of ``k`` in-context examples fit in ``SHOT_SHARE`` of ``spec.max_length`` with at
+    least ``MIN_SHOT_TEXT`` text tokens each (at least 1), so the query keeps its share."""
+    if spec.kind == "classify":
+        target = max(spec.words, key=lambda w: len(tokenizer(w, add_special_tokens=False)["input_ids"]))
+        frame = len(tokenizer(spec.render("") + spec._lead() + target, add_special_tokens=False)["input_ids"])
+    else:
+        frame = len(tokenizer(spec.render(""), add_special_tokens=False)["input_ids"]) + MIN_SHOT_TEXT
+    per_shot = frame + MIN_SHOT_TEXT + len(tokenizer(SHOT_SEPARATOR, add_special_tokens=False)["input_ids"])
+    return max(1, min(k, int(spec.max_length * SHOT_SHARE) // per_shot))
+
+
 def few_shot_spec(spec: TaskSpec, shots: Sequence[Example], tokenizer) -> TaskSpec:
     """``spec`` with in-context examples before its template, together within ``SHOT_SHARE`` of
     ``spec.max_length`` tokens (the query text is cut to the rest by ``TaskSpec.source_ids``)."""
@@ -172,15 +187,17 @@ def run_instruction(ctx: BaselineContext) -> dict:
 
 
 def run_few_shot(ctx: BaselineContext) -> dict:
-    """k training examples in context before the template."""
-    shots = pick_shots(ctx.train or [], ctx.config.shots, ctx.spec.kind, ctx.config.seed)
+    """k training examples in context before the template (fewer when k do not fit)."""
+    k = shots_that_fit(ctx.spec, ctx.pm.base.tokenizer, ctx.config.shots)
+    shots = pick_shots(ctx.train or [], k, ctx.spec.kind, ctx.config.seed)
     spec = few_shot_spec(ctx.spec, shots, ctx.pm.base.tokenizer)
     gen_kw = dict(ctx.gen_kw)
     if ctx.spec.kind == "generate":  # the model would go on writing the next example
         gen_kw["stop"] = [*gen_kw.get("stop", ()), SHOT_SEPARATOR]
     m = evaluate_prompt(ctx.pm, None, spec, ctx.examples, ctx.batch_size, **gen_kw)
     n_ctx = len(ctx.pm.base.tokenizer(spec.render(""), add_special_tokens=False)["input_ids"])
-    m["setup"] = f"{len(shots)} shots (seed {ctx.config.seed}), {n_ctx} context tokens before the query"
+    fit = "" if k == ctx.config.shots else f" (of {ctx.config.shots}: no more fit in half of {ctx.spec.max_length} tokens)"
+    m["setup"] = f"{len(shots)} shots{fit}, seed {ctx.config.seed}, {n_ctx} context tokens before the query"
     return m
 
 
@@ -277,13 +294,15 @@ class Comparison:
     skipped: dict[str, str] = field(default_factory=dict)
     train_path: str | None = None
     gold: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    """Compute precision of the language-model scoring ("fp32", "bfloat16", "float16")."""
 
     def to_json(self) -> dict:
         """Everything but the per-example predictions."""
         return {
             "prompt": self.prompt_path, "data": self.data_path, "train": self.train_path, "n": self.n,
             "task": self.spec.kind, "template": self.spec.template, "labels": self.spec.labels,
-            "max_length": self.spec.max_length,
+            "max_length": self.spec.max_length, "precision": self.precision,
             "results": {k: {m: v for m, v in r.items() if m != "predictions"} for k, r in self.results.items()},
             "skipped": self.skipped,
         }

@@ -224,7 +224,8 @@ def render_html(result: Comparison, plots: dict[str, bytes], log_note: str) -> s
             ["prompt", f"{meta.length} virtual tokens x {meta.dim} dims ({meta.dtype})"],
             ["task", result.spec.kind], ["template", repr(result.spec.template)],
             ["labels", ", ".join(result.spec.labels or []) or "-"],
-            ["eval data", f"{result.data_path} ({result.n} examples, max length {result.spec.max_length} tokens)"],
+            ["eval data", f"{result.data_path} ({result.n} examples, max length {result.spec.max_length} tokens, "
+                          f"{result.precision})"],
             ["training file", result.train_path or "-"],
         ]),
         "<h2>Comparison</h2>",

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifact import PromptMeta, check_compatible, load_prompt
-from ..baselines import PROMPT_ROW, BaselineConfig, BaselineContext, Comparison, format_table, run_baselines
+from ..baselines import (PROMPT_ROW, BaselineConfig, BaselineContext, Comparison, format_table, method_title,
+                         run_baselines)
 from ..data import Example, TaskSpec, load_examples
 from ..errors import ConfigError, DataError
 from ..evaluate import evaluate_prompt
+from ..train import PRECISIONS, resolve_precision
 
 TRAIN_FILE_KEYS = ("train_file", "train", "train_path", "data")
 """Keys of a prompt file's training summary that may name its training file."""
@@ -42,6 +44,8 @@ class EvalConfig:
         max_new_tokens: generation length limit (generate); default: the task's target length.
         stop: stop strings for generation.
         allow_other_base: accept a prompt trained on a differently quantized copy of the model.
+        precision: compute precision, as training's ``--precision``: auto (bf16 autocast where the
+            hardware has fast bf16, else fp32), fp32, bf16, fp16 (CUDA).
     """
 
     prompt: str
@@ -58,8 +62,11 @@ class EvalConfig:
     max_new_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     allow_other_base: bool = False
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
@@ -112,6 +119,8 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
     Args:
         base: an already loaded BaseModel; default: load ``config.model``.
     """
+    import torch
+
     from ..base import load_base_model
     from ..examples import subsample
     from ..model import PromptedModel
@@ -139,18 +148,21 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
         gen_kw["stop"] = list(config.stop)
     if spec.kind == "classify":
         gen_kw = {}
-    t0 = time.perf_counter()
-    prompt_m = evaluate_prompt(pm, loaded.tensor.to(base.device), spec, examples, config.batch_size, **gen_kw)
-    prompt_m["seconds"] = round(time.perf_counter() - t0, 2)
-    prompt_m["setup"] = f"{meta.length} virtual tokens, template {spec.template!r}"
-    results = {PROMPT_ROW: prompt_m}
-    skipped: dict[str, str] = {}
-    if config.baselines:
-        ctx = BaselineContext(pm, spec, examples, train, config.baseline, meta.name, config.batch_size, gen_kw)
-        more, skipped = run_baselines(ctx)
-        results.update(more)
+    amp = resolve_precision(config.precision, base.device)  # None: fp32
+    with torch.autocast(base.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        t0 = time.perf_counter()
+        prompt_m = evaluate_prompt(pm, loaded.tensor.to(base.device), spec, examples, config.batch_size, **gen_kw)
+        prompt_m["seconds"] = round(time.perf_counter() - t0, 2)
+        prompt_m["setup"] = f"{meta.length} virtual tokens, template {spec.template!r}"
+        results = {PROMPT_ROW: prompt_m}
+        skipped: dict[str, str] = {}
+        if config.baselines:
+            ctx = BaselineContext(pm, spec, examples, train, config.baseline, meta.name, config.batch_size, gen_kw)
+            more, skipped = run_baselines(ctx)
+            results.update(more)
     return Comparison(config.prompt, config.data, meta, spec, len(examples), results, skipped,
-                      train_path if train is not None else None, [ex.target for ex in examples])
+                      train_path if train is not None else None, [ex.target for ex in examples],
+                      "fp32" if amp is None else str(amp).replace("torch.", ""))
 
 
 # ----------------------------------------------------------------------------- output
@@ -176,9 +188,12 @@ def print_result(result: Comparison, out=None) -> None:
     out = out or sys.stdout
     extra = f", training file {result.train_path}" if result.train_path else ""
     print(f"{result.prompt_path} on {result.data_path}: {result.n} examples, task {result.spec.kind}, "
-          f"max length {result.spec.max_length}{extra}", file=out)
+          f"max length {result.spec.max_length}, {result.precision}{extra}", file=out)
     print(file=out)
     print(format_table(result), file=out)
+    print(file=out)
+    for name, m in result.results.items():
+        print(f"  {method_title(name)}: {m.get('setup', '')}", file=out)
     if result.spec.kind == "classify":
         print(f"\nsoft prompt per class\n{format_details(result.results[PROMPT_ROW])}", file=out)
 
@@ -208,6 +223,8 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string for generation (repeatable)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept a prompt trained on a differently quantized copy of the base model")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (default: bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--report", default=None, help="write an HTML report (plots as PNG next to it)")
     p.add_argument("--log", default=None, help="training metrics.jsonl for the report (default: found next to the prompt)")
@@ -220,7 +237,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         baseline=BaselineConfig(shots=args.shots, seed=args.seed, instruction=args.instruction),
         max_length=args.max_length, batch_size=args.batch_size, limit=args.limit,
         source_field=args.source_field, target_field=args.target_field, max_new_tokens=args.max_new_tokens,
-        stop=args.stop, allow_other_base=args.allow_other_base,
+        stop=args.stop, allow_other_base=args.allow_other_base, precision=args.precision,
     )
 
 

@@ -33,6 +33,7 @@ class PredictConfig:
         max_new_tokens: generation length limit; default: the task's target length.
         stop: stop strings (generate).
         allow_other_base: accept a prompt trained on a differently quantized copy of the model.
+        precision: auto (bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16.
     """
 
     prompt: str
@@ -46,8 +47,13 @@ class PredictConfig:
     max_new_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     allow_other_base: bool = False
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        from ..train import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_length is not None and self.max_length < 8:
@@ -123,6 +129,7 @@ class Predictor:
         from ..artifact import check_compatible, load_prompt
         from ..base import load_base_model
         from ..model import PromptedModel
+        from ..train import resolve_precision
         from .eval import trained_spec
 
         loaded = load_prompt(config.prompt)
@@ -133,6 +140,7 @@ class Predictor:
         check_compatible(self.meta, self.base, config.prompt, strict=not config.allow_other_base)
         self.pm = PromptedModel(self.base)
         self.prompt = loaded.tensor.to(self.base.device)  # (P, d)
+        self.amp = resolve_precision(config.precision, self.base.device)  # None: fp32
         self.done = 0  # inputs predicted so far (offsets the per-input seeds)
 
     @property
@@ -141,6 +149,13 @@ class Predictor:
 
     def predict(self, texts: list[str]) -> list[dict]:
         """Predictions of one batch: ``{"label", "probs"}`` (classify) or ``{"output", "finish_reason"}``."""
+        import torch
+
+        dev = self.base.device.type
+        with torch.autocast(dev, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return self._predict(texts)
+
+    def _predict(self, texts: list[str]) -> list[dict]:
         from ..evaluate import score_classification
         from ..scoring import generate
 
@@ -191,6 +206,8 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept a prompt trained on a differently quantized copy of the base model")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default: bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16")
     p.set_defaults(func=run)
 
 
@@ -198,7 +215,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     config = PredictConfig(prompt=args.prompt, model=args.model, batch_size=args.batch_size,
                            max_length=args.max_length, source_field=args.field, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                           allow_other_base=args.allow_other_base)
+                           allow_other_base=args.allow_other_base, precision=args.precision)
     stdin = stdin or sys.stdin
     if not args.texts and stdin.isatty():
         raise ConfigError("give TEXT arguments or pipe input lines on stdin")
