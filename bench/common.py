@@ -37,8 +37,28 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def set_threads(n: int | None) -> None:
+    """``--threads``: torch CPU threads for this process (None: torch's default, one per core).
+
+    On a shared 2-core machine, 2 OpenMP threads per process can run many times slower than 1
+    when other processes hold the cores (threads spin at barriers waiting for a descheduled peer).
+    """
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise SystemExit(f"--threads must be at least 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def load_average() -> float:
+    """1-minute load average (how shared the machine was)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -65,7 +85,8 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], summary: dict[str, 
     (RESULTS / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     m = info["machine"]
     md = [f"## {name}", "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}"
-          + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f"; {m['date']}.", ""]
+          + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f", {m['torch_threads']} torch thread(s); "
+          f"{m['date']}, load average {m['load_average_1min']} at the end.", ""]
     md.append(markdown_table(rows, columns))
     if summary:
         md += ["", "Summary: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"

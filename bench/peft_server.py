@@ -112,7 +112,9 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="model folder (the same weights softprompt serves)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     args = ap.parse_args()
+    common.set_threads(args.threads)
     if not is_loopback(args.host):
         raise SystemExit("the PEFT baseline server binds loopback addresses only")
     import uvicorn

@@ -137,7 +137,7 @@ def train_peft(model, tok, spec: TaskSpec, examples: Sequence[Example], steps: i
         run.losses.append(float(loss.detach()))
         run.tokens.append(int(batch["input_ids"].numel()))
         if log_every and (step + 1) % log_every == 0:
-            print(f"  peft step {step + 1}/{steps} loss {float(loss):.3f} ({run.step_seconds[-1]:.2f} s)", flush=True)
+            print(f"  peft step {step + 1}/{steps} loss {run.losses[-1]:.3f} ({run.step_seconds[-1]:.2f} s)", flush=True)
     model.eval()
     return run
 

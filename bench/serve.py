@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_results
+from common import set_threads, write_results
 
 from softprompt import PromptMeta, SoftPrompt, load_base_model, save_prompt
 from softprompt.baselines import cut_tokens
@@ -175,7 +175,9 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="serve", help="results name (results/NAME.json, .md)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of every server (default: one per core)")
     args = ap.parse_args()
+    set_threads(args.threads)
     if not 1 <= args.concurrency <= 64 or not 1 <= args.requests <= 5000 or not 1 <= args.rounds <= 10:
         raise SystemExit("--concurrency 1..64, --requests 1..5000, --rounds 1..10")
 
@@ -199,6 +201,9 @@ def main() -> None:
     if args.model:
         sp_cmd += ["--model", args.model]
     peft_cmd = [py, str(BENCH / "peft_server.py"), "--adapters", str(work / "peft"), "--model", model_path]
+    if args.threads:
+        sp_cmd += ["--threads", str(args.threads)]
+        peft_cmd += ["--threads", str(args.threads)]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     servers: list[Server] = []
     try:
@@ -238,7 +243,7 @@ def main() -> None:
     summary["target PEFT ratio"] = ">= 5"
     summary["load average before/after"] = f"{load0:.2f} / {load1:.2f}"
     notes = (f"Base model: {base_name}; softprompt server `--dtype {args.dtype} --max-batch {args.max_batch}`; "
-             f"PEFT baseline float32, one request at a time. {args.requests} requests per run "
+             f"PEFT baseline float32, one request at a time; torch threads per server: {args.threads or 'default'}. {args.requests} requests per run "
              f"({args.gen_share:.0%} generation of {args.max_new_tokens} new tokens, the rest classification over "
              f"3 prompts), {args.concurrency} concurrent clients, {args.rounds} alternating rounds; inputs cut to "
              f"{args.max_text_tokens} tokens; {args.prompt_length} virtual tokens per prompt. The bare-model limit "

@@ -1,0 +1,239 @@
+"""Quality at an equal training budget: softprompt's default recipe vs PEFT prompt tuning vs PEFT
+LoRA, the same number of steps x batch size, plus the prompting baselines (bare model, hand-written
+instruction, few-shot) and TF-IDF + logistic regression, on one task per invocation.
+
+Every method is scored by the same code: rank classification (summed label-token log-probs over
+the label set) or greedy generation + ROUGE-L, through ``softprompt.evaluate``. A PEFT prompt is
+its trained (P, d) virtual-token embeddings (PEFT prepends exactly those rows; the run checks that
+PEFT's own forward gives the same label scores); a LoRA model is merged and scored with no prompt.
+
+Results accumulate in ``results/quality_TASK.json`` keyed by (method, seed), so a long comparison
+can be split over several invocations (``--methods``, ``--seeds``) that each stay within ~15 min.
+
+Run: .venv/bin/python bench/quality.py --task bbc-news --methods softprompt,baselines --seeds 0,1,2
+     .venv/bin/python bench/quality.py --task bbc-news --methods peft-pt --seeds 0
+     .venv/bin/python bench/quality.py --task tweet-sentiment --model DIR --steps 2 --eval-n 8 --name smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, set_threads, write_results
+
+import peft_side
+from tasks import NAMES, TASKS, TaskData, load_task, sample
+
+from softprompt import load_base_model
+from softprompt.base import wrap_base_model
+from softprompt.evaluate import PRIMARY_METRIC, evaluate_prompt
+from softprompt.model import PromptedModel
+from softprompt.scoring import classify_scores
+
+METHODS = ("softprompt", "peft-pt", "lora", "baselines")
+TITLES = {
+    "softprompt": "softprompt (default recipe)",
+    "peft-pt": "PEFT prompt tuning",
+    "lora": "PEFT LoRA r=8 (q,v)",
+    "bare": "bare model (no prompt)",
+    "instruction": "hand-written instruction",
+    "few-shot": "few-shot (5 shots)",
+    "tfidf-lr": "TF-IDF + logistic regression (not a prompt)",
+}
+TRAINED = ("softprompt", "peft-pt", "lora")
+
+
+def scores_only(m: dict) -> dict:
+    """Metrics without predictions / per-class detail (what the JSON keeps)."""
+    keep = ("accuracy", "macro_f1", "log_loss", "rouge_l", "chrf", "exact_match", "n")
+    return {k: m[k] for k in keep if k in m}
+
+
+def gen_kw(data: TaskData, max_new_tokens: int) -> dict:
+    return {"max_new_tokens": max_new_tokens} if data.spec.kind == "generate" else {}
+
+
+def run_softprompt(data: TaskData, args, seed: int, base, test) -> dict:
+    """softprompt's default recipe through its real training path (``softprompt.train.train``:
+    dev-set evaluation 5 times, best prompt kept, early stopping), then the shared scorer on the
+    saved prompt file, as a user would load it."""
+    from softprompt.artifact import load_prompt  # noqa: PLC0415
+    from softprompt.examples import jsonl_bytes  # noqa: PLC0415
+    from softprompt.train import TrainConfig, train  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        (work / "train.jsonl").write_bytes(jsonl_bytes(sample(data, "train", args.train_n, seed=0), data.spec.kind))
+        (work / "dev.jsonl").write_bytes(jsonl_bytes(sample(data, "dev", args.dev_n, seed=0), data.spec.kind))
+        cfg = TrainConfig(data=str(work / "train.jsonl"), eval=str(work / "dev.jsonl"), task=data.spec.kind,
+                          template=data.spec.template, labels=data.spec.labels, out=str(work / "p.safetensors"),
+                          max_steps=args.steps, batch_size=args.batch_size, prompt_length=args.prompt_length,
+                          max_length=args.max_length, max_target_length=data.spec.max_target_length, seed=seed,
+                          quiet=True, checkpoint_every=0, model=args.model)
+        t0 = time.perf_counter()
+        result = train(cfg, base=base)
+        secs = time.perf_counter() - t0
+        prompt = load_prompt(result.path, base).tensor  # (P, d), as stored (float16)
+    m = evaluate_prompt(PromptedModel(base), prompt, data.spec, test, args.eval_batch, **gen_kw(data, args.max_new_tokens))
+    return {**scores_only(m), "train_seconds": round(secs, 1), "steps_done": result.steps,
+            "best_step": next(iter(result.best_step.values()), result.steps),
+            "train_examples_per_s": round(result.examples_per_s, 2)}
+
+
+def run_peft(data: TaskData, args, seed: int, base, test, method: str) -> dict:
+    """PEFT prompt tuning or LoRA, trained the PEFT way, scored with the shared scorer."""
+    lm, tok, path = peft_side.load_hf(args.model)
+    if method == "peft-pt":
+        model = peft_side.peft_prompt_tuning(lm, path, peft_side.init_text(data.spec, NAMES[data.name]),
+                                             args.prompt_length)
+    else:
+        model = peft_side.peft_lora(lm)
+    train = sample(data, "train", args.train_n, seed=0)
+    lr = peft_side.LEARNING_RATES["prompt-tuning" if method == "peft-pt" else "lora"]
+    t0 = time.perf_counter()
+    run = peft_side.train_peft(model, tok, data.spec, train, args.steps, args.batch_size, lr=lr, seed=seed,
+                               log_every=max(1, args.steps // 5))
+    secs = time.perf_counter() - t0
+    kw = gen_kw(data, args.max_new_tokens)
+    extra: dict = {}
+    if method == "peft-pt":
+        prompt = peft_side.prompt_of(model)  # (P, d)
+        pm = PromptedModel(base)
+        if data.spec.kind == "classify":  # PEFT's own forward == the shared scorer on this prompt
+            diffs = []
+            for ex in test[:3]:
+                a = peft_side.peft_label_logprobs(model, tok, data.spec, ex.source)
+                b = classify_scores(pm, prompt, [data.spec.source_ids(base.tokenizer, ex.source)],
+                                    data.spec.label_ids(base.tokenizer))[0]
+                diffs.append(float((a - b).abs().max()))
+            extra["peft_forward_max_abs_diff"] = max(diffs)
+        m = evaluate_prompt(pm, prompt, data.spec, test, args.eval_batch, **kw)
+    else:
+        merged = wrap_base_model(model.merge_and_unload(), tok, "lora-merged")
+        m = evaluate_prompt(PromptedModel(merged), None, data.spec, test, args.eval_batch, **kw)
+    return {**scores_only(m), **extra, "train_seconds": round(secs, 1), "final_loss": run.losses[-1]}
+
+
+def run_baselines(data: TaskData, args, base, test) -> dict[str, dict]:
+    from softprompt.baselines import BaselineContext, run_baselines as run_all  # noqa: PLC0415
+
+    ctx = BaselineContext(PromptedModel(base), data.spec, test, train=sample(data, "train", args.train_n, seed=0),
+                          name=NAMES[data.name], batch_size=args.eval_batch, gen_kw=gen_kw(data, args.max_new_tokens))
+    results, _ = run_all(ctx)
+    return {name: {**scores_only(m), "setup": m.get("setup", "")} for name, m in results.items()}
+
+
+def load_runs(path: Path, config: dict) -> list[dict]:
+    """Earlier runs of the same configuration (anything else is discarded)."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    return old.get("runs", []) if old.get("config") == config else []
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", required=True, choices=TASKS)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--seeds", default="0", help="comma list of seeds for the trained methods")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--prompt-length", type=int, default=20)
+    ap.add_argument("--max-length", type=int, default=160, help="source tokens (template included)")
+    ap.add_argument("--max-new-tokens", type=int, default=24, help="generation (headlines)")
+    ap.add_argument("--train-n", type=int, default=None, help="training examples (default: the whole train split)")
+    ap.add_argument("--dev-n", type=int, default=200, help="dev examples softprompt's recipe may use")
+    ap.add_argument("--eval-n", type=int, default=None, help="test examples (default per task)")
+    ap.add_argument("--eval-batch", type=int, default=16)
+    ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--name", default=None, help="results name (default quality_TASK)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    args = ap.parse_args()
+    set_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.eval_n is None:
+        args.eval_n = {"bbc-news": 400, "tweet-sentiment": 400, "headlines": 100}[args.task]
+    name = args.name or f"quality_{args.task.replace('-', '_')}"
+
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    data = load_task(args.task, args.max_length)
+    test = sample(data, "test", args.eval_n, seed=0)
+    base = load_base_model(args.model)
+    config = {"task": args.task, "model": base.name, "steps": args.steps, "batch_size": args.batch_size,
+              "prompt_length": args.prompt_length, "max_length": args.max_length, "train_n": args.train_n,
+              "eval_n": len(test), "max_new_tokens": args.max_new_tokens}
+    runs = load_runs(RESULTS / f"{name}.json", config)
+
+    def record(method: str, seed: int | None, metrics: dict) -> None:
+        runs[:] = [r for r in runs if not (r["method"] == method and r["seed"] == seed)]
+        runs.append({"method": method, "seed": seed, **metrics, "load": round(os.getloadavg()[0], 2)})
+        print(f"{method} seed {seed}: {metrics}", flush=True)
+
+    if "baselines" in methods:
+        for bname, m in run_baselines(data, args, base, test).items():
+            record(bname, None, m)
+    for seed in seeds:
+        for method in (m for m in TRAINED if m in methods):
+            if method == "softprompt":
+                record(method, seed, run_softprompt(data, args, seed, base, test))
+            else:
+                record(method, seed, run_peft(data, args, seed, base, test, method))
+
+    metric = PRIMARY_METRIC[data.spec.kind]
+    order = ["softprompt", "peft-pt", "lora", "bare", "instruction", "few-shot", "tfidf-lr"]
+    rows, stats = [], {}
+    for method in order:
+        vals = [r[metric] for r in runs if r["method"] == method]
+        if not vals:
+            continue
+        stats[method] = vals
+        rows.append({"method": TITLES[method], metric: statistics.mean(vals), "std": spread(vals),
+                     "min": min(vals), "max": max(vals), "seeds": len(vals) if method in TRAINED else "-",
+                     "train s (mean)": statistics.mean(r["train_seconds"] for r in runs if r["method"] == method)
+                     if method in TRAINED else None})
+    summary: dict = {"metric": metric}
+    if "softprompt" in stats:
+        sp = stats["softprompt"]
+        for other in ("peft-pt", "lora", "bare", "instruction", "few-shot"):
+            if other in stats:
+                o = stats[other]
+                summary[f"softprompt - {other}"] = statistics.mean(sp) - statistics.mean(o)
+                if other == "peft-pt":
+                    summary["beats PEFT beyond seed spread"] = (min(sp) > max(o)
+                                                                and statistics.mean(sp) - statistics.mean(o) > 2 * (spread(sp) + spread(o)))
+        prompting = [b for b in ("bare", "instruction", "few-shot") if b in stats]
+        if prompting:
+            summary["beats every prompting baseline"] = all(min(sp) > max(stats[b]) for b in prompting)
+    summary["load average at start"] = round(load0, 2)
+    summary["seconds this invocation"] = round(time.perf_counter() - t_start)
+    notes = (f"Task {args.task}: {len(test)} test examples, {metric}; trained methods: {args.steps} steps x batch "
+             f"{args.batch_size}, {args.prompt_length} virtual tokens for the prompt methods, sources cut to "
+             f"{args.max_length} tokens. softprompt: its default recipe. PEFT prompt tuning: TEXT init from a task "
+             f"description, AdamW lr 3e-2, linear decay (PEFT's guide). LoRA: r=8, alpha 16, dropout 0.05 on "
+             f"q_proj/v_proj, AdamW lr 1e-3. Baselines: `softprompt.baselines` (deterministic; seed 0). "
+             f"std = standard deviation over seeds.")
+    out = write_results(name, rows, summary, notes=notes)
+    info = json.loads((RESULTS / f"{name}.json").read_text())
+    info["config"], info["runs"] = config, runs
+    (RESULTS / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
