@@ -101,9 +101,6 @@ def row_losses(
             lens = torch.tensor([len(l) for l in label_ids[t]], dtype=torch.float32, device=scores.device)  # (C,)
             pieces.append(CLASSIFY_LOSSES[classify_loss](scores, gold, lens))
             order.extend(cls[j] for j in sub)
-        # The label continuation has read the cache; empty it so that gradient checkpointing's
-        # recomputation in backward refills it from scratch, as the forward did (train.py).
-        state.cache.reset()
     if gen:
         seqs = [rows[i].source + list(rows[i].target) for i in gen]
         ids, mask = right_pad(seqs, pad_id(pm), dev)  # (b, T)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -87,14 +88,49 @@ def resolve_device(config: TrainConfig, base: BaseModel | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _cache_lengths(cache) -> list[int]:
+    return [layer.get_seq_length() for layer in getattr(cache, "layers", None) or []]
+
+
+def _checkpoint_with_cache(function, *args):
+    """``torch.utils.checkpoint`` for one decoder layer that may write a KV cache.
+
+    Rank classification reads the source pass's cache, so the layers must keep writing it under
+    checkpointing. The recomputation in backward would append the layer's keys/values a second
+    time; before it runs, every cache layer is cropped back to the length the forward saw.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    cache = getattr(function, "keywords", {}).get("past_key_values")
+    before = _cache_lengths(cache)
+    calls = [0]
+
+    def run(*a):
+        if calls[0] and cache is not None:  # the recomputation: restore the cache as the forward saw it
+            for i, layer in enumerate(cache.layers):
+                extra = layer.get_seq_length() - (before[i] if i < len(before) else 0)
+                if extra > 0:
+                    layer.crop(-extra)
+        calls[0] += 1
+        return function(*a)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+class _DropCacheWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # our layers keep their cache on purpose
+        return "incompatible with gradient checkpointing" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(model, enabled: bool):
-    """Recompute each decoder layer's activations in the backward pass (HF activation checkpointing).
+    """Recompute each decoder layer's activations in the backward pass (less memory, more time).
 
-    Quirk (fenced here): HF checkpoints a layer only in training mode, and then drops the KV cache
-    that rank classification reads. We flip only the decoder layers to training mode (dropout
-    modules stay in eval), and let them keep writing the cache: objective.py resets the source
-    cache before backward, so the recomputation appends to an empty cache exactly like the forward.
+    Quirks of HF activation checkpointing (fenced here): it runs only in training mode, and it
+    drops the KV cache that rank classification reads. We flip only the decoder layers to training
+    mode (dropout modules stay in eval), let them keep their cache, and checkpoint with
+    :func:`_checkpoint_with_cache`, which restores the cache before each recomputation.
+    The model is left as it was on exit.
     """
     if not enabled:
         yield
@@ -103,14 +139,19 @@ def gradient_checkpointing(model, enabled: bool):
 
     if not hasattr(model, "activation_checkpointing_enable"):
         raise ConfigError("--gradient-checkpointing: this model does not support activation checkpointing")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for m in layers:
         m.training = True
         m._can_checkpoint_with_cache = True
+        m._gradient_checkpointing_func = _checkpoint_with_cache
+    quiet = _DropCacheWarning()
+    hf_log = logging.getLogger("transformers.modeling_layers")
+    hf_log.addFilter(quiet)
     try:
         yield
     finally:
+        hf_log.removeFilter(quiet)
         for m in layers:
             m.training = False
             m.__dict__.pop("_can_checkpoint_with_cache", None)
