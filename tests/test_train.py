@@ -157,6 +157,33 @@ def test_mixed_task_batch_equals_separate_batches(tiny_family, family):
         torch.testing.assert_close(m, s, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
+def test_shared_prompt_prefix_equals_the_packed_forward(tiny_family, family):
+    """Each prompt run once per batch (its keys/values shared by its rows) == prompt packed into every row."""
+    base = tiny_family(family)
+    pm = PromptedModel(base)
+    prompts, rows, label_ids = _mixed_setup(base)
+    res = []
+    for share in (False, True):
+        for p in prompts:
+            p.grad = None
+        losses = row_losses(pm, prompts, rows, label_ids, share_prefix=share)
+        losses.sum().backward()
+        res.append((losses.detach(), [p.grad.clone() for p in prompts]))
+    torch.testing.assert_close(res[0][0], res[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_switch_is_restored(tiny):
+    from softprompt.train import attention_implementation
+
+    before = tiny.model.config._attn_implementation
+    with attention_implementation(tiny.model, "eager"):
+        assert tiny.model.config._attn_implementation == "eager"
+    assert tiny.model.config._attn_implementation == before
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_family, family, monkeypatch):
     import softprompt.train as train_mod
@@ -345,7 +372,7 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, case):
     ({"init": "magic"}, "--init"), ({"init": "text"}, "--init-text"), ({"warmup": 2.5}, "--warmup"),
     ({"patience": 0}, "--patience"), ({"schedule": "step"}, "--schedule"), ({"classify_loss": "hinge"}, "--classify-loss"),
     ({"eval": "x.jsonl", "eval_split": 0.1}, "--eval or --eval-split"), ({"eval_split": 1.5}, "--eval-split"),
-    ({"max_length": 4}, "--max-length"), ({"prompt_length": 0}, "--prompt-length"),
+    ({"max_length": 4}, "--max-length"), ({"prompt_length": 0}, "--prompt-length"), ({"attention": "x"}, "--attention"),
 ])
 def test_bad_flags_name_the_flag(tmp_path, kw, flag):
     with pytest.raises(ConfigError, match=flag.replace("-", r"\-")):

@@ -7,10 +7,11 @@ path in ``scoring.py`` and ``PromptedModel.target_logprobs``.
 - Generation rows: mean negative log-likelihood of the target tokens (lm head at target
   positions only).
 
-In a mixed batch every row carries its own task's prompt. All classification rows share one
-source pass; the label continuation then runs per task on that task's rows (label sets differ).
-All generation rows share one teacher-forced pass. Each row's loss is its own mean, so a row's loss
-(and its gradient) does not depend on which other rows share the batch.
+In a mixed batch every row carries its own task's prompt. Each distinct prompt runs through the
+model once per batch and its keys/values serve all of its rows (``prefix_forward``). All
+classification rows then share one source pass; the label continuation runs per task on that
+task's rows (label sets differ). All generation rows share one teacher-forced pass. Each row's loss
+is its own mean, so a row's loss (and its gradient) does not depend on which rows share the batch.
 
 Not here: batching and order (schedule.py), the loop (train.py).
 """
@@ -23,8 +24,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import IGNORE_INDEX, PromptedModel, cache_layers, make_cache
-from .scoring import SourceState, label_logprobs, pad_id, right_pad, source_forward
+from .model import IGNORE_INDEX, PromptedModel, cache_layers, make_cache, pack
+from .scoring import SourceState, label_logprobs, left_pad, pad_id, right_pad, source_forward
 
 
 @dataclass
@@ -70,12 +71,50 @@ def _prompts_for(prompts: Sequence[torch.Tensor], tasks: Sequence[int]):
     return [prompts[t] for t in tasks]
 
 
+@dataclass
+class Prefix:
+    """Each row's prompt keys/values: every distinct prompt runs through the model once per batch
+    (not once per row) and rows gather their task's copy; gradients flow back through it."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, H, Pmax, hd) keys, values
+    mask: torch.Tensor  # (B, Pmax): right-aligned prompt, gap masked
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+
+def prefix_forward(pm: PromptedModel, prompts: Sequence[torch.Tensor], tasks: Sequence[int]) -> Prefix:
+    """Run each distinct prompt of ``tasks`` once and give every row its task's prompt keys/values.
+
+    A causal decoder's keys/values at prompt positions do not depend on what follows, so this
+    equals the packed [prompt | text] forward, with B/U times less work on prompt positions.
+    """
+    uniq = sorted(set(tasks))
+    dev, d = pm.base.device, pm.base.dim
+    empty = torch.zeros(len(uniq), 0, d, device=dev, dtype=pm.embed(torch.zeros(1, 1, dtype=torch.long, device=dev)).dtype)
+    packed = pack(empty, torch.zeros(len(uniq), 0, dtype=torch.long, device=dev), [prompts[t] for t in uniq])
+    _, cache = pm.decode(packed.inputs_embeds, packed.attention_mask, packed.position_ids, use_cache=True)  # (U, Pmax, d)
+    idx = torch.tensor([uniq.index(t) for t in tasks], dtype=torch.long, device=dev)  # (B,)
+    layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache_layers(cache)]
+    return Prefix(layers, packed.attention_mask.index_select(0, idx))
+
+
+def _after_prefix(pm: PromptedModel, prefix: Prefix, ids: torch.Tensor, mask: torch.Tensor):
+    """Decode tokens ``ids`` (B, T) after the rows' prompt prefix; returns (hidden (B, T, d), cache, full mask)."""
+    full = torch.cat([prefix.mask, mask], 1)  # (B, Pmax + T)
+    pos = (full.cumsum(-1) - 1).clamp(min=0)[:, prefix.width :]  # (B, T): positions continue after each prompt
+    hidden, cache = pm.decode(pm.embed(ids), full, pos, past_key_values=make_cache(prefix.layers), use_cache=True)
+    return hidden, cache, full
+
+
 def row_losses(
     pm: PromptedModel,
     prompts: Sequence[torch.Tensor],
     rows: Sequence[Row],
     label_ids: Sequence[list[list[int]] | None],
     classify_loss: str = "ce",
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """Loss of every row, (len(rows),) float32, differentiable with respect to the prompts.
 
@@ -84,6 +123,8 @@ def row_losses(
         rows: the batch; ``rows[i].task`` indexes ``prompts`` and ``label_ids``.
         label_ids: per task, each label's token ids (classification) or None (generation).
         classify_loss: a key of :data:`CLASSIFY_LOSSES`.
+        share_prefix: run each prompt once per batch (:func:`prefix_forward`) instead of once per
+            row (the packed path of ``scoring.source_forward`` / ``target_logprobs``); same result.
     """
     dev = pm.base.device
     pieces: list[torch.Tensor] = []
@@ -92,7 +133,13 @@ def row_losses(
     gen = [i for i, r in enumerate(rows) if label_ids[r.task] is None]
     if cls:
         tasks = [rows[i].task for i in cls]
-        state = source_forward(pm, _prompts_for(prompts, tasks), [rows[i].source for i in cls])
+        sources = [rows[i].source for i in cls]
+        if share_prefix:
+            ids, smask = left_pad(sources, pad_id(pm), dev)  # (b, T)
+            hidden, cache, full = _after_prefix(pm, prefix_forward(pm, prompts, tasks), ids, smask)
+            state = SourceState(cache, full, hidden[:, -1], full.sum(1))
+        else:
+            state = source_forward(pm, _prompts_for(prompts, tasks), sources)
         for t in sorted(set(tasks)):
             sub = [j for j, tj in enumerate(tasks) if tj == t]
             st = state if len(sub) == len(cls) else slice_state(state, sub)
@@ -102,13 +149,24 @@ def row_losses(
             pieces.append(CLASSIFY_LOSSES[classify_loss](scores, gold, lens))
             order.extend(cls[j] for j in sub)
     if gen:
+        tasks = [rows[i].task for i in gen]
         seqs = [rows[i].source + list(rows[i].target) for i in gen]
         ids, mask = right_pad(seqs, pad_id(pm), dev)  # (b, T)
         labels = torch.full_like(ids, IGNORE_INDEX)  # (b, T): loss only on target tokens
         for k, i in enumerate(gen):
             s, t = len(rows[i].source), len(rows[i].target)
             labels[k, s : s + t] = ids[k, s : s + t]
-        sums, counts = pm.target_logprobs(ids, mask, _prompts_for(prompts, [rows[i].task for i in gen]), labels)
+        if share_prefix:
+            hidden, _, _ = _after_prefix(pm, prefix_forward(pm, prompts, tasks), ids, mask)  # (b, T, d)
+            targets = labels[:, 1:]  # (b, T-1): position j predicts token j+1 (sources are never empty)
+            sel = targets != IGNORE_INDEX
+            logits = pm.project(hidden[:, :-1][sel]).float()  # (N, V): lm head at target positions only
+            tok_lp = -F.cross_entropy(logits, targets[sel], reduction="none")  # (N,)
+            rows_of = sel.nonzero(as_tuple=True)[0]
+            sums = torch.zeros(len(gen), device=dev, dtype=tok_lp.dtype).index_add(0, rows_of, tok_lp)
+            counts = sel.sum(1)
+        else:
+            sums, counts = pm.target_logprobs(ids, mask, _prompts_for(prompts, tasks), labels)
         pieces.append(-(sums.float() / counts.clamp(min=1)))  # (b,) mean NLL per row
         order.extend(gen)
     flat = torch.cat(pieces)  # rows grouped by kind and task

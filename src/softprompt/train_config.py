@@ -183,6 +183,8 @@ class TrainConfig:
     """Load the base with bitsandbytes 4-/8-bit weights (CUDA only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
+    attention: str = "auto"
+    """Attention implementation while training: auto (eager on CPU, the model's own elsewhere), eager, sdpa, model."""
     # --- prompt ---
     prompt_length: int = 20
     """Virtual tokens per prompt."""
@@ -249,6 +251,8 @@ class TrainConfig:
         need(self.task in TASK_KINDS, "task", f"{self.task!r}: choose one of {', '.join(TASK_KINDS)}")
         need(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"{self.dtype!r}: choose auto or {', '.join(DTYPES)}")
         need(self.quantize in (None, "4bit", "8bit"), "quantize", f"{self.quantize!r}: choose 4bit or 8bit")
+        need(self.attention in ("auto", "eager", "sdpa", "model"), "attention",
+             f"{self.attention!r}: choose auto, eager, sdpa or model")
         need(self.prompt_length >= 1, "prompt_length", f"must be at least 1, got {self.prompt_length}")
         need(self.init in INITS, "init", f"{self.init!r}: choose one of {', '.join(INITS)}")
         need(self.init != "text" or bool(self.init_text and self.init_text.strip()) or self.tasks is not None
@@ -315,7 +319,7 @@ class TrainConfig:
     def result_settings(self) -> dict[str, Any]:
         """The settings that decide the trained prompt (a resumed run must match them)."""
         skip = {"out", "run_dir", "resume", "quiet", "checkpoint_every", "device", "grad_accum", "eval_batch_size",
-                "tasks", "task_file", "prompt_dtype", "device_map"}
+                "tasks", "task_file", "prompt_dtype", "device_map", "attention", "gradient_checkpointing"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["tasks"] = [{k: v for k, v in asdict(t).items() if k not in ("out", "data", "eval")}
                       for t in self.tasks_resolved]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ..errors import ConfigError
 
@@ -52,6 +53,8 @@ def register(sub) -> None:
     m.add_argument("--device-map", default=None, help='spread a large base over devices ("auto"; one process)')
     m.add_argument("--quantize", default=None, choices=["4bit", "8bit"], help="bitsandbytes base weights (CUDA)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    m.add_argument("--attention", default="auto", choices=["auto", "eager", "sdpa", "model"],
+                   help="attention implementation while training (auto: eager on CPU, measured faster; else the model's)")
     o = p.add_argument_group("prompt and optimisation")
     o.add_argument("--prompt-length", type=int, default=20, help="virtual tokens")
     o.add_argument("--init", default="auto", choices=["auto", "random", "vocab", "text", "labels"],
@@ -80,6 +83,11 @@ def register(sub) -> None:
     e.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     e.add_argument("--prompt-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the prompt file")
+    e.add_argument("--launcher", default=None, choices=["accelerate"],
+                   help="run this command under `accelerate launch` (data parallel over processes/GPUs; "
+                        "same as `accelerate launch -m softprompt train ...`)")
+    e.add_argument("--num-processes", type=int, default=None,
+                   help="processes for --launcher accelerate (default: your accelerate config)")
     e.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
@@ -102,6 +110,7 @@ def config_from_args(args: argparse.Namespace):
         source_field=args.text_field or args.input_field, target_field=args.label_field or args.output_field,
         task_file=args.task_file, model=args.model, dtype=args.dtype, device=args.device,
         device_map=args.device_map, quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
+        attention=args.attention,
         prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, max_steps=args.max_steps,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
         schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
@@ -113,13 +122,42 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = config_from_args(args)  # validate before starting any process
+    if args.launcher:
+        from ..distributed import relaunch
+
+        return relaunch(strip_launcher_args(_train_argv()), args.num_processes)
+    if args.num_processes is not None:
+        raise ConfigError("--num-processes goes with --launcher accelerate")
     if config.quiet:
         _silence()
+    from ..distributed import runtime_from_env
     from ..train import train
 
-    train(config)
+    train(config, runtime=runtime_from_env(config.device))
     return 0
+
+
+def _train_argv() -> list[str]:
+    """This command's own arguments (after ``train``)."""
+    argv = sys.argv[1:]
+    return argv[argv.index("train") + 1 :] if "train" in argv else argv
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """``argv`` without ``--launcher`` / ``--num-processes`` (and their values); pure."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--launcher", "--num-processes"):
+            skip = True
+            continue
+        if a.startswith(("--launcher=", "--num-processes=")):
+            continue
+        out.append(a)
+    return out
 
 
 def _silence() -> None:

@@ -1,0 +1,143 @@
+"""Data-parallel training through Accelerate: two real CPU processes (gloo) == one process with
+the same global batch and seed, through a SIGKILL and --resume; misconfigured launches fail clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt import load_prompt
+from softprompt.checkpoint import load_checkpoint
+from softprompt.commands.train import strip_launcher_args
+from softprompt.distributed import LocalRuntime, accelerate_precision, launch_command
+from softprompt.errors import ConfigError
+from softprompt.train import TrainConfig, train
+from trainkit import easy_classification, learnable_model_dir
+
+pytest.importorskip("accelerate")
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 30
+
+
+def _args(model, data, dev, out: Path) -> list[str]:
+    return ["--data", str(data), "--eval", str(dev), "--model", str(model), "--out", str(out),
+            "--max-steps", str(STEPS), "--batch-size", "4", "--prompt-length", "4", "--lr", "0.1",
+            "--eval-every", "10", "--patience", "none", "--checkpoint-every", "3", "--prompt-dtype", "float32",
+            "--precision", "fp32", "--quiet"]
+
+
+def test_two_gloo_processes_with_a_sigkill_and_resume_equal_one_process(tmp_path, model_root):
+    model = learnable_model_dir(model_root / "learnable")
+    data, dev = easy_classification(tmp_path / "data", n_train=40, n_dev=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "dist" / "p.safetensors"
+    ckpt = tmp_path / "dist" / "p.run" / "checkpoint.safetensors"
+    cmd = [sys.executable, "-m", "softprompt", "train", "--launcher", "accelerate", "--num-processes", "2",
+           *_args(model, data, dev, out)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group: the kill takes launcher + workers
+    killed = False
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and load_checkpoint(ckpt).step >= 3:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed, proc.stderr.read().decode()[-2000:]
+    assert not out.exists() and load_checkpoint(ckpt).step < STEPS
+
+    r = subprocess.run([*cmd, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = load_prompt(out)
+    assert two.meta.training["processes"] == 2 and two.meta.training["steps"] == STEPS
+
+    torch.set_num_threads(1)
+    one = load_prompt(train(TrainConfig(data=str(data), eval=str(dev), model=str(model),
+                                        out=str(tmp_path / "one" / "p.safetensors"), max_steps=STEPS, batch_size=4,
+                                        prompt_length=4, lr=0.1, eval_every=10, patience=None, prompt_dtype="float32",
+                                        precision="fp32", quiet=True)).path)
+    torch.testing.assert_close(two.tensor, one.tensor, atol=1e-4, rtol=1e-4)
+    recs = [json.loads(l) for l in (out.parent / "p.run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, STEPS + 1))  # logged once, by the main process
+    assert two.meta.training["best_step"] == one.meta.training["best_step"]
+
+
+class FakeRanks(LocalRuntime):
+    """A runtime that claims several processes; ``others`` is what the other ranks report."""
+
+    def __init__(self, world_size: int, others: str | None = None):
+        super().__init__()
+        self.world_size = world_size
+        self.others = others
+
+    def gather(self, value):
+        return [value] + [self.others if self.others is not None else value] * (self.world_size - 1)
+
+
+@pytest.fixture()
+def easy(tmp_path):
+    return easy_classification(tmp_path / "data", n_train=8, n_dev=4)
+
+
+def test_more_processes_than_rows_is_refused(tmp_path, easy):
+    c = TrainConfig(data=str(easy[0]), out=str(tmp_path / "p.safetensors"), batch_size=2, model="/nonexistent")
+    with pytest.raises(ConfigError, match="4 processes but --batch-size is only 2"):
+        train(c, runtime=FakeRanks(4))
+    c = TrainConfig(data=str(easy[0]), out=str(tmp_path / "p.safetensors"), batch_size=6, model="/nonexistent")
+    with pytest.raises(ConfigError, match=r"divisible by processes x --grad-accum \(4 x 1\)"):
+        train(c, runtime=FakeRanks(4))
+
+
+def test_device_map_with_several_processes_is_refused(tmp_path, easy):
+    c = TrainConfig(data=str(easy[0]), out=str(tmp_path / "p.safetensors"), batch_size=4, device_map="auto",
+                    model="/nonexistent")
+    with pytest.raises(ConfigError, match="--device-map"):
+        train(c, runtime=FakeRanks(2))
+
+
+def test_ranks_that_see_different_checkpoints_are_refused(tmp_path, easy, learn_base):
+    kw = dict(data=str(easy[0]), out=str(tmp_path / "p.safetensors"), batch_size=4, max_steps=2, prompt_length=4,
+              checkpoint_every=1, quiet=True)
+    train(TrainConfig(**kw), base=learn_base)
+    with pytest.raises(ConfigError, match="processes see different checkpoints"):
+        train(TrainConfig(**kw, resume=True), base=learn_base, runtime=FakeRanks(2, others="step 1, digest 0"))
+    (tmp_path / "p.run" / "checkpoint.safetensors").unlink()  # one rank lacks it: all ranks stop, none hangs
+    with pytest.raises(ConfigError, match="processes see different checkpoints"):
+        train(TrainConfig(**kw, resume=True), base=learn_base, runtime=FakeRanks(2, others="step 2, digest x"))
+
+
+@pytest.fixture(scope="module")
+def learn_base(model_root):
+    from softprompt import load_base_model
+
+    return load_base_model(str(learnable_model_dir(model_root / "learnable")))
+
+
+def test_launch_command_and_argument_stripping():
+    cmd = launch_command(["--data", "a.jsonl", "--out", "p.safetensors"], 2, port=29555)
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd and "29555" in cmd
+    assert cmd[-7:] == ["-m", "softprompt", "train", "--data", "a.jsonl", "--out", "p.safetensors"]
+    single = launch_command(["--data", "a.jsonl"], None)
+    assert "--num_processes" not in single and "--multi_gpu" not in single  # the accelerate config decides
+    with pytest.raises(ConfigError, match="--num-processes"):
+        launch_command([], 0)
+    argv = ["--data", "a", "--launcher", "accelerate", "--num-processes", "2", "--launcher=accelerate", "--quiet"]
+    assert strip_launcher_args(argv) == ["--data", "a", "--quiet"]
+
+
+def test_accelerate_mixed_precision_maps_to_precision(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert accelerate_precision() == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert accelerate_precision() is None
