@@ -17,7 +17,7 @@ import torch
 from softprompt import load_prompt
 from softprompt.checkpoint import load_checkpoint
 from softprompt.commands.train import strip_launcher_args
-from softprompt.distributed import LocalRuntime, accelerate_precision, launch_command
+from softprompt.distributed import LocalRuntime, accelerate_precision, launch_command, runtime_from_env
 from softprompt.errors import ConfigError
 from softprompt.train import TrainConfig, train
 from trainkit import easy_classification, learnable_model_dir
@@ -141,3 +141,28 @@ def test_accelerate_mixed_precision_maps_to_precision(monkeypatch):
     assert accelerate_precision() == "bf16"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     assert accelerate_precision() is None
+
+
+@pytest.mark.parametrize("var, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharding_launch_configs_are_refused_clearly(monkeypatch, var, name):
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(ConfigError, match=f"asks for {name}.*--device-map auto"):
+        runtime_from_env()
+
+
+def test_large_base_options_on_cpu(tmp_path, easy, model_root):
+    """bf16 / fp16 weights with a float32 prompt, and a device-mapped base, train; 4-bit needs CUDA."""
+    model = learnable_model_dir(model_root / "learnable")
+    for i, kw in enumerate([{"dtype": "bfloat16"}, {"dtype": "float16", "precision": "fp32"},
+                            {"device_map": "auto", "gradient_checkpointing": True}]):
+        r = train(TrainConfig(data=str(easy[0]), out=str(tmp_path / f"{i}" / "p.safetensors"), model=str(model),
+                              batch_size=4, max_steps=3, prompt_length=4, checkpoint_every=1, quiet=True, **kw))
+        state = load_checkpoint(r.run_dir / "checkpoint.safetensors")
+        assert state.prompts[0].dtype == torch.float32 and torch.isfinite(state.prompts[0]).all()
+        assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r.history if "loss" in h)
+    if not torch.cuda.is_available():
+        from softprompt.errors import ModelLoadError
+
+        with pytest.raises(ModelLoadError, match="4bit needs"):
+            train(TrainConfig(data=str(easy[0]), out=str(tmp_path / "q" / "p.safetensors"), model=str(model),
+                              batch_size=4, quantize="4bit", quiet=True))

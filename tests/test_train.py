@@ -175,6 +175,26 @@ def test_shared_prompt_prefix_equals_the_packed_forward(tiny_family, family):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_linear_weights_cast_once_equal_autocast(tiny_family):
+    """bf16 Linear weights held for the run give exactly autocast's numbers; fp32 restored after."""
+    from softprompt.train import cast_linear_weights
+
+    base = tiny_family("qwen2")  # untied lm head, biases on q/k/v
+    pm = PromptedModel(base)
+    prompts, rows, label_ids = _mixed_setup(base)
+    before = {n: p.clone() for n, p in base.model.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_loss, plain = _grads(pm, prompts, rows, label_ids)
+        with cast_linear_weights(base.model, torch.bfloat16):
+            assert base.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+            cast_loss, cast = _grads(pm, prompts, rows, label_ids)
+    assert torch.equal(plain_loss, cast_loss)
+    for a, b in zip(plain, cast):
+        assert torch.equal(a, b)
+    for n, p in base.model.named_parameters():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+
+
 def test_attention_switch_is_restored(tiny):
     from softprompt.train import attention_implementation
 

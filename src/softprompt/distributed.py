@@ -117,9 +117,26 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+"""Environment flags ``accelerate launch`` sets for configs softprompt does not run (see README)."""
+
+
+def check_launch_config() -> None:
+    """Refuse accelerate configs that shard the model (FSDP, DeepSpeed): softprompt replicates the
+    frozen base on every process and all-reduces only the prompt gradients."""
+    for var, name in SHARDING_ENV.items():
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"the accelerate config asks for {name}, which softprompt train does not run: it trains data "
+                "parallel with the frozen base replicated on every process (only the prompt gradients are "
+                "all-reduced). For a base too large for one GPU use --dtype bfloat16, --gradient-checkpointing, "
+                "--device-map auto (one process) or --quantize 4bit; see README, Distributed training")
+
+
 def runtime_from_env(device: str | None = None) -> LocalRuntime | None:
     """The runtime this process was started for: Accelerate's when launched with several
     processes, else None (the training loop then runs alone)."""
+    check_launch_config()
     if not launched():
         return None
     try:

@@ -33,8 +33,8 @@ def register(sub) -> None:
     d.add_argument("--eval", default=None, help="dev file: early stopping keeps the best prompt on it")
     d.add_argument("--eval-split", type=float, default=None, help="or hold out this fraction of --data as dev set")
     d.add_argument("--template", default=None,
-                   help='text around each example, e.g. "Text: {text}\\nTopic:" (default: "Text: {text}\\nLabel:" '
-                        'or "Input: {input}\\nOutput:")')
+                   help='text around each example; \\n and \\t are read as newline and tab, e.g. '
+                        '"Text: {text}\\nTopic:" (default: "Text: {text}\\nLabel:" or "Input: {input}\\nOutput:")')
     d.add_argument("--labels", default=None, help="comma-separated label order (default: sorted training labels)")
     d.add_argument("--verbalizer", default=None, help='label words: "label=words,..." or JSON (text or file)')
     d.add_argument("--text-field", default=None, help="field holding the text (classify; default: text)")
@@ -104,8 +104,9 @@ def config_from_args(args: argparse.Namespace):
     if out is None:
         raise ConfigError("--out is required (the prompt file to write)")
     labels = [l.strip() for l in args.labels.split(",") if l.strip()] if args.labels else None
+    template = unescape(args.template) if args.template else None
     return TrainConfig(
-        data=args.data, task=args.task, out=out, name=args.name, template=args.template, labels=labels,
+        data=args.data, task=args.task, out=out, name=args.name, template=template, labels=labels,
         verbalizer=args.verbalizer, eval=args.eval, eval_split=args.eval_split,
         source_field=args.text_field or args.input_field, target_field=args.label_field or args.output_field,
         task_file=args.task_file, model=args.model, dtype=args.dtype, device=args.device,
@@ -119,6 +120,11 @@ def config_from_args(args: argparse.Namespace):
         patience=args.patience, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
         quiet=args.quiet, prompt_dtype=args.prompt_dtype,
     )
+
+
+def unescape(template: str) -> str:
+    """``--template``: "\\n" and "\\t" typed in a shell become a newline and a tab (pure)."""
+    return template.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def run(args: argparse.Namespace) -> int:
