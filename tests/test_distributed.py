@@ -56,7 +56,13 @@ def test_two_gloo_processes_with_a_sigkill_and_resume_equal_one_process(tmp_path
     assert killed, proc.stderr.read().decode()[-2000:]
     assert not out.exists() and load_checkpoint(ckpt).step < STEPS
 
-    r = subprocess.run([*cmd, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # resume through plain `accelerate launch` and the example config file
+    from softprompt.distributed import _free_port
+
+    resume = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "data-parallel.yaml"), "--main_process_port", str(_free_port()),
+              "-m", "softprompt", "train", *_args(model, data, dev, out), "--resume"]
+    r = subprocess.run(resume, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     two = load_prompt(out)
     assert two.meta.training["processes"] == 2 and two.meta.training["steps"] == STEPS
