@@ -57,13 +57,6 @@ CLASSIFY_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
 """``(scores (B, C), gold (B,), label token counts (C,)) -> loss per row (B,)``."""
 
 
-def slice_state(state: SourceState, idx: Sequence[int]) -> SourceState:
-    """The rows ``idx`` of a source state (cache included)."""
-    ix = torch.tensor(list(idx), dtype=torch.long, device=state.mask.device)
-    layers = [(k.index_select(0, ix), v.index_select(0, ix)) for k, v in cache_layers(state.cache)]
-    return SourceState(make_cache(layers), state.mask[ix], state.last_hidden[ix], state.next_pos[ix])
-
-
 def _prompts_for(prompts: Sequence[torch.Tensor], tasks: Sequence[int]):
     """One shared (P, d) tensor when all rows are of one task, else a per-row list."""
     if len(set(tasks)) == 1:
@@ -142,7 +135,7 @@ def row_losses(
             state = source_forward(pm, _prompts_for(prompts, tasks), sources)
         for t in sorted(set(tasks)):
             sub = [j for j, tj in enumerate(tasks) if tj == t]
-            st = state if len(sub) == len(cls) else slice_state(state, sub)
+            st = state if len(sub) == len(cls) else state.select(sub)
             scores = label_logprobs(pm, st, label_ids[t]).float()  # (b, C)
             gold = torch.tensor([rows[cls[j]].target for j in sub], dtype=torch.long, device=scores.device)
             lens = torch.tensor([len(l) for l in label_ids[t]], dtype=torch.float32, device=scores.device)  # (C,)

@@ -53,6 +53,12 @@ class SourceState:
     last_hidden: torch.Tensor  # (B, d) final hidden state at the last source token
     next_pos: torch.Tensor  # (B,) position id of the next token
 
+    def select(self, idx: Sequence[int]) -> "SourceState":
+        """The rows ``idx`` (cache included), e.g. the rows that share one label set."""
+        ix = torch.as_tensor(list(idx), dtype=torch.long, device=self.mask.device)
+        layers = [(k.index_select(0, ix), v.index_select(0, ix)) for k, v in cache_layers(self.cache)]
+        return SourceState(make_cache(layers), self.mask[ix], self.last_hidden[ix], self.next_pos[ix])
+
 
 def pad_id(pm: PromptedModel) -> int:
     tok = pm.base.tokenizer

@@ -537,7 +537,7 @@ class Engine:
             state = self._prefill(rows)
             scores: list[torch.Tensor | None] = [None] * len(rows)
             for label_ids, idx in group_indices([r.label_ids for r in rows]):
-                sub = state if len(idx) == len(rows) else _select_state(state, idx)
+                sub = state if len(idx) == len(rows) else state.select(idx)
                 s = label_logprobs(self.pm, sub, label_ids).float().cpu()  # (b, C)
                 for j, i in enumerate(idx):
                     scores[i] = s[j]
@@ -631,13 +631,6 @@ class Engine:
             row.job.emit(final[len(row.emitted):])
         req: GenerateRequest = row.job.request
         self._finish(row.job, GenerateResult(final, list(row.out), reason, req.prompt))
-
-
-def _select_state(state: SourceState, idx: Sequence[int]) -> SourceState:
-    """Rows ``idx`` of a SourceState (for scoring one label set over the rows that use it)."""
-    layers, mask = select_rows(cache_layers(state.cache), state.mask, idx)
-    t = torch.as_tensor(idx, device=state.last_hidden.device)
-    return SourceState(make_cache(layers), mask, state.last_hidden[t], state.next_pos[t])
 
 
 def create_engine(config, base: BaseModel | None = None) -> Engine:
