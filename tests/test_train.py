@@ -437,3 +437,20 @@ def test_cli_error_is_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no such data file" in lines[0] and lines[0].startswith("softprompt train: error:")
+
+
+@pytest.mark.real_model
+def test_two_steps_on_the_default_model(tmp_path, default_base):
+    """The real path on SmolLM2: label init, bf16 autocast where the CPU has it, a prompt file for it."""
+    from softprompt.train import cpu_has_fast_bf16
+
+    rows = [{"text": t, "label": l} for t, l in [
+        ("Shares fell after the central bank raised rates.", "business"), ("The striker scored twice.", "sport"),
+        ("Profits rose at the carmaker.", "business"), ("The team won the cup final.", "sport")] * 2]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    r = train(TrainConfig(data=str(data), out=str(tmp_path / "p.safetensors"), max_steps=2, batch_size=4,
+                          max_length=32, template="Text: {text}\nTopic:", quiet=True), base=default_base)
+    loaded = load_prompt(r.path, default_base)
+    assert loaded.meta.length == 20 and loaded.meta.labels == ["business", "sport"]
+    assert loaded.meta.training["precision"] == ("bfloat16" if cpu_has_fast_bf16() else "fp32")
+    assert all(h["loss"] < 5 for h in r.history if "loss" in h)  # label init: the labels are likely from step 1

@@ -407,7 +407,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
                 p.copy_(s.to(device))
         best_prompts = [b.to(device) for b in state.best_prompts]
         opt.load_state_dict(state.optimizer)
-        if "scaler" in state.info:
+        if state.info.get("scaler"):
             scaler.load_state_dict(state.info["scaler"])
         set_rng_states(state.rng)
         start, examples = state.step, int(state.info["examples"])
