@@ -31,7 +31,7 @@ from .artifact import PromptMeta, atomic_write_bytes, save_prompt
 from .base import BaseModel, assert_frozen, load_base_model
 from .checkpoint import TrainState, load_checkpoint, rng_states, save_checkpoint, set_rng_states, state_digest
 from .errors import ConfigError
-from .distributed import LocalRuntime, accelerate_precision
+from .distributed import LocalRuntime, accelerate_precision, runtime_from_env
 from .evaluate import PRIMARY_METRIC, evaluate_prompt
 from .model import PromptedModel
 from .objective import Row, row_losses
@@ -319,14 +319,16 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
         config: the run's settings (validated on creation).
         base: an already-loaded base model (default: load ``config.model``). It is left frozen and
             unchanged.
-        runtime: processes and gradient all-reduce (default: this process alone; see
-            ``softprompt.distributed``).
+        runtime: processes and gradient all-reduce (default: Accelerate's when this process was
+            started by ``accelerate launch`` with several processes, else this process alone; see
+            ``softprompt.distributed``). With several processes the main process writes the files
+            and its result holds the dev metrics.
     Returns:
         :class:`TrainResult` with the prompt files, metrics and history.
     Raises:
         DataError / ConfigError / ModelLoadError on bad input, before any training.
     """
-    rt = runtime or LocalRuntime()
+    rt = runtime or runtime_from_env(config.device) or LocalRuntime()
     quiet = config.quiet or not rt.is_main
     tasks = prepare(config)
     n_train = sum(len(t.train) for t in tasks)
@@ -355,7 +357,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     if rt.world_size > 1 and config.device_map:
         raise ConfigError("--device-map spreads one model over the devices of one process; "
                           "it cannot be combined with several processes")
-    device = rt.device if runtime is not None else resolve_device(config, base)
+    device = rt.device if rt.world_size > 1 else resolve_device(config, base)
     precision = config.precision
     if precision == "auto" and rt.world_size > 1:
         precision = accelerate_precision() or precision  # accelerate's --mixed_precision / config

@@ -137,10 +137,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--num-processes goes with --launcher accelerate")
     if config.quiet:
         _silence()
-    from ..distributed import runtime_from_env
     from ..train import train
 
-    train(config, runtime=runtime_from_env(config.device))
+    train(config)  # under `accelerate launch`, train() joins the launched processes
     return 0
 
 
