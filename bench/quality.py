@@ -178,12 +178,14 @@ def main() -> None:
     config = {"task": args.task, "model": base.name, "steps": args.steps, "batch_size": args.batch_size,
               "prompt_length": args.prompt_length, "max_length": args.max_length, "train_n": args.train_n,
               "eval_n": len(test), "max_new_tokens": args.max_new_tokens}
-    runs = load_runs(RESULTS / f"{name}.json", config)
 
     def record(method: str, seed: int | None, metrics: dict) -> None:
-        runs[:] = [r for r in runs if not (r["method"] == method and r["seed"] == seed)]
-        runs.append({"method": method, "seed": seed, **metrics, "load": round(os.getloadavg()[0], 2)})
+        """Add one run and rewrite the results (merged with other invocations' runs)."""
         print(f"{method} seed {seed}: {metrics}", flush=True)
+        run = {"method": method, "seed": seed, **metrics, "load": round(os.getloadavg()[0], 2)}
+        runs = [r for r in load_runs(RESULTS / f"{name}.json", config) if (r["method"], r["seed"]) != (method, seed)]
+        extra = {"load average at start": round(load0, 2), "seconds this invocation": round(time.perf_counter() - t_start)}
+        write_table(name, config, runs + [run], data.spec.kind, args, extra)
 
     if "baselines" in methods:
         for bname, m in run_baselines(data, args, base, test).items():
@@ -195,18 +197,20 @@ def main() -> None:
             else:
                 record(method, seed, run_peft(data, args, seed, base, test, method))
 
-    metric = PRIMARY_METRIC[data.spec.kind]
+
+def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extra: dict) -> None:
+    """results/NAME.json (config, every run) and NAME.md (mean, std, min, max per method)."""
+    metric = PRIMARY_METRIC[kind]
     order = ["softprompt", "peft-pt", "lora", "bare", "instruction", "few-shot", "tfidf-lr"]
     rows, stats = [], {}
     for method in order:
-        vals = [r[metric] for r in runs if r["method"] == method]
-        if not vals:
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
             continue
-        stats[method] = vals
+        vals = stats[method] = [r[metric] for r in mine]
         rows.append({"method": TITLES[method], metric: statistics.mean(vals), "std": spread(vals),
                      "min": min(vals), "max": max(vals), "seeds": len(vals) if method in TRAINED else "-",
-                     "train s (mean)": statistics.mean(r["train_seconds"] for r in runs if r["method"] == method)
-                     if method in TRAINED else None})
+                     "train s (mean)": statistics.mean(r["train_seconds"] for r in mine) if method in TRAINED else None})
     summary: dict = {"metric": metric}
     if "softprompt" in stats:
         sp = stats["softprompt"]
@@ -215,25 +219,24 @@ def main() -> None:
                 o = stats[other]
                 summary[f"softprompt - {other}"] = statistics.mean(sp) - statistics.mean(o)
                 if other == "peft-pt":
-                    summary["beats PEFT beyond seed spread"] = (min(sp) > max(o)
-                                                                and statistics.mean(sp) - statistics.mean(o) > 2 * (spread(sp) + spread(o)))
+                    summary["beats PEFT beyond seed spread"] = (
+                        min(sp) > max(o) and statistics.mean(sp) - statistics.mean(o) > 2 * (spread(sp) + spread(o)))
         prompting = [b for b in ("bare", "instruction", "few-shot") if b in stats]
         if prompting:
             summary["beats every prompting baseline"] = all(min(sp) > max(stats[b]) for b in prompting)
-    summary["load average at start"] = round(load0, 2)
-    summary["seconds this invocation"] = round(time.perf_counter() - t_start)
-    notes = (f"Task {args.task}: {len(test)} test examples, {metric}; trained methods: {args.steps} steps x batch "
-             f"{args.batch_size}, {args.prompt_length} virtual tokens for the prompt methods, sources cut to "
-             f"{args.max_length} tokens. softprompt: its default recipe. PEFT prompt tuning: TEXT init from a task "
-             f"description, AdamW lr 3e-2, linear decay (PEFT's guide). LoRA: r=8, alpha 16, dropout 0.05 on "
-             f"q_proj/v_proj, AdamW lr 1e-3. Baselines: `softprompt.baselines` (deterministic; seed 0). "
-             f"std = standard deviation over seeds.")
-    out = write_results(name, rows, summary, notes=notes)
+    summary.update(extra)
+    notes = (f"Task {config['task']}: {config['eval_n']} test examples, {metric}; trained methods: {config['steps']} "
+             f"steps x batch {config['batch_size']}, {config['prompt_length']} virtual tokens for the prompt methods, "
+             f"sources cut to {config['max_length']} tokens. softprompt: its default recipe (`softprompt.train`, dev "
+             f"set of {args.dev_n} for its evaluations / best prompt). PEFT prompt tuning: TEXT init from a task "
+             "description, AdamW lr 3e-2, linear decay (PEFT's guide). LoRA: r=8, alpha 16, dropout 0.05 on "
+             "q_proj/v_proj, AdamW lr 1e-3. Baselines: `softprompt.baselines` (deterministic; seed 0). std = standard "
+             "deviation over seeds; beyond seed spread = every softprompt seed above every PEFT seed and the mean gap "
+             "above twice the summed stds.")
+    write_results(name, rows, summary, notes=notes)
     info = json.loads((RESULTS / f"{name}.json").read_text())
     info["config"], info["runs"] = config, runs
     (RESULTS / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(out)
-
 
 if __name__ == "__main__":
     main()
