@@ -66,6 +66,10 @@ def test_classify_matches_scoring_and_batching(classify_prompt, tiny, tiny_dir, 
         assert [row["probs"][l] for l in LABELS] == pytest.approx(r.tolist(), abs=1e-5)
     code, out2, _ = _run(monkeypatch, capsys, ["predict", str(path), *TEXTS, "--model", str(tiny_dir), "--precision", "fp32"])
     assert code == 0 and [r["label"] for r in out2] == [r["label"] for r in out1]
+    # options before the texts, texts split around an option: the same inputs
+    code, out3, _ = _run(monkeypatch, capsys, ["predict", str(path), "--model", str(tiny_dir), *TEXTS[:2],
+                                               "--precision", "fp32", *TEXTS[2:]])
+    assert code == 0 and [r["label"] for r in out3] == [r["label"] for r in out1]
 
 
 def test_generate_greedy_and_seeded_sampling(generate_prompt, tiny_dir, monkeypatch, capsys):

@@ -40,10 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, letting options and positionals of a subcommand come in any order
+    (``predict P.safetensors --model M "some text"``): the subcommand's own parser reads its part
+    with ``parse_intermixed_args``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    i = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is None or argv[i] not in sub.choices:
+        return parser.parse_args(argv)
+    args = parser.parse_args(argv[:i])  # top-level options (--version, --help)
+    args.command = argv[i]
+    return sub.choices[argv[i]].parse_intermixed_args(argv[i + 1 :], namespace=args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
