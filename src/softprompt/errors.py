@@ -25,3 +25,15 @@ class ModelLoadError(SoftpromptError):
 
 class DataError(SoftpromptError, ValueError):
     """A data file, template or label set is invalid."""
+
+
+def check_at_least(flag: str, value: float | None, minimum: float) -> None:
+    """Raise :class:`ConfigError` naming ``flag`` if ``value`` (None: not given) is below ``minimum``."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def check_choice(flag: str, value: object, choices: tuple | list) -> None:
+    """Raise :class:`ConfigError` naming ``flag`` if ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")

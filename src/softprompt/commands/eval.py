@@ -17,7 +17,7 @@ from ..artifact import PromptMeta, check_compatible, load_prompt
 from ..baselines import (PROMPT_ROW, BaselineConfig, BaselineContext, Comparison, format_table, method_title,
                          run_baselines)
 from ..data import Example, TaskSpec, load_examples
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_at_least, check_choice
 from ..evaluate import evaluate_prompt
 from ..train import PRECISIONS, resolve_precision
 
@@ -65,16 +65,11 @@ class EvalConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
-        if self.max_length is not None and self.max_length < 8:
-            raise ConfigError(f"--max-length must be at least 8, got {self.max_length}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        check_choice("--precision", self.precision, PRECISIONS)
+        check_at_least("--batch-size", self.batch_size, 1)
+        check_at_least("--limit", self.limit, 1)
+        check_at_least("--max-length", self.max_length, 8)
+        check_at_least("--max-new-tokens", self.max_new_tokens, 1)
 
 
 def training_file(meta: PromptMeta, prompt_path: str | Path) -> Path | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, TextIO
 
 from ..data import DEFAULT_FIELDS
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_at_least, check_choice
 
 
 @dataclass
@@ -52,18 +52,14 @@ class PredictConfig:
     def __post_init__(self) -> None:
         from ..train import PRECISIONS
 
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_length is not None and self.max_length < 8:
-            raise ConfigError(f"--max-length must be at least 8, got {self.max_length}")
+        check_choice("--precision", self.precision, PRECISIONS)
+        check_at_least("--batch-size", self.batch_size, 1)
+        check_at_least("--max-length", self.max_length, 8)
+        check_at_least("--max-new-tokens", self.max_new_tokens, 1)
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
 
 
 @dataclass
