@@ -1,10 +1,12 @@
-"""Data-parallel training through Accelerate: two real CPU processes (gloo) == one process with
-the same global batch and seed, through a SIGKILL and --resume; misconfigured launches fail clearly."""
+"""Training over processes through Accelerate: two real CPU processes (gloo) == one process with
+the same global batch and seed, through a SIGKILL and --resume, data parallel and with an FSDP
+config (the frozen base sharded); misconfigured launches fail clearly."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +19,12 @@ import torch
 from softprompt import load_prompt
 from softprompt.checkpoint import load_checkpoint
 from softprompt.commands.train import strip_launcher_args
-from softprompt.distributed import LocalRuntime, accelerate_precision, launch_command, runtime_from_env
+from softprompt.distributed import (LocalRuntime, accelerate_precision, default_config_is_fsdp, fsdp_config,
+                                    launch_command, runtime_from_env)
 from softprompt.errors import ConfigError
+from softprompt.sharding import ShardingConfig
 from softprompt.train import TrainConfig, train
-from trainkit import easy_classification, learnable_model_dir
+from trainkit import easy_classification, easy_generation, learnable_model_dir, write_jsonl
 
 pytest.importorskip("accelerate")
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,11 +153,134 @@ def test_accelerate_mixed_precision_maps_to_precision(monkeypatch):
     assert accelerate_precision() is None
 
 
-@pytest.mark.parametrize("var, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_sharding_launch_configs_are_refused_clearly(monkeypatch, var, name):
-    monkeypatch.setenv(var, "true")
-    with pytest.raises(ConfigError, match=f"asks for {name}.*--device-map auto"):
+def test_deepspeed_launch_configs_are_refused_clearly(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="asks for DeepSpeed.*FSDP config"):
         runtime_from_env()
+
+
+def _fsdp_env(monkeypatch, **settings):
+    for var in [v for v in os.environ if v.startswith("FSDP_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for k, v in settings.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_fsdp_launch_settings(monkeypatch):
+    """What accelerate sets for configs/accelerate/fsdp.yaml is accepted; settings softprompt does not
+    honour are refused in one line naming the setting."""
+    _fsdp_env(monkeypatch, FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true", FSDP_SHARDING_STRATEGY="FULL_SHARD",
+              FSDP_OFFLOAD_PARAMS="false", FSDP_CPU_RAM_EFFICIENT_LOADING="false",
+              FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP", FSDP_STATE_DICT_TYPE="FULL_STATE_DICT")
+    assert fsdp_config() == ShardingConfig()
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer, Qwen2DecoderLayer")
+    assert fsdp_config().layer_classes == ("LlamaDecoderLayer", "Qwen2DecoderLayer")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert fsdp_config() is None
+    for var, value, says in [("FSDP_RESHARD_AFTER_FORWARD", "false", "fsdp_reshard_after_forward"),
+                             ("FSDP_RESHARD_AFTER_FORWARD", "SHARD_GRAD_OP", "fsdp_reshard_after_forward"),
+                             ("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD", "fsdp_sharding_strategy"),
+                             ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
+                             ("FSDP_CPU_RAM_EFFICIENT_LOADING", "true", "fsdp_cpu_ram_efficient_loading"),
+                             ("FSDP_ACTIVATION_CHECKPOINTING", "true", "fsdp_activation_checkpointing"),
+                             ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "fsdp_auto_wrap_policy")]:
+        _fsdp_env(monkeypatch, **{var: value})
+        with pytest.raises(ConfigError, match=says) as e:
+            runtime_from_env()
+        assert "\n" not in str(e.value)
+
+
+def test_fsdp_refuses_gradient_checkpointing_and_quantize(tmp_path, easy):
+    rt = FakeRanks(2)
+    rt.sharding = ShardingConfig()
+    for kw in [{"gradient_checkpointing": True}, {"quantize": "4bit"}]:
+        c = TrainConfig(data=str(easy[0]), out=str(tmp_path / "p.safetensors"), batch_size=4, model="/nonexistent", **kw)
+        with pytest.raises(ConfigError, match="cannot be combined with an FSDP launch"):
+            train(c, runtime=rt)
+
+
+def test_launcher_keeps_an_fsdp_default_config(tmp_path, monkeypatch):
+    assert "--use_fsdp" in launch_command([], 2, port=29555, fsdp=True)
+    home = tmp_path / "hf" / "accelerate"
+    home.mkdir(parents=True)
+    import accelerate.commands.config.config_args as config_args
+
+    monkeypatch.setattr(config_args, "default_config_file", str(home / "default_config.yaml"))
+    assert not default_config_is_fsdp()
+    shutil.copy(ROOT / "configs" / "accelerate" / "fsdp.yaml", home / "default_config.yaml")
+    assert default_config_is_fsdp()
+
+
+FSDP_STEPS = 12
+
+
+def test_fsdp_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_path, model_root):
+    """An FSDP config: each process holds half of every decoder layer; a classification task with
+    multi-token labels (gradient through the KV cache) and a generation task in mixed batches;
+    killed after a checkpoint and resumed; the prompts equal one unsharded process's."""
+    model = learnable_model_dir(model_root / "learnable")
+    data, dev = easy_classification(tmp_path / "data", n_train=24, n_dev=6, labels=("business news", "sports match"))
+    gen = easy_generation(tmp_path / "data", n=16)
+    tasks = tmp_path / "data" / "tasks.json"
+    tasks.write_text(json.dumps({"tasks": [{"name": "topic", "data": data.name, "eval": dev.name},
+                                           {"name": "gen", "data": gen.name, "task": "generate"}]}))
+    home = tmp_path / "hf"  # the user's default accelerate config asks for FSDP
+    (home / "accelerate").mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / "accelerate" / "fsdp.yaml", home / "accelerate" / "default_config.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(home)}
+    out = tmp_path / "fsdp"
+    args = ["--task-file", str(tasks), "--model", str(model), "--out", str(out), "--max-steps", str(FSDP_STEPS),
+            "--batch-size", "4", "--prompt-length", "4", "--lr", "0.1", "--eval-every", "6", "--patience", "none",
+            "--checkpoint-every", "3", "--prompt-dtype", "float32", "--precision", "fp32", "--quiet"]
+    ckpt = out / "run" / "checkpoint.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "train", "--launcher", "accelerate", "--num-processes",
+                             "2", *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    killed = False
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and load_checkpoint(ckpt).step >= 3:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed, proc.stderr.read().decode()[-2000:]
+    resume = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--main_process_port", str(_port()),
+              "-m", "softprompt", "train", *args, "--resume"]
+    r = subprocess.run(resume, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    torch.set_num_threads(1)
+    one = train(TrainConfig(task_file=str(tasks), model=str(model), out=str(tmp_path / "one"), max_steps=FSDP_STEPS,
+                            batch_size=4, prompt_length=4, lr=0.1, eval_every=6, patience=None,
+                            prompt_dtype="float32", precision="fp32", quiet=True))
+    for name in ("topic", "gen"):
+        two = load_prompt(out / f"{name}.safetensors")
+        assert two.meta.training["processes"] == 2 and two.meta.training["steps"] == FSDP_STEPS
+        torch.testing.assert_close(two.tensor, load_prompt(one.paths[name]).tensor, atol=1e-4, rtol=1e-4)
+    topic = load_prompt(out / "topic.safetensors").meta.training
+    assert topic["best_step"] == load_prompt(one.paths["topic"]).meta.training["best_step"]
+
+    # each process held its half of every decoder layer (+ the replicated embeddings and norms)
+    from softprompt import load_base_model
+
+    lm = load_base_model(str(model)).model
+    full = sum(p.numel() * p.element_size() for p in lm.parameters())
+    layers = sum(p.numel() * p.element_size() for p in lm.model.layers.parameters())
+    info = two.meta.training["sharded_base"]
+    assert info["bytes"] == full and info["sharded_bytes"] == layers and info["layers"] == len(lm.model.layers)
+    assert len(info["bytes_per_process"]) == 2
+    for held in info["bytes_per_process"]:
+        assert abs(held - (full - layers / 2)) <= 8 * len(lm.model.layers)  # 1/2 of each layer, up to padding
+
+
+def _port() -> int:
+    from softprompt.distributed import _free_port
+
+    return _free_port()
 
 
 def test_large_base_options_on_cpu(tmp_path, easy, model_root):

@@ -37,6 +37,7 @@ from .model import PromptedModel
 from .objective import Row, row_losses
 from .prompt import SoftPrompt
 from .schedule import batch_at, lr_at, shard, warmup_steps
+from .sharding import ShardedLayers, lockstep_micro_batches
 from .train_config import (DEFAULT_MAX_STEPS, PRECISIONS, PreparedTask, TaskConfig, TrainConfig, _flag,
                            data_fingerprint, load_task_file, prepare, total_steps)
 
@@ -357,15 +358,25 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     if rt.world_size > 1 and config.device_map:
         raise ConfigError("--device-map spreads one model over the devices of one process; "
                           "it cannot be combined with several processes")
+    sharding = getattr(rt, "sharding", None) if rt.world_size > 1 else None  # accelerate FSDP config: shard the base
+    if sharding and (config.gradient_checkpointing or config.quantize):
+        raise ConfigError(f"--{'gradient-checkpointing' if config.gradient_checkpointing else 'quantize'} cannot be "
+                          "combined with an FSDP launch (sharded layers); drop it or use the data-parallel config")
     device = rt.device if rt.world_size > 1 else resolve_device(config, base)
     precision = config.precision
     if precision == "auto" and rt.world_size > 1:
         precision = accelerate_precision() or precision  # accelerate's --mixed_precision / config
     amp = resolve_precision(precision, device)
+    base_given = base is not None
     if base is None:
         _say(quiet, f"loading {config.model or 'the default model'} ...")
-        base = load_base_model(config.model, dtype=config.dtype, device=None if config.device_map else device,
+        base = load_base_model(config.model, dtype=config.dtype,
+                               device=None if config.device_map or sharding else device,
                                device_map=config.device_map, quantization=config.quantize)
+    sharded = None
+    if sharding:  # each process keeps 1/W of every decoder layer from here on (sharding.py)
+        sharded = ShardedLayers(base.model, rt, sharding, device=device, compute_dtype=amp, restore=base_given)
+        base_bytes = rt.gather(sharded.local_bytes())
     pm = PromptedModel(base)
     assert_frozen(base.model)
     device = base.device
@@ -388,6 +399,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
             tgt = t.spec.labels.index(ex.target) if t.spec.kind == "classify" else t.spec.target_ids(tok, ex.target)
             rows.append(Row(i, src, tgt))
     lengths = [len(r.source) + (0 if isinstance(r.target, int) else len(r.target)) for r in rows]
+    task_of = [r.task for r in rows]
     label_ids = [t.spec.label_ids(tok) if t.spec.kind == "classify" else None for t in tasks]
     opt = torch.optim.AdamW([{"params": [p]} for p in params], lr=config.lr, weight_decay=config.weight_decay,
                             betas=(0.9, 0.999), eps=1e-8)
@@ -424,7 +436,8 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
         atomic_write_bytes(run_dir / "config.json", json.dumps(config.result_settings(), indent=2).encode())
 
     _say(quiet, f"training {len(tasks)} prompt(s) on {n_train} examples: {total} steps x {config.batch_size} "
-                f"on {device}{' x ' + str(rt.world_size) + ' processes' if rt.world_size > 1 else ''}, "
+                f"on {device}{' x ' + str(rt.world_size) + ' processes' if rt.world_size > 1 else ''}"
+                f"{' (FSDP: base layers sharded)' if sharded else ''}, "
                 f"precision {'fp32' if amp is None else str(amp).replace('torch.', '')}")
 
     def checkpoint(step: int, finished: bool = False) -> None:
@@ -471,7 +484,8 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     try:
         with gradient_checkpointing(base_model, config.gradient_checkpointing), \
                 attention_implementation(base_model, resolve_attention(config.attention, device)), \
-                cast_linear_weights(base_model, amp if device.type == "cpu" else None):
+                cast_linear_weights(base_model, amp if device.type == "cpu" and not sharded else None), \
+                (sharded or contextlib.nullcontext()):
             for step in range(start, total):
                 t0 = time.perf_counter()
                 lr = lr_at(step, total, config.lr, warm, config.schedule)
@@ -480,9 +494,11 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
                 batch = batch_at(step, lengths, config.batch_size, config.seed, order_cache)
                 in_batch = {rows[i].task for i in batch}
                 loss_sum = torch.zeros((), device=device)
-                for micro in shard(batch, rt.world_size, rt.rank, config.grad_accum):
+                micros = (lockstep_micro_batches(batch, task_of, rt.world_size, rt.rank, config.grad_accum) if sharded
+                          else [(m, len(m)) for m in shard(batch, rt.world_size, rt.rank, config.grad_accum)])
+                for micro, own in micros:  # sharded: rows borrowed to keep the processes in step carry no loss
                     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        losses = row_losses(pm, params, [rows[i] for i in micro], label_ids, config.classify_loss)
+                        losses = row_losses(pm, params, [rows[i] for i in micro], label_ids, config.classify_loss)[:own]
                         loss = losses.sum() / config.batch_size  # rows of the whole global batch weigh equally
                     scaler.scale(loss).backward()
                     loss_sum += losses.detach().sum()
@@ -511,7 +527,8 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", ex_s=f"{rec['examples_per_s']:.1f}")
                 done = step + 1
                 if has_dev and (done % eval_every == 0 or done == total):
-                    stopped = rt.broadcast(evaluate(done) if rt.is_main else None)  # main evaluates, all stop
+                    # the main process evaluates (with a sharded base, every process: its layers are shared)
+                    stopped = rt.broadcast(evaluate(done) if rt.is_main or sharded else None)
                     elapsed = time.perf_counter() - t_start
                 if ckpt_every and (done % ckpt_every == 0 or stopped) and done != total:
                     checkpoint(done)
@@ -541,6 +558,9 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
             "precision": "fp32" if amp is None else str(amp).replace("torch.", ""), "tasks_in_run": len(tasks),
             "config": config.result_settings(),
         }
+        if sharded:
+            summary["sharded_base"] = {"layers": len(sharded.units), "bytes": sharded.full_bytes,
+                                       "sharded_bytes": sharded.sharded_bytes(), "bytes_per_process": base_bytes}
         meta = PromptMeta.for_base(base, best_prompts[i].shape[0], name=t.name, training=summary, **t.spec.to_meta())
         if rt.is_main:
             save_prompt(t.out, best_prompts[i].float(), meta, dtype=config.prompt_dtype)
