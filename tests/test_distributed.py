@@ -222,9 +222,11 @@ def test_fsdp_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_path, 
     model = learnable_model_dir(model_root / "learnable")
     data, dev = easy_classification(tmp_path / "data", n_train=24, n_dev=6, labels=("business news", "sports match"))
     gen = easy_generation(tmp_path / "data", n=16)
+    gen_dev = easy_generation(tmp_path / "gen-dev", n=4, seed=1)  # generation on every process, in step
     tasks = tmp_path / "data" / "tasks.json"
     tasks.write_text(json.dumps({"tasks": [{"name": "topic", "data": data.name, "eval": dev.name},
-                                           {"name": "gen", "data": gen.name, "task": "generate"}]}))
+                                           {"name": "gen", "data": gen.name, "task": "generate",
+                                            "eval": str(gen_dev)}]}))
     home = tmp_path / "hf"  # the user's default accelerate config asks for FSDP
     (home / "accelerate").mkdir(parents=True)
     shutil.copy(ROOT / "configs" / "accelerate" / "fsdp.yaml", home / "accelerate" / "default_config.yaml")
@@ -257,17 +259,21 @@ def test_fsdp_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_path, 
     one = train(TrainConfig(task_file=str(tasks), model=str(model), out=str(tmp_path / "one"), max_steps=FSDP_STEPS,
                             batch_size=4, prompt_length=4, lr=0.1, eval_every=6, patience=None,
                             prompt_dtype="float32", precision="fp32", quiet=True))
-    for name in ("topic", "gen"):
+    from softprompt import load_base_model
+    from softprompt.prompt import SoftPrompt
+
+    base = load_base_model(str(model))
+    for i, name in enumerate(("topic", "gen")):
         two = load_prompt(out / f"{name}.safetensors")
         assert two.meta.training["processes"] == 2 and two.meta.training["steps"] == FSDP_STEPS
         torch.testing.assert_close(two.tensor, load_prompt(one.paths[name]).tensor, atol=1e-4, rtol=1e-4)
-    topic = load_prompt(out / "topic.safetensors").meta.training
-    assert topic["best_step"] == load_prompt(one.paths["topic"]).meta.training["best_step"]
+        assert two.meta.training["best_step"] == load_prompt(one.paths[name]).meta.training["best_step"] > 0
+        init = SoftPrompt.initialize(base.embedding, base.tokenizer, 4, "labels" if i == 0 else "vocab",
+                                     labels=two.meta.labels or None, seed=i).weight
+        assert (two.tensor - init).abs().max() > 1e-2  # it trained
 
     # each process held its half of every decoder layer (+ the replicated embeddings and norms)
-    from softprompt import load_base_model
-
-    lm = load_base_model(str(model)).model
+    lm = base.model
     full = sum(p.numel() * p.element_size() for p in lm.parameters())
     layers = sum(p.numel() * p.element_size() for p in lm.model.layers.parameters())
     info = two.meta.training["sharded_base"]
