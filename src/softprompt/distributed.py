@@ -37,11 +37,11 @@ class LocalRuntime:
     rank = 0
     is_main = True
 
-    def __init__(self, device: torch.device | None = None):
-        self.device = device or torch.device("cpu")
-
     sharding: ShardingConfig | None = None
     """Set when the launch config asks for FSDP: the frozen base is sharded (sharding.py)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
 
     def all_reduce_sum(self, tensors: Sequence[torch.Tensor]) -> None:
         """Sum each tensor over processes, in place."""
