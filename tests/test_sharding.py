@@ -52,12 +52,13 @@ def _grads(base, amp=None):
     return [p.grad for p in prompts]
 
 
-def test_sharded_layers_are_freed_after_forward_and_gathered_again_in_backward(tiny_family):
-    base = tiny_family("qwen2")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma"])
+def test_sharded_layers_are_freed_after_forward_and_gathered_again_in_backward(tiny_family, family):
+    base = tiny_family(family)
     before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
     want = _grads(base)
     s = ShardedLayers(base.model, LocalRuntime(), ShardingConfig(), restore=True)
-    layers = list(base.model.model.layers)
+    layers = list(base.model.base_model.h if family == "gpt2" else base.model.model.layers)
     assert len(s.units) == len(layers) and all(p.numel() == 0 for p in layers[0].parameters())
     with s:
         got = _grads(base)
