@@ -268,6 +268,12 @@ def test_task_file_trains_one_prompt_per_task(tmp_path, learn):
     assert metas["gen"].task == "generate"
     assert metas["topic"].training["tasks_in_run"] == 3 and "accuracy" in metas["topic"].training["dev_metrics"]
     assert all(p.parent == tmp_path / "prompts" for p in r.paths.values())
+    # tasks without a dev set save their trained prompt (not their initialisation) even when
+    # another task of the run has one: one step less gives other prompts
+    r1 = train(TrainConfig(task_file=str(tmp_path / "tasks.json"), out=str(tmp_path / "p1"), max_steps=3,
+                           prompt_length=4, quiet=True, batch_size=8), base=learn)
+    for name in ("other", "gen"):
+        assert not torch.equal(load_prompt(r.paths[name]).tensor, load_prompt(r1.paths[name]).tensor), name
 
 
 # ----------------------------------------------------------------------------- data order, lr

@@ -538,8 +538,9 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     finally:
         bar.close()
     steps_done = done
-    if not has_dev:
-        best_prompts = [p.detach().clone() for p in params]
+    for i, t in enumerate(tasks):  # a task without a dev set keeps its last prompt
+        if not t.dev:
+            best_prompts[i] = params[i].detach().clone()
     if ckpt_every:
         checkpoint(steps_done, finished=True)
     seconds = time.perf_counter() - t_start
