@@ -201,7 +201,7 @@ class TrainConfig:
     """Examples per optimizer step, over all processes and micro-batches."""
     grad_accum: int = 1
     """Split each step's batch into this many micro-batches (same result, less memory)."""
-    lr: float = 0.03
+    lr: float = 0.1
     """Peak learning rate (AdamW)."""
     warmup: float = 0.1
     """Warmup: a fraction of all steps (< 1) or a number of steps."""
