@@ -34,5 +34,6 @@ $PY bench/quality.py --task bbc-news --methods lora --seeds 0
 $PY bench/quality.py --task headlines --methods baselines,softprompt --seeds 0,1,2
 $PY bench/quality.py --task headlines --methods peft-pt --seeds 0
 $PY bench/quality.py --task headlines --methods lora --seeds 0
-$PY bench/serve.py
+$PY bench/serve.py --threads 1
+$PY bench/serve.py --threads 1 --dtype bfloat16 --name serve_bf16
 uptime
