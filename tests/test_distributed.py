@@ -19,7 +19,7 @@ import torch
 from softprompt import load_prompt
 from softprompt.checkpoint import load_checkpoint
 from softprompt.commands.train import strip_launcher_args
-from softprompt.distributed import (LocalRuntime, accelerate_precision, default_config_is_fsdp, fsdp_config,
+from softprompt.distributed import (LocalRuntime, _free_port, accelerate_precision, default_config_is_fsdp, fsdp_config,
                                     launch_command, runtime_from_env)
 from softprompt.errors import ConfigError
 from softprompt.sharding import ShardingConfig
@@ -38,6 +38,33 @@ def _args(model, data, dev, out: Path) -> list[str]:
             "--precision", "fp32", "--quiet"]
 
 
+def _kill_after_checkpoint(cmd: list[str], env: dict, ckpt: Path, step: int = 3) -> None:
+    """Start ``cmd`` in its own process group and SIGKILL launcher + workers once the run's
+    checkpoint reaches ``step``; fail if it never does."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    killed = False
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and load_checkpoint(ckpt).step >= step:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed, proc.stderr.read().decode()[-2000:]
+
+
+def _resume(config: str, train_args: list[str], env: dict) -> None:
+    """``accelerate launch --config_file configs/accelerate/CONFIG -m softprompt train ARGS --resume``."""
+    resume = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / config), "--main_process_port", str(_free_port()),
+              "-m", "softprompt", "train", *train_args, "--resume"]
+    r = subprocess.run(resume, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+
 def test_two_gloo_processes_with_a_sigkill_and_resume_equal_one_process(tmp_path, model_root):
     model = learnable_model_dir(model_root / "learnable")
     data, dev = easy_classification(tmp_path / "data", n_train=40, n_dev=8)
@@ -46,28 +73,9 @@ def test_two_gloo_processes_with_a_sigkill_and_resume_equal_one_process(tmp_path
     ckpt = tmp_path / "dist" / "p.run" / "checkpoint.safetensors"
     cmd = [sys.executable, "-m", "softprompt", "train", "--launcher", "accelerate", "--num-processes", "2",
            *_args(model, data, dev, out)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # its own process group: the kill takes launcher + workers
-    killed = False
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file() and load_checkpoint(ckpt).step >= 3:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert killed, proc.stderr.read().decode()[-2000:]
+    _kill_after_checkpoint(cmd, env, ckpt)
     assert not out.exists() and load_checkpoint(ckpt).step < STEPS
-
-    # resume through plain `accelerate launch` and the example config file
-    from softprompt.distributed import _free_port
-
-    resume = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs" / "accelerate" / "data-parallel.yaml"), "--main_process_port", str(_free_port()),
-              "-m", "softprompt", "train", *_args(model, data, dev, out), "--resume"]
-    r = subprocess.run(resume, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _resume("data-parallel.yaml", _args(model, data, dev, out), env)  # plain `accelerate launch` + the example config
     two = load_prompt(out)
     assert two.meta.training["processes"] == 2 and two.meta.training["steps"] == STEPS
 
@@ -236,24 +244,9 @@ def test_fsdp_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_path, 
             "--batch-size", "4", "--prompt-length", "4", "--lr", "0.1", "--eval-every", "6", "--patience", "none",
             "--checkpoint-every", "3", "--prompt-dtype", "float32", "--precision", "fp32", "--quiet"]
     ckpt = out / "run" / "checkpoint.safetensors"
-    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "train", "--launcher", "accelerate", "--num-processes",
-                             "2", *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    killed = False
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file() and load_checkpoint(ckpt).step >= 3:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert killed, proc.stderr.read().decode()[-2000:]
-    resume = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--main_process_port", str(_port()),
-              "-m", "softprompt", "train", *args, "--resume"]
-    r = subprocess.run(resume, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _kill_after_checkpoint([sys.executable, "-m", "softprompt", "train", "--launcher", "accelerate",
+                            "--num-processes", "2", *args], env, ckpt)
+    _resume("fsdp.yaml", args, env)
 
     torch.set_num_threads(1)
     one = train(TrainConfig(task_file=str(tasks), model=str(model), out=str(tmp_path / "one"), max_steps=FSDP_STEPS,
@@ -281,12 +274,6 @@ def test_fsdp_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_path, 
     assert len(info["bytes_per_process"]) == 2
     for held in info["bytes_per_process"]:
         assert abs(held - (full - layers / 2)) <= 8 * len(lm.model.layers)  # 1/2 of each layer, up to padding
-
-
-def _port() -> int:
-    from softprompt.distributed import _free_port
-
-    return _free_port()
 
 
 def test_large_base_options_on_cpu(tmp_path, easy, model_root):
