@@ -4,8 +4,8 @@ A runtime tells the training loop its ``rank``, ``world_size`` and ``device``, s
 processes, gathers shards, and waits for the others. Training is data parallel: every process
 holds the same prompts, takes its shard of each global batch (``schedule.shard``), and only the
 prompts' gradients (a few kilobytes) plus two loss scalars are all-reduced once per step. The
-frozen base is replicated on every process, or, with an accelerate FSDP config
-(:func:`fsdp_config`), sharded over them (sharding.py). Logging, checkpoint writing and (with a
+frozen base is replicated on every process, or, with an accelerate FSDP or DeepSpeed ZeRO-3
+config (:func:`sharding_config`), sharded over them (sharding.py, zero3.py). Logging, checkpoint writing and (with a
 replicated base) evaluation happen on the main process; the others wait.
 
 - :class:`LocalRuntime`: one process.
@@ -17,12 +17,13 @@ Not here: the loop (train.py), how the base is sharded (sharding.py).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -38,7 +39,11 @@ class LocalRuntime:
     is_main = True
 
     sharding: ShardingConfig | None = None
-    """Set when the launch config asks for FSDP: the frozen base is sharded (sharding.py)."""
+    """Set when the launch config asks for FSDP or DeepSpeed ZeRO-3: the frozen base is sharded
+    (sharding.py, zero3.py)."""
+
+    note: str | None = None
+    """A line on how the launch config was read (DeepSpeed), shown when training starts."""
 
     def __init__(self, device: torch.device | None = None):
         self.device = device or torch.device("cpu")
@@ -168,17 +173,79 @@ FSDP_SETTINGS: dict[str, tuple[Callable[[str], bool], str]] = {
 min_num_params) make no difference to how softprompt shards the base."""
 
 
-def fsdp_config() -> ShardingConfig | None:
-    """The sharding an ``accelerate launch`` FSDP config asks for (None without one).
+DEEPSPEED_USED = ("zero_optimization", "bf16", "fp16")
+"""The DeepSpeed config sections softprompt reads: how the base is partitioned, and the precision.
+Optimizer, scheduler, batch sizes, gradient clipping and the rest come from softprompt's flags."""
+
+
+def _read_json(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"DeepSpeed config {path}: cannot read it ({e.strerror or e})") from e
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path}, line {e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"DeepSpeed config {path}: must be a JSON object")
+    return raw
+
+
+def deepspeed_config(env: Mapping[str, str] = os.environ) -> dict:
+    """The DeepSpeed config an accelerate DeepSpeed launch asks for: its ``deepspeed_config_file``,
+    else the accelerate config's fields (``zero_stage``, ``offload_param_device``), as DeepSpeed JSON.
 
     Raises:
-        ConfigError: for DeepSpeed, and for FSDP settings softprompt does not honour (one line).
+        ConfigError: an unreadable file, a stage other than 0-3, ``zero3_init_flag`` (one line).
+    """
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
+    if path and path.lower() != "none":
+        config = _read_json(path)
+        where = f"DeepSpeed config {path}"
+    else:
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip()  # accelerate's default stage
+        zero: dict[str, Any] = {"stage": int(stage) if stage.isdigit() else stage}
+        device = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").strip().lower()
+        if device not in ("", "none"):
+            zero["offload_param"] = {"device": device}
+        config, where = {"zero_optimization": zero}, "accelerate DeepSpeed config"
+    zero = config.get("zero_optimization") or {}
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        got = zero.get("stage") if isinstance(zero, dict) else zero
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3 (got {got!r})")
+    if _env_true("ACCELERATE_DEEPSPEED_ZERO3_INIT") and zero.get("stage") == 3:
+        raise ConfigError(f"{where}: zero3_init_flag (partitioned loading) is not supported: every process loads "
+                          "the base, then keeps its partition; set it to false")
+    return config
+
+
+def deepspeed_note(config: Mapping[str, Any]) -> str:
+    """One line on what softprompt does with a DeepSpeed config (pure)."""
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    ignored = sorted(k for k in config if k not in DEEPSPEED_USED)
+    if stage == 3:
+        note = "DeepSpeed ZeRO-3: the frozen base's decoder layers are partitioned over the processes"
+    else:
+        note = (f"DeepSpeed ZeRO-{stage}: data parallel (ZeRO-{stage} shards optimizer state and gradients, which "
+                "for a prompt are kilobytes; use zero_stage 3 to partition the base)")
+    if ignored:
+        note += f"; from softprompt's flags, not the DeepSpeed config: {', '.join(ignored)}"
+    return note
+
+
+def sharding_config() -> ShardingConfig | None:
+    """The sharding an ``accelerate launch`` config asks for: FSDP (softprompt's own sharding) or
+    DeepSpeed ZeRO-3 (DeepSpeed's partitioning); None for data parallel (no config, or ZeRO 0-2).
+
+    Raises:
+        ConfigError: for settings softprompt does not honour (one line).
     """
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        raise ConfigError(
-            "the accelerate config asks for DeepSpeed, which softprompt train does not run; to shard a frozen base "
-            "too large for one GPU use an FSDP config (configs/accelerate/fsdp.yaml), or --dtype bfloat16, "
-            "--device-map auto (one process) or --quantize 4bit; see README, Distributed training")
+        config = deepspeed_config()
+        if config["zero_optimization"].get("stage") != 3:
+            return None
+        return ShardingConfig(engine="zero3", deepspeed=config)
     if not _env_true("ACCELERATE_USE_FSDP"):
         return None
     for var, (ok, why) in FSDP_SETTINGS.items():
@@ -192,7 +259,7 @@ def runtime_from_env(device: str | None = None) -> LocalRuntime | None:
     """The runtime this process was started for: Accelerate's when launched with several
     processes (its ``sharding`` set by an FSDP config), else None (the training loop then runs
     alone, unsharded)."""
-    sharding = fsdp_config()
+    sharding = sharding_config()
     if not launched():
         return None
     try:
@@ -200,14 +267,24 @@ def runtime_from_env(device: str | None = None) -> LocalRuntime | None:
     except ImportError as e:
         raise ConfigError("multi-process training needs Hugging Face Accelerate: pip install 'softprompt[distributed]'") from e
     rt.sharding = sharding
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        rt.note = deepspeed_note(deepspeed_config())
     return rt
 
 
 def accelerate_precision() -> str | None:
     """``--precision`` from ``accelerate launch --mixed_precision`` / the accelerate config
-    (bf16, fp16), or None when it says "no" or nothing (then softprompt's own default holds)."""
+    (bf16, fp16), or a DeepSpeed config's ``bf16``/``fp16`` ``enabled: true``; None when they say
+    "no" or nothing (then softprompt's own default holds)."""
     mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
-    return mp if mp in ("bf16", "fp16") else None
+    if mp in ("bf16", "fp16"):
+        return mp
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        config = deepspeed_config()
+        for name in ("bf16", "fp16"):
+            if (config.get(name) or {}).get("enabled") is True:
+                return name
+    return None
 
 
 def _free_port() -> int:
@@ -216,22 +293,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_config_is_fsdp() -> bool:
-    """True when the user's default accelerate config (``accelerate config``) asks for FSDP."""
+LAUNCH_FLAGS = {"FSDP": "--use_fsdp", "DEEPSPEED": "--use_deepspeed"}
+"""The default accelerate config's distributed type -> the ``accelerate launch`` flag that keeps it
+when ``--num-processes`` is given (any other type runs data parallel: ``--multi_gpu``)."""
+
+
+def default_config_sharding() -> str | None:
+    """``"FSDP"`` or ``"DEEPSPEED"`` when the user's default accelerate config (``accelerate config``)
+    asks for one, else None."""
     try:
         from accelerate.commands.config.config_args import default_config_file, load_config_from_file
 
-        return os.path.isfile(default_config_file) and \
-            str(load_config_from_file(default_config_file).distributed_type).upper().endswith("FSDP")
+        if not os.path.isfile(default_config_file):
+            return None
+        kind = str(load_config_from_file(default_config_file).distributed_type).upper()
     except Exception:  # no accelerate, or a config it cannot read: accelerate launch will say so itself
-        return False
+        return None
+    return next((k for k in LAUNCH_FLAGS if kind.endswith(k)), None)
 
 
 def launch_command(train_args: Sequence[str], num_processes: int | None = None,
-                   port: int | None = None, fsdp: bool = False) -> list[str]:
+                   port: int | None = None, sharding: str | None = None) -> list[str]:
     """The ``accelerate launch`` command line that runs ``softprompt train TRAIN_ARGS`` (pure
     apart from picking a free port). Without ``num_processes`` the accelerate config decides;
-    with it, ``fsdp`` keeps the config's FSDP settings (else the processes run data parallel)."""
+    with it, ``sharding`` ("FSDP", "DEEPSPEED") keeps the config's sharding settings (else the
+    processes run data parallel)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if num_processes is not None:
         if num_processes < 1:
@@ -240,7 +326,7 @@ def launch_command(train_args: Sequence[str], num_processes: int | None = None,
         if num_processes > 1:
             # "multi_gpu" is accelerate's torchrun launcher; on a machine without GPUs the
             # processes join a gloo group (AccelerateRuntime passes cpu=True).
-            cmd += ["--use_fsdp" if fsdp else "--multi_gpu", "--main_process_port", str(port or _free_port())]
+            cmd += [LAUNCH_FLAGS.get(sharding or "", "--multi_gpu"), "--main_process_port", str(port or _free_port())]
     return cmd + ["-m", "softprompt", "train", *train_args]
 
 
@@ -250,5 +336,5 @@ def relaunch(train_args: Sequence[str], num_processes: int | None = None) -> int
         import accelerate  # noqa: F401
     except ImportError:
         raise ConfigError("--launcher accelerate needs Hugging Face Accelerate: pip install 'softprompt[distributed]'")
-    proc = subprocess.run(launch_command(train_args, num_processes, fsdp=default_config_is_fsdp()))
+    proc = subprocess.run(launch_command(train_args, num_processes, sharding=default_config_sharding()))
     return 0 if proc.returncode == 0 else 2

@@ -30,9 +30,10 @@ Not here: reading the launch config (distributed.py), the loop (train.py).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -43,11 +44,23 @@ from .schedule import shard
 
 @dataclass(frozen=True)
 class ShardingConfig:
-    """How to shard the frozen base (from an accelerate FSDP config; ``distributed.fsdp_config``)."""
+    """How to shard the frozen base (from an accelerate FSDP or DeepSpeed config;
+    ``distributed.sharding_config``)."""
 
     layer_classes: tuple[str, ...] = ()
     """Class names of the modules sharded as one unit each (``fsdp_transformer_layer_cls_to_wrap``);
     empty: the model's decoder layers (its ``_no_split_modules``)."""
+
+    engine: Literal["fsdp", "zero3"] = "fsdp"
+    """Who shards: softprompt's own per-layer sharding (FSDP configs, :class:`ShardedLayers`) or
+    DeepSpeed ZeRO-3's partitioning (DeepSpeed configs, ``zero3.Zero3Layers``)."""
+
+    deepspeed: Mapping[str, Any] | None = None
+    """The DeepSpeed config (its ``zero_optimization`` section is used), for ``engine="zero3"``."""
+
+    def describe(self) -> str:
+        """How the base is sharded, for the training banner."""
+        return "FSDP: base layers sharded" if self.engine == "fsdp" else "DeepSpeed ZeRO-3: base layers partitioned"
 
 
 class Collective(Protocol):
@@ -162,19 +175,21 @@ class _Saved:
     offset: int
 
 
-def _layer_modules(model: nn.Module, classes: Sequence[str]) -> list[nn.Module]:
+def layer_modules(model: nn.Module, classes: Sequence[str], engine: str = "FSDP") -> list[nn.Module]:
+    """The modules of ``model`` sharded one unit each: those of the named classes, or its decoder
+    layers (``_no_split_modules``); never one inside another."""
     names = set(classes) or set(getattr(model, "_no_split_modules", None) or ())
     if not names:
-        raise ConfigError("FSDP: this model names no decoder layer class; set fsdp_transformer_layer_cls_to_wrap "
-                          "in the accelerate config")
+        raise ConfigError(f"{engine}: this model names no decoder layer class (_no_split_modules)"
+                          + ("; set fsdp_transformer_layer_cls_to_wrap in the accelerate config" if engine == "FSDP" else ""))
     found, inside = [], set()
     for m in model.modules():
         if type(m).__name__ in names and id(m) not in inside:
             found.append(m)
             inside.update(id(c) for c in m.modules())  # a unit is never nested in another
     if not found:
-        raise ConfigError(f"FSDP: no module of class {', '.join(sorted(names))} in {type(model).__name__}; "
-                          "check fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+        raise ConfigError(f"{engine}: no module of class {', '.join(sorted(names))} in {type(model).__name__}"
+                          + ("; check fsdp_transformer_layer_cls_to_wrap in the accelerate config" if classes else ""))
     return found
 
 
@@ -198,7 +213,7 @@ class ShardedLayers:
         self.model, self.comm, self.restore_on_exit = model, comm, restore
         device = device or torch.device("cpu")
         self.full_bytes = sum(p.numel() * p.element_size() for p in dict.fromkeys(model.parameters()))
-        layers = _layer_modules(model, config.layer_classes)
+        layers = layer_modules(model, config.layer_classes)
         compute: dict[int, torch.dtype] = {}
         if compute_dtype is not None:
             for m in model.modules():
@@ -269,6 +284,11 @@ class ShardedLayers:
         buffers = self._gather(saved.unit)
         return buffers[saved.buffer].as_strided(saved.size, saved.stride, saved.offset)
 
+    def end_step(self) -> None:
+        """After a step's backward (or an evaluation), on every process: free the layer still gathered."""
+        for unit in list(self._current.values()):
+            self._release(unit)
+
     # --- context
 
     def __enter__(self) -> "ShardedLayers":
@@ -293,3 +313,16 @@ class ShardedLayers:
 
 
 
+
+
+SHARDERS: dict[str, Callable[[], Callable[..., Any]]] = {
+    "fsdp": lambda: ShardedLayers,
+    "zero3": lambda: importlib.import_module(".zero3", __package__).Zero3Layers,  # imports DeepSpeed only when asked
+}
+"""``ShardingConfig.engine`` -> the class that shards the base (same constructor and interface:
+context manager, ``end_step``, ``units``, ``full_bytes``, ``local_bytes``, ``sharded_bytes``)."""
+
+
+def shard_base(model: nn.Module, comm: Collective, config: ShardingConfig, **kw: Any):
+    """Shard ``model``'s layers in place with the engine ``config`` names (keywords as :class:`ShardedLayers`)."""
+    return SHARDERS[config.engine]()(model, comm, config, **kw)

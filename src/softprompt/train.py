@@ -37,7 +37,7 @@ from .model import PromptedModel
 from .objective import Row, row_losses
 from .prompt import SoftPrompt
 from .schedule import batch_at, lr_at, shard, warmup_steps
-from .sharding import ShardedLayers, lockstep_micro_batches
+from .sharding import lockstep_micro_batches, shard_base
 from .train_config import (DEFAULT_MAX_STEPS, PRECISIONS, PreparedTask, TaskConfig, TrainConfig, _flag,
                            data_fingerprint, load_task_file, prepare, total_steps)
 
@@ -358,10 +358,11 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     if rt.world_size > 1 and config.device_map:
         raise ConfigError("--device-map spreads one model over the devices of one process; "
                           "it cannot be combined with several processes")
-    sharding = getattr(rt, "sharding", None) if rt.world_size > 1 else None  # accelerate FSDP config: shard the base
+    sharding = getattr(rt, "sharding", None) if rt.world_size > 1 else None  # FSDP / ZeRO-3 config: shard the base
     if sharding and (config.gradient_checkpointing or config.quantize):
         raise ConfigError(f"--{'gradient-checkpointing' if config.gradient_checkpointing else 'quantize'} cannot be "
-                          "combined with an FSDP launch (sharded layers); drop it or use the data-parallel config")
+                          f"combined with {'an FSDP' if sharding.engine == 'fsdp' else 'a DeepSpeed ZeRO-3'} launch "
+                          "(sharded layers); drop it or use the data-parallel config")
     device = rt.device if rt.world_size > 1 else resolve_device(config, base)
     precision = config.precision
     if precision == "auto" and rt.world_size > 1:
@@ -374,8 +375,8 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
                                device=None if config.device_map or sharding else device,
                                device_map=config.device_map, quantization=config.quantize)
     sharded = None
-    if sharding:  # each process keeps 1/W of every decoder layer from here on (sharding.py)
-        sharded = ShardedLayers(base.model, rt, sharding, device=device, compute_dtype=amp, restore=base_given)
+    if sharding:  # each process keeps 1/W of every decoder layer from here on (sharding.py, zero3.py)
+        sharded = shard_base(base.model, rt, sharding, device=device, compute_dtype=amp, restore=base_given)
         base_bytes = rt.gather(sharded.local_bytes())
     pm = PromptedModel(base)
     assert_frozen(base.model)
@@ -435,9 +436,11 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.json", json.dumps(config.result_settings(), indent=2).encode())
 
+    if getattr(rt, "note", None):
+        _say(quiet, rt.note)
     _say(quiet, f"training {len(tasks)} prompt(s) on {n_train} examples: {total} steps x {config.batch_size} "
                 f"on {device}{' x ' + str(rt.world_size) + ' processes' if rt.world_size > 1 else ''}"
-                f"{' (FSDP: base layers sharded)' if sharded else ''}, "
+                f"{f' ({sharding.describe()})' if sharded else ''}, "
                 f"precision {'fp32' if amp is None else str(amp).replace('torch.', '')}")
 
     def checkpoint(step: int, finished: bool = False) -> None:
@@ -502,6 +505,8 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
                         loss = losses.sum() / config.batch_size  # rows of the whole global batch weigh equally
                     scaler.scale(loss).backward()
                     loss_sum += losses.detach().sum()
+                if sharded:
+                    sharded.end_step()  # every process, in step: free the gathered layers
                 for i, p in enumerate(params):  # a prompt whose task is in the global batch steps, even with no local rows
                     if i in in_batch and p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -529,6 +534,8 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
                 if has_dev and (done % eval_every == 0 or done == total):
                     # the main process evaluates (with a sharded base, every process: its layers are shared)
                     stopped = rt.broadcast(evaluate(done) if rt.is_main or sharded else None)
+                    if sharded:
+                        sharded.end_step()
                     elapsed = time.perf_counter() - t_start
                 if ckpt_every and (done % ckpt_every == 0 or stopped) and done != total:
                     checkpoint(done)
