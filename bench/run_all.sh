@@ -17,6 +17,7 @@ if [[ "${QUICK:-}" == 1 ]]; then
       --seeds 0 --name "smoke_quality_${task//-/_}"
   done
   $PY bench/serve.py --model "$TINY" --requests 16 --rounds 1 --concurrency 4 --name smoke_serve
+  $PY bench/sharded_train.py --model "$TINY" --steps 4 --rounds 1 --name smoke_sharded_train
   exit 0
 fi
 
@@ -36,4 +37,5 @@ $PY bench/quality.py --task headlines --methods peft-pt --seeds 0
 $PY bench/quality.py --task headlines --methods lora --seeds 0
 $PY bench/serve.py --threads 1
 $PY bench/serve.py --threads 1 --dtype bfloat16 --name serve_bf16
+$PY bench/sharded_train.py
 uptime

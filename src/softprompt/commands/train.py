@@ -84,7 +84,8 @@ def register(sub) -> None:
     e.add_argument("--prompt-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the prompt file")
     e.add_argument("--launcher", default=None, choices=["accelerate"],
-                   help="run this command under `accelerate launch` (data parallel over processes/GPUs; "
+                   help="run this command under `accelerate launch` (data parallel over processes/GPUs, or the "
+                        "base sharded when your accelerate config asks for FSDP or DeepSpeed ZeRO-3; "
                         "same as `accelerate launch -m softprompt train ...`)")
     e.add_argument("--num-processes", type=int, default=None,
                    help="processes for --launcher accelerate (default: your accelerate config)")
