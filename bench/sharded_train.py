@@ -33,12 +33,30 @@ from softprompt.distributed import _free_port
 from softprompt.examples import jsonl_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"data parallel": "data-parallel.yaml", "FSDP": "fsdp.yaml", "DeepSpeed ZeRO-3": "deepspeed-zero3.yaml"}
+CONFIGS = {"data parallel": "data-parallel.yaml", "FSDP": "fsdp.yaml",
+           "FSDP, every process loads": "fsdp.yaml:fsdp_cpu_ram_efficient_loading: false",
+           "DeepSpeed ZeRO-3": "deepspeed-zero3.yaml"}
+"""Row name -> accelerate config in configs/accelerate (``FILE:SETTING: VALUE`` overrides one line)."""
 
 
-def run(config: str, train_file: Path, data, out: Path, args) -> dict:
-    """One two-process training run; its per-step seconds and the base bytes each process held."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
+def config_file(spec: str, work: Path) -> Path:
+    """The config file a :data:`CONFIGS` entry names (an override is written to ``work``)."""
+    name, _, override = spec.partition(":")
+    path = ROOT / "configs" / "accelerate" / name
+    if not override:
+        return path
+    key = override.split(":")[0].strip()
+    lines = [f"  {override.strip()}" if line.strip().startswith(key + ":") else line
+             for line in path.read_text().splitlines()]
+    out = work / f"{key}-{name}"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def run(config: Path, train_file: Path, data, out: Path, args) -> dict:
+    """One two-process training run; its per-step seconds, the base bytes each process held and
+    each process's peak host memory."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "softprompt", "train",
            "--data", str(train_file), "--task", "classify", "--template", data.spec.template,
            "--labels", ",".join(data.spec.labels), "--out", str(out), "--max-steps", str(args.steps),
@@ -55,8 +73,10 @@ def run(config: str, train_file: Path, data, out: Path, args) -> dict:
     steps = [x for x in recs if "examples_per_s" in x][2:]  # the first two steps are warm-up
     seconds = [args.batch_size / x["examples_per_s"] for x in steps]
     training = load_prompt(out).meta.training
-    held = training.get("sharded_base", {}).get("bytes_per_process")
+    info = training.get("sharded_base", {})
+    held, rss = info.get("bytes_per_process"), info.get("peak_host_rss_mb_per_process")
     return {"s/step": statistics.median(seconds), "MB per process": round(max(held) / 1e6, 1) if held else None,
+            "peak RSS MB (proc 0 / 1)": " / ".join(f"{x:.0f}" for x in rss) if rss else None,
             "final loss": steps[-1]["loss"], "wall s": round(time.perf_counter() - t0, 1)}
 
 
@@ -86,8 +106,8 @@ def main() -> None:
         train_file.write_bytes(jsonl_bytes(examples, "classify"))
         full = None
         for r in range(args.rounds):
-            for name, config in CONFIGS.items():
-                res = run(config, train_file, data, work / f"{r}-{config.removesuffix('.yaml')}.safetensors", args)
+            for i, (name, spec) in enumerate(CONFIGS.items()):
+                res = run(config_file(spec, work), train_file, data, work / f"{r}-{i}.safetensors", args)
                 if name == "data parallel":
                     from softprompt import load_base_model
 
@@ -111,7 +131,9 @@ def main() -> None:
              f"{args.batch_size} (global), sources cut to {args.max_length} tokens, {args.prompt_length} virtual tokens, "
              f"{args.steps} steps per run (first two not timed), precision {args.precision}, {args.rounds} alternating "
              "rounds. MB per process: base parameter bytes held between layer calls (the prompt file's "
-             "training.sharded_base; data parallel: the whole base).")
+             "training.sharded_base; data parallel: the whole base). Peak RSS: each process's peak resident host "
+             "memory (sharded runs only). FSDP: configs/accelerate/fsdp.yaml (cpu_ram_efficient_loading: process 0 "
+             "reads the checkpoint and sends the others their shards); 'every process loads': the same with it off.")
     write_results(args.name, rows, summary, notes=notes)
 
 

@@ -177,6 +177,8 @@ def test_fsdp_launch_settings(monkeypatch):
               FSDP_OFFLOAD_PARAMS="false", FSDP_CPU_RAM_EFFICIENT_LOADING="false",
               FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP", FSDP_STATE_DICT_TYPE="FULL_STATE_DICT")
     assert sharding_config() == ShardingConfig()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    assert sharding_config() == ShardingConfig(efficient_loading=True)
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer, Qwen2DecoderLayer")
     assert sharding_config().layer_classes == ("LlamaDecoderLayer", "Qwen2DecoderLayer")
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
@@ -185,7 +187,6 @@ def test_fsdp_launch_settings(monkeypatch):
                              ("FSDP_RESHARD_AFTER_FORWARD", "SHARD_GRAD_OP", "fsdp_reshard_after_forward"),
                              ("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD", "fsdp_sharding_strategy"),
                              ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
-                             ("FSDP_CPU_RAM_EFFICIENT_LOADING", "true", "fsdp_cpu_ram_efficient_loading"),
                              ("FSDP_ACTIVATION_CHECKPOINTING", "true", "fsdp_activation_checkpointing"),
                              ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "fsdp_auto_wrap_policy")]:
         _fsdp_env(monkeypatch, **{var: value})
@@ -243,8 +244,9 @@ def _zero3_config(folder: Path) -> Path:
 def test_sharded_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_path, model_root, engine):
     """An FSDP or DeepSpeed ZeRO-3 config: each process holds half of every decoder layer; a
     classification task with multi-token labels (gradient through the KV cache) and a generation
-    task in mixed batches; killed after a checkpoint and resumed; the prompts equal one unsharded
-    process's."""
+    task in mixed batches; killed after a checkpoint and resumed (FSDP: resumed with
+    cpu_ram_efficient_loading, process 1 building the model empty); the prompts equal one
+    unsharded process's."""
     if engine == "zero3":
         pytest.importorskip("deepspeed")
     model = learnable_model_dir(model_root / "learnable")
@@ -258,7 +260,11 @@ def test_sharded_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_pat
     config = ROOT / "configs" / "accelerate" / "fsdp.yaml" if engine == "fsdp" else _zero3_config(tmp_path / "ds")
     home = tmp_path / "hf"  # the user's default accelerate config asks for FSDP / DeepSpeed
     (home / "accelerate").mkdir(parents=True)
-    shutil.copy(config, home / "accelerate" / "default_config.yaml")
+    text = config.read_text()
+    if engine == "fsdp":  # every process reads the checkpoint before the kill; only process 0 after the resume
+        assert "fsdp_cpu_ram_efficient_loading: true" in text
+        text = text.replace("fsdp_cpu_ram_efficient_loading: true", "fsdp_cpu_ram_efficient_loading: false")
+    (home / "accelerate" / "default_config.yaml").write_text(text)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(home)}
     out = tmp_path / "fsdp"
     args = ["--task-file", str(tasks), "--model", str(model), "--out", str(out), "--max-steps", str(FSDP_STEPS),
@@ -292,7 +298,8 @@ def test_sharded_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_pat
     layers = sum(p.numel() * p.element_size() for p in lm.model.layers.parameters())
     info = two.meta.training["sharded_base"]
     assert info["bytes"] == full and info["sharded_bytes"] == layers and info["layers"] == len(lm.model.layers)
-    assert len(info["bytes_per_process"]) == 2
+    assert len(info["bytes_per_process"]) == 2 and len(info["peak_host_rss_mb_per_process"]) == 2
+    assert info["loaded_by"] == ("process 0" if engine == "fsdp" else "every process")
     for held in info["bytes_per_process"]:
         slack = 8 * sum(1 for _ in lm.model.layers.parameters())  # padding to whole slices (per layer or per weight)
         assert abs(held - (full - layers / 2)) <= slack  # 1/2 of each layer

@@ -7,7 +7,7 @@ import torch
 
 from softprompt import IGNORE_INDEX, PromptedModel, SoftPrompt
 from softprompt.base import assert_frozen
-from softprompt.model import pack
+from softprompt.model import cache_argument, pack
 
 FAMILIES = ["llama", "qwen2", "gpt2", "gemma"]
 TEXTS = ["the quick brown fox jumps over the lazy dog", "shares fell", "the film won three awards and"]
@@ -127,7 +127,7 @@ def test_prefix_cache_matches_full_forward(tiny):
     with torch.no_grad():
         cache = pm.prefix_cache(prompt)
         P, T = prompt.shape[0], ids.shape[1]
-        out = tiny.model(input_ids=ids, past_key_values=cache, attention_mask=torch.ones(1, P + T, dtype=torch.long),
-                         position_ids=torch.arange(P, P + T)[None])
+        out = tiny.model(input_ids=ids, attention_mask=torch.ones(1, P + T, dtype=torch.long),
+                         position_ids=torch.arange(P, P + T)[None], **{cache_argument(tiny.model): cache})
         full = pm(ids, torch.ones_like(ids), prompt)[:, P:]
     torch.testing.assert_close(out.logits, full, rtol=1e-4, atol=1e-4)

@@ -334,7 +334,9 @@ def test_stop_fails_waiting_requests(base):
         jobs = [eng.submit(ClassifyRequest(f"t{i}", ["topic"])) for i in range(3)]
         stopper = threading.Thread(target=eng.stop)
         stopper.start()
-        time.sleep(0.05)
+        deadline = time.time() + 10
+        while eng.running and time.time() < deadline:  # stop() has begun before the worker gets the model back
+            time.sleep(0.005)
     stopper.join(10)
     outcomes = []
     for j in jobs:

@@ -87,3 +87,29 @@ def test_bf16_compute_weights_equal_autocast_casts(tiny_family):
 def test_unknown_layer_class_is_refused(tiny_family):
     with pytest.raises(ConfigError, match="no module of class NoSuchLayer"):
         ShardedLayers(tiny_family("llama").model, LocalRuntime(), ShardingConfig(layer_classes=("NoSuchLayer",)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_an_empty_weights_load_is_the_skeleton_process_0_fills(tiny_family, family):
+    """FSDP cpu_ram_efficient_loading: the processes other than 0 build the model with meta
+    parameters and real buffers; filled with process 0's weights it is the same model."""
+    from softprompt import load_base_model
+    from softprompt.sharding import materialize
+
+    real = tiny_family(family)
+    empty = load_base_model(real.model.name_or_path, empty=True)
+    assert all(p.is_meta for p in empty.model.parameters()) and not any(b.is_meta for b in empty.model.buffers())
+    assert empty.fingerprint == "" and empty.sketch == []
+    shapes = lambda m: [(n, p.shape, p.dtype) for n, p in m.named_parameters()]  # noqa: E731
+    assert shapes(empty.model) == shapes(real.model)  # tied embeddings stay one parameter
+    for (n, b), (_, want) in zip(empty.model.named_buffers(), real.model.named_buffers()):
+        torch.testing.assert_close(b, want, atol=0, rtol=0, msg=n)
+    materialize(empty.model, lambda p: torch.empty(p.shape, dtype=p.dtype))
+    src = dict(real.model.named_parameters())
+    with torch.no_grad():
+        for n, p in empty.model.named_parameters():
+            p.copy_(src[n])
+    empty.refingerprint()
+    assert empty.fingerprint == real.fingerprint
+    for g, w in zip(_grads(empty), _grads(real)):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)

@@ -134,6 +134,10 @@ class BaseModel:
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
+    def refingerprint(self) -> None:
+        """Recompute the fingerprint (after the weights of an ``empty=True`` load were filled in)."""
+        self.fingerprint, self.sketch = embedding_fingerprint(self.embedding.weight)
+
 
 def freeze(model: nn.Module) -> nn.Module:
     """Put ``model`` in eval mode with every parameter frozen; returns it."""
@@ -187,6 +191,7 @@ def load_base_model(
     device_map: str | dict | None = None,
     quantization: Literal["4bit", "8bit"] | None = None,
     attn_implementation: str | None = None,
+    empty: bool = False,
 ) -> BaseModel:
     """Load a frozen causal LM and its tokenizer.
 
@@ -198,6 +203,10 @@ def load_base_model(
         device_map: passed to ``from_pretrained`` for models that do not fit one device.
         quantization: load 4-/8-bit weights with bitsandbytes (CUDA only).
         attn_implementation: e.g. "sdpa" or "eager"; default: transformers' choice.
+        empty: read only the config and tokenizer; the parameters stay on the meta device (no
+            memory) and the buffers are computed as usual: a skeleton another process fills in
+            (FSDP ``cpu_ram_efficient_loading``, sharding.py). Its fingerprint is empty until
+            :meth:`BaseModel.refingerprint`.
     Returns:
         A :class:`BaseModel` with every parameter frozen.
     """
@@ -226,7 +235,16 @@ def load_base_model(
         )
         kwargs.setdefault("device_map", "auto")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if empty:
+            from accelerate import init_empty_weights
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(source)
+            with init_empty_weights(include_buffers=False):  # parameters on meta; rotary tables etc. real
+                model = AutoModelForCausalLM.from_config(config, **{k: v for k, v in kwargs.items() if k != "device_map"})
+            model.tie_weights()  # as from_pretrained does (tied embeddings are one parameter)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -241,6 +259,7 @@ def wrap_base_model(model: nn.Module, tokenizer, name: str | None = None) -> Bas
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     freeze(model)
-    fp, sketch = embedding_fingerprint(model.get_input_embeddings().weight)
+    weight = model.get_input_embeddings().weight
+    fp, sketch = ("", []) if weight.is_meta else embedding_fingerprint(weight)
     name = name or getattr(model.config, "name_or_path", "") or "unnamed"
     return BaseModel(model=model, tokenizer=tokenizer, name=name, fingerprint=fp, sketch=sketch)

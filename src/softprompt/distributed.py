@@ -55,6 +55,15 @@ class LocalRuntime:
         """Write every process's ``shard`` (n,) into ``out`` (W * n,), in rank order."""
         out.copy_(shard)
 
+    def scatter(self, full: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Process 0's ``full`` (W * n,) cut into W slices; this process's slice into ``out`` (n,).
+        The other processes pass ``full=None``."""
+        assert full is not None
+        out.copy_(full)
+
+    def broadcast_tensor(self, t: torch.Tensor) -> None:
+        """Overwrite ``t`` with process 0's, in place."""
+
     def barrier(self) -> None:
         """Wait for every process."""
 
@@ -113,6 +122,19 @@ class AccelerateRuntime(LocalRuntime):
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
         gather(out, shard)
 
+    def scatter(self, full: torch.Tensor | None, out: torch.Tensor) -> None:
+        if self.world_size == 1:
+            return super().scatter(full, out)
+        import torch.distributed as dist
+
+        dist.scatter(out, list(full.chunk(self.world_size)) if self.rank == 0 else None, src=0)
+
+    def broadcast_tensor(self, t: torch.Tensor) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(t, src=0)
+
     def barrier(self) -> None:
         self.state.wait_for_everyone()
 
@@ -159,8 +181,6 @@ FSDP_SETTINGS: dict[str, tuple[Callable[[str], bool], str]] = {
                                "fsdp_sharding_strategy must be FULL_SHARD: the base is frozen, so only its "
                                "weights can be sharded (no gradients or optimizer state)"),
     "FSDP_OFFLOAD_PARAMS": (_off, "fsdp_offload_params (CPU offload) is not supported; set it to false"),
-    "FSDP_CPU_RAM_EFFICIENT_LOADING": (_off, "fsdp_cpu_ram_efficient_loading is not supported (every process "
-                                             "reads the checkpoint, then keeps its shard); set it to false"),
     "FSDP_ACTIVATION_CHECKPOINTING": (_off, "fsdp_activation_checkpointing is not supported with a sharded base; "
                                             "set it to false"),
     "FSDP_AUTO_WRAP_POLICY": (lambda v: v.upper() in ("", "TRANSFORMER_BASED_WRAP"),
@@ -170,7 +190,8 @@ FSDP_SETTINGS: dict[str, tuple[Callable[[str], bool], str]] = {
 }
 """The accelerate FSDP settings softprompt checks: env var -> (accepted?, why not). The others
 (fsdp_version 1 or 2, prefetch, state dict type, use_orig_params, sync_module_states,
-min_num_params) make no difference to how softprompt shards the base."""
+min_num_params) make no difference to how softprompt shards the base;
+fsdp_cpu_ram_efficient_loading is honoured (``ShardingConfig.efficient_loading``)."""
 
 
 DEEPSPEED_USED = ("zero_optimization", "bf16", "fp16")
@@ -252,7 +273,7 @@ def sharding_config() -> ShardingConfig | None:
         if not ok(os.environ.get(var, "").strip()):
             raise ConfigError(f"accelerate FSDP config: {why} (got {var}={os.environ.get(var)!r})")
     classes = tuple(c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip())
-    return ShardingConfig(layer_classes=classes)
+    return ShardingConfig(layer_classes=classes, efficient_loading=_env_true("FSDP_CPU_RAM_EFFICIENT_LOADING"))
 
 
 def runtime_from_env(device: str | None = None) -> LocalRuntime | None:

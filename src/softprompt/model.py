@@ -13,8 +13,10 @@ Not here: KV-prefix batching for serving (serve/), the training loop (train.py).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,23 @@ def _apply_logit_quirks(config, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def cache_argument(module: nn.Module) -> str:
+    """The name ``module.forward`` takes the KV cache under: ``cache`` from transformers 5.24,
+    ``past_key_values`` before (a quirk of the version, fenced here)."""
+    return _cache_argument(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any):
+    """The KV cache of a model output (``out.cache`` from transformers 5.24, ``out.past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 class PromptedModel(nn.Module):
     """A frozen causal LM that takes soft prompts; only prompts passed in receive gradients."""
 
@@ -141,13 +160,13 @@ class PromptedModel(nn.Module):
         ``attention_mask`` covers the cached positions too: (B, past + L).
         """
         inner = self.lm.base_model
-        kw = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=past_key_values, use_cache=use_cache)
+        kw = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+              cache_argument(inner): past_key_values, "use_cache": use_cache}
         if inner is self.lm:  # no separate decoder module: take it from the full forward
             out = self.lm(output_hidden_states=True, **kw)
-            return out.hidden_states[-1], out.past_key_values if use_cache else None
+            return out.hidden_states[-1], output_cache(out) if use_cache else None
         out = inner(**kw)
-        return out.last_hidden_state, out.past_key_values if use_cache else None
+        return out.last_hidden_state, output_cache(out) if use_cache else None
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The lm head (with family quirks) on any (..., d) hidden states -> (..., V) logits."""
@@ -209,7 +228,7 @@ class PromptedModel(nn.Module):
             position_ids=torch.arange(P, device=emb.device)[None],
             use_cache=True,
         )
-        return out.past_key_values
+        return output_cache(out)
 
 
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -58,6 +58,10 @@ class ShardingConfig:
     deepspeed: Mapping[str, Any] | None = None
     """The DeepSpeed config (its ``zero_optimization`` section is used), for ``engine="zero3"``."""
 
+    efficient_loading: bool = False
+    """``fsdp_cpu_ram_efficient_loading``: only process 0 reads the checkpoint; the others build the
+    model with empty (meta) weights and receive their shards and the replicated rest from it."""
+
     def describe(self) -> str:
         """How the base is sharded, for the training banner."""
         return "FSDP: base layers sharded" if self.engine == "fsdp" else "DeepSpeed ZeRO-3: base layers partitioned"
@@ -71,6 +75,18 @@ class Collective(Protocol):
 
     def all_gather(self, shard: torch.Tensor, out: torch.Tensor) -> None:
         """Write every process's ``shard`` (n,) into ``out`` (W * n,), in rank order."""
+        ...
+
+    def scatter(self, full: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Process 0's ``full`` (W * n,) cut into W slices; this process's slice into ``out`` (n,)."""
+        ...
+
+    def broadcast_tensor(self, t: torch.Tensor) -> None:
+        """Overwrite ``t`` with process 0's, in place."""
+        ...
+
+    def gather(self, value: Any) -> list[Any]:
+        """``value`` of every process, in rank order."""
         ...
 
 
@@ -104,12 +120,25 @@ def lockstep_micro_batches(batch: Sequence[int], task_of: Sequence[int], world_s
 # ----------------------------------------------------------------------------- sharded units
 
 
+def materialize(module: nn.Module, fill: Callable[[nn.Parameter], torch.Tensor]) -> dict[int, nn.Parameter]:
+    """Replace every meta parameter of ``module`` (an empty-weights load) by a frozen parameter
+    holding ``fill(old)``; tied parameters stay one. Returns ``id(old) -> new``."""
+    new: dict[int, nn.Parameter] = {}
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = nn.Parameter(fill(p), requires_grad=False)
+                m._parameters[name] = new[id(p)]
+    return new
+
+
 class _Unit:
     """One sharded module: its parameters flattened into one buffer of which this process keeps
     its 1/W slice; while gathered, each parameter is a view of the gathered buffer."""
 
     def __init__(self, index: int, module: nn.Module, rank: int, world_size: int, device: torch.device,
-                 compute: dict[int, torch.dtype]):
+                 compute: dict[int, torch.dtype], source: Collective | None = None):
         self.index, self.module = index, module
         params = list(dict.fromkeys(module.parameters()))  # tied parameters once
         dtypes = {p.dtype for p in params}
@@ -127,12 +156,22 @@ class _Unit:
         per = self.gathered_numel // world_size
         lo, hi = rank * per, (rank + 1) * per
         self.shard = torch.zeros(per, dtype=self.dtype, device=device)  # (per,): this process's slice
-        for p, _, off, n, _ in self.slots:  # copy each parameter's part of [lo, hi): no full-layer temporary
-            a, b = max(off, lo), min(off + n, hi)
-            if a < b:
-                self.shard[a - lo : b - lo] = p.detach().reshape(-1)[a - off : b - off]
+        if source is not None:  # process 0 holds the weights and sends each process its slice
+            full = None
+            if rank == 0:
+                full = torch.zeros(self.gathered_numel, dtype=self.dtype, device=device)  # (W * per,): one layer
+                for p, _, off, n, _ in self.slots:
+                    full[off : off + n] = p.detach().reshape(-1)
+            source.scatter(full, self.shard)
+        else:
+            for p, _, off, n, _ in self.slots:  # copy each parameter's part of [lo, hi): no full-layer temporary
+                a, b = max(off, lo), min(off + n, hi)
+                if a < b:
+                    self.shard[a - lo : b - lo] = p.detach().reshape(-1)[a - off : b - off]
         self.empty = torch.empty(0, dtype=self.dtype, device=device)
         self.buffers: list[torch.Tensor] | None = None  # while gathered: the buffer, then cast copies
+        real = materialize(module, lambda p: self.empty)  # an empty-weights process: real placeholders
+        self.slots = [(real.get(id(p), p), *rest) for p, *rest in self.slots]
         for p, *_ in self.slots:
             p.data = self.empty
 
@@ -221,7 +260,20 @@ class ShardedLayers:
                     for p in m.parameters(recurse=False):
                         if p.dtype == torch.float32:
                             compute[id(p)] = compute_dtype
-        self.units = [_Unit(i, m, comm.rank, comm.world_size, device, compute) for i, m in enumerate(layers)]
+        source = None
+        if config.efficient_loading:  # process 0 read the checkpoint; the others hold meta parameters
+            shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+            if any(other != shapes for other in comm.gather(shapes)):
+                raise ConfigError("FSDP cpu_ram_efficient_loading: the processes built different models "
+                                  "(parameter names, shapes or dtypes differ); check --model and --dtype")
+            source = comm
+        self.units = [_Unit(i, m, comm.rank, comm.world_size, device, compute, source) for i, m in enumerate(layers)]
+        if source is not None:  # the replicated rest and the buffers: process 0's, on every process
+            materialize(model, lambda p: torch.empty(p.shape, dtype=p.dtype, device=device))
+            for t in [*dict.fromkeys(model.parameters()), *model.buffers()]:
+                if t.numel():  # the units' parameters are empty placeholders by now
+                    t.data = t.data.to(device)
+                    source.broadcast_tensor(t.data)
         model.to(device)  # the replicated rest (the units' parameters are empty placeholders by now)
         self.gathers = 0
         """All-gathers done so far (forward and backward)."""

@@ -48,6 +48,16 @@ __all__ = ["TrainConfig", "TaskConfig", "TrainResult", "train", "prepare", "load
 # ----------------------------------------------------------------------------- precision, model
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident host memory so far, in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # macOS reports bytes
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has native bf16 matrix instructions (AVX512-BF16 / AMX), where bf16
     autocast measured faster than fp32 (README, Training)."""
@@ -103,7 +113,8 @@ def _checkpoint_with_cache(function, *args):
     """
     from torch.utils.checkpoint import checkpoint
 
-    cache = getattr(function, "keywords", {}).get("past_key_values")
+    kw = getattr(function, "keywords", {})
+    cache = kw.get("cache", kw.get("past_key_values"))  # transformers >= 5.24 / before
     before = _cache_lengths(cache)
     calls = [0]
 
@@ -369,15 +380,18 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
         precision = accelerate_precision() or precision  # accelerate's --mixed_precision / config
     amp = resolve_precision(precision, device)
     base_given = base is not None
+    empty = bool(base is None and sharding and sharding.efficient_loading and rt.rank != 0)  # process 0 sends the weights
     if base is None:
         _say(quiet, f"loading {config.model or 'the default model'} ...")
         base = load_base_model(config.model, dtype=config.dtype,
                                device=None if config.device_map or sharding else device,
-                               device_map=config.device_map, quantization=config.quantize)
+                               device_map=config.device_map, quantization=config.quantize, empty=empty)
     sharded = None
     if sharding:  # each process keeps 1/W of every decoder layer from here on (sharding.py, zero3.py)
         sharded = shard_base(base.model, rt, sharding, device=device, compute_dtype=amp, restore=base_given)
         base_bytes = rt.gather(sharded.local_bytes())
+        if empty:
+            base.refingerprint()  # its embedding came from process 0
     pm = PromptedModel(base)
     assert_frozen(base.model)
     device = base.device
@@ -554,6 +568,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     ex_s = examples / train_time if train_time > 0 else 0.0
 
     # --- prompt files
+    rss = rt.gather(peak_rss_mb()) if sharded else None  # every process, in step
     paths: dict[str, Path] = {}
     for i, t in enumerate(tasks):
         b = best.get(t.name, {})
@@ -568,7 +583,9 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
         }
         if sharded:
             summary["sharded_base"] = {"layers": len(sharded.units), "bytes": sharded.full_bytes,
-                                       "sharded_bytes": sharded.sharded_bytes(), "bytes_per_process": base_bytes}
+                                       "sharded_bytes": sharded.sharded_bytes(), "bytes_per_process": base_bytes,
+                                       "peak_host_rss_mb_per_process": rss,
+                                       "loaded_by": "process 0" if sharding.efficient_loading else "every process"}
         meta = PromptMeta.for_base(base, best_prompts[i].shape[0], name=t.name, training=summary, **t.spec.to_meta())
         if rt.is_main:
             save_prompt(t.out, best_prompts[i].float(), meta, dtype=config.prompt_dtype)
