@@ -35,7 +35,8 @@ from softprompt.examples import jsonl_bytes
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"data parallel": "data-parallel.yaml", "FSDP": "fsdp.yaml",
            "FSDP, every process loads": "fsdp.yaml:fsdp_cpu_ram_efficient_loading: false",
-           "DeepSpeed ZeRO-3": "deepspeed-zero3.yaml"}
+           "DeepSpeed ZeRO-3": "deepspeed-zero3.yaml",
+           "ZeRO-3, every process loads": "deepspeed-zero3.yaml:zero3_init_flag: false"}
 """Row name -> accelerate config in configs/accelerate (``FILE:SETTING: VALUE`` overrides one line)."""
 
 
@@ -132,8 +133,9 @@ def main() -> None:
              f"{args.steps} steps per run (first two not timed), precision {args.precision}, {args.rounds} alternating "
              "rounds. MB per process: base parameter bytes held between layer calls (the prompt file's "
              "training.sharded_base; data parallel: the whole base). Peak RSS: each process's peak resident host "
-             "memory (sharded runs only). FSDP: configs/accelerate/fsdp.yaml (cpu_ram_efficient_loading: process 0 "
-             "reads the checkpoint and sends the others their shards); 'every process loads': the same with it off.")
+             "memory (sharded runs only). FSDP / DeepSpeed ZeRO-3: configs/accelerate/fsdp.yaml / deepspeed-zero3.yaml "
+             "(cpu_ram_efficient_loading / zero3_init_flag: process 0 reads the checkpoint and sends the others their "
+             "parts); 'every process loads': the same config with that setting off.")
     write_results(args.name, rows, summary, notes=notes)
 
 

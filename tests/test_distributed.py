@@ -244,9 +244,9 @@ def _zero3_config(folder: Path) -> Path:
 def test_sharded_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_path, model_root, engine):
     """An FSDP or DeepSpeed ZeRO-3 config: each process holds half of every decoder layer; a
     classification task with multi-token labels (gradient through the KV cache) and a generation
-    task in mixed batches; killed after a checkpoint and resumed (FSDP: resumed with
-    cpu_ram_efficient_loading, process 1 building the model empty); the prompts equal one
-    unsharded process's."""
+    task in mixed batches; killed after a checkpoint and resumed with cpu_ram_efficient_loading /
+    zero3_init_flag (process 1 building the model empty); the prompts equal one unsharded
+    process's."""
     if engine == "zero3":
         pytest.importorskip("deepspeed")
     model = learnable_model_dir(model_root / "learnable")
@@ -261,9 +261,9 @@ def test_sharded_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_pat
     home = tmp_path / "hf"  # the user's default accelerate config asks for FSDP / DeepSpeed
     (home / "accelerate").mkdir(parents=True)
     text = config.read_text()
-    if engine == "fsdp":  # every process reads the checkpoint before the kill; only process 0 after the resume
-        assert "fsdp_cpu_ram_efficient_loading: true" in text
-        text = text.replace("fsdp_cpu_ram_efficient_loading: true", "fsdp_cpu_ram_efficient_loading: false")
+    flag = "fsdp_cpu_ram_efficient_loading" if engine == "fsdp" else "zero3_init_flag"
+    assert f"{flag}: true" in text  # every process reads the checkpoint before the kill; only process 0 after the resume
+    text = text.replace(f"{flag}: true", f"{flag}: false")
     (home / "accelerate" / "default_config.yaml").write_text(text)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(home)}
     out = tmp_path / "fsdp"
@@ -299,7 +299,7 @@ def test_sharded_two_gloo_processes_shard_the_base_and_equal_one_process(tmp_pat
     info = two.meta.training["sharded_base"]
     assert info["bytes"] == full and info["sharded_bytes"] == layers and info["layers"] == len(lm.model.layers)
     assert len(info["bytes_per_process"]) == 2 and len(info["peak_host_rss_mb_per_process"]) == 2
-    assert info["loaded_by"] == ("process 0" if engine == "fsdp" else "every process")
+    assert info["loaded_by"] == "process 0"
     for held in info["bytes_per_process"]:
         slack = 8 * sum(1 for _ in lm.model.layers.parameters())  # padding to whole slices (per layer or per weight)
         assert abs(held - (full - layers / 2)) <= slack  # 1/2 of each layer

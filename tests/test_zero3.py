@@ -23,7 +23,8 @@ ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
 
 
 def _worker(model_dirs: list[str]) -> None:
-    """Run by each of the two processes."""
+    """Run by each of the two processes: every process loads the model and keeps its partition,
+    then (zero3_init_flag) process 0 loads it and process 1 builds it empty and receives its part."""
     from softprompt import load_base_model
     from softprompt.distributed import AccelerateRuntime
     from softprompt.sharding import ShardingConfig, shard_base
@@ -53,6 +54,16 @@ def _worker(model_dirs: list[str]) -> None:
         assert all(torch.equal(after[n], b) for n, b in before.items())  # restored, plain parameters again
         assert not any(k.startswith("ds_") for p in base.model.parameters() for k in vars(p))
         torch.testing.assert_close(_grads(base)[0], want[0])
+
+        base = load_base_model(d, empty=rt.rank != 0)
+        assert all(p.is_meta for p in base.model.parameters()) == (rt.rank != 0)
+        with shard_base(base.model, rt, ShardingConfig(engine="zero3", deepspeed=ZERO3, efficient_loading=True)) as z:
+            assert abs(z.local_bytes() - held) <= 64 * len(before)
+            base.refingerprint()
+            got = _grads(base)
+            z.end_step()
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
     print(f"rank {rt.rank} ok", flush=True)
 
 
@@ -98,9 +109,9 @@ def test_accelerate_deepspeed_fields(monkeypatch):
     assert "ZeRO-2: data parallel" in deepspeed_note(deepspeed_config())
     _ds_env(monkeypatch)
     assert deepspeed_config()["zero_optimization"]["stage"] == 2  # accelerate's default stage
+    assert not s.efficient_loading
     _ds_env(monkeypatch, ACCELERATE_DEEPSPEED_ZERO_STAGE="3", ACCELERATE_DEEPSPEED_ZERO3_INIT="true")
-    with pytest.raises(ConfigError, match="zero3_init_flag.*set it to false"):
-        sharding_config()
+    assert sharding_config().efficient_loading  # process 0 reads the checkpoint
 
 
 def test_deepspeed_json_file(monkeypatch, tmp_path):

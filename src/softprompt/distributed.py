@@ -218,7 +218,7 @@ def deepspeed_config(env: Mapping[str, str] = os.environ) -> dict:
     else the accelerate config's fields (``zero_stage``, ``offload_param_device``), as DeepSpeed JSON.
 
     Raises:
-        ConfigError: an unreadable file, a stage other than 0-3, ``zero3_init_flag`` (one line).
+        ConfigError: an unreadable file, a stage other than 0-3 (one line).
     """
     path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
     if path and path.lower() != "none":
@@ -235,9 +235,6 @@ def deepspeed_config(env: Mapping[str, str] = os.environ) -> dict:
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         got = zero.get("stage") if isinstance(zero, dict) else zero
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3 (got {got!r})")
-    if _env_true("ACCELERATE_DEEPSPEED_ZERO3_INIT") and zero.get("stage") == 3:
-        raise ConfigError(f"{where}: zero3_init_flag (partitioned loading) is not supported: every process loads "
-                          "the base, then keeps its partition; set it to false")
     return config
 
 
@@ -266,7 +263,8 @@ def sharding_config() -> ShardingConfig | None:
         config = deepspeed_config()
         if config["zero_optimization"].get("stage") != 3:
             return None
-        return ShardingConfig(engine="zero3", deepspeed=config)
+        return ShardingConfig(engine="zero3", deepspeed=config,
+                              efficient_loading=_env_true("ACCELERATE_DEEPSPEED_ZERO3_INIT"))
     if not _env_true("ACCELERATE_USE_FSDP"):
         return None
     for var, (ok, why) in FSDP_SETTINGS.items():

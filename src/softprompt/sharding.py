@@ -59,8 +59,9 @@ class ShardingConfig:
     """The DeepSpeed config (its ``zero_optimization`` section is used), for ``engine="zero3"``."""
 
     efficient_loading: bool = False
-    """``fsdp_cpu_ram_efficient_loading``: only process 0 reads the checkpoint; the others build the
-    model with empty (meta) weights and receive their shards and the replicated rest from it."""
+    """``fsdp_cpu_ram_efficient_loading`` / DeepSpeed's ``zero3_init_flag``: only process 0 reads the
+    checkpoint; the others build the model with empty (meta) weights and receive their shards and
+    the replicated rest from it."""
 
     def describe(self) -> str:
         """How the base is sharded, for the training banner."""
@@ -131,6 +132,25 @@ def materialize(module: nn.Module, fill: Callable[[nn.Parameter], torch.Tensor])
                     new[id(p)] = nn.Parameter(fill(p), requires_grad=False)
                 m._parameters[name] = new[id(p)]
     return new
+
+
+def check_same_model(model: nn.Module, comm: Collective, what: str) -> None:
+    """Raise :class:`ConfigError` on every process unless all built the same parameters (names,
+    shapes, dtypes): before process 0 sends its weights to empty-weights processes."""
+    shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+    if any(other != shapes for other in comm.gather(shapes)):
+        raise ConfigError(f"{what}: the processes built different models (parameter names, shapes or dtypes "
+                          "differ); check --model and --dtype")
+
+
+def receive(module: nn.Module, comm: Collective, device: torch.device | None) -> None:
+    """Give every process process 0's parameters and buffers of ``module`` (meta parameters of an
+    empty-weights load become real first), one tensor at a time; empty placeholders are skipped."""
+    materialize(module, lambda p: torch.empty(p.shape, dtype=p.dtype, device=device))
+    for t in [*dict.fromkeys(module.parameters()), *module.buffers()]:
+        if t.numel():
+            t.data = t.data.to(device or t.device)
+            comm.broadcast_tensor(t.data)
 
 
 class _Unit:
@@ -262,18 +282,11 @@ class ShardedLayers:
                             compute[id(p)] = compute_dtype
         source = None
         if config.efficient_loading:  # process 0 read the checkpoint; the others hold meta parameters
-            shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
-            if any(other != shapes for other in comm.gather(shapes)):
-                raise ConfigError("FSDP cpu_ram_efficient_loading: the processes built different models "
-                                  "(parameter names, shapes or dtypes differ); check --model and --dtype")
+            check_same_model(model, comm, "FSDP cpu_ram_efficient_loading")
             source = comm
         self.units = [_Unit(i, m, comm.rank, comm.world_size, device, compute, source) for i, m in enumerate(layers)]
-        if source is not None:  # the replicated rest and the buffers: process 0's, on every process
-            materialize(model, lambda p: torch.empty(p.shape, dtype=p.dtype, device=device))
-            for t in [*dict.fromkeys(model.parameters()), *model.buffers()]:
-                if t.numel():  # the units' parameters are empty placeholders by now
-                    t.data = t.data.to(device)
-                    source.broadcast_tensor(t.data)
+        if source is not None:
+            receive(model, source, device)  # the replicated rest (the units' parameters are empty placeholders by now)
         model.to(device)  # the replicated rest (the units' parameters are empty placeholders by now)
         self.gathers = 0
         """All-gathers done so far (forward and backward)."""

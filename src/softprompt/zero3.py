@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .sharding import Collective, ShardingConfig, layer_modules
+from .sharding import Collective, ShardingConfig, check_same_model, layer_modules, receive
 
 AUTO_SIZES = {
     # zero_optimization keys that HF configs often leave as "auto", resolved as transformers'
@@ -88,6 +88,7 @@ class Zero3Layers:
         if len({p.dtype for p in self._params}) != 1:
             raise ConfigError("DeepSpeed ZeRO-3: the decoder layers hold parameters of several dtypes; "
                               "load the base with one --dtype")
+        dtype = self._params[0].dtype
         hidden = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().weight.shape[1]
         ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "zero_optimization": zero_section(config.deepspeed or {}, hidden)}
@@ -95,25 +96,43 @@ class Zero3Layers:
             zc = DeepSpeedZeroConfig(**ds["zero_optimization"])
         except (ValueError, TypeError) as e:  # DeepSpeed validates its config (pydantic): before any collective
             raise ConfigError(f"DeepSpeed ZeRO-3 config: {' '.join(str(e).split())}") from e
-        self._before = {id(o): set(vars(o)) for o in [*self._params, *self._layers.modules()]}
-        others = {id(p) for p in self._params}
-        for p in dict.fromkeys(model.parameters()):  # the replicated rest (embeddings, lm head, final norm)
-            if id(p) not in others:
-                p.data = p.data.to(device or p.device)
-        for b in model.buffers():
-            b.data = b.data.to(device or b.device)
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import Init
 
         # DeepSpeed's own all-gathers still call torch's old name for it (renamed in torch 2.13)
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         # DeepSpeed's communication layer, on the process group accelerate started
         deepspeed.init_distributed(dist_backend="nccl" if torch.device(device or "cpu").type == "cuda" else "gloo")
+        self._before: dict[int, set[str]] = {}
+        if config.efficient_loading:  # zero3_init_flag: process 0 read the checkpoint, the others hold meta weights
+            check_same_model(model, comm, "DeepSpeed zero3_init_flag")
+            off = zc.offload_param
+            for layer in layers:  # one whole layer at a time: process 0's, then partitioned by DeepSpeed
+                receive(layer, comm, device)
+                self._remember(layer)
+                Init(module=layer, config_dict_or_path=ds, dtype=dtype, pin_memory=bool(off and off.pin_memory),
+                     remote_device=off.device if off and off.device != "none" else None)
+            self._params = [p for m in layers for p in dict.fromkeys(m.parameters())]
+            receive(model, comm, device)  # the replicated rest (partitioned layers hold empty placeholders)
+        else:
+            self._remember(self._layers)
+            others = {id(p) for p in self._params}
+            for p in dict.fromkeys(model.parameters()):  # the replicated rest (embeddings, lm head, final norm)
+                if id(p) not in others:
+                    p.data = p.data.to(device or p.device)
+            for b in model.buffers():
+                b.data = b.data.to(device or b.device)
         self.engine = DeepSpeedZeRoOffload(
             self._layers, timers=None, ds_config=ds, overlap_comm=zc.overlap_comm,
             prefetch_bucket_size=zc.prefetch_bucket_size, max_reuse_distance=zc.max_reuse_distance,
             max_live_parameters=zc.max_live_parameters, param_persistence_threshold=zc.param_persistence_threshold,
             model_persistence_threshold=zc.model_persistence_threshold, offload_param_config=zc.offload_param)
         self.engine.partition_all_parameters()
+
+    def _remember(self, module: nn.Module) -> None:
+        """Note the attributes ``module`` and its parameters have before DeepSpeed adds its own."""
+        for o in [*dict.fromkeys(module.parameters()), *module.modules()]:
+            self._before[id(o)] = set(vars(o))
 
     # --- memory facts
 
@@ -161,7 +180,7 @@ class Zero3Layers:
             for p, t in zip(dict.fromkeys(m.parameters()), tensors):
                 p.data = t
         for o in [*self._params, *self._layers.modules()]:
-            for k in set(vars(o)) - self._before.get(id(o), set()):
+            for k in set(vars(o)) - self._before.get(id(o), set(vars(o))):
                 delattr(o, k)
         for m in self._layers.modules():
             if type(m._parameters) is not dict:
