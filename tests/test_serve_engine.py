@@ -327,16 +327,24 @@ def test_queue_full_timeout_and_unload_while_queued(base):
         assert eng.generate("after", "gen", max_new_tokens=2).finish_reason in ("length", "eos")  # still serving
 
 
+def wait_for(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until true (a test that waits on a thread never sleeps a fixed time)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.005)
+
+
 def test_stop_fails_waiting_requests(base):
     eng = Engine(base, EngineConfig(max_wait_ms=0)).start()
     add_prompts(eng, ["topic"])
     with eng.model_lock:
-        jobs = [eng.submit(ClassifyRequest(f"t{i}", ["topic"])) for i in range(3)]
+        jobs = [eng.submit(ClassifyRequest("t0", ["topic"]))]
+        wait_for(lambda: eng.queue_depth == 0)  # the worker took it and waits for the model
+        jobs += [eng.submit(ClassifyRequest(f"t{i}", ["topic"])) for i in (1, 2)]  # these stay queued
         stopper = threading.Thread(target=eng.stop)
         stopper.start()
-        deadline = time.time() + 10
-        while eng.running and time.time() < deadline:  # stop() has begun before the worker gets the model back
-            time.sleep(0.005)
+        wait_for(lambda: not eng.running)  # stop() has begun before the worker gets the model back
     stopper.join(10)
     outcomes = []
     for j in jobs:
@@ -344,7 +352,8 @@ def test_stop_fails_waiting_requests(base):
             outcomes.append(j.result(timeout=10).label)
         except EngineStoppedError:
             outcomes.append("stopped")
-    assert "stopped" in outcomes  # none is left hanging
+    assert outcomes[1:] == ["stopped", "stopped"]  # queued ones fail, none is left hanging
+    assert outcomes[0] != "stopped"  # the batch already taken finishes
     with pytest.raises(EngineStoppedError):
         eng.submit(ClassifyRequest("late", ["topic"]))
 
