@@ -40,9 +40,23 @@ def test_round_trip_is_bit_exact(tiny, tmp_path, dtype):
     assert torch.equal(a.tensor, w.to(getattr(torch, dtype)).float())
     assert a.meta.labels == ["a", "b"] and a.meta.template == "Text: {text}\nLabel:"
     assert a.meta.training == {"steps": 3} and a.meta.dtype == dtype and a.meta.format_version == FORMAT_VERSION
-    # saving what was loaded gives the same tensor bytes again
+    # saving what was loaded gives the same file again, byte for byte (a canonical header)
     save_prompt(tmp_path / "q.safetensors", a.tensor, a.meta, dtype=dtype)
-    assert torch.equal(load_prompt(tmp_path / "q.safetensors").tensor, a.tensor)
+    assert (tmp_path / "q.safetensors").read_bytes() == path.read_bytes()
+
+
+def test_same_content_same_bytes():
+    from safetensors.torch import load
+
+    from softprompt.artifact import safetensors_bytes
+
+    tensors = {f"t{i}": torch.full((i + 1, 3), float(i)) for i in range(6)}
+    metadata = {f"key{i}": str(i) for i in range(12)}
+    raw = {safetensors_bytes(tensors, metadata) for _ in range(8)}  # safetensors alone gives several
+    assert len(raw) == 1
+    data = raw.pop()
+    assert int.from_bytes(data[:8], "little") % 8 == 0  # tensor data stays 8-byte aligned
+    assert all(torch.equal(a, tensors[k]) for k, a in load(data).items())
 
 
 def test_float16_overflow_falls_back_to_bfloat16(tiny, tmp_path):

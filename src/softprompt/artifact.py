@@ -106,10 +106,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def prompt_bytes(tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> bytes:
-    """Serialize a prompt (P, d) and its metadata to prompt-file bytes."""
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Serialize to safetensors with a canonical header: the same content gives the same bytes.
+
+    safetensors writes its metadata map in hash order, so two saves of one prompt differ byte for
+    byte; the header is re-written with sorted keys (padded with spaces to 8 bytes, as safetensors
+    does), which moves no tensor data (offsets count from the end of the header).
+    """
     from safetensors.torch import save
 
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n :]
+
+
+def prompt_bytes(tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> bytes:
+    """Serialize a prompt (P, d) and its metadata to prompt-file bytes."""
     if tensor.dim() != 2:
         raise PromptFileError(f"a prompt tensor must be (P, d), got shape {tuple(tensor.shape)}")
     if not torch.isfinite(tensor).all():
@@ -120,7 +134,7 @@ def prompt_bytes(tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16")
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     header = {"format_version": str(FORMAT_VERSION), "softprompt": json.dumps(asdict(meta), sort_keys=True)}
     data = tensor.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
-    return save({"prompt": data}, metadata=header)
+    return safetensors_bytes({"prompt": data}, header)
 
 
 def save_prompt(path: str | os.PathLike, tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> Path:

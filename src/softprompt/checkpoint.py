@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .artifact import atomic_write_bytes
+from .artifact import atomic_write_bytes, safetensors_bytes
 from .errors import ConfigError
 
 CHECKPOINT_FORMAT = "softprompt-checkpoint/1"
@@ -70,8 +70,6 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def checkpoint_bytes(state: TrainState) -> bytes:
     """Serialize a training state (safetensors bytes)."""
-    from safetensors.torch import save
-
     tensors: dict[str, torch.Tensor] = {}
     for i, (p, b) in enumerate(zip(state.prompts, state.best_prompts)):
         tensors[f"prompt.{i}"] = p.detach().to("cpu", torch.float32).contiguous()
@@ -82,7 +80,7 @@ def checkpoint_bytes(state: TrainState) -> bytes:
         tensors[f"rng.{k}"] = v.detach().cpu().contiguous()
     meta = {"format": CHECKPOINT_FORMAT, "step": state.step, "names": state.names, "optimizer": opt_meta,
             "info": state.info}
-    return save(tensors, metadata={"softprompt_checkpoint": json.dumps(meta)})
+    return safetensors_bytes(tensors, {"softprompt_checkpoint": json.dumps(meta)})
 
 
 def save_checkpoint(path: str | os.PathLike, state: TrainState) -> Path:

@@ -39,6 +39,7 @@ from .artifact import (
     atomic_write_bytes,
     check_compatible,
     load_prompt,
+    safetensors_bytes,
     save_prompt,
 )
 from .base import DEFAULT_MODEL, EMBEDDED_NAME, BaseModel
@@ -476,8 +477,6 @@ def export_peft(
     Returns:
         The adapter directory.
     """
-    from safetensors.torch import save
-
     loaded = prompt if isinstance(prompt, LoadedPrompt) else load_prompt(prompt)
     meta = loaded.meta
     where = str(loaded.path or "prompt")
@@ -494,6 +493,6 @@ def export_peft(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PromptFileError(f"{out}: exists and is not a directory")
-    atomic_write_bytes(out / WEIGHTS_NAME, save({PROMPT_KEY: tensor}, metadata=header))
+    atomic_write_bytes(out / WEIGHTS_NAME, safetensors_bytes({PROMPT_KEY: tensor}, header))
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return out
