@@ -1,6 +1,7 @@
 """Quality at an equal training budget: softprompt's default recipe vs PEFT prompt tuning vs PEFT
 LoRA, the same number of steps x batch size, plus the prompting baselines (bare model, hand-written
-instruction, few-shot) and TF-IDF + logistic regression, on one task per invocation.
+instruction, plain and in the chat template, few-shot) and TF-IDF + logistic regression, on one task
+per invocation.
 
 Every method is scored by the same code: rank classification (summed label-token log-probs over
 the label set) or greedy generation + ROUGE-L, through ``softprompt.evaluate``. A PEFT prompt is
@@ -44,10 +45,13 @@ TITLES = {
     "lora": "PEFT LoRA r=8 (q,v)",
     "bare": "bare model (no prompt)",
     "instruction": "hand-written instruction",
+    "instruction-chat": "hand-written instruction, chat template",
     "few-shot": "few-shot (5 shots)",
     "tfidf-lr": "TF-IDF + logistic regression (not a prompt)",
 }
 TRAINED = ("softprompt", "peft-pt", "lora")
+PROMPTING = ("bare", "instruction", "instruction-chat", "few-shot")
+"""The baselines a prompt engineer would try (TF-IDF is not a prompt)."""
 
 
 def scores_only(m: dict) -> dict:
@@ -201,7 +205,7 @@ def main() -> None:
 def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extra: dict) -> None:
     """results/NAME.json (config, every run) and NAME.md (mean, std, min, max per method)."""
     metric = PRIMARY_METRIC[kind]
-    order = ["softprompt", "peft-pt", "lora", "bare", "instruction", "few-shot", "tfidf-lr"]
+    order = ["softprompt", "peft-pt", "lora", *PROMPTING, "tfidf-lr"]
     rows, stats = [], {}
     for method in order:
         mine = [r for r in runs if r["method"] == method]
@@ -214,14 +218,14 @@ def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extr
     summary: dict = {"metric": metric}
     if "softprompt" in stats:
         sp = stats["softprompt"]
-        for other in ("peft-pt", "lora", "bare", "instruction", "few-shot"):
+        for other in ("peft-pt", "lora", *PROMPTING):
             if other in stats:
                 o = stats[other]
                 summary[f"softprompt - {other}"] = statistics.mean(sp) - statistics.mean(o)
                 if other == "peft-pt":
                     summary["beats PEFT beyond seed spread"] = (
                         min(sp) > max(o) and statistics.mean(sp) - statistics.mean(o) > 2 * (spread(sp) + spread(o)))
-        prompting = [b for b in ("bare", "instruction", "few-shot") if b in stats]
+        prompting = [b for b in PROMPTING if b in stats]
         if prompting:
             summary["beats every prompting baseline"] = all(min(sp) > max(stats[b]) for b in prompting)
     summary.update(extra)

@@ -7,8 +7,8 @@ import torch
 
 from softprompt import PromptedModel
 from softprompt.baselines import (
-    BASELINES, SHOT_SEPARATOR, BaselineConfig, BaselineContext, cut_tokens, default_instruction, few_shot_spec,
-    instruction_spec, pick_shots, run_baselines, shots_that_fit, tfidf_lr,
+    BASELINES, SHOT_SEPARATOR, BaselineConfig, BaselineContext, chat_spec, cut_tokens, default_instruction,
+    few_shot_spec, instruction_spec, pick_shots, run_baselines, shots_that_fit, tfidf_lr,
 )
 from softprompt.data import Example, TaskSpec
 from softprompt.errors import ConfigError
@@ -103,17 +103,49 @@ def test_run_baselines_same_path_as_the_prompt(tiny):
     assert abs(results["instruction"]["log_loss"] - float(-instr[torch.arange(3), gold].mean())) < 1e-5
     assert results["bare"]["log_loss"] != pytest.approx(results["instruction"]["log_loss"])
     assert " shots" in results["few-shot"]["setup"] and results["tfidf-lr"]["seconds"] >= 0
+    chat = score_classification(pm, None, chat_spec(SPEC, "Pick a topic.", pm.base.tokenizer), texts)
+    assert abs(results["instruction-chat"]["log_loss"] - float(-chat[torch.arange(3), gold].mean())) < 1e-5
+    assert "chat template" in results["instruction-chat"]["setup"]
 
 
-def test_skips_without_training_data_and_for_generation(tiny):
+def test_chat_spec_puts_the_question_in_the_user_turn(tiny):
+    tok = tiny.tokenizer
+    spec = chat_spec(SPEC, "Pick a {text} topic.", tok)
+    assert spec.template == "<s>user\nPick a (text) topic.\n\nText: {text}\nTopic:</s>\n<s>assistant\n"
+    assert spec.label_ids(tok) == [tok("business", add_special_tokens=False)["input_ids"],  # the reply: no space
+                                   tok("film", add_special_tokens=False)["input_ids"],
+                                   tok("sport", add_special_tokens=False)["input_ids"]]
+    ids = spec.source_ids(tok, "the team won " * 40)  # the text is cut, the chat frame kept
+    assert len(ids) <= SPEC.max_length and tok.decode(ids).endswith("</s>\n<s>assistant\n")
+
+
+def test_chat_spec_does_not_double_the_bos(tiny):
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tiny.tokenizer)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.chat_template = "<s>{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    assert tok("x", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id  # this tokenizer adds the BOS
+    spec = chat_spec(SPEC, "Pick.", tok)
+    assert spec.template == "[Pick.\n\nText: {text}\nTopic:]"
+    assert spec.source_ids(tok, "a").count(tok.bos_token_id) == 1
+
+
+def test_skips_without_training_data_or_chat_template_and_for_generation(tiny, monkeypatch):
     pm = PromptedModel(tiny)
     results, skipped = run_baselines(BaselineContext(pm, SPEC, TEST))
-    assert list(results) == ["bare", "instruction"] and set(skipped) == {"few-shot", "tfidf-lr"}
+    assert list(results) == ["bare", "instruction", "instruction-chat"] and set(skipped) == {"few-shot", "tfidf-lr"}
     gen = [Example("shares fell", "market"), Example("the team won", "sport")]
     ctx = BaselineContext(pm, TaskSpec("generate", max_length=32), gen, gen, BaselineConfig(shots=1),
                           gen_kw={"max_new_tokens": 2})
     results, skipped = run_baselines(ctx)
-    assert list(results) == ["bare", "instruction", "few-shot"] and "rouge_l" in results["few-shot"]
+    assert list(results) == ["bare", "instruction", "instruction-chat", "few-shot"]
+    assert "rouge_l" in results["few-shot"] and "rouge_l" in results["instruction-chat"]
+    monkeypatch.setattr(tiny.tokenizer, "chat_template", None)  # a base model's tokenizer
+    results, skipped = run_baselines(BaselineContext(pm, SPEC, TEST, TRAIN))
+    assert "instruction-chat" not in results and skipped == {"instruction-chat": "the tokenizer has no chat template"}
 
 
 def test_config_errors():

@@ -13,7 +13,7 @@ TINY = ["--steps", "2", "--batch-size", "2", "--max-length", "32", "--dev-size",
 
 
 def _check_outputs(out: str, folder) -> None:
-    for method in ("soft prompt", "bare model", "instruction", "few-shot", "TF-IDF + LR"):
+    for method in ("soft prompt", "bare model", "instruction", "instruction, chat", "few-shot", "TF-IDF + LR"):
         assert re.search(rf"^{re.escape(method)}\s+\d\.\d{{3}}\s+\d\.\d{{3}}", out, re.M), method
     assert "10 examples" in out and "virtual tokens x" in out and "bytes" in out
     assert (folder / "topic.safetensors").is_file() and (folder / "topic.run" / "metrics.jsonl").is_file()

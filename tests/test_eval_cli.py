@@ -37,7 +37,8 @@ def test_json_has_every_method_and_matches_the_scoring_path(files, tiny, tiny_di
     assert main(["eval", str(prompt), "--data", str(test), "--model", str(tiny_dir), "--baselines", "--json",
                  "--shots", "3", "--precision", "fp32"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert list(out["results"]) == ["prompt", "bare", "instruction", "few-shot", "tfidf-lr"] and out["skipped"] == {}
+    assert list(out["results"]) == ["prompt", "bare", "instruction", "instruction-chat", "few-shot", "tfidf-lr"]
+    assert out["skipped"] == {}
     assert out["n"] == 6 and out["max_length"] == 64 and out["train"].endswith("train.jsonl")  # from the summary
     r = out["results"]["prompt"]
     assert set(r["per_class"]) == set(LABELS) and len(r["confusion"]["matrix"]) == 3 and "predictions" not in r
@@ -60,7 +61,8 @@ def test_human_table_and_report(files, tiny_dir, tmp_path, capsys):
     assert main(["eval", str(prompt), "--data", str(test), "--model", str(tiny_dir), "--baselines",
                  "--train", str(train), "--report", str(report), "--instruction", "Name the topic."]) == 0
     out = capsys.readouterr().out
-    for word in ("soft prompt", "bare model", "instruction", "few-shot", "TF-IDF + LR", "confusion", "precision"):
+    for word in ("soft prompt", "bare model", "instruction", "instruction, chat", "few-shot", "TF-IDF + LR",
+                 "confusion", "precision"):
         assert word in out
     assert report.is_file() and (tmp_path / "rep" / "report-confusion.png").is_file()
     assert "Name the topic." in report.read_text()
@@ -73,7 +75,7 @@ def test_generation_eval(tiny, tiny_dir, tmp_path, capsys):
     assert main(["eval", str(prompt), "--data", str(data), "--model", str(tiny_dir), "--baselines", "--train",
                  str(data), "--max-new-tokens", "3", "--json", "--stop", "."]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert list(out["results"]) == ["prompt", "bare", "instruction", "few-shot"]
+    assert list(out["results"]) == ["prompt", "bare", "instruction", "instruction-chat", "few-shot"]
     assert all(0 <= r["rouge_l"] <= 1 for r in out["results"].values())
 
 

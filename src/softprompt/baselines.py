@@ -3,6 +3,8 @@
 - ``bare``: the base model with no prompt and the same template.
 - ``instruction``: a hand-written instruction (what a prompt engineer would write first) before
   the template.
+- ``instruction-chat``: the same instruction and template as the user's turn of the model's chat
+  template, the answer scored as the assistant's reply (chat models; skipped without a template).
 - ``few-shot``: k training examples in context (seeded, balanced over classes), each cut short so
   together they take at most half of ``max_length`` (fewer examples when k do not fit).
 - ``tfidf-lr``: TF-IDF + logistic regression trained on the training file (classification).
@@ -100,6 +102,18 @@ def instruction_spec(spec: TaskSpec, instruction: str) -> TaskSpec:
     return replace(spec, template=_safe(instruction.strip(), spec) + SHOT_SEPARATOR + spec.template)
 
 
+def chat_spec(spec: TaskSpec, instruction: str, tokenizer) -> TaskSpec:
+    """``spec`` as one chat turn: ``instruction``, a blank line and the template are the user's
+    message in the tokenizer's chat template; the label words / output are the assistant's reply."""
+    question = _safe(instruction.strip(), spec) + SHOT_SEPARATOR + spec.template.rstrip()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos, adds_bos = tokenizer.bos_token, tokenizer("", add_special_tokens=True)["input_ids"][:1]
+    if bos and text.startswith(bos) and adds_bos == [tokenizer.bos_token_id]:
+        text = text[len(bos):]  # the tokenizer puts it back when the source is encoded
+    return replace(spec, template=text)
+
+
 def pick_shots(train: Sequence[Example], k: int, kind: str, seed: int = 0) -> list[Example]:
     """k training examples (seeded); for classification round-robin over the classes so they are
     balanced where possible, then shuffled so no class always sits last."""
@@ -186,6 +200,15 @@ def run_instruction(ctx: BaselineContext) -> dict:
     return m
 
 
+def run_instruction_chat(ctx: BaselineContext) -> dict:
+    """The instruction and the template as a chat turn, the answer as the assistant's reply."""
+    text = ctx.config.instruction or default_instruction(ctx.spec, ctx.name)
+    spec = chat_spec(ctx.spec, text, ctx.pm.base.tokenizer)
+    m = evaluate_prompt(ctx.pm, None, spec, ctx.examples, ctx.batch_size, **ctx.gen_kw)
+    m["setup"] = f"instruction {text!r} in the chat template"
+    return m
+
+
 def run_few_shot(ctx: BaselineContext) -> dict:
     """k training examples in context before the template (fewer when k do not fit)."""
     k = shots_that_fit(ctx.spec, ctx.pm.base.tokenizer, ctx.config.shots)
@@ -231,21 +254,30 @@ def run_tfidf_lr(ctx: BaselineContext) -> dict:
     return m
 
 
+def needs_train(ctx: BaselineContext) -> str | None:
+    return None if ctx.train else "no training data (pass --train FILE)"
+
+
+def needs_chat_template(ctx: BaselineContext) -> str | None:
+    return None if getattr(ctx.pm.base.tokenizer, "chat_template", None) else "the tokenizer has no chat template"
+
+
 @dataclass(frozen=True)
 class Baseline:
-    """A baseline: how to run it, which tasks it applies to, whether it needs training data."""
+    """A baseline: how to run it, which tasks it applies to, and why it cannot run (None: it can)."""
 
     run: Callable[[BaselineContext], dict]
     title: str
     kinds: tuple[str, ...] = ("classify", "generate")
-    needs_train: bool = False
+    unavailable: Callable[[BaselineContext], str | None] = lambda ctx: None
 
 
 BASELINES: dict[str, Baseline] = {
     "bare": Baseline(run_bare, "bare model"),
     "instruction": Baseline(run_instruction, "instruction"),
-    "few-shot": Baseline(run_few_shot, "few-shot", needs_train=True),
-    "tfidf-lr": Baseline(run_tfidf_lr, "TF-IDF + LR", kinds=("classify",), needs_train=True),
+    "instruction-chat": Baseline(run_instruction_chat, "instruction, chat", unavailable=needs_chat_template),
+    "few-shot": Baseline(run_few_shot, "few-shot", unavailable=needs_train),
+    "tfidf-lr": Baseline(run_tfidf_lr, "TF-IDF + LR", kinds=("classify",), unavailable=needs_train),
 }
 """Baselines by name, in table order."""
 
@@ -265,8 +297,9 @@ def run_baselines(ctx: BaselineContext, names: Sequence[str] | None = None) -> t
         b = BASELINES[name]
         if ctx.spec.kind not in b.kinds:
             continue
-        if b.needs_train and not ctx.train:
-            skipped[name] = "no training data (pass --train FILE)"
+        why = b.unavailable(ctx)
+        if why:
+            skipped[name] = why
             continue
         t0 = time.perf_counter()
         results[name] = b.run(ctx)

@@ -42,7 +42,14 @@ def tiny_tokenizer(vocab_size: int = 400):
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    out.chat_template = TINY_CHAT_TEMPLATE
+    return out
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+"""A ChatML-like chat template, so the tiny models run the chat baseline like an instruct model."""
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 400, hidden: int = 64, layers: int = 2):

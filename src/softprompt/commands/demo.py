@@ -1,9 +1,9 @@
 """``softprompt demo``: the README's first command, end to end on real data.
 
 Writes the BBC News topic data, trains a topic prompt on the default model, scores it against the
-baselines (bare model, instruction, few-shot, TF-IDF + logistic regression) on test articles,
-writes the HTML report and shows the prompt file. The defaults are sized for a few minutes on two
-CPU cores; every size is a flag.
+baselines (bare model, instruction, the instruction in the chat template, few-shot, TF-IDF +
+logistic regression) on test articles, writes the HTML report and shows the prompt file. The
+defaults are sized for a few minutes on two CPU cores; every size is a flag.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _run(config: DemoConfig) -> dict:
     inspect_run(argparse.Namespace(file=str(result.path), json=False))
     total = time.perf_counter() - t0
     print(f"\nreport: {report[0]} (plots: {', '.join(p.name for p in report[1:])})")
-    print(f"time: {total:.0f} s in all (training {train_s:.0f} s, scoring 5 methods {eval_s:.0f} s)")
+    print(f"time: {total:.0f} s in all (training {train_s:.0f} s, scoring {len(comparison.results)} methods {eval_s:.0f} s)")
     print(f"next: softprompt predict {result.path} \"Shares rose after the central bank cut rates.\"")
     return {"prompt": result.path, "report": report[0], "comparison": comparison, "train": result,
             "seconds": {"total": total, "train": train_s, "eval": eval_s}}

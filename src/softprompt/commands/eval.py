@@ -197,8 +197,9 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="score a prompt file on labelled data, optionally against baselines",
                        description="Score a prompt file on labelled data (JSONL/CSV). Classification: accuracy, "
                                    "macro-F1, per-class precision/recall, confusion matrix. Generation: exact "
-                                   "match, ROUGE-L, chrF. --baselines adds the bare model, an instruction, "
-                                   "few-shot examples and (classification) TF-IDF + logistic regression.")
+                                   "match, ROUGE-L, chrF. --baselines adds the bare model, an instruction (plain, and "
+                                   "in the model's chat template when it has one), few-shot examples and "
+                                   "(classification) TF-IDF + logistic regression.")
     p.add_argument("prompt", help="the .safetensors prompt file")
     p.add_argument("--data", required=True, help="labelled JSONL or CSV file")
     p.add_argument("--model", default=None, help="base model (hub id or folder); default: the default model")
@@ -206,7 +207,7 @@ def register(sub) -> None:
     p.add_argument("--train", default=None,
                    help="training file for few-shot and TF-IDF (default: the one the prompt was trained on)")
     p.add_argument("--shots", type=int, default=5, help="in-context examples of the few-shot baseline (default: 5)")
-    p.add_argument("--instruction", default=None, help="text of the instruction baseline (default: built from the labels)")
+    p.add_argument("--instruction", default=None, help="text of the instruction baselines (default: built from the labels)")
     p.add_argument("--seed", type=int, default=0, help="seeds the shots, the classifier and --limit (default: 0)")
     p.add_argument("--max-length", type=int, default=None,
                    help="most tokens of template + text (default: the prompt's training value, else 256)")
