@@ -8,6 +8,7 @@ import torch
 from softprompt import IGNORE_INDEX, PromptedModel, SoftPrompt
 from softprompt.base import assert_frozen
 from softprompt.model import cache_argument, pack
+from softprompt.testing import SLIDING_FAMILIES
 
 FAMILIES = ["llama", "qwen2", "gpt2", "gemma"]
 TEXTS = ["the quick brown fox jumps over the lazy dog", "shares fell", "the film won three awards and"]
@@ -49,18 +50,22 @@ def test_left_and_right_padding_agree(tiny_family, family):
         torch.testing.assert_close(a[P:], b[P:], rtol=1e-4, atol=1e-4)
 
 
-def test_mixed_batch_equals_each_row_alone(tiny):
-    pm = PromptedModel(tiny)
-    prompts = [SoftPrompt.initialize(tiny.embedding, tiny.tokenizer, n, "random", seed=n)() for n in (3, 7, 5)]
+@pytest.mark.parametrize("family", ["llama", *SLIDING_FAMILIES])
+def test_mixed_batch_equals_each_row_alone(tiny_family, family):
+    base = tiny_family(family)
+    tok = base.tokenizer
+    pm = PromptedModel(base)
+    prompts = [SoftPrompt.initialize(base.embedding, tok, n, "random", seed=n)() for n in (3, 7, 5)]
     for side in ("left", "right"):
-        enc = encode(tiny.tokenizer, TEXTS, side)
+        enc = encode(tok, TEXTS, side)
         with torch.no_grad():
             mixed = pm(enc["input_ids"], enc["attention_mask"], prompts)  # (3, 7 + T, V)
             for i, p in enumerate(prompts):
-                one = tiny.tokenizer(TEXTS[i], return_tensors="pt")
-                alone = pm(one["input_ids"], one["attention_mask"], p)[0, p.shape[0]:]  # (n, V)
+                one = tok(TEXTS[i], return_tensors="pt")["input_ids"]  # (1, n)
+                # the model's own forward over the unpadded row: HF's masks, the window by index
+                alone = base.model(inputs_embeds=torch.cat([p[None], pm.embed(one)], 1)).logits[0, p.shape[0]:]
                 mask = enc["attention_mask"][i].bool()
-                got = mixed[i, 7:][mask]  # (n, V) at this row's real tokens
+                got = mixed[i, 7:][mask]  # (n, V) at this row's real tokens; a gap after short prompts
                 torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-4)
 
 

@@ -18,7 +18,7 @@ from softprompt.serve.errors import (
     BadPromptNameError, EngineStoppedError, InputTooLongError, InvalidRequestError, QueueFullError,
     RequestTimeoutError, UnknownPromptError, WrongTaskError,
 )
-from softprompt.testing import tiny_model_dir
+from softprompt.testing import SLIDING_FAMILIES, SLIDING_WINDOW, tiny_model_dir
 
 TEXTS = ["the match was won by the home team", "shares fell", "a new phone with a faster chip was announced",
          "the film won three awards"]
@@ -103,6 +103,62 @@ def test_cached_prefix_equals_full_concatenation(model_root, family):
                 ours = eng.generate(text, "gen", max_new_tokens=8, **kw)
                 ref = uncached_generation(eng, "gen", text, max_new_tokens=8, **kw)
                 assert ours.token_ids == ref.token_ids and ours.text == ref.text
+
+
+def hf_logprobs(base, prompt, ids):
+    """Log-probs from the model's own forward over one unpadded row [prompt | ids], (P + T, V):
+    no padding, so HF's index-based sliding window is exact."""
+    emb = torch.cat([prompt.to(base.model.dtype), base.model.get_input_embeddings()(torch.tensor(ids))])[None]
+    with torch.no_grad():
+        return base.model(inputs_embeds=emb).logits.float().log_softmax(-1)[0]
+
+
+@pytest.mark.parametrize("family", SLIDING_FAMILIES)
+def test_sliding_window_model_serves_like_its_own_unpadded_forward(model_root, family):
+    base = soft_base(model_root / family, family)
+    reqs = ([ClassifyRequest(t, [name]) for t in TEXTS for name in ("topic", "sentiment")]
+            + [GenerateRequest(t, "gen", max_new_tokens=10) for t in TEXTS[:2]])
+    with Engine(base, EngineConfig(max_batch=64, max_wait_ms=500)) as eng:
+        add_prompts(eng, ["topic", "sentiment", "gen"])
+        jobs = [eng.prepare(r) for r in reqs]
+        eng.enqueue(jobs)  # one batch: prompts of 3 and 7 tokens, sources of 2-9 words: gaps inside rows
+        got = [j.result(timeout=60) for j in jobs]
+        assert stat(eng, "softprompt_batch_rows_count") == 1
+    for r, g in zip(reqs, got):
+        e = eng.bank.get(r.prompts[0] if isinstance(r, ClassifyRequest) else r.prompt)
+        src = e.spec.source_ids(base.tokenizer, r.text)
+        assert e.length + len(src) > SLIDING_WINDOW  # the window matters
+        if isinstance(r, ClassifyRequest):
+            for c, lab in enumerate(e.label_ids):
+                logp = hf_logprobs(base, e.tensor, src + list(lab))
+                at = e.length + len(src) - 1
+                assert abs(g.scores[0][c] - sum(float(logp[at + j, t]) for j, t in enumerate(lab))) < 1e-3
+        else:
+            ref: list[int] = []
+            while len(ref) < r.max_new_tokens:
+                t = int(hf_logprobs(base, e.tensor, src + ref)[-1].argmax())
+                if t == base.tokenizer.eos_token_id:
+                    break
+                ref.append(t)
+            assert g.token_ids == ref
+
+
+def test_servable_layer_kinds():
+    from transformers import Qwen3NextConfig
+
+    from softprompt.errors import ModelLoadError
+    from softprompt.serve.engine import check_servable
+    from softprompt.testing import tiny_config
+
+    config = tiny_config("gemma3")
+    for impl in ("eager", "sdpa"):  # sliding + full layers: served
+        config._attn_implementation = impl
+        check_servable(config)
+    config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ModelLoadError, match="eager or sdpa"):
+        check_servable(config)
+    with pytest.raises(ModelLoadError, match="linear_attention"):
+        check_servable(Qwen3NextConfig(num_hidden_layers=4))
 
 
 def stat(engine, name, kind="classify", **labels):

@@ -99,6 +99,51 @@ def _apply_logit_quirks(config, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def sliding_window(config) -> int | None:
+    """The window of a model whose decoder has sliding-window attention layers; None for full
+    attention. Either ``layer_types`` lists ``sliding_attention`` (Gemma 2/3, Cohere 2, gpt-oss ...)
+    or, without ``layer_types``, a ``sliding_window`` applies to every layer (Mistral 7B v0.1)."""
+    text = config.get_text_config(decoder=True)
+    kinds = getattr(text, "layer_types", None)
+    if kinds is not None and "sliding_attention" not in kinds:
+        return None
+    return getattr(text, "sliding_window", None)
+
+
+def masks_by_position(config) -> bool:
+    """Whether :meth:`PromptedModel.decode` passes :func:`position_masks` (sliding-window models
+    under eager or sdpa attention, which take additive 4D masks)."""
+    return sliding_window(config) is not None and getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+
+
+def position_masks(attention_mask: torch.Tensor, position_ids: torch.Tensor, window: int,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Additive attention masks (B, 1, L, K) per layer type, by token position.
+
+    HF builds a sliding-window mask from cache indices, which counts padding: with prompts and
+    sources padded to a common length (a gap inside a row) a key can be inside the window by
+    position and outside it by index. Here a query at position p sees the valid keys at positions
+    p - window < q <= p (sliding layers) or q <= p (full layers); key positions are the running
+    count of valid keys, as everywhere in softprompt. Every query also sees itself, so padded
+    queries (whose outputs nobody reads) never get an empty row.
+
+    Args:
+        attention_mask: (B, K) 1 for valid keys, cached ones included; queries are the last L.
+        position_ids: (B, L) positions of the queries.
+    """
+    K, L = attention_mask.shape[1], position_ids.shape[1]
+    valid = attention_mask.bool()  # (B, K)
+    key_pos = attention_mask.long().cumsum(-1) - 1  # (B, K)
+    dist = position_ids[:, :, None] - key_pos[:, None, :]  # (B, L, K)
+    causal = valid[:, None, :] & (dist >= 0)  # (B, L, K)
+    own = torch.zeros(L, K, dtype=torch.bool, device=valid.device)
+    own[torch.arange(L), torch.arange(K - L, K)] = True  # (L, K): each query's own key
+    lowest = torch.finfo(dtype).min
+    add = lambda allowed: torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(
+        ~(allowed | own), lowest)[:, None]  # (B, 1, L, K)
+    return {"full_attention": add(causal), "sliding_attention": add(causal & (dist < window))}
+
+
 def cache_argument(module: nn.Module) -> str:
     """The name ``module.forward`` takes the KV cache under: ``cache`` from transformers 5.24,
     ``past_key_values`` before (a quirk of the version, fenced here)."""
@@ -160,6 +205,12 @@ class PromptedModel(nn.Module):
         ``attention_mask`` covers the cached positions too: (B, past + L).
         """
         inner = self.lm.base_model
+        if masks_by_position(self.config):  # HF's sliding mask counts padding; ours counts positions
+            masks = position_masks(attention_mask, position_ids, sliding_window(self.config), inputs_embeds.dtype)
+            per_layer = getattr(self.config.get_text_config(decoder=True), "layer_types", None) is not None
+            attention_mask = masks if per_layer else masks["sliding_attention"]  # one window for all layers
+            if use_cache and past_key_values is None:
+                past_key_values = make_cache([])  # full layers: the window is in the mask, not the cache
         kw = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids,
               cache_argument(inner): past_key_values, "use_cache": use_cache}
         if inner is self.lm:  # no separate decoder module: take it from the full forward
@@ -222,13 +273,8 @@ class PromptedModel(nn.Module):
         """
         emb = prompt.to(self.lm.device, self.lm.dtype)[None]  # (1, P, d)
         P = emb.shape[1]
-        out = self.lm(
-            inputs_embeds=emb,
-            attention_mask=torch.ones(1, P, dtype=torch.long, device=emb.device),
-            position_ids=torch.arange(P, device=emb.device)[None],
-            use_cache=True,
-        )
-        return output_cache(out)
+        mask = torch.ones(1, P, dtype=torch.long, device=emb.device)
+        return self.decode(emb, mask, torch.arange(P, device=emb.device)[None], use_cache=True)[1]
 
 
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

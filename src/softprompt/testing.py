@@ -25,6 +25,9 @@ i loved this movie it was wonderful ! i hated the service , it was awful . it wa
 """.strip()
 
 FAMILIES = ("llama", "qwen2", "gpt2", "gemma")
+SLIDING_FAMILIES = ("gemma2", "gemma3", "mistral")
+"""Families with sliding-window layers; their tiny models' window is ``SLIDING_WINDOW`` tokens."""
+SLIDING_WINDOW = 8
 
 
 def tiny_tokenizer(vocab_size: int = 400):
@@ -71,7 +74,21 @@ def tiny_config(family: str = "llama", vocab_size: int = 400, hidden: int = 64, 
         return GemmaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                            max_position_embeddings=512, **common)
-    raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family in ("gemma2", "gemma3"):  # a sliding layer with a tiny window, then a full layer
+        from transformers import Gemma2Config, Gemma3TextConfig
+
+        cls = Gemma2Config if family == "gemma2" else Gemma3TextConfig
+        return cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                   sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+                   **common)
+    if family == "mistral":  # one window for every layer, no layer_types
+        from transformers import MistralConfig
+
+        return MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             sliding_window=SLIDING_WINDOW, **common)
+    raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES + SLIDING_FAMILIES)}")
 
 
 def tiny_model_dir(path: str | Path, family: str = "llama", seed: int = 0, **config_kw) -> Path:

@@ -29,7 +29,7 @@ import torch
 from ..base import BaseModel
 from ..data import TaskSpec
 from ..errors import DataError, ModelLoadError
-from ..model import PromptedModel, cache_layers, make_cache
+from ..model import PromptedModel, cache_layers, make_cache, masks_by_position, sliding_window
 from ..scoring import SourceState, find_stop, label_logprobs, left_pad, pad_id, sample_next
 from .bank import PromptBank, PromptEntry
 from .batching import (
@@ -217,11 +217,21 @@ class _GenBatch:
 
 
 def check_servable(config) -> None:
-    """Refuse models whose caches the prefix batching cannot lay out (quirks fenced here)."""
+    """Refuse models whose caches the prefix batching cannot lay out (quirks fenced here).
+
+    Full attention and sliding-window attention (masked by position, see ``position_masks``) are
+    served; linear-attention / state-space layers keep no per-token keys to share and are refused.
+    """
     kinds = set(getattr(config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"])
-    if kinds - {"full_attention"}:
+    if kinds - {"full_attention", "sliding_attention"}:
         raise ModelLoadError(
-            f"the serving engine supports full-attention decoders only; this model has {sorted(kinds)} layers"
+            f"the serving engine supports full- and sliding-window-attention decoders only; this model has "
+            f"{sorted(kinds)} layers"
+        )
+    if sliding_window(config) is not None and not masks_by_position(config):
+        raise ModelLoadError(
+            f"serving a sliding-window model needs eager or sdpa attention (the model was loaded with "
+            f"{getattr(config, '_attn_implementation', None)!r}): the window is applied by position in the mask"
         )
 
 
