@@ -45,6 +45,21 @@ def test_round_trip_is_bit_exact(tiny, tmp_path, dtype):
     assert (tmp_path / "q.safetensors").read_bytes() == path.read_bytes()
 
 
+def test_files_get_the_mode_of_a_plain_write(tiny, tmp_path):
+    import os
+
+    w, meta = make(tiny)
+    old = os.umask(0o027)
+    try:
+        path = save_prompt(tmp_path / "p.safetensors", w, meta)
+        assert path.stat().st_mode & 0o777 == 0o640  # 0o666 less the umask, not mkstemp's 0o600
+        path.chmod(0o604)
+        save_prompt(path, w, meta)  # replacing keeps the file's mode
+        assert path.stat().st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)
+
+
 def test_same_content_same_bytes():
     from safetensors.torch import load
 
