@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMANDS:
         importlib.import_module(mod).register(sub)
+    parser.set_defaults(subcommands=sub.choices)  # name -> parser, for parse()
     return parser
 
 
@@ -44,13 +45,13 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     """Parse ``argv``, letting options and positionals of a subcommand come in any order
     (``predict P.safetensors --model M "some text"``): the subcommand's own parser reads its part
     with ``parse_intermixed_args``."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = parser.get_default("subcommands")
     i = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if i is None or argv[i] not in sub.choices:
+    if i is None or argv[i] not in commands:
         return parser.parse_args(argv)
     args = parser.parse_args(argv[:i])  # top-level options (--version, --help)
     args.command = argv[i]
-    return sub.choices[argv[i]].parse_intermixed_args(argv[i + 1 :], namespace=args)
+    return commands[argv[i]].parse_intermixed_args(argv[i + 1 :], namespace=args)
 
 
 def main(argv: list[str] | None = None) -> int:
