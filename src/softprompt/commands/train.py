@@ -138,9 +138,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--num-processes goes with --launcher accelerate")
     if config.quiet:
         _silence()
+    from ..distributed import shutdown
     from ..train import train
 
     train(config)  # under `accelerate launch`, train() joins the launched processes
+    shutdown()
     return 0
 
 
