@@ -105,7 +105,7 @@ def instruction_spec(spec: TaskSpec, instruction: str) -> TaskSpec:
 def chat_spec(spec: TaskSpec, instruction: str, tokenizer) -> TaskSpec:
     """``spec`` as one chat turn: ``instruction``, a blank line and the template are the user's
     message in the tokenizer's chat template; the label words / output are the assistant's reply."""
-    question = _safe(instruction.strip(), spec) + SHOT_SEPARATOR + spec.template.rstrip()
+    question = instruction_spec(spec, instruction).template.rstrip()
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                          add_generation_prompt=True)
     bos, adds_bos = tokenizer.bos_token, tokenizer("", add_special_tokens=True)["input_ids"][:1]
@@ -192,21 +192,22 @@ def run_bare(ctx: BaselineContext) -> dict:
     return m
 
 
+def _run_instruction(ctx: BaselineContext, chat: bool) -> dict:
+    text = ctx.config.instruction or default_instruction(ctx.spec, ctx.name)
+    spec = chat_spec(ctx.spec, text, ctx.pm.base.tokenizer) if chat else instruction_spec(ctx.spec, text)
+    m = evaluate_prompt(ctx.pm, None, spec, ctx.examples, ctx.batch_size, **ctx.gen_kw)
+    m["setup"] = f"instruction {text!r}" + (" in the chat template" if chat else "")
+    return m
+
+
 def run_instruction(ctx: BaselineContext) -> dict:
     """A hand-written instruction before the template."""
-    text = ctx.config.instruction or default_instruction(ctx.spec, ctx.name)
-    m = evaluate_prompt(ctx.pm, None, instruction_spec(ctx.spec, text), ctx.examples, ctx.batch_size, **ctx.gen_kw)
-    m["setup"] = f"instruction {text!r}"
-    return m
+    return _run_instruction(ctx, chat=False)
 
 
 def run_instruction_chat(ctx: BaselineContext) -> dict:
     """The instruction and the template as a chat turn, the answer as the assistant's reply."""
-    text = ctx.config.instruction or default_instruction(ctx.spec, ctx.name)
-    spec = chat_spec(ctx.spec, text, ctx.pm.base.tokenizer)
-    m = evaluate_prompt(ctx.pm, None, spec, ctx.examples, ctx.batch_size, **ctx.gen_kw)
-    m["setup"] = f"instruction {text!r} in the chat template"
-    return m
+    return _run_instruction(ctx, chat=True)
 
 
 def run_few_shot(ctx: BaselineContext) -> dict:

@@ -45,6 +45,9 @@ class LocalRuntime:
     note: str | None = None
     """A line on how the launch config was read (DeepSpeed), shown when training starts."""
 
+    deepspeed: dict | None = None
+    """The DeepSpeed config of an accelerate DeepSpeed launch, read once (:func:`deepspeed_config`)."""
+
     def __init__(self, device: torch.device | None = None):
         self.device = device or torch.device("cpu")
 
@@ -252,15 +255,16 @@ def deepspeed_note(config: Mapping[str, Any]) -> str:
     return note
 
 
-def sharding_config() -> ShardingConfig | None:
+def sharding_config(deepspeed: Mapping[str, Any] | None = None) -> ShardingConfig | None:
     """The sharding an ``accelerate launch`` config asks for: FSDP (softprompt's own sharding) or
     DeepSpeed ZeRO-3 (DeepSpeed's partitioning); None for data parallel (no config, or ZeRO 0-2).
+    ``deepspeed``: the DeepSpeed config if already read (default: read it).
 
     Raises:
         ConfigError: for settings softprompt does not honour (one line).
     """
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        config = deepspeed_config()
+        config = deepspeed if deepspeed is not None else deepspeed_config()
         if config["zero_optimization"].get("stage") != 3:
             return None
         return ShardingConfig(engine="zero3", deepspeed=config,
@@ -278,16 +282,17 @@ def runtime_from_env(device: str | None = None) -> LocalRuntime | None:
     """The runtime this process was started for: Accelerate's when launched with several
     processes (its ``sharding`` set by an FSDP config), else None (the training loop then runs
     alone, unsharded)."""
-    sharding = sharding_config()
+    ds = deepspeed_config() if _env_true("ACCELERATE_USE_DEEPSPEED") else None
+    sharding = sharding_config(ds)
     if not launched():
         return None
     try:
         rt = AccelerateRuntime(device)
     except ImportError as e:
         raise ConfigError("multi-process training needs Hugging Face Accelerate: pip install 'softprompt[distributed]'") from e
-    rt.sharding = sharding
-    if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        rt.note = deepspeed_note(deepspeed_config())
+    rt.sharding, rt.deepspeed = sharding, ds
+    if ds is not None:
+        rt.note = deepspeed_note(ds)
     return rt
 
 
@@ -309,15 +314,16 @@ def shutdown() -> None:
         os._exit(0)
 
 
-def accelerate_precision() -> str | None:
+def accelerate_precision(deepspeed: Mapping[str, Any] | None = None) -> str | None:
     """``--precision`` from ``accelerate launch --mixed_precision`` / the accelerate config
     (bf16, fp16), or a DeepSpeed config's ``bf16``/``fp16`` ``enabled: true``; None when they say
-    "no" or nothing (then softprompt's own default holds)."""
+    "no" or nothing (then softprompt's own default holds). ``deepspeed``: the DeepSpeed config if
+    already read (default: read it)."""
     mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
     if mp in ("bf16", "fp16"):
         return mp
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        config = deepspeed_config()
+        config = deepspeed if deepspeed is not None else deepspeed_config()
         for name in ("bf16", "fp16"):
             if (config.get(name) or {}).get("enabled") is True:
                 return name

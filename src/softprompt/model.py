@@ -110,10 +110,12 @@ def sliding_window(config) -> int | None:
     return getattr(text, "sliding_window", None)
 
 
-def masks_by_position(config) -> bool:
-    """Whether :meth:`PromptedModel.decode` passes :func:`position_masks` (sliding-window models
-    under eager or sdpa attention, which take additive 4D masks)."""
-    return sliding_window(config) is not None and getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+def position_window(config) -> int | None:
+    """The window :meth:`PromptedModel.decode` applies by position through :func:`position_masks`:
+    a sliding-window model's under eager or sdpa attention (they take additive 4D masks); else None."""
+    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return None
+    return sliding_window(config)
 
 
 def position_masks(attention_mask: torch.Tensor, position_ids: torch.Tensor, window: int,
@@ -205,8 +207,9 @@ class PromptedModel(nn.Module):
         ``attention_mask`` covers the cached positions too: (B, past + L).
         """
         inner = self.lm.base_model
-        if masks_by_position(self.config):  # HF's sliding mask counts padding; ours counts positions
-            masks = position_masks(attention_mask, position_ids, sliding_window(self.config), inputs_embeds.dtype)
+        window = position_window(self.config)
+        if window is not None:  # HF's sliding mask counts padding; ours counts positions
+            masks = position_masks(attention_mask, position_ids, window, inputs_embeds.dtype)
             per_layer = getattr(self.config.get_text_config(decoder=True), "layer_types", None) is not None
             attention_mask = masks if per_layer else masks["sliding_attention"]  # one window for all layers
             if use_cache and past_key_values is None:

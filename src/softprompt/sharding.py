@@ -286,7 +286,7 @@ class ShardedLayers:
             source = comm
         self.units = [_Unit(i, m, comm.rank, comm.world_size, device, compute, source) for i, m in enumerate(layers)]
         if source is not None:
-            receive(model, source, device)  # the replicated rest (the units' parameters are empty placeholders by now)
+            receive(model, source, device)  # process 0's replicated rest
         model.to(device)  # the replicated rest (the units' parameters are empty placeholders by now)
         self.gathers = 0
         """All-gathers done so far (forward and backward)."""
@@ -375,9 +375,6 @@ class ShardedLayers:
         if self.restore_on_exit and exc[0] is None:
             for u in self.units:
                 u.restore(self.comm)
-
-
-
 
 
 SHARDERS: dict[str, Callable[[], Callable[..., Any]]] = {

@@ -377,7 +377,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     device = rt.device if rt.world_size > 1 else resolve_device(config, base)
     precision = config.precision
     if precision == "auto" and rt.world_size > 1:
-        precision = accelerate_precision() or precision  # accelerate's --mixed_precision / config
+        precision = accelerate_precision(getattr(rt, "deepspeed", None)) or precision  # accelerate's --mixed_precision / config
     amp = resolve_precision(precision, device)
     base_given = base is not None
     empty = bool(base is None and sharding and sharding.efficient_loading and rt.rank != 0)  # process 0 sends the weights

@@ -29,7 +29,7 @@ import torch
 from ..base import BaseModel
 from ..data import TaskSpec
 from ..errors import DataError, ModelLoadError
-from ..model import PromptedModel, cache_layers, make_cache, masks_by_position, sliding_window
+from ..model import PromptedModel, cache_layers, make_cache, position_window, sliding_window
 from ..scoring import SourceState, find_stop, label_logprobs, left_pad, pad_id, sample_next
 from .bank import PromptBank, PromptEntry
 from .batching import (
@@ -228,7 +228,7 @@ def check_servable(config) -> None:
             f"the serving engine supports full- and sliding-window-attention decoders only; this model has "
             f"{sorted(kinds)} layers"
         )
-    if sliding_window(config) is not None and not masks_by_position(config):
+    if sliding_window(config) is not None and position_window(config) is None:
         raise ModelLoadError(
             f"serving a sliding-window model needs eager or sdpa attention (the model was loaded with "
             f"{getattr(config, '_attn_implementation', None)!r}): the window is applied by position in the mask"
