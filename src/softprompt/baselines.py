@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
+from . import progress
 from .artifact import PromptMeta
 from .data import Example, TaskSpec
 from .errors import ConfigError
@@ -303,7 +304,8 @@ def run_baselines(ctx: BaselineContext, names: Sequence[str] | None = None) -> t
             skipped[name] = why
             continue
         t0 = time.perf_counter()
-        results[name] = b.run(ctx)
+        with progress.stage(f"baseline {b.title}"):
+            results[name] = b.run(ctx)
         results[name]["seconds"] = round(time.perf_counter() - t0, 2)
     return results, skipped
 

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from . import __version__, progress
 from .errors import SoftpromptError
 
 COMMANDS: list[str] = [
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with progress.shown(not getattr(args, "quiet", False)):  # bars on stderr unless --quiet
+            return int(args.func(args) or 0)
     except SoftpromptError as e:
         print(f"softprompt {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from .data import Example, TaskSpec
+from . import progress
 from .model import PromptedModel
 from .scoring import classify_scores, generate
 
@@ -46,9 +47,11 @@ def score_classification(
     label_ids = spec.label_ids(tok)
     out = torch.empty(len(texts), len(label_ids))
     p = _row_prompts(prompt, len(texts), pm.base.dim, pm.base.device, pm.lm.dtype)
-    for idx in _batches([len(s) for s in sources], batch_size):
-        scores = classify_scores(pm, p, [sources[i] for i in idx], label_ids)  # (b, C)
-        out[idx] = scores.float().log_softmax(-1).cpu()
+    with progress.bar(len(texts), leave=False) as shown:
+        for idx in _batches([len(s) for s in sources], batch_size):
+            scores = classify_scores(pm, p, [sources[i] for i in idx], label_ids)  # (b, C)
+            out[idx] = scores.float().log_softmax(-1).cpu()
+            shown.update(len(idx))
     return out
 
 
@@ -66,9 +69,11 @@ def generate_texts(
     sources = [spec.source_ids(tok, t) for t in texts]
     out: list[str] = [""] * len(texts)
     p = _row_prompts(prompt, len(texts), pm.base.dim, pm.base.device, pm.lm.dtype)
-    for idx in _batches([len(s) for s in sources], batch_size):
-        for i, g in zip(idx, generate(pm, p, [sources[i] for i in idx], **gen_kw)):
-            out[i] = g.text
+    with progress.bar(len(texts), leave=False) as shown:
+        for idx in _batches([len(s) for s in sources], batch_size):
+            for i, g in zip(idx, generate(pm, p, [sources[i] for i in idx], **gen_kw)):
+                out[i] = g.text
+            shown.update(len(idx))
     return out
 
 

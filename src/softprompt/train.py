@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import progress
 from .artifact import PromptMeta, atomic_write_bytes, save_prompt
 from .base import BaseModel, assert_frozen, load_base_model
 from .checkpoint import TrainState, load_checkpoint, rng_states, save_checkpoint, set_rng_states, state_digest
@@ -35,10 +36,11 @@ from .distributed import LocalRuntime, accelerate_precision, runtime_from_env
 from .evaluate import PRIMARY_METRIC, evaluate_prompt
 from .model import PromptedModel
 from .objective import Row, row_losses
+from .precision import PRECISIONS, autocast, cpu_has_fast_bf16, precision_name, resolve_precision
 from .prompt import SoftPrompt
 from .schedule import batch_at, lr_at, shard, warmup_steps
 from .sharding import lockstep_micro_batches, shard_base
-from .train_config import (DEFAULT_MAX_STEPS, PRECISIONS, PreparedTask, TaskConfig, TrainConfig, _flag,
+from .train_config import (DEFAULT_MAX_STEPS, PreparedTask, TaskConfig, TrainConfig, _flag,
                            data_fingerprint, load_task_file, prepare, total_steps)
 
 __all__ = ["TrainConfig", "TaskConfig", "TrainResult", "train", "prepare", "load_task_file", "resolve_precision",
@@ -56,34 +58,6 @@ def peak_rss_mb() -> float | None:
         return None
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # macOS reports bytes
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 / AMX), where bf16
-    autocast measured faster than fp32 (README, Training)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--precision`` on ``device`` (None: no autocast)."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_fast_bf16():
-            return torch.bfloat16
-        return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--precision bf16: this GPU has no bf16 support; use fp16")
-    return torch.bfloat16
 
 
 def resolve_device(config: TrainConfig, base: BaseModel | None) -> torch.device:
@@ -310,12 +284,12 @@ def _say(quiet: bool, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
-def _eval_tasks(pm, prompts, tasks, amp, device, batch_size) -> dict[str, dict]:
+def _eval_tasks(pm, prompts, tasks, amp, device, batch_size, quiet: bool = True) -> dict[str, dict]:
     out = {}
     for t, p in zip(tasks, prompts):
         if not t.dev:
             continue
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp), progress.shown(not quiet), progress.stage(f"dev {t.name}"):
             m = evaluate_prompt(pm, p.detach(), t.spec, t.dev, batch_size)
         m.pop("predictions", None)
         m.pop("confusion", None)
@@ -455,7 +429,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     _say(quiet, f"training {len(tasks)} prompt(s) on {n_train} examples: {total} steps x {config.batch_size} "
                 f"on {device}{' x ' + str(rt.world_size) + ' processes' if rt.world_size > 1 else ''}"
                 f"{f' ({sharding.describe()})' if sharded else ''}, "
-                f"precision {'fp32' if amp is None else str(amp).replace('torch.', '')}")
+                f"precision {precision_name(amp)}")
 
     def checkpoint(step: int, finished: bool = False) -> None:
         if rt.is_main:
@@ -472,7 +446,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     def evaluate(step: int) -> bool:
         """Evaluate, keep the best prompts; True when early stopping says stop."""
         nonlocal bad_evals
-        metrics = _eval_tasks(pm, params, tasks, amp, device, config.eval_batch_size)
+        metrics = _eval_tasks(pm, params, tasks, amp, device, config.eval_batch_size, quiet)
         improved = False
         for i, t in enumerate(tasks):
             if t.name not in metrics:
@@ -514,7 +488,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
                 micros = (lockstep_micro_batches(batch, task_of, rt.world_size, rt.rank, config.grad_accum) if sharded
                           else [(m, len(m)) for m in shard(batch, rt.world_size, rt.rank, config.grad_accum)])
                 for micro, own in micros:  # sharded: rows borrowed to keep the processes in step carry no loss
-                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    with autocast(device, amp):
                         losses = row_losses(pm, params, [rows[i] for i in micro], label_ids, config.classify_loss)[:own]
                         loss = losses.sum() / config.batch_size  # rows of the whole global batch weigh equally
                     scaler.scale(loss).backward()
@@ -578,7 +552,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
             "best_step": b.get("step", steps_done), "metric": b.get("metric"), "best_metric": b.get("value"),
             "dev_metrics": b.get("metrics"), "stopped_early": stopped, "seconds": round(seconds, 2),
             "examples_per_s": round(ex_s, 3), "processes": rt.world_size,
-            "precision": "fp32" if amp is None else str(amp).replace("torch.", ""), "tasks_in_run": len(tasks),
+            "precision": precision_name(amp), "tasks_in_run": len(tasks),
             "config": config.result_settings(),
         }
         if sharded:

@@ -18,11 +18,11 @@ from .data import TASK_KINDS, Example, TaskKind, TaskSpec, check_classification,
     parse_verbalizer, split_examples
 from .errors import ConfigError, DataError
 from .objective import CLASSIFY_LOSSES
+from .precision import PRECISIONS
 from .prompt import INIT_STRATEGIES
 from .schedule import SCHEDULES, steps_per_epoch
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 INITS: tuple[str, ...] = ("auto", *INIT_STRATEGIES)
 
 DEFAULT_MAX_STEPS = 100

@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import progress
 from ..artifact import atomic_write_bytes
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
+from ..precision import PRECISIONS
 
 TEMPLATE = "Text: {text}\nTopic:"
 NAME = "topic"
@@ -38,6 +40,8 @@ class DemoConfig:
         threads: torch (and scikit-learn) CPU threads; None: the libraries' default, one per core.
             Default 1: on a shared 2-core machine two threads ran 10x slower than one (OpenMP
             threads spin waiting for a core).
+        precision: ``--precision`` of training and scoring: auto (bf16 on CPUs with native bf16
+            instructions, else fp32; see precision.py), fp32, bf16, fp16 (CUDA).
     """
 
     out: str = "demo-out"
@@ -51,8 +55,10 @@ class DemoConfig:
     shots: int = 5
     seed: int = 0
     threads: int | None = 1
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_choice("--precision", self.precision, PRECISIONS)
         for flag, value, least in [("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
                                    ("--max-length", self.max_length, 16), ("--prompt-length", self.prompt_length, 1),
                                    ("--dev-size", self.dev_size, 5), ("--test-size", self.test_size, 5),
@@ -80,6 +86,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default: {d.seed})")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads (default: 1, robust on a busy machine; 0: one per core)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="auto (default: bf16 where the CPU runs it natively, else fp32), fp32, bf16, fp16 (CUDA)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -103,6 +112,7 @@ def _run(config: DemoConfig) -> dict:
     from ..baselines import BaselineConfig
     from ..data import load_examples
     from ..examples import jsonl_bytes, subsample, write_example_data
+    from ..precision import precision_name, resolve_precision
     from ..report import write_report
     from ..train import TrainConfig, train
     from .eval import EvalConfig, evaluate_file, print_result
@@ -119,14 +129,17 @@ def _run(config: DemoConfig) -> dict:
     print(f"[1/4] BBC News topics: {sizes} articles in {data}/ (5 topics)")
 
     base = load_base_model(config.model)
-    print(f"      base model {base.name} (width {base.dim}), {torch.get_num_threads()} CPU thread(s)")
+    amp = precision_name(resolve_precision(config.precision, base.device))
+    print(f"      base model {base.name} (width {base.dim}), {torch.get_num_threads()} CPU thread(s), "
+          f"precision {amp}{' (this CPU runs bf16 natively)' if config.precision == 'auto' and amp != 'fp32' else ''}")
     print(f"[2/4] training a {config.prompt_length}-token prompt: {config.steps} steps x {config.batch_size} "
           f"articles cut to {config.max_length} tokens, best of {len(dev)} dev articles kept")
     t1 = time.perf_counter()
     result = train(TrainConfig(
         data=str(written["train"][0]), eval=str(dev_path), out=str(out / f"{NAME}.safetensors"), name=NAME,
         template=TEMPLATE, max_steps=config.steps, batch_size=config.batch_size, max_length=config.max_length,
-        prompt_length=config.prompt_length, seed=config.seed, eval_batch_size=16, patience=None), base=base)
+        prompt_length=config.prompt_length, seed=config.seed, eval_batch_size=16, patience=None,
+        precision=config.precision, quiet=not progress.enabled()), base=base)
     train_s = time.perf_counter() - t1
 
     print(f"\n[3/4] the prompt vs baselines on {config.test_size} test articles (same examples, same scoring)\n")
@@ -134,7 +147,7 @@ def _run(config: DemoConfig) -> dict:
     comparison = evaluate_file(EvalConfig(
         prompt=str(result.path), data=str(written["test"][0]), baselines=True, train=str(written["train"][0]),
         baseline=BaselineConfig(shots=config.shots, seed=config.seed), max_length=config.max_length,
-        limit=config.test_size), base=base)
+        limit=config.test_size, precision=config.precision), base=base)
     eval_s = time.perf_counter() - t2
     print_result(comparison)
 
@@ -154,5 +167,6 @@ def _run(config: DemoConfig) -> dict:
 def run(args: argparse.Namespace) -> int:
     run_demo(DemoConfig(out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size,
                         max_length=args.max_length, prompt_length=args.prompt_length, dev_size=args.dev_size,
-                        test_size=args.test_size, shots=args.shots, seed=args.seed, threads=args.threads or None))
+                        test_size=args.test_size, shots=args.shots, seed=args.seed, threads=args.threads or None,
+                        precision=args.precision))
     return 0

@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import progress
 from ..artifact import PromptMeta, check_compatible, load_prompt
 from ..baselines import (PROMPT_ROW, BaselineConfig, BaselineContext, Comparison, format_table, method_title,
                          run_baselines)
 from ..data import Example, TaskSpec, load_examples
 from ..errors import ConfigError, DataError, check_at_least, check_choice
 from ..evaluate import evaluate_prompt
-from ..train import PRECISIONS, resolve_precision
+from ..precision import PRECISIONS, autocast, precision_name, resolve_precision
 
 TRAIN_FILE_KEYS = ("train_file", "train", "train_path", "data")
 """Keys of a prompt file's training summary that may name its training file."""
@@ -144,9 +145,10 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
     if spec.kind == "classify":
         gen_kw = {}
     amp = resolve_precision(config.precision, base.device)  # None: fp32
-    with torch.autocast(base.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with autocast(base.device, amp):
         t0 = time.perf_counter()
-        prompt_m = evaluate_prompt(pm, loaded.tensor.to(base.device), spec, examples, config.batch_size, **gen_kw)
+        with progress.stage("soft prompt"):
+            prompt_m = evaluate_prompt(pm, loaded.tensor.to(base.device), spec, examples, config.batch_size, **gen_kw)
         prompt_m["seconds"] = round(time.perf_counter() - t0, 2)
         prompt_m["setup"] = f"{meta.length} virtual tokens, template {spec.template!r}"
         results = {PROMPT_ROW: prompt_m}
@@ -157,7 +159,7 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
             results.update(more)
     return Comparison(config.prompt, config.data, meta, spec, len(examples), results, skipped,
                       train_path if train is not None else None, [ex.target for ex in examples],
-                      "fp32" if amp is None else str(amp).replace("torch.", ""))
+                      precision_name(amp))
 
 
 # ----------------------------------------------------------------------------- output
@@ -220,8 +222,9 @@ def register(sub) -> None:
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept a prompt trained on a differently quantized copy of the base model")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto (default: bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16")
+                   help="auto (default: bf16 autocast where the CPU/GPU runs bf16 natively, else fp32), fp32, bf16, fp16")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report", default=None, help="write an HTML report (plots as PNG next to it)")
     p.add_argument("--log", default=None, help="training metrics.jsonl for the report (default: found next to the prompt)")
     p.set_defaults(func=run)

@@ -43,6 +43,7 @@ def register(sub) -> None:
                    help="base_model_name_or_path to record (default: the prompt's base model)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="with --model: accept a prompt whose fingerprint is another copy of the model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 

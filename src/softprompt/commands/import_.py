@@ -30,6 +30,7 @@ def register(sub) -> None:
                    help="storage dtype (default auto: the adapter's own, usually float32, so nothing is rounded)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept an adapter exported by softprompt for another copy of the base model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, TextIO
 
 from ..data import DEFAULT_FIELDS
 from ..errors import ConfigError, DataError, check_at_least, check_choice
+from ..precision import PRECISIONS
 
 
 @dataclass
@@ -50,8 +51,6 @@ class PredictConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        from ..train import PRECISIONS
-
         check_choice("--precision", self.precision, PRECISIONS)
         check_at_least("--batch-size", self.batch_size, 1)
         check_at_least("--max-length", self.max_length, 8)
@@ -125,7 +124,7 @@ class Predictor:
         from ..artifact import check_compatible, load_prompt
         from ..base import load_base_model
         from ..model import PromptedModel
-        from ..train import resolve_precision
+        from ..precision import resolve_precision
         from .eval import trained_spec
 
         loaded = load_prompt(config.prompt)
@@ -145,10 +144,9 @@ class Predictor:
 
     def predict(self, texts: list[str]) -> list[dict]:
         """Predictions of one batch: ``{"label", "probs"}`` (classify) or ``{"output", "finish_reason"}``."""
-        import torch
+        from ..precision import autocast
 
-        dev = self.base.device.type
-        with torch.autocast(dev, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        with autocast(self.base.device, self.amp):
             return self._predict(texts)
 
     def _predict(self, texts: list[str]) -> list[dict]:
@@ -171,15 +169,22 @@ class Predictor:
         return out
 
 
-def predict_stream(predictor: Predictor, items: Iterable[Item], out: TextIO) -> int:
-    """Predict ``items`` batch by batch, writing one JSON line each; returns how many."""
+def predict_stream(predictor: Predictor, items: Iterable[Item], out: TextIO, total: int | None = None) -> int:
+    """Predict ``items`` batch by batch, writing one JSON line each; returns how many. A progress
+    bar on stderr counts the inputs (of ``total`` when known) while progress is shown."""
+    from .. import progress
+
     n = 0
-    for batch in chunks(items, predictor.config.batch_size):
-        for item, pred in zip(batch, predictor.predict([it.text for it in batch])):
-            row = {"id": item.id, **pred} if item.id is not None else pred
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        out.flush()
-        n += len(batch)
+    with progress.bar(total, desc="predict", unit="input") as shown:
+        for batch in chunks(items, predictor.config.batch_size):
+            with progress.shown(False):  # one bar for the stream, none per batch
+                preds = predictor.predict([it.text for it in batch])
+            for item, pred in zip(batch, preds):
+                row = {"id": item.id, **pred} if item.id is not None else pred
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+            n += len(batch)
+            shown.update(len(batch))
     return n
 
 
@@ -202,8 +207,9 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept a prompt trained on a differently quantized copy of the base model")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto (default: bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (default: bf16 autocast where the CPU/GPU runs bf16 natively, else fp32), fp32, bf16, fp16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -216,5 +222,6 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     if not args.texts and stdin.isatty():
         raise ConfigError("give TEXT arguments or pipe input lines on stdin")
     predictor = Predictor(config)
-    predict_stream(predictor, read_items(args.texts, stdin, predictor.source_field), stdout or sys.stdout)
+    predict_stream(predictor, read_items(args.texts, stdin, predictor.source_field), stdout or sys.stdout,
+                   total=len(args.texts) or None)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..precision import SERVE_DTYPES
 from ..serve.config import EngineConfig, ServeConfig
 
 
@@ -40,7 +41,8 @@ def register(sub) -> None:
                    help=f"most prompts in one ensemble request (default {e.max_ensemble})")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes,
                    help=f"largest request body / prompt upload (default {d.max_upload_bytes})")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="base model weight dtype")
+    p.add_argument("--dtype", default=d.dtype, choices=SERVE_DTYPES,
+                   help="base model weight dtype (default auto: bfloat16 on GPUs and on CPUs with native bf16, else float32)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     p.add_argument("--allow-other-base", action="store_true",
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     names = engine.bank.names()
 
     def ready(url: str) -> None:
-        print(f"serving {len(names)} prompt(s) on {engine.pm.base.name} at {url}"
+        dtype = str(engine.pm.base.model.dtype).replace("torch.", "")
+        print(f"serving {len(names)} prompt(s) on {engine.pm.base.name} ({dtype}) at {url}"
               f"{' (' + ', '.join(names) + ')' if names else ''}; docs at {url}/docs", file=sys.stderr)
 
     run_server(config, engine, on_ready=ready)

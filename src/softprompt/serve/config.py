@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..precision import SERVE_DTYPES
 
 API_KEY_ENV = "SOFTPROMPT_API_KEY"
 """Environment variable read when ``--api-key`` is not given."""
@@ -85,8 +86,10 @@ class ServeConfig:
     ``X-API-Key: KEY`` on every request when set."""
     max_upload_bytes: int = 16 * 1024 * 1024
     """``--max-upload-bytes``: largest accepted prompt upload."""
-    dtype: str = "float32"
-    """``--dtype``: base model weights: float32, bfloat16 or float16."""
+    dtype: str = "auto"
+    """``--dtype``: base model weights: auto (the fastest this machine really runs: bfloat16 on GPUs
+    and on CPUs with native bf16 instructions, float32 elsewhere; see precision.py), float32,
+    bfloat16 or float16."""
     device: str | None = None
     """``--device``: torch device, e.g. cuda (default: CPU)."""
     threads: int | None = None
@@ -115,8 +118,8 @@ class ServeConfig:
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port!r}")
         if isinstance(self.max_upload_bytes, bool) or not isinstance(self.max_upload_bytes, int) or self.max_upload_bytes < 1:
             raise ConfigError(f"--max-upload-bytes must be a whole number of at least 1, got {self.max_upload_bytes!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"--dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        if self.dtype not in SERVE_DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(SERVE_DTYPES)}, got {self.dtype!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or not 1 <= self.threads <= 1024):
             raise ConfigError(f"--threads must be a whole number between 1 and 1024, got {self.threads!r}")

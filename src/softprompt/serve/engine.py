@@ -647,11 +647,12 @@ def create_engine(config, base: BaseModel | None = None) -> Engine:
     """Load the base model named by a :class:`~softprompt.serve.config.ServeConfig` (unless given),
     build the engine and load every prompt of ``config.prompts_dir``. Not started."""
     from ..base import load_base_model
+    from ..precision import fast_weight_dtype
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if base is None:
-        base = load_base_model(config.model, dtype=config.dtype, device=config.device)
+        base = load_base_model(config.model, dtype=fast_weight_dtype(config.dtype, config.device), device=config.device)
     engine = Engine(base, config.engine, prompts_dir=config.prompts_dir, strict=not config.allow_other_base)
     engine.bank.load_all()
     return engine
