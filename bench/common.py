@@ -30,8 +30,12 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from softprompt.precision import cpu_flags, cpu_has_native_bf16
+
     return {
         "cpu": cpu,
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -84,7 +88,8 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], summary: dict[str, 
     info = {"benchmark": name, "machine": machine(), "summary": summary or {}, "rows": list(rows)}
     (RESULTS / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     m = info["machine"]
-    md = [f"## {name}", "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+    bf16 = f"native bf16 ({', '.join(m['cpu_bf16_flags'])})" if m["cpu_native_bf16"] else "no native bf16"
+    md = [f"## {name}", "", f"Machine: {m['cpu']} ({bf16}), {m['cores']} cores, torch {m['torch']}"
           + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f", {m['torch_threads']} torch thread(s); "
           f"{m['date']}, load average {m['load_average_1min']} at the end.", ""]
     md.append(markdown_table(rows, columns))

@@ -38,6 +38,7 @@ MODES = {
     "+ eager attention while training on CPU": (True, True, True, False),
     "+ bf16 Linear weights cast once per run instead of per call (default)": (True, True, True, True),
     "default features, fp32": (False, True, True, False),
+    "default features, fp32, SDPA attention": (False, True, False, False),
 }
 
 

@@ -155,3 +155,14 @@ def test_eval_command_shows_progress_and_quiet_silences_it(monkeypatch, capsys, 
     assert "soft prompt" in err and "/20 [" in err and "baseline bare model" in err and "baseline instruction:" in err
     assert main(argv + ["--quiet"]) == 0
     assert "/20 [" not in capsys.readouterr().err
+
+
+def test_model_loading_shows_a_bar_only_when_it_takes_a_while(monkeypatch, tiny_dir):
+    from softprompt import base
+
+    assert not base._loading_takes_a_while("org/some-model")  # progress off: never
+    with progress.shown():
+        assert base._loading_takes_a_while("org/some-model")  # a hub id: transformers' download/load bars
+        assert not base._loading_takes_a_while(str(tiny_dir))  # a small local checkpoint loads at once
+        monkeypatch.setattr(base, "LARGE_CHECKPOINT_BYTES", 1)
+        assert base._loading_takes_a_while(str(tiny_dir))

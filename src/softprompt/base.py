@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import progress
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,22 @@ def sketch_similarity(a: list[float], b: list[float]) -> float:
     return float(torch.nn.functional.cosine_similarity(ta, tb, dim=0))
 
 
+LARGE_CHECKPOINT_BYTES = 2 * 1024**3
+"""A local checkpoint at least this large shows transformers' loading bar (while progress is shown)."""
+
+
+def _loading_takes_a_while(source: str) -> bool:
+    """Whether loading ``source`` deserves a progress bar: progress is shown, and it is a hub id
+    (download or cache, transformers draws its bars) or a local checkpoint of 2 GB or more."""
+    if not progress.enabled():
+        return False
+    folder = Path(source)
+    if not folder.is_dir():
+        return True
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) + \
+        sum(f.stat().st_size for f in folder.glob("*.bin")) >= LARGE_CHECKPOINT_BYTES
+
+
 def load_base_model(
     name_or_path: str | None = None,
     *,
@@ -213,10 +230,13 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     if dtype != "auto" and dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     name, source = resolve_model(name_or_path)
+    if _loading_takes_a_while(source):  # transformers' own "Loading weights" bar, on stderr
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     kwargs: dict = {"dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
     if device_map is not None:
         kwargs["device_map"] = device_map
