@@ -166,3 +166,13 @@ def test_model_loading_shows_a_bar_only_when_it_takes_a_while(monkeypatch, tiny_
         assert not base._loading_takes_a_while(str(tiny_dir))  # a small local checkpoint loads at once
         monkeypatch.setattr(base, "LARGE_CHECKPOINT_BYTES", 1)
         assert base._loading_takes_a_while(str(tiny_dir))
+
+
+def test_training_attention_follows_the_precision():
+    from softprompt.train import resolve_attention
+
+    cpu = torch.device("cpu")
+    assert resolve_attention("auto", cpu, torch.bfloat16) == "eager"  # measured faster under bf16 on CPU
+    assert resolve_attention("auto", cpu, None) is None  # fp32: the model's own (SDPA), measured faster
+    assert resolve_attention("auto", torch.device("cuda"), torch.bfloat16) is None
+    assert resolve_attention("eager", cpu, None) == "eager" and resolve_attention("model", cpu, None) is None

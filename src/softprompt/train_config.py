@@ -184,7 +184,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
     attention: str = "auto"
-    """Attention implementation while training: auto (eager on CPU, the model's own elsewhere), eager, sdpa, model."""
+    """Attention implementation while training: auto (eager on CPU under bf16, the model's own elsewhere), eager, sdpa, model."""
     # --- prompt ---
     prompt_length: int = 20
     """Virtual tokens per prompt."""

@@ -54,7 +54,7 @@ def register(sub) -> None:
     m.add_argument("--quantize", default=None, choices=["4bit", "8bit"], help="bitsandbytes base weights (CUDA)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     m.add_argument("--attention", default="auto", choices=["auto", "eager", "sdpa", "model"],
-                   help="attention implementation while training (auto: eager on CPU, measured faster; else the model's)")
+                   help="attention implementation while training (auto: eager on CPU under bf16, measured faster; else the model's)")
     o = p.add_argument_group("prompt and optimisation")
     o.add_argument("--prompt-length", type=int, default=20, help="virtual tokens")
     o.add_argument("--init", default="auto", choices=["auto", "random", "vocab", "text", "labels"],
