@@ -21,6 +21,7 @@ from .objective import CLASSIFY_LOSSES
 from .precision import PRECISIONS
 from .prompt import INIT_STRATEGIES
 from .schedule import SCHEDULES, steps_per_epoch
+from .sources import is_hub_ref
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 INITS: tuple[str, ...] = ("auto", *INIT_STRATEGIES)
@@ -43,7 +44,7 @@ class TaskConfig:
     name: str
     """Short name: the prompt file's name and the key in logs."""
     data: str
-    """Training file (.jsonl or .csv)."""
+    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or hf:NAME[/CONFIG][:SPLIT]."""
     task: TaskKind = "classify"
     """"classify" or "generate"."""
     template: str | None = None
@@ -53,7 +54,7 @@ class TaskConfig:
     verbalizer: dict[str, str] | str | None = None
     """Label -> words the model must produce (dict, JSON text/file, or "label=words,...")."""
     eval: str | None = None
-    """Dev file for early stopping and the best prompt."""
+    """Dev data (any form --data takes; a dataset with several splits must name one) for early stopping and the best prompt."""
     eval_split: float | None = None
     """Or hold out this fraction of the training file as the dev set."""
     source_field: str | None = None
@@ -117,7 +118,7 @@ def load_task_file(path: str | Path) -> list[TaskConfig]:
                 raise ConfigError(f"{where}: missing {key!r}")
         item = dict(item)
         for key in ("data", "eval", "out"):
-            if item.get(key) and not Path(item[key]).is_absolute():
+            if item.get(key) and not Path(item[key]).is_absolute() and not is_hub_ref(item[key]):
                 item[key] = str(p.parent / item[key])
         if isinstance(item.get("verbalizer"), str) and not item["verbalizer"].lstrip().startswith("{"):
             vf = p.parent / item["verbalizer"]
@@ -144,7 +145,7 @@ class TrainConfig:
 
     # --- data and task (one task) ---
     data: str | None = None
-    """Training file (.jsonl or .csv)."""
+    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or hf:NAME[/CONFIG][:SPLIT]."""
     task: TaskKind = "classify"
     """"classify" (rank classification over the labels) or "generate"."""
     out: str = "prompt.safetensors"
@@ -352,7 +353,7 @@ def prepare(config: TrainConfig) -> list[PreparedTask]:
         train_ex = load_examples(tc.data, tc.task, tc.source_field, tc.target_field)
         dev = None
         if tc.eval:
-            dev = load_examples(tc.eval, tc.task, tc.source_field, tc.target_field)
+            dev = load_examples(tc.eval, tc.task, tc.source_field, tc.target_field, default_split=None)
         elif tc.eval_split is not None:
             train_ex, dev = split_examples(train_ex, tc.eval_split, config.seed)
         labels = None

@@ -26,11 +26,14 @@ def register(sub) -> None:
                     "checkpoints in the run directory (default: <out>.run/ next to --out).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data and task")
-    d.add_argument("--data", help="training file (.jsonl or .csv)")
+    d.add_argument("--data", help="training data: .jsonl, .csv, .parquet, a folder saved by datasets "
+                                  "(FOLDER[:SPLIT]), or a Hugging Face dataset hf:NAME[/CONFIG][:SPLIT] (split default: train)")
     d.add_argument("--task", default="classify", choices=["classify", "generate"], help="task type")
     d.add_argument("--out", default=None, help="prompt file to write (a directory with --task-file)")
     d.add_argument("--name", default=None, help="task name recorded in the prompt file (default: --out's name)")
-    d.add_argument("--eval", default=None, help="dev file: early stopping keeps the best prompt on it")
+    d.add_argument("--eval", default=None, help="dev data, in any form --data takes (a dataset with several splits "
+                                                "must name one, e.g. hf:glue/sst2:validation): early stopping keeps "
+                                                "the best prompt on it")
     d.add_argument("--eval-split", type=float, default=None, help="or hold out this fraction of --data as dev set")
     d.add_argument("--template", default=None,
                    help='text around each example; \\n and \\t are read as newline and tab, e.g. '
