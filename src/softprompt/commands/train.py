@@ -86,6 +86,10 @@ def register(sub) -> None:
     e.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     e.add_argument("--prompt-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the prompt file")
+    e.add_argument("--report-to", default="none",
+                   help="experiment trackers that also get the config and every metric, comma-separated: "
+                        "tensorboard, mlflow, wandb, all (every installed one) or none")
+    e.add_argument("--run-name", default=None, help="the run's name in the trackers (default: --out's name)")
     e.add_argument("--launcher", default=None, choices=["accelerate"],
                    help="run this command under `accelerate launch` (data parallel over processes/GPUs, or the "
                         "base sharded when your accelerate config asks for FSDP or DeepSpeed ZeRO-3; "
@@ -122,7 +126,7 @@ def config_from_args(args: argparse.Namespace):
         classify_loss=args.classify_loss, precision=args.precision, seed=args.seed, max_length=args.max_length,
         max_target_length=args.max_target_length, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         patience=args.patience, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        quiet=args.quiet, prompt_dtype=args.prompt_dtype,
+        quiet=args.quiet, prompt_dtype=args.prompt_dtype, report_to=args.report_to, run_name=args.run_name,
     )
 
 
