@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from softprompt.cli import main
 from softprompt.data import load_examples
 from softprompt.errors import DataError
 from softprompt.sources import parse_hub_ref
@@ -192,3 +193,61 @@ def test_missing_package_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(DataError, match=r"x.parquet: reading Parquet needs the pyarrow package: "
                                         r"pip install 'softprompt\[parquet\]'"):
         load_examples(tmp_path / "x.parquet", "classify")
+
+
+# ----------------------------------------------------------------------------- through the commands
+
+
+def test_bad_sources_fail_before_the_model_loads_and_write_nothing(forms, tmp_path, tiny, capsys):
+    from softprompt import PromptMeta, SoftPrompt, save_prompt
+
+    d = forms["dir"]
+    out = tmp_path / "out"
+    for data, extra, msg in [
+        (d / "plain.parquet", [], "plain.parquet: no field 'text' (fields: sentence, label, extra); "
+                                  "name the right one with --text-field"),
+        (f"{d / 'dict'}:test", ["--text-field", "sentence"], "dict: no split 'test' (splits: train, validation)"),
+        (d / "classlabel.parquet", ["--text-field", "sentence", "--eval", str(d / "dict")],
+         "dict has splits train, validation; name one:"),
+    ]:
+        code = main(["train", "--data", str(data), *extra, "--out", str(out / "p.safetensors"),
+                     "--model", "/nonexistent/model", "--report-to", "none"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and msg in err, err
+    assert not out.exists()
+    p = SoftPrompt.initialize(tiny.embedding, tiny.tokenizer, 2, "labels", labels=NAMES)
+    prompt = save_prompt(tmp_path / "p.safetensors", p.weight, PromptMeta.for_base(tiny, 2, task="classify", labels=NAMES))
+    for cmd in (["eval", str(prompt), "--data", f"{d / 'dict'}:test"], ["predict", str(prompt), "--data", str(d / "dict")]):
+        assert main([*cmd, "--model", "/nonexistent/model", "--field" if cmd[0] == "predict" else "--source-field",
+                     "sentence"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "split" in err and "model" not in err, err
+
+
+def test_task_file_takes_every_form(forms, tmp_path):
+    from softprompt.train_config import load_task_file
+
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [
+        {"name": "a", "data": "local.parquet", "eval": "saved:validation", "source_field": "sentence"},
+        {"name": "b", "data": "hf:glue/sst2", "eval": "hf:glue/sst2:validation"}]}))
+    a, b = load_task_file(tmp_path / "tasks.json")
+    assert a.data == str(tmp_path / "local.parquet") and a.eval == str(tmp_path / "saved:validation")
+    assert b.data == "hf:glue/sst2" and b.eval == "hf:glue/sst2:validation"  # ids are not paths
+
+
+def test_predict_reads_data_and_carries_ids(forms, tmp_path, tiny, tiny_dir, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from softprompt import PromptMeta, SoftPrompt, save_prompt
+
+    p = SoftPrompt.initialize(tiny.embedding, tiny.tokenizer, 2, "labels", labels=NAMES)
+    prompt = save_prompt(tmp_path / "p.safetensors", p.weight, PromptMeta.for_base(tiny, 2, task="classify", labels=NAMES))
+    texts = [r["sentence"] for r in rows()]
+    pq.write_table(pa.table({"text": texts, "id": [f"r{i}" for i in range(len(texts))]}), tmp_path / "in.parquet")
+    common = ["--model", str(tiny_dir), "--precision", "fp32"]
+    assert main(["predict", str(prompt), "--data", str(tmp_path / "in.parquet"), *common]) == 0
+    got = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert main(["predict", str(prompt), *texts, *common]) == 0
+    want = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [g.pop("id") for g in got] == [f"r{i}" for i in range(len(texts))]
+    assert got == want

@@ -261,8 +261,8 @@ def _hub(ref: str, default_split: str | None) -> Table:
         try:
             ds = _load_hub(dataset, config)
             break
-        except (ConnectionError, FileNotFoundError, ValueError, OSError) as e:
-            # datasets' "not found", "not cached (offline)", "unknown config" all land here
+        except Exception as e:  # noqa: BLE001 - datasets' and the hub's many ways of saying "not found",
+            # "not cached (offline)", "unknown config", "gated", "has a dataset script": the user's reference
             msg = " ".join(str(e).split())
             errors.append(f"{dataset}{f' config {config}' if config else ''}: {msg[:300]}")
     else:

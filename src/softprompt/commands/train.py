@@ -182,6 +182,8 @@ def _silence() -> None:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")  # read when datasets is imported (hf: data)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -189,3 +191,6 @@ def _silence() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+    if "datasets" in sys.modules:  # already imported: its environment variables were read
+        sys.modules["datasets"].utils.logging.set_verbosity_error()
+        sys.modules["datasets"].disable_progress_bars()
