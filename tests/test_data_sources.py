@@ -162,6 +162,12 @@ def test_bad_typed_sources(forms, tmp_path):
     pq.write_table(pa.table({"text": ["a", None], "label": ["x", "y"]}), tmp_path / "null.parquet")
     with pytest.raises(DataError, match=r"null.parquet, row 2: missing field 'text'"):
         load_examples(tmp_path / "null.parquet", "classify")
+    from softprompt.data import check_classification
+
+    pq.write_table(pa.table({"sentence": ["x", "y"], "label": ["positive", "neutral"]}), tmp_path / "dev.parquet")
+    train = load_examples(d / "saved", "classify", "sentence")
+    with pytest.raises(DataError, match=r"dev.parquet, row 2: label 'neutral' never seen in training"):
+        check_classification(train, load_examples(tmp_path / "dev.parquet", "classify", "sentence"), NAMES, "dev")
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"junk.parquet: not a readable Parquet file"):
         load_examples(tmp_path / "junk.parquet", "classify")

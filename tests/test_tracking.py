@@ -183,6 +183,14 @@ def test_bad_tracker_settings_are_one_line_before_anything_runs(tmp_path, monkey
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_help_names_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--report-to" in out and "--run-name" in out and "tensorboard, mlflow, wandb" in out
+    assert "hf:NAME[/CONFIG][:SPLIT]" in out and ".parquet" in out
+
+
 def test_a_tracker_that_cannot_start_is_one_line(tmp_path, learn, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file://" + str(tmp_path / "mlruns"))  # refused by MLflow 3 unless opted in
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)

@@ -49,7 +49,13 @@ class Example:
     source: str
     target: str
     line: int = 0
-    """Line number in the file it came from (1-based; 0 when not from a file)."""
+    """Line number in the file it came from (1-based; 0 when not from a file); row number for tables."""
+    where: str = field(default="", compare=False)
+    """Where it came from, for messages (``file:line``, ``source, row N``); empty when not read from data."""
+
+    def locate(self, source: str) -> str:
+        """``where``, else ``source:line``."""
+        return self.where or f"{source}:{self.line}"
 
 
 @dataclass
@@ -235,7 +241,7 @@ def load_examples(
             target = text_value(row, tf, where) if require_target else str(row.get(tf) or "")
             if kind == "classify":
                 target = target.strip()
-            out.append(Example(text_value(row, sf, where), target, line))
+            out.append(Example(text_value(row, sf, where), target, line, where))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not out:
@@ -259,7 +265,7 @@ def check_classification(train: Sequence[Example], eval_: Sequence[Example] | No
         raise DataError(f"training labels {sorted(unknown)} are not in the label set {list(labels)}")
     for ex in eval_ or []:
         if ex.target not in labels:
-            raise DataError(f"{eval_name}:{ex.line}: label {ex.target!r} never seen in training ({', '.join(labels)})")
+            raise DataError(f"{ex.locate(eval_name)}: label {ex.target!r} never seen in training ({', '.join(labels)})")
 
 
 def split_examples(examples: Sequence[Example], fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:

@@ -115,7 +115,7 @@ def check_labels(examples: list[Example], labels: list[str], where: str) -> None
     """Refuse examples whose label is not one of the prompt's labels (names file:line)."""
     for ex in examples:
         if ex.target not in labels:
-            raise DataError(f"{where}:{ex.line}: label {ex.target!r} is not one of the prompt's labels "
+            raise DataError(f"{ex.locate(where)}: label {ex.target!r} is not one of the prompt's labels "
                             f"({', '.join(labels)})")
 
 
