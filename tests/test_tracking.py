@@ -183,6 +183,30 @@ def test_bad_tracker_settings_are_one_line_before_anything_runs(tmp_path, monkey
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_a_tracker_failing_mid_run_is_dropped_and_training_goes_on(tmp_path, learn, monkeypatch, capsys):
+    import softprompt.tracking as tracking
+
+    class Flaky(tracking.Tracker):
+        def __init__(self, info):
+            self.calls = 0
+
+        def log(self, metrics, step):
+            self.calls += 1
+            if self.calls == 2:
+                raise ConnectionError("server went away\nmore detail")
+
+        def finish(self, status):
+            raise AssertionError("a dropped tracker is not closed")
+
+    monkeypatch.setitem(tracking.TRACKERS, "flaky", tracking.Backend("json", "flaky", "flaky", Flaky))
+    result = train(cfg(tmp_path, report_to="flaky,tensorboard", quiet=False), base=learn)
+    assert result.steps == 6 and result.path.is_file()
+    err = capsys.readouterr().err
+    assert err.count("--report-to flaky: logging failed (server went away); training goes on without it") == 1
+    got, _ = tb_scalars(result.run_dir / "tensorboard" / "topic")
+    assert [s for s, _ in got["train/loss"]] == [1, 2, 3, 4, 5, 6]  # the other tracker got everything
+
+
 def test_help_names_the_flags(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,16 +289,29 @@ class Trackers:
         return bool(self.trackers)
 
     def log(self, record: dict) -> None:
-        """Send one metrics.jsonl record to every tracker, at its step."""
+        """Send one metrics.jsonl record to every tracker, at its step. A tracker that fails (a server
+        gone away) is dropped with one warning; training and the other sinks go on."""
         metrics = scalars(record)
         if metrics and not self.closed:
-            for t in self.trackers.values():
-                t.log(metrics, int(record["step"]))
+            for name, t in list(self.trackers.items()):
+                try:
+                    t.log(metrics, int(record["step"]))
+                except Exception as e:  # noqa: BLE001 - a tracker must not cost the run its prompt
+                    self._drop(name, "logging", e)
 
     def close(self, status: str = "FINISHED") -> None:
         """End every tracker's run (once); ``status``: FINISHED, FAILED or KILLED."""
         if self.closed:
             return
         self.closed = True
-        for t in self.trackers.values():
-            t.finish(status)
+        for name, t in list(self.trackers.items()):
+            try:
+                t.finish(status)
+            except Exception as e:  # noqa: BLE001
+                self._drop(name, "closing the run", e)
+
+    def _drop(self, name: str, what: str, error: Exception) -> None:
+        self.trackers.pop(name, None)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"softprompt: warning: --report-to {name}: {what} failed ({first[:300]}); "
+              "training goes on without it (metrics.jsonl has every record)", file=sys.stderr)
