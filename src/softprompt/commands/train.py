@@ -184,6 +184,9 @@ def _silence() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")  # read when datasets is imported (hf: data)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # --report-to trackers
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
