@@ -119,7 +119,7 @@ def _delimited(delimiter: str) -> Callable[[Path], Table]:
 # ----------------------------------------------------------------------------- typed tables (Arrow)
 
 
-def _columns(name: str, columns: dict[str, list], n: int) -> Records:
+def _columns(columns: dict[str, list], n: int) -> Records:
     """Rows (1-based) of column lists."""
     keys = list(columns)
     for i in range(n):
@@ -157,7 +157,7 @@ def _parquet(path: Path) -> Table:
             table = pf.read(columns=list(fields))
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: unreadable Parquet data ({str(e).splitlines()[0]})") from None
-        yield from _columns(str(path), table.to_pydict(), table.num_rows)
+        yield from _columns(table.to_pydict(), table.num_rows)
 
     return Table(str(path), "row", read, list(schema.names), names, ints)
 
@@ -175,12 +175,12 @@ def _dataset_table(ds, name: str) -> Table:
 
     def read(fields: Sequence[str]) -> Records:
         sub = ds.select_columns(list(fields))
-        yield from _columns(name, sub.to_dict(), len(sub))
+        yield from _columns(sub.to_dict(), len(sub))
 
     return Table(name, "row", read, list(ds.column_names), names, frozenset(ints))
 
 
-def _pick_split(splits: dict, name: str, split: str | None, default_split: str | None, how: str) -> tuple:
+def _pick_split(splits: dict, name: str, split: str | None, default_split: str | None) -> tuple:
     """(split name, dataset) of a DatasetDict: the one named, else the only one, else ``default_split``."""
     if split is None:
         if len(splits) == 1:
@@ -188,7 +188,7 @@ def _pick_split(splits: dict, name: str, split: str | None, default_split: str |
         elif default_split in splits:
             split = default_split
         else:
-            raise DataError(f"{name} has splits {', '.join(splits)}; name one: {how.format(split=next(iter(splits)))}")
+            raise DataError(f"{name} has splits {', '.join(splits)}; name one: {name}:{next(iter(splits))}")
     if split not in splits:
         raise DataError(f"{name}: no split {split!r} (splits: {', '.join(splits)})")
     return split, splits[split]
@@ -210,7 +210,7 @@ def _saved(folder: Path, split: str | None, default_split: str | None) -> Table:
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{folder}: unreadable saved dataset ({str(e).splitlines()[0]})") from None
     if isinstance(ds, datasets.DatasetDict):
-        split, ds = _pick_split(dict(ds), str(folder), split, default_split, f"{folder}:{{split}}")
+        split, ds = _pick_split(dict(ds), str(folder), split, default_split)
         return _dataset_table(ds, f"{folder}:{split}")
     return _dataset_table(ds, str(folder))
 
@@ -269,7 +269,7 @@ def _hub(ref: str, default_split: str | None) -> Table:
         raise DataError(f"{ref}: cannot load the dataset ({'; '.join(errors)})")
     label = HUB_PREFIX + dataset + (f"/{config}" if config else "")
     if hasattr(ds, "keys"):  # a DatasetDict
-        split, ds = _pick_split(dict(ds), label, hub.split, default_split, label + ":{split}")
+        split, ds = _pick_split(dict(ds), label, hub.split, default_split)
     else:
         split = hub.split
     return _dataset_table(ds, f"{label}:{split}" if split else label)
