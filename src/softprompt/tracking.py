@@ -182,7 +182,7 @@ class WandbTracker(Tracker):
         kw: dict[str, Any] = {"project": os.environ.get("WANDB_PROJECT") or "softprompt", "name": info.name,
                               "config": info.config}
         if not os.environ.get("WANDB_DIR"):
-            kw["dir"] = str(info.run_dir)
+            kw["dir"] = str(info.run_dir.resolve())  # wandb-core, started once per process, has its own cwd
         if info.resume_id:
             kw.update(id=info.resume_id, resume="allow")
         self.run = wandb.init(**kw)
