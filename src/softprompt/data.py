@@ -1,13 +1,14 @@
-"""Data: files -> examples, task specs (template + labels/verbalizer), and how text becomes tokens.
+"""Data: records -> examples, task specs (template + labels/verbalizer), and how text becomes tokens.
 
 One :class:`TaskSpec` decides how an example's text is rendered and tokenized and what the target
 tokens are. Training, evaluation, prediction and serving all go through it, so a prompt is scored
 exactly the way it was trained.
+
+Not here: reading files and datasets into records (sources.py).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from .errors import DataError
+from .sources import Table, open_table
 
 TaskKind = Literal["classify", "generate"]
 TASK_KINDS: tuple[str, ...] = ("classify", "generate")
@@ -33,6 +35,12 @@ DEFAULT_FIELDS: dict[str, tuple[str, str]] = {
 }
 """(source field, target field) of each task kind in data files."""
 
+FIELD_FLAGS: dict[str, tuple[str, str]] = {
+    "classify": ("--text-field", "--label-field"),
+    "generate": ("--input-field", "--output-field"),
+}
+"""The flags that rename the source and target fields of each task kind."""
+
 
 @dataclass
 class Example:
@@ -41,7 +49,13 @@ class Example:
     source: str
     target: str
     line: int = 0
-    """Line number in the file it came from (1-based; 0 when not from a file)."""
+    """Line number in the file it came from (1-based; 0 when not from a file); row number for tables."""
+    where: str = field(default="", compare=False)
+    """Where it came from, for messages (``file:line``, ``source, row N``); empty when not read from data."""
+
+    def locate(self, source: str) -> str:
+        """``where``, else ``source:line``."""
+        return self.where or f"{source}:{self.line}"
 
 
 @dataclass
@@ -160,7 +174,8 @@ class TaskSpec:
 # ----------------------------------------------------------------------------- files
 
 
-def _value(row: dict, key: str, where: str) -> str:
+def text_value(row: dict, key: str, where: str) -> str:
+    """The non-empty text of ``row[key]`` (numbers as text); DataError naming ``where`` otherwise."""
     if key not in row or row[key] is None:
         raise DataError(f"{where}: missing field {key!r}")
     v = row[key]
@@ -172,33 +187,17 @@ def _value(row: dict, key: str, where: str) -> str:
     return v
 
 
-def _rows(path: Path):
-    """Yield (line number, dict) from a JSONL or CSV file."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-                yield i, row
-    elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            try:
-                for row in reader:
-                    if None in row:
-                        raise DataError(f"{path}:{reader.line_num}: more fields than the header has")
-                    yield reader.line_num, row
-            except csv.Error as e:
-                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-    else:
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl or .csv")
+def _field_value(table: Table, row: dict, key: str, where: str) -> object:
+    """A typed source's value: ClassLabel ids become their names (-1, no label, counts as missing)."""
+    v = row.get(key)
+    names = table.class_names.get(key)
+    if names is not None and isinstance(v, int) and not isinstance(v, bool):
+        if v == -1:
+            raise DataError(f"{where}: field {key!r} has no label (class id -1, as in unlabelled test splits)")
+        if not 0 <= v < len(names):
+            raise DataError(f"{where}: field {key!r} has class id {v}, outside its {len(names)} names")
+        return names[v]
+    return v
 
 
 def load_examples(
@@ -208,33 +207,45 @@ def load_examples(
     target_field: str | None = None,
     *,
     require_target: bool = True,
+    default_split: str | None = "train",
 ) -> list[Example]:
-    """Read labelled examples from a JSONL or CSV file.
+    """Read labelled examples from a data reference: a JSONL, CSV/TSV or Parquet file, a folder
+    saved by ``datasets``, or ``hf:NAME[/CONFIG][:SPLIT]`` (see :mod:`softprompt.sources`).
 
     Args:
         kind: the task kind; picks the default field names ("text"/"label" or "input"/"output").
         source_field, target_field: other field names.
         require_target: False for unlabelled input (prediction).
+        default_split: the split of a dataset with several when ``path`` names none (None: it must).
     Raises:
-        DataError naming file and line: unreadable, malformed, missing or empty field, empty file.
+        DataError naming file and line (or row): unreadable, malformed, missing or empty field, empty
+        file; for typed sources also a missing column, a missing split, integer labels without names.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+    table = open_table(path, default_split)
     sf, tf = DEFAULT_FIELDS[kind]
     sf, tf = source_field or sf, target_field or tf
+    flags = FIELD_FLAGS[kind]
+    table.check_field(sf, flags[0])
+    if require_target:
+        table.check_field(tf, flags[1])
+    if kind == "classify" and tf in table.integer_fields:
+        raise DataError(f"{table.name}: field {tf!r} holds integer class ids without names; store the label "
+                        "names (strings) or cast the column to a datasets ClassLabel with names")
+    wanted = [f for f in (sf, tf) if table.fields is None or f in table.fields]
     out = []
     try:
-        for line, row in _rows(path):
-            where = f"{path}:{line}"
-            target = _value(row, tf, where) if require_target else str(row.get(tf) or "")
+        for line, row in table.read(wanted):
+            where = table.where(line)
+            if table.fields is not None:
+                row = {k: _field_value(table, row, k, where) for k in wanted}
+            target = text_value(row, tf, where) if require_target else str(row.get(tf) or "")
             if kind == "classify":
                 target = target.strip()
-            out.append(Example(_value(row, sf, where), target, line))
+            out.append(Example(text_value(row, sf, where), target, line, where))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not out:
-        raise DataError(f"{path}: no examples (empty file)")
+        raise DataError(f"{table.name}: no examples (empty {'file' if table.unit == 'line' else 'data set'})")
     return out
 
 
@@ -254,7 +265,7 @@ def check_classification(train: Sequence[Example], eval_: Sequence[Example] | No
         raise DataError(f"training labels {sorted(unknown)} are not in the label set {list(labels)}")
     for ex in eval_ or []:
         if ex.target not in labels:
-            raise DataError(f"{eval_name}:{ex.line}: label {ex.target!r} never seen in training ({', '.join(labels)})")
+            raise DataError(f"{ex.locate(eval_name)}: label {ex.target!r} never seen in training ({', '.join(labels)})")
 
 
 def split_examples(examples: Sequence[Example], fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:

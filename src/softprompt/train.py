@@ -12,7 +12,8 @@ checkpoint (checkpoint.py) ends bit-for-bit where an uninterrupted run would.
 
 Not here: settings and data checks (train_config.py), the loss (objective.py), data order
 (schedule.py), checkpoint files (checkpoint.py),
-processes and gradient all-reduce (distributed.py), the command line (commands/train.py).
+processes and gradient all-reduce (distributed.py), experiment trackers (tracking.py), the command line
+(commands/train.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .precision import PRECISIONS, autocast, cpu_has_fast_bf16, precision_name, 
 from .prompt import SoftPrompt
 from .schedule import batch_at, lr_at, shard, warmup_steps
 from .sharding import lockstep_micro_batches, shard_base
+from .tracking import Trackers
 from .train_config import (DEFAULT_MAX_STEPS, PreparedTask, TaskConfig, TrainConfig, _flag,
                            data_fingerprint, load_task_file, prepare, total_steps)
 
@@ -239,6 +241,8 @@ class MetricsLog:
         self.path = path
         self.enabled = enabled
         self.records: list[dict] = []
+        self.sink: Trackers | None = None
+        """Experiment trackers: every appended record goes to them too (tracking.py)."""
 
     def restore(self, upto_step: int) -> None:
         """Keep the records of steps <= ``upto_step`` (a resumed run rewrites what came after)."""
@@ -266,6 +270,13 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.sink:
+                self.sink.log(record)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the trackers' runs (FINISHED, FAILED or KILLED); metrics.jsonl needs no closing."""
+        if self.sink:
+            self.sink.close(status)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -467,6 +478,11 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
             for t in tasks for n in [t.name] if n in metrics) + ("" if improved else f" (no improvement x{bad_evals})"))
         return config.patience is not None and bad_evals >= config.patience and step < total
 
+    if rt.is_main:  # experiment trackers (--report-to): one more sink of every record
+        log.sink = Trackers.open(config.report_to, config.tracker_run_name(), run_dir, {
+            **config.result_settings(), "out": str(config.out), "run_dir": str(run_dir), "train_examples": n_train,
+            "planned_steps": total, "processes": rt.world_size,
+            "precision_used": precision_name(amp)}, start)
     stopped = False
     done = start
     t_start = time.perf_counter() - elapsed
@@ -531,6 +547,9 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
                 if stopped:
                     _say(quiet, f"early stopping after step {done}: no improvement in {config.patience} evaluations")
                     break
+    except BaseException as e:
+        log.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         bar.close()
     steps_done = done
@@ -566,6 +585,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
             save_prompt(t.out, best_prompts[i].float(), meta, dtype=config.prompt_dtype)
         paths[t.name] = t.out
     rt.barrier()
+    log.close()
     for t in tasks:
         _say(quiet, f"saved {t.out}" + (f" ({best[t.name]['metric']} {best[t.name]['value']:.4f} at step "
                                         f"{best[t.name]['step']})" if t.name in best else ""))

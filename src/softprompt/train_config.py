@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -21,6 +21,8 @@ from .objective import CLASSIFY_LOSSES
 from .precision import PRECISIONS
 from .prompt import INIT_STRATEGIES
 from .schedule import SCHEDULES, steps_per_epoch
+from .sources import is_hub_ref
+from .tracking import parse_report_to
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 INITS: tuple[str, ...] = ("auto", *INIT_STRATEGIES)
@@ -43,7 +45,7 @@ class TaskConfig:
     name: str
     """Short name: the prompt file's name and the key in logs."""
     data: str
-    """Training file (.jsonl or .csv)."""
+    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or hf:NAME[/CONFIG][:SPLIT]."""
     task: TaskKind = "classify"
     """"classify" or "generate"."""
     template: str | None = None
@@ -53,7 +55,7 @@ class TaskConfig:
     verbalizer: dict[str, str] | str | None = None
     """Label -> words the model must produce (dict, JSON text/file, or "label=words,...")."""
     eval: str | None = None
-    """Dev file for early stopping and the best prompt."""
+    """Dev data (any form --data takes; a dataset with several splits must name one) for early stopping and the best prompt."""
     eval_split: float | None = None
     """Or hold out this fraction of the training file as the dev set."""
     source_field: str | None = None
@@ -117,7 +119,7 @@ def load_task_file(path: str | Path) -> list[TaskConfig]:
                 raise ConfigError(f"{where}: missing {key!r}")
         item = dict(item)
         for key in ("data", "eval", "out"):
-            if item.get(key) and not Path(item[key]).is_absolute():
+            if item.get(key) and not Path(item[key]).is_absolute() and not is_hub_ref(item[key]):
                 item[key] = str(p.parent / item[key])
         if isinstance(item.get("verbalizer"), str) and not item["verbalizer"].lstrip().startswith("{"):
             vf = p.parent / item["verbalizer"]
@@ -144,7 +146,7 @@ class TrainConfig:
 
     # --- data and task (one task) ---
     data: str | None = None
-    """Training file (.jsonl or .csv)."""
+    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or hf:NAME[/CONFIG][:SPLIT]."""
     task: TaskKind = "classify"
     """"classify" (rank classification over the labels) or "generate"."""
     out: str = "prompt.safetensors"
@@ -239,6 +241,11 @@ class TrainConfig:
     """Print nothing but errors."""
     prompt_dtype: str = "float16"
     """Storage dtype of the saved prompt files: float16, bfloat16 or float32."""
+    report_to: list[str] | str = field(default_factory=list)
+    """Experiment trackers that also receive the config and every metrics record: tensorboard, mlflow,
+    wandb, "all" (every installed one); empty or "none": only metrics.jsonl (see tracking.py)."""
+    run_name: str | None = None
+    """The run's name in the trackers (default: --out's name without suffix)."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, field_name: str, msg: str) -> None:
@@ -286,6 +293,9 @@ class TrainConfig:
              f"{self.prompt_dtype!r}: choose float16, bfloat16 or float32")
         need(self.device_map is None or self.quantize is not None or self.device is None, "device_map",
              "and --device are exclusive")
+        self.report_to = parse_report_to(self.report_to)
+        need(self.run_name is None or bool(self.run_name.strip()) and "/" not in self.run_name, "run_name",
+             f"must be non-empty, without slashes, got {self.run_name!r}")
         if self.data is not None:
             self.tasks_resolved = [TaskConfig(
                 name=self.name or Path(self.out).name.split(".")[0] or "prompt", data=self.data, task=self.task,
@@ -309,6 +319,10 @@ class TrainConfig:
         """Several tasks: ``out`` is a directory."""
         return self.data is None
 
+    def tracker_run_name(self) -> str:
+        """The run's name in the trackers: --run-name, else --out's name without suffix."""
+        return self.run_name or Path(self.out).name.split(".")[0] or "softprompt"
+
     def run_path(self) -> Path:
         """The run directory (metrics.jsonl, checkpoint.safetensors)."""
         if self.run_dir:
@@ -319,7 +333,8 @@ class TrainConfig:
     def result_settings(self) -> dict[str, Any]:
         """The settings that decide the trained prompt (a resumed run must match them)."""
         skip = {"out", "run_dir", "resume", "quiet", "checkpoint_every", "device", "grad_accum", "eval_batch_size",
-                "tasks", "task_file", "prompt_dtype", "device_map", "attention", "gradient_checkpointing"}
+                "tasks", "task_file", "prompt_dtype", "device_map", "attention", "gradient_checkpointing",
+                "report_to", "run_name"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["tasks"] = [{k: v for k, v in asdict(t).items() if k not in ("out", "data", "eval")}
                       for t in self.tasks_resolved]
@@ -352,7 +367,7 @@ def prepare(config: TrainConfig) -> list[PreparedTask]:
         train_ex = load_examples(tc.data, tc.task, tc.source_field, tc.target_field)
         dev = None
         if tc.eval:
-            dev = load_examples(tc.eval, tc.task, tc.source_field, tc.target_field)
+            dev = load_examples(tc.eval, tc.task, tc.source_field, tc.target_field, default_split=None)
         elif tc.eval_split is not None:
             train_ex, dev = split_examples(train_ex, tc.eval_split, config.seed)
         labels = None

@@ -21,6 +21,7 @@ from ..data import Example, TaskSpec, load_examples
 from ..errors import ConfigError, DataError, check_at_least, check_choice
 from ..evaluate import evaluate_prompt
 from ..precision import PRECISIONS, autocast, precision_name, resolve_precision
+from ..sources import is_hub_ref
 
 TRAIN_FILE_KEYS = ("train_file", "train", "train_path", "data")
 """Keys of a prompt file's training summary that may name its training file."""
@@ -32,7 +33,7 @@ class EvalConfig:
 
     Args:
         prompt: the prompt file.
-        data: labelled JSONL/CSV file to score on.
+        data: labelled data to score on (a file, a saved datasets folder or ``hf:`` id; see sources.py).
         model: base model (hub id or folder); None: the default model.
         baselines: also score the baselines (``--baselines``).
         train: training file for few-shot and TF-IDF (``--train``); default: the one the prompt's
@@ -73,17 +74,26 @@ class EvalConfig:
         check_at_least("--max-new-tokens", self.max_new_tokens, 1)
 
 
-def training_file(meta: PromptMeta, prompt_path: str | Path) -> Path | None:
-    """The training file a prompt's training summary names, if it still exists (relative paths
-    are tried from the working directory and from the prompt file's folder)."""
+def training_file(meta: PromptMeta, prompt_path: str | Path) -> Path | str | None:
+    """The training data a prompt's training summary names, if it still exists (relative paths
+    are tried from the working directory and from the prompt file's folder; a ``hf:`` dataset id
+    is returned as it is)."""
     for key in TRAIN_FILE_KEYS:
         value = (meta.training or {}).get(key)
         if not isinstance(value, str) or not value:
             continue
+        if is_hub_ref(value):
+            return value
         for cand in (Path(value), Path(prompt_path).parent / value):
-            if cand.is_file():
+            if cand.is_file() or cand.is_dir() or _saved_split(cand):
                 return cand
     return None
+
+
+def _saved_split(path: Path) -> bool:
+    """True for ``FOLDER:SPLIT`` of a folder saved by datasets."""
+    folder, sep, split = str(path).rpartition(":")
+    return bool(sep and split) and Path(folder).is_dir()
 
 
 def trained_spec(meta: PromptMeta, max_length: int | None = None) -> TaskSpec:
@@ -105,7 +115,7 @@ def check_labels(examples: list[Example], labels: list[str], where: str) -> None
     """Refuse examples whose label is not one of the prompt's labels (names file:line)."""
     for ex in examples:
         if ex.target not in labels:
-            raise DataError(f"{where}:{ex.line}: label {ex.target!r} is not one of the prompt's labels "
+            raise DataError(f"{ex.locate(where)}: label {ex.target!r} is not one of the prompt's labels "
                             f"({', '.join(labels)})")
 
 
@@ -124,7 +134,7 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
     loaded = load_prompt(config.prompt)  # metadata first: cheap errors before loading a model
     meta = loaded.meta
     spec = trained_spec(meta, config.max_length)
-    examples = load_examples(config.data, spec.kind, config.source_field, config.target_field)
+    examples = load_examples(config.data, spec.kind, config.source_field, config.target_field, default_split=None)
     if spec.kind == "classify":
         check_labels(examples, spec.labels, config.data)
     if config.limit is not None:
@@ -203,7 +213,8 @@ def register(sub) -> None:
                                    "in the model's chat template when it has one), few-shot examples and "
                                    "(classification) TF-IDF + logistic regression.")
     p.add_argument("prompt", help="the .safetensors prompt file")
-    p.add_argument("--data", required=True, help="labelled JSONL or CSV file")
+    p.add_argument("--data", required=True, help="labelled data: .jsonl, .csv, .parquet, a folder saved by datasets "
+                                                 "(FOLDER[:SPLIT]) or hf:NAME[/CONFIG][:SPLIT]")
     p.add_argument("--model", default=None, help="base model (hub id or folder); default: the default model")
     p.add_argument("--baselines", action="store_true", help="also score the baselines on the same examples")
     p.add_argument("--train", default=None,

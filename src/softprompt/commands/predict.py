@@ -1,7 +1,8 @@
 """``softprompt predict PROMPT [TEXT ...]``: label + class probabilities, or generated text, as JSONL.
 
-Inputs are the TEXT arguments or, without any, the lines of stdin: JSON objects carrying the task's
-source field (``text`` / ``input``, or ``--field``) or plain text lines. Output is one JSON object
+Inputs are the TEXT arguments, the records of ``--data`` (any data source, see sources.py) or,
+without either, the lines of stdin: JSON objects carrying the task's source field (``text`` /
+``input``, or ``--field``) or plain text lines. Output is one JSON object
 per input, in input order, written as each batch finishes.
 """
 
@@ -105,6 +106,22 @@ def read_items(texts: list[str], stream: TextIO, source_field: str) -> Iterator[
             yield item
 
 
+def data_items(ref: str, source_field: str) -> list[Item]:
+    """``--data``: the inputs of a file, saved dataset or ``hf:`` dataset (see sources.py), read and
+    checked before any model loads; an ``id`` field is carried to the output."""
+    from ..data import text_value
+    from ..sources import open_table
+
+    table = open_table(ref, default_split=None)
+    table.check_field(source_field, "--field")
+    wanted = [source_field] + (["id"] if table.fields is not None and "id" in table.fields else [])
+    items = [Item(text_value(row, source_field, table.where(n)), row.get("id"), table.where(n))
+             for n, row in table.read(wanted)]
+    if not items:
+        raise DataError(f"{table.name}: no inputs")
+    return items
+
+
 def chunks(items: Iterable[Item], n: int) -> Iterator[list[Item]]:
     """Consecutive groups of ``n`` (the last may be shorter), read lazily."""
     buf: list[Item] = []
@@ -195,6 +212,9 @@ def register(sub) -> None:
                                    "or lines on stdin (JSON objects with the task's source field, or plain text).")
     p.add_argument("prompt", help="the .safetensors prompt file")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="input texts (default: read lines from stdin)")
+    p.add_argument("--data", default=None,
+                   help="read the inputs from data instead: .jsonl, .csv, .parquet, a folder saved by datasets "
+                        "(FOLDER[:SPLIT]) or hf:NAME[/CONFIG][:SPLIT]; the --field of each record, its id carried")
     p.add_argument("--model", default=None, help="base model (hub id or folder); default: the default model")
     p.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
     p.add_argument("--max-length", type=int, default=None,
@@ -219,9 +239,19 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
                            top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop,
                            allow_other_base=args.allow_other_base, precision=args.precision)
     stdin = stdin or sys.stdin
-    if not args.texts and stdin.isatty():
-        raise ConfigError("give TEXT arguments or pipe input lines on stdin")
+    items = None
+    if args.data:
+        if args.texts:
+            raise ConfigError("give TEXT arguments or --data, not both")
+        from ..artifact import load_prompt
+
+        kind = load_prompt(config.prompt).meta.task or "classify"  # the field default, before the model loads
+        items = data_items(args.data, config.source_field or DEFAULT_FIELDS[kind][0])
+    elif not args.texts and stdin.isatty():
+        raise ConfigError("give TEXT arguments or pipe input lines on stdin (or read them from --data)")
     predictor = Predictor(config)
-    predict_stream(predictor, read_items(args.texts, stdin, predictor.source_field), stdout or sys.stdout,
-                   total=len(args.texts) or None)
+    if items is None:
+        items = read_items(args.texts, stdin, predictor.source_field)
+    predict_stream(predictor, items, stdout or sys.stdout, total=len(items) if isinstance(items, list) else
+                   len(args.texts) or None)
     return 0

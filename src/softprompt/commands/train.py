@@ -26,11 +26,14 @@ def register(sub) -> None:
                     "checkpoints in the run directory (default: <out>.run/ next to --out).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data and task")
-    d.add_argument("--data", help="training file (.jsonl or .csv)")
+    d.add_argument("--data", help="training data: .jsonl, .csv, .parquet, a folder saved by datasets "
+                                  "(FOLDER[:SPLIT]), or a Hugging Face dataset hf:NAME[/CONFIG][:SPLIT] (split default: train)")
     d.add_argument("--task", default="classify", choices=["classify", "generate"], help="task type")
     d.add_argument("--out", default=None, help="prompt file to write (a directory with --task-file)")
     d.add_argument("--name", default=None, help="task name recorded in the prompt file (default: --out's name)")
-    d.add_argument("--eval", default=None, help="dev file: early stopping keeps the best prompt on it")
+    d.add_argument("--eval", default=None, help="dev data, in any form --data takes (a dataset with several splits "
+                                                "must name one, e.g. hf:glue/sst2:validation): early stopping keeps "
+                                                "the best prompt on it")
     d.add_argument("--eval-split", type=float, default=None, help="or hold out this fraction of --data as dev set")
     d.add_argument("--template", default=None,
                    help='text around each example; \\n and \\t are read as newline and tab, e.g. '
@@ -83,6 +86,10 @@ def register(sub) -> None:
     e.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     e.add_argument("--prompt-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the prompt file")
+    e.add_argument("--report-to", default="none",
+                   help="experiment trackers that also get the config and every metric, comma-separated: "
+                        "tensorboard, mlflow, wandb, all (every installed one) or none")
+    e.add_argument("--run-name", default=None, help="the run's name in the trackers (default: --out's name)")
     e.add_argument("--launcher", default=None, choices=["accelerate"],
                    help="run this command under `accelerate launch` (data parallel over processes/GPUs, or the "
                         "base sharded when your accelerate config asks for FSDP or DeepSpeed ZeRO-3; "
@@ -119,7 +126,7 @@ def config_from_args(args: argparse.Namespace):
         classify_loss=args.classify_loss, precision=args.precision, seed=args.seed, max_length=args.max_length,
         max_target_length=args.max_target_length, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         patience=args.patience, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        quiet=args.quiet, prompt_dtype=args.prompt_dtype,
+        quiet=args.quiet, prompt_dtype=args.prompt_dtype, report_to=args.report_to, run_name=args.run_name,
     )
 
 
@@ -175,6 +182,11 @@ def _silence() -> None:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")  # read when datasets is imported (hf: data)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # --report-to trackers
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -182,3 +194,6 @@ def _silence() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+    if "datasets" in sys.modules:  # already imported: its environment variables were read
+        sys.modules["datasets"].utils.logging.set_verbosity_error()
+        sys.modules["datasets"].disable_progress_bars()
