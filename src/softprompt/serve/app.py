@@ -117,6 +117,15 @@ def _errors(*codes: int) -> dict:
     return {c: {"model": ErrorOut, "description": what[c]} for c in codes}
 
 
+SSE_EVENT = {
+    "type": "object", "required": ["event", "data"],
+    "description": "One server-sent event: `token` ({\"text\"}), then `done` (a GenerateOut) or `error` (an ErrorOut); "
+                   "data is JSON.",
+    "properties": {"event": {"type": "string", "enum": ["token", "done", "error"]},
+                   "data": {"type": "string", "contentMediaType": "application/json"}},
+}
+"""The schema of each event of a streamed generation."""
+
 COMMON = (401, 413)
 """Statuses every route can answer (the guard in front of the app)."""
 
@@ -210,7 +219,7 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return {"results": [classify_out(r) for r in results]}
 
     @app.post("/v1/generate", response_model=GenerateOut, tags=["inference"],
-              responses={**inference, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              responses={**inference, 200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                                             "description": "JSON, or server-sent events (event: token / done / error) "
                                             "when stream is true"}})
     async def generate(body: GenerateBody, request: Request):

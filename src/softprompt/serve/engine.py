@@ -46,7 +46,7 @@ from .errors import (
     RequestTimeoutError, WrongTaskError,
 )
 from .limits import (
-    CHARS_PER_TOKEN_LIMIT, check_chars, check_label_ids, check_label_names, check_scoring, check_seed, check_stop,
+    CHARS_PER_TOKEN_LIMIT, MIN_TEMPERATURE, check_label_ids, check_label_names, check_scoring, check_seed, check_stop,
     check_unicode, classify_cost, scoring_tokens,
 )
 from .metrics import Metrics
@@ -512,6 +512,8 @@ class Engine:
             raise InvalidRequestError(f"max_new_tokens must be between 1 and {cap} (--max-new-tokens), got {req.max_new_tokens}")
         if not 0 <= req.temperature <= 100:
             raise InvalidRequestError(f"temperature must be between 0 and 100, got {req.temperature}")
+        if req.temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow; greedy is the limit anyway
+            req.temperature = 0.0
         if not 0 < req.top_p <= 1:
             raise InvalidRequestError(f"top_p must be more than 0 and at most 1, got {req.top_p}")
         check_seed(req.seed)
@@ -711,13 +713,14 @@ class Engine:
         """Sample one token per row, retire finished rows, run the rest one step."""
         rows = gen.rows
         self.metrics.batch_rows.labels("generate").observe(len(rows))
-        nxt = sample_next(gen.logits, [r.temperature for r in rows], [r.top_p for r in rows],
-                          [r.generator for r in rows])  # (B,)
+        nxt, errors = self._sample(gen)  # (B,)
         now = time.monotonic()
         keep = []
         for i, row in enumerate(rows):
             job = row.job
-            if job.done:  # cancelled by its caller (client gone) or timed out: dropped at this step
+            if i in errors:
+                job.fail(errors[i])
+            if job.done:  # cancelled by its caller (client gone), timed out or failed: dropped at this step
                 continue
             if now > job.deadline:
                 self._fail(job, RequestTimeoutError(f"generation took more than --request-timeout {self.config.request_timeout} s"))
@@ -753,6 +756,21 @@ class Engine:
                                            past_key_values=make_cache(layers), use_cache=True)
             logits = self.pm.project(hidden[:, -1])  # (B', V)
         return _GenBatch([rows[i] for i in keep], cache_layers(cache), mask, pos + 1, logits)
+
+    def _sample(self, gen: _GenBatch) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """The next token of each row (B,), greedy rows at once and sampled rows one by one, so
+        that a row whose sampling fails fails alone (and each row's generator advances exactly as
+        ``sample_next`` over the whole batch would advance it)."""
+        out = gen.logits.argmax(-1)  # (B,)
+        errors: dict[int, Exception] = {}
+        for i, r in enumerate(gen.rows):
+            if r.temperature > 0 and not r.job.done:
+                try:
+                    out[i] = sample_next(gen.logits[i : i + 1], [r.temperature], [r.top_p], [r.generator])[0]
+                except Exception as e:  # e.g. non-finite probabilities
+                    log.warning("sampling a row failed: %r", e)
+                    errors[i] = e
+        return out, errors
 
     def _end(self, row: _GenRow, reason: str) -> None:
         text = row.text

@@ -20,6 +20,10 @@ CHARS_PER_TOKEN_LIMIT = 64
 """A text longer than this many characters per allowed token is refused before it is tokenized
 (no tokenizer makes tokens that long; it keeps a huge string from costing tokenizer time)."""
 
+MIN_TEMPERATURE = 1e-3
+"""A sampling temperature below this samples greedily (its limit): dividing logits by 1e-300
+overflows to inf and would make the probabilities NaN."""
+
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """The range ``torch.Generator.manual_seed`` accepts."""
 
