@@ -45,7 +45,7 @@ from .errors import (
     RequestCancelledError, RequestError, RequestTimeoutError, RequestTooLargeError, UnknownPromptError,
     UploadTooLargeError, WrongTaskError,
 )
-from .limits import check_batch_size
+from .limits import SEED_MAX, SEED_MIN, check_batch_size
 from .schemas import (
     ClassifyBatchOut, ClassifyOut, ErrorOut, GenerateBatchOut, GenerateOut, HealthOut, PromptListOut, PromptOut,
     UnloadedOut, request_bodies, validation_error,
@@ -295,6 +295,18 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    schema_of = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI's OpenAPI model keeps bounds as floats, and 2**64 - 1 is no float: restore the
+        seed's exact integer range."""
+        if app.openapi_schema is None:
+            doc = schema_of()
+            seed = doc["components"]["schemas"]["GenerateBody"]["properties"]["seed"]["anyOf"][0]
+            seed["minimum"], seed["maximum"] = SEED_MIN, SEED_MAX
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

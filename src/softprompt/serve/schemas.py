@@ -155,6 +155,9 @@ def request_bodies(limits: EngineConfig) -> Bodies:
 
 # ----------------------------------------------------------------------------- validation errors
 
+_LIMIT_KINDS = {"too_long", "string_too_long", "less_than_equal", "less_than", "greater_than_equal", "greater_than"}
+"""Pydantic error types of a broken range or length (the message then names the flag)."""
+
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "function-after", "function-plain"}
 
 
@@ -196,8 +199,10 @@ def validation_error(errors: list[dict], limits: EngineConfig) -> tuple[int, str
     if first.get("loc", ())[:1] == ("path",):
         return 400, "bad_prompt_name", (f"invalid prompt name: use 1-{NAME_MAX} letters, digits, '_', '-' or '.', "
                                          "starting with a letter or digit, no '..'")
+    if kind == "string_unicode":  # a lone surrogate escape such as "\ud800"
+        return 422, "invalid_request", f"{where}: invalid Unicode (a lone surrogate: \\ud800-\\udfff escapes come in pairs)"
     message = f"{where}: {first.get('msg', 'invalid')}"
-    flag = _flag(loc, kind, limits)
+    flag = _flag(loc, kind, limits) if kind in _LIMIT_KINDS else None
     if flag:
         message += f" ({flag})"
     if kind in ("string_too_long", "too_long") and flag:
