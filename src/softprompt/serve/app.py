@@ -228,7 +228,11 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if not body.stream:
             (result,) = await run_jobs(request, [job])
             return generate_out(result)
-        return StreamingResponse(_sse(engine, job, timeout), media_type="text/event-stream",
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.listener = lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+        engine.enqueue([job])  # a full queue is a plain 429, before any event is sent
+        return StreamingResponse(_sse(job, events, timeout), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/generate/batch", response_model=GenerateBatchOut, tags=["inference"], responses=inference)
@@ -298,10 +302,19 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
     schema_of = app.openapi
 
     def openapi() -> dict:
-        """FastAPI's OpenAPI model keeps bounds as floats, and 2**64 - 1 is no float: restore the
-        seed's exact integer range."""
+        """FastAPI's document, with two corrections: it adds a 422 with its own validation-error
+        schema to every route with parameters (ours answer a bad path parameter with 400 and every
+        error in ``ErrorOut``'s shape: the routes list their real statuses), and its OpenAPI model
+        keeps bounds as floats (2**64 - 1 is no float: the seed's exact range is restored)."""
         if app.openapi_schema is None:
             doc = schema_of()
+            for ops in doc["paths"].values():
+                for op in ops.values():
+                    schema = op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {})
+                    if schema.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                        del op["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc["components"]["schemas"].pop(name, None)
             seed = doc["components"]["schemas"]["GenerateBody"]["properties"]["seed"]["anyOf"][0]
             seed["minimum"], seed["maximum"] = SEED_MIN, SEED_MAX
         return app.openapi_schema
@@ -420,23 +433,16 @@ def _sse_event(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _sse(engine: Engine, job: Job, timeout: float) -> AsyncIterator[str]:
-    """Server-sent events for one generation: ``token`` events, then ``done`` or ``error``."""
+async def _sse(job: Job, events: asyncio.Queue, timeout: float) -> AsyncIterator[str]:
+    """Server-sent events for one queued generation: ``token`` events, then ``done`` or ``error``."""
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    job.listener = lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
-    try:
-        engine.enqueue([job])
-    except SoftpromptError as e:
-        status, kind = status_of(e)
-        yield _sse_event("error", error_body(kind, str(e)))
-        return
-    deadline = loop.time() + timeout + 5
+    deadline = loop.time() + timeout + 5  # a safety net: the engine ends the job at its deadline
     try:
         while True:
             try:
                 kind, payload = await asyncio.wait_for(events.get(), max(0.01, deadline - loop.time()))
             except asyncio.TimeoutError:
+                job.cancel(RequestTimeoutError(f"no answer within --request-timeout {timeout} s"))
                 yield _sse_event("error", error_body("timeout", f"no answer within --request-timeout {timeout} s"))
                 return
             if kind == "token":
@@ -449,7 +455,7 @@ async def _sse(engine: Engine, job: Job, timeout: float) -> AsyncIterator[str]:
                 yield _sse_event("error", error_body(k, str(payload) if status != 500 else "internal error"))
                 return
     finally:
-        if not job.done:  # client went away
+        if not job.done:  # the client went away: its row leaves the batch at the next step
             job.cancel()
 
 

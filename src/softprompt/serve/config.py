@@ -70,7 +70,7 @@ class EngineConfig:
     own, checked when the prompt is loaded)."""
     max_label_tokens: int = 16
     """``--max-label-tokens``: most tokens of one label (its verbalized words)."""
-    max_scoring_tokens: int = 16384
+    max_scoring_tokens: int = 8192
     """``--max-scoring-tokens``: most tokens one classification may make the model hold to score its
     labels: labels x (prompt + input + longest label) per row, summed over an ensemble. Bounds the
     memory and time of one request whatever its labels."""
