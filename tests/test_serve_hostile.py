@@ -115,6 +115,39 @@ def test_a_label_request_costs_its_label_tokens_in_the_batch_budget(base):
             eng.prepare(ClassifyRequest("word " * 30, [], labels=[f"a label {i}" for i in range(8)]))
 
 
+def test_a_long_label_scoring_runs_in_steps_and_lets_light_requests_through(base, monkeypatch):
+    """A classification with many long labels is scored --max-step-label-tokens at a time: its
+    scores equal scoring all labels at once, and a light request taken in the same step is answered
+    first (and so is one that arrives while the heavy one is being scored)."""
+    many = [f"long label {i}" for i in range(12)]  # ~7 tokens each on the tiny tokenizer
+    heavy_req = ClassifyRequest(TEXTS[0], [], labels=many)
+    with Engine(base, EngineConfig(max_wait_ms=0, max_step_label_tokens=10**6)) as eng:  # all at once
+        at_once = eng.submit(heavy_req).result(timeout=60)
+    order: list[str] = []
+    import softprompt.serve.engine as engine_module
+
+    calls: list[int] = []
+    real = engine_module.label_logprobs
+    monkeypatch.setattr(engine_module, "label_logprobs", lambda pm, st, lab: calls.append(len(lab)) or real(pm, st, lab))
+    with Engine(base, EngineConfig(max_wait_ms=0, max_step_label_tokens=8, max_labels=16, max_label_tokens=16)) as eng:
+        add_prompts(eng, ["topic"])
+        heavy = eng.prepare(heavy_req, listener=lambda kind, _: order.append("heavy"))
+        light = eng.prepare(ClassifyRequest(TEXTS[1], ["topic"]), listener=lambda kind, _: order.append("light"))
+        steps0 = stat_engine(eng)
+        eng.enqueue([heavy, light])
+        stepped = heavy.result(timeout=60)
+        assert light.result(timeout=60).label in TOPICS
+        assert order == ["light", "heavy"]
+        torch.testing.assert_close(torch.tensor(stepped.scores), torch.tensor(at_once.scores), rtol=1e-4, atol=1e-4)
+        assert stepped.label == at_once.label
+        assert stat_engine(eng) - steps0 == 1  # one pass read both sources
+        assert calls == [1] * (len(TOPICS) + len(many))  # one multi-token label a step (8 label tokens)
+
+
+def stat_engine(eng) -> float:
+    return eng.metrics.registry.get_sample_value("softprompt_batch_rows_count", {"kind": "classify"}) or 0
+
+
 def test_normal_clients_are_served_during_a_label_flood(server):
     """Attackers send floods (refused) and the most expensive admissible label requests in a loop;
     normal clients' p99 stays under NORMAL_P99_BOUND_S and every one of them gets its answer."""

@@ -47,6 +47,9 @@ def register(sub) -> None:
     p.add_argument("--max-scoring-tokens", type=int, default=e.max_scoring_tokens,
                    help="most tokens one classification may hold to score its labels: labels x (prompt + input + "
                    f"longest label), summed over an ensemble (default {e.max_scoring_tokens})")
+    p.add_argument("--max-step-label-tokens", type=int, default=e.max_step_label_tokens,
+                   help="label tokens one classification scores per step; more run over several steps, with "
+                   f"other requests answered in between (default {e.max_step_label_tokens})")
     p.add_argument("--max-stop", type=int, default=e.max_stop,
                    help=f"most stop strings of a generation (default {e.max_stop})")
     p.add_argument("--max-stop-chars", type=int, default=e.max_stop_chars,
@@ -71,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         request_timeout=args.request_timeout, max_input_tokens=args.max_input_tokens,
         max_new_tokens=args.max_new_tokens, max_ensemble=args.max_ensemble, max_labels=args.max_labels,
         max_label_tokens=args.max_label_tokens, max_scoring_tokens=args.max_scoring_tokens, max_stop=args.max_stop,
+        max_step_label_tokens=args.max_step_label_tokens,
         max_stop_chars=args.max_stop_chars, max_batch_requests=args.max_batch_requests,
     )
     return ServeConfig(

@@ -184,14 +184,17 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 for job in jobs:
                     job.cancel(RequestCancelledError("the client disconnected"))
                 raise RequestCancelledError("the client disconnected")
-            raise RequestTimeoutError(f"no answer within --request-timeout {timeout} s")  # a safety net only
+            error = RequestTimeoutError(f"no answer within --request-timeout {timeout} s")  # a safety net only
+            for job in jobs:
+                job.cancel(error)
+            raise error
         finally:
             gone.cancel()
             if not results.done():
                 results.cancel()
-            for job in jobs:  # on error or timeout: the others end too, counted as timed out
+            for job in jobs:  # one request of a batch call failed: the call is answered, drop the rest
                 if not job.done:
-                    job.cancel(RequestTimeoutError(f"request abandoned after --request-timeout {timeout} s"))
+                    job.cancel(RequestCancelledError("another request of the same call failed"))
 
     def prepare(bodies, index: bool) -> list[Job]:
         if index:

@@ -74,6 +74,10 @@ class EngineConfig:
     """``--max-scoring-tokens``: most tokens one classification may make the model hold to score its
     labels: labels x (prompt + input + longest label) per row, summed over an ensemble. Bounds the
     memory and time of one request whatever its labels."""
+    max_step_label_tokens: int = 128
+    """``--max-step-label-tokens``: label tokens one classification scores per step (rows x labels
+    x tokens). A classification with more runs over several steps, and the requests that arrive
+    meanwhile are answered in between: the most another request waits for it is one such step."""
     max_stop: int = 16
     """``--max-stop``: most stop strings of a generation request."""
     max_stop_chars: int = 256
@@ -88,7 +92,7 @@ class EngineConfig:
             "--max-input-tokens": self.max_input_tokens, "--max-new-tokens": self.max_new_tokens,
             "--max-ensemble": self.max_ensemble, "--max-labels": self.max_labels,
             "--max-label-tokens": self.max_label_tokens, "--max-scoring-tokens": self.max_scoring_tokens,
-            "--max-stop": self.max_stop, "--max-stop-chars": self.max_stop_chars,
+            "--max-step-label-tokens": self.max_step_label_tokens, "--max-stop": self.max_stop, "--max-stop-chars": self.max_stop_chars,
             "--max-batch-requests": self.max_batch_requests,
         }
         for flag, value in positive.items():

@@ -21,6 +21,7 @@ Not here: HTTP (app.py); requests, results and jobs (jobs.py); the layout arithm
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -38,8 +39,8 @@ from ..model import PromptedModel, cache_layers, make_cache, position_window, sl
 from ..scoring import SourceState, find_stop, label_logprobs, left_pad, pad_id, sample_next
 from .bank import PromptBank, PromptEntry
 from .batching import (
-    KV, PrefixKV, concat_rows, ensemble_probs, group_indices, select_jobs, select_rows, source_positions,
-    split_rows, stack_prefixes, stream_safe_length, trim_left,
+    KV, PrefixKV, concat_rows, ensemble_probs, group_indices, label_chunks, select_jobs, select_rows,
+    source_positions, stack_prefixes, stream_safe_length, task_cost, trim_left,
 )
 from .config import EngineConfig
 from .errors import (
@@ -49,8 +50,8 @@ from .jobs import (  # noqa: F401  (re-exported: the engine's public API)
     ClassifyRequest, ClassifyResult, GenerateRequest, GenerateResult, Job, Listener, Result, Row,
 )
 from .limits import (
-    CHARS_PER_TOKEN_LIMIT, MIN_TEMPERATURE, check_batch_size, check_label_ids, check_label_names, check_scoring, check_seed, check_stop,
-    check_unicode, classify_cost, scoring_tokens,
+    CHARS_PER_TOKEN_LIMIT, MIN_TEMPERATURE, check_batch_size, check_label_ids, check_label_names, check_scoring,
+    check_seed, check_stop, check_unicode, classify_cost, scoring_tokens,
 )
 from .metrics import Metrics
 
@@ -58,6 +59,27 @@ log = logging.getLogger(__name__)
 
 BARE_GENERATE = TaskSpec("generate", template="{input}", max_length=1 << 30)
 """Bare-model generation: the text is the whole input (no template)."""
+
+
+@dataclass
+class _ScoreTask:
+    """Some labels of one label set, scored over the rows that share it."""
+
+    label_ids: tuple[tuple[int, ...], ...]
+    rows: list[int]  # row indices in the classification's state
+    start: int  # index of the first of these labels in the label set
+    jobs: list[Job]  # the jobs those rows belong to
+
+
+@dataclass
+class _Scoring:
+    """A classification pass in progress: sources read, labels scored over one or more steps."""
+
+    state: SourceState  # every row of the pass
+    tasks: deque  # of _ScoreTask, in the order they run
+    scores: list[torch.Tensor]  # per row (C_row,), filled as tasks complete
+    pending: dict[Job, int]  # tasks left per job; answered at 0
+    first: dict[Job, int]  # index of each job's first row
 
 
 @dataclass
@@ -138,6 +160,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._reaper: threading.Thread | None = None
+        self._scoring: list[_Scoring] = []  # classifications whose labels are being scored (worker only)
         self._pad = pad_id(self.pm)
         self._eos = self.tokenizer.eos_token_id
         self._bare_specs: dict[tuple, TaskSpec] = {}
@@ -417,13 +440,15 @@ class Engine:
         try:
             while True:
                 free = self.config.max_batch - (len(gen.rows) if gen else 0)
-                jobs = self._take(block=gen is None, free_generate=free)
+                jobs = self._take(block=gen is None and not self._scoring, free_generate=free)
                 if jobs is None:
                     break
                 classify = [j for j in jobs if j.kind == "classify"]
                 generate = [j for j in jobs if j.kind == "generate"]
                 if classify:
                     self._classify_each(classify)
+                if self._scoring:
+                    self._guard([j for sc in self._scoring for j in sc.pending], self._score_step)
                 if generate:
                     gen = self._admit_each(gen, generate)
                 if gen is not None:
@@ -434,8 +459,10 @@ class Engine:
                 left = list(self._queue)
                 self._queue.clear()
                 self.metrics.queue_depth.set(0)
-            for job in left + ([r.job for r in gen.rows] if gen else []):
+            running = [r.job for r in gen.rows] if gen else []
+            for job in left + running + [j for sc in self._scoring for j in sc.pending]:
                 job.fail(EngineStoppedError("the server is shutting down"))
+            self._scoring.clear()
 
     def _classify_each(self, jobs: list[Job]) -> None:
         """Classify ``jobs`` in one pass; if the pass fails, each job alone, so that one request's
@@ -494,6 +521,9 @@ class Engine:
 
     @torch.no_grad()
     def _classify(self, jobs: list[Job]) -> None:
+        """Read the jobs' sources in one pass and plan their label scoring: tasks of at most
+        ``--max-step-label-tokens`` label tokens, cheapest label sets first, run by ``_score_step``
+        between other work."""
         jobs = [j for j in jobs if not j.done]  # timed out or cancelled since they were taken
         if not jobs:
             return
@@ -501,22 +531,65 @@ class Engine:
         self.metrics.batch_rows.labels("classify").observe(len(rows))
         with self.model_lock:
             state = self._prefill(rows)
-            scores: list[torch.Tensor | None] = [None] * len(rows)
-            for label_ids, idx in group_indices([r.label_ids for r in rows]):
-                sub = state if len(idx) == len(rows) else state.select(idx)
-                s = label_logprobs(self.pm, sub, label_ids).float().cpu()  # (b, C)
-                for j, i in enumerate(idx):
-                    scores[i] = s[j]
-        for job, chunk in zip(jobs, split_rows(scores, [len(j.rows) for j in jobs])):
-            member = torch.stack(chunk)  # (k, C)
-            probs = ensemble_probs(member)  # (C,)
-            names = job.request.prompts
-            self._finish(job, ClassifyResult(
-                label=job.labels[int(probs.argmax())],
-                probs={l: float(p) for l, p in zip(job.labels, probs)},
-                scores=member.tolist(),
-                prompts=list(names),
-            ))
+        owner = [j for j in jobs for _ in j.rows]  # row -> its job
+        groups = group_indices([r.label_ids for r in rows])
+        groups.sort(key=lambda g: task_cost(len(g[1]), g[0]))  # light label sets are answered first
+        tasks: deque[_ScoreTask] = deque()
+        pending = {job: 0 for job in jobs}
+        for label_ids, idx in groups:
+            for start, chunk in label_chunks(label_ids, len(idx), self.config.max_step_label_tokens):
+                task = _ScoreTask(chunk, idx, start, list(dict.fromkeys(owner[i] for i in idx)))
+                tasks.append(task)
+                for job in task.jobs:
+                    pending[job] += 1
+        first = dict(zip(jobs, [0] + list(itertools.accumulate(len(j.rows) for j in jobs))))
+        self._scoring.append(_Scoring(state, tasks, [torch.zeros(len(r.label_ids)) for r in rows], pending, first))
+
+    @torch.no_grad()
+    def _score_step(self) -> None:
+        """One step of every pending classification: each scores up to ``--max-step-label-tokens``
+        label tokens, so a classification with many long labels advances a chunk at a time while
+        the requests that arrive meanwhile are answered in between. A job is answered as soon as
+        its rows are scored; one whose task fails fails alone; tasks of ended jobs are skipped."""
+        budget = self.config.max_step_label_tokens
+        for sc in list(self._scoring):
+            spent = 0
+            while sc.tasks:
+                task = sc.tasks[0]
+                cost = task_cost(len(task.rows), task.label_ids)
+                if spent and spent + cost > budget:
+                    break
+                sc.tasks.popleft()
+                if all(j.done for j in task.jobs):  # timed out or cancelled: skip the work
+                    continue
+                spent += cost
+                try:
+                    with self.model_lock:
+                        sub = sc.state if len(task.rows) == len(sc.scores) else sc.state.select(task.rows)
+                        s = label_logprobs(self.pm, sub, task.label_ids).float().cpu()  # (b, c)
+                except Exception as e:  # e.g. a label token the model does not have
+                    log.exception("scoring %d labels of %d rows failed", len(task.label_ids), len(task.rows))
+                    for job in task.jobs:
+                        job.fail(e)
+                    continue
+                for j, i in enumerate(task.rows):
+                    sc.scores[i][task.start : task.start + len(task.label_ids)] = s[j]
+                for job in task.jobs:
+                    sc.pending[job] -= 1
+                    if sc.pending[job] == 0:
+                        self._answer(job, sc.scores[sc.first[job] : sc.first[job] + len(job.rows)])
+            if not sc.tasks:
+                self._scoring.remove(sc)
+
+    def _answer(self, job: Job, scores: list[torch.Tensor]) -> None:
+        member = torch.stack(scores)  # (k, C)
+        probs = ensemble_probs(member)  # (C,)
+        self._finish(job, ClassifyResult(
+            label=job.labels[int(probs.argmax())],
+            probs={l: float(p) for l, p in zip(job.labels, probs)},
+            scores=member.tolist(),
+            prompts=list(job.request.prompts),
+        ))
 
     @torch.no_grad()
     def _admit(self, gen: _GenBatch | None, jobs: list[Job]) -> _GenBatch:
