@@ -374,3 +374,27 @@ def test_api_key_file(tmp_path, monkeypatch):
     from softprompt.cli import main
 
     assert main(["serve", "--api-key-file", str(tmp_path / "missing")]) == 2
+
+
+def test_the_new_limits_are_validated_flags(capsys, monkeypatch):
+    monkeypatch.delenv("SOFTPROMPT_API_KEY", raising=False)
+    for field, flag in [("max_labels", "--max-labels"), ("max_label_tokens", "--max-label-tokens"),
+                        ("max_scoring_tokens", "--max-scoring-tokens"), ("max_stop", "--max-stop"),
+                        ("max_stop_chars", "--max-stop-chars"), ("max_batch_requests", "--max-batch-requests"),
+                        ("max_step_label_tokens", "--max-step-label-tokens")]:
+        with pytest.raises(ConfigError, match=flag):
+            EngineConfig(**{field: 0})
+    with pytest.raises(ConfigError, match="--max-labels must be at least 2"):
+        EngineConfig(max_labels=1)
+    assert EngineConfig(max_new_tokens=8).default_new_tokens == 8 and EngineConfig().default_new_tokens == 32
+    assert EngineConfig(max_queue=4).batch_requests == 4
+    from softprompt.cli import main
+
+    assert main(["serve", "--max-labels", "0"]) == 2
+    assert "--max-labels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--api-key-file", "--max-labels", "--max-label-tokens", "--max-scoring-tokens", "--max-stop",
+                 "--max-stop-chars", "--max-batch-requests", "--max-step-label-tokens"):
+        assert flag in out
