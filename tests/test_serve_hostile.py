@@ -201,6 +201,8 @@ def test_timed_out_requests_free_their_queue_slots_at_once(base, prompts_dir):
             queued = [pool.submit(post, i) for i in range(1, 5)]  # fill the queue
             wait_for(lambda: srv.engine.queue_depth == 4)
             assert post(99).status_code == 429  # full
+            r = httpx.post(srv.url + "/v1/generate", json={"prompt": "gen", "text": "x", "stream": True}, timeout=60)
+            assert r.status_code == 429 and error_of(r)["type"] == "queue_full"  # a plain 429, not a 200 stream
             codes = [f.result().status_code for f in queued]
             waited = time.monotonic() - t0
             assert codes == [503] * 4 and first.result().status_code == 503

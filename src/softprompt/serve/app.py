@@ -39,7 +39,8 @@ from .. import __version__
 from ..errors import PromptFileError, SoftpromptError
 from .bank import NAME_MAX, NAME_PATTERN, NAME_RE, SUFFIX
 from .config import ServeConfig
-from .engine import ClassifyResult, Engine, GenerateResult, Job, create_engine
+from .engine import Engine, create_engine
+from .jobs import ClassifyResult, GenerateResult, Job
 from .errors import (
     BadPromptNameError, EngineStoppedError, InputTooLongError, InvalidRequestError, QueueFullError,
     RequestCancelledError, RequestError, RequestTimeoutError, RequestTooLargeError, UnknownPromptError,

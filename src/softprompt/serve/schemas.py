@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from .bank import NAME_MAX, NAME_PATTERN
 from .config import EngineConfig
-from .engine import ClassifyRequest, GenerateRequest
+from .jobs import ClassifyRequest, GenerateRequest
 from .limits import CHARS_PER_TOKEN_LIMIT, SEED_MAX, SEED_MIN
 
 
