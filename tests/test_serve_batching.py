@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from softprompt.serve.batching import (
-    PrefixKV, concat_rows, ensemble_probs, group_indices, select_jobs, select_rows, source_positions, split_rows,
-    stack_prefixes, stream_safe_length, trim_left,
+    PrefixKV, concat_rows, ensemble_probs, group_indices, label_chunks, select_jobs, select_rows, source_positions,
+    split_rows, stack_prefixes, stream_safe_length, task_cost, trim_left,
 )
 
 
@@ -107,3 +107,16 @@ def test_stream_safe_length_holds_back_what_may_change():
     assert stream_safe_length("hello ", []) == 5  # trailing space: the final text is stripped
     assert stream_safe_length("caf\ufffd", []) == 3  # incomplete UTF-8 character
     assert stream_safe_length("", ["x"]) == 0
+
+
+def test_label_chunks_bound_each_step_of_label_scoring():
+    assert task_cost(4, [(1,), (2,), (3,)]) == 0  # single-token labels: no continuation
+    assert task_cost(2, [(1, 2, 3), (4,)]) == 2 * 2 * 2
+    single = [(i,) for i in range(100)]
+    assert label_chunks(single, 16, 8) == [(0, tuple(single))]  # one step however many
+    labels = [(1, 2), (3, 4, 5), (6,), (7, 8, 9, 10), (11, 12)]
+    chunks = label_chunks(labels, 2, 8)
+    assert [start for start, _ in chunks] == [0, 2, 3, 4]
+    assert [lab for _, chunk in chunks for lab in chunk] == labels  # in order, nothing lost
+    assert all(task_cost(2, c) <= 8 or len(c) == 1 for _, c in chunks)
+    assert label_chunks(labels, 50, 1) == [(i, (lab,)) for i, lab in enumerate(labels)]  # at least one label a step

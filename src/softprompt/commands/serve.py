@@ -23,7 +23,9 @@ def register(sub) -> None:
     p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host}); another address needs --api-key")
     p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 picks a free one)")
     p.add_argument("--api-key", default=None,
-                   help="require this key on every request (Authorization: Bearer KEY); default $SOFTPROMPT_API_KEY")
+                   help="require this key on every request (Authorization: Bearer KEY); default $SOFTPROMPT_API_KEY. "
+                   "Prefer --api-key-file or the variable: arguments show in the process list")
+    p.add_argument("--api-key-file", metavar="FILE", default=None, help="read the API key from this file (one line)")
     p.add_argument("--max-batch", type=int, default=e.max_batch, help=f"most rows per forward pass (default {e.max_batch})")
     p.add_argument("--max-batch-tokens", type=int, default=e.max_batch_tokens,
                    help=f"most input tokens read in one step (default {e.max_batch_tokens})")
@@ -39,6 +41,22 @@ def register(sub) -> None:
                    help=f"most tokens a generation may ask for (default {e.max_new_tokens})")
     p.add_argument("--max-ensemble", type=int, default=e.max_ensemble,
                    help=f"most prompts in one ensemble request (default {e.max_ensemble})")
+    p.add_argument("--max-labels", type=int, default=e.max_labels,
+                   help=f"most labels of a classification, a request's or a prompt file's (default {e.max_labels})")
+    p.add_argument("--max-label-tokens", type=int, default=e.max_label_tokens,
+                   help=f"most tokens of one label (default {e.max_label_tokens})")
+    p.add_argument("--max-scoring-tokens", type=int, default=e.max_scoring_tokens,
+                   help="most tokens one classification may hold to score its labels: labels x (prompt + input + "
+                   f"longest label), summed over an ensemble (default {e.max_scoring_tokens})")
+    p.add_argument("--max-step-label-tokens", type=int, default=e.max_step_label_tokens,
+                   help="label tokens one classification scores per step; more run over several steps, with "
+                   f"other requests answered in between (default {e.max_step_label_tokens})")
+    p.add_argument("--max-stop", type=int, default=e.max_stop,
+                   help=f"most stop strings of a generation (default {e.max_stop})")
+    p.add_argument("--max-stop-chars", type=int, default=e.max_stop_chars,
+                   help=f"longest stop string, in characters (default {e.max_stop_chars})")
+    p.add_argument("--max-batch-requests", type=int, default=e.max_batch_requests,
+                   help=f"most requests in one /batch call, at most --max-queue (default {e.max_batch_requests})")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes,
                    help=f"largest request body / prompt upload (default {d.max_upload_bytes})")
     p.add_argument("--dtype", default=d.dtype, choices=SERVE_DTYPES,
@@ -56,11 +74,14 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     engine = EngineConfig(
         max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         request_timeout=args.request_timeout, max_input_tokens=args.max_input_tokens,
-        max_new_tokens=args.max_new_tokens, max_ensemble=args.max_ensemble,
+        max_new_tokens=args.max_new_tokens, max_ensemble=args.max_ensemble, max_labels=args.max_labels,
+        max_label_tokens=args.max_label_tokens, max_scoring_tokens=args.max_scoring_tokens, max_stop=args.max_stop,
+        max_step_label_tokens=args.max_step_label_tokens,
+        max_stop_chars=args.max_stop_chars, max_batch_requests=args.max_batch_requests,
     )
     return ServeConfig(
         prompts_dir=args.prompts, model=args.model, host=args.host, port=args.port, api_key=args.api_key,
-        max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device, threads=args.threads,
+        api_key_file=args.api_key_file, max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device, threads=args.threads,
         allow_other_base=args.allow_other_base, log_level=args.log_level, engine=engine,
     )
 

@@ -17,7 +17,8 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 Errors are ``{"error": {"type": ..., "message": ...}}`` with the status from :data:`STATUS`.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the routes' body types are built per server (schemas.py)
+# and FastAPI must see them as objects, not names.
 
 import asyncio
 import hmac
@@ -27,22 +28,28 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import PromptFileError, SoftpromptError
-from .bank import SUFFIX, NAME_RE
+from .bank import NAME_MAX, NAME_PATTERN, NAME_RE, SUFFIX
 from .config import ServeConfig
-from .engine import ClassifyRequest, ClassifyResult, Engine, GenerateRequest, GenerateResult, Job, create_engine
+from .engine import Engine, create_engine
+from .jobs import ClassifyResult, GenerateResult, Job
 from .errors import (
-    BadPromptNameError, EngineStoppedError, InputTooLongError, InvalidRequestError, QueueFullError, RequestError,
-    RequestTimeoutError, UnknownPromptError, UploadTooLargeError, WrongTaskError,
+    BadPromptNameError, EngineStoppedError, InputTooLongError, InvalidRequestError, QueueFullError,
+    RequestCancelledError, RequestError, RequestTimeoutError, RequestTooLargeError, UnknownPromptError,
+    UploadTooLargeError, WrongTaskError,
+)
+from .limits import SEED_MAX, SEED_MIN, check_batch_size
+from .schemas import (
+    ClassifyBatchOut, ClassifyOut, ErrorOut, GenerateBatchOut, GenerateOut, HealthOut, PromptListOut, PromptOut,
+    UnloadedOut, request_bodies, validation_error,
 )
 
 log = logging.getLogger(__name__)
@@ -51,17 +58,20 @@ STATUS: dict[type, tuple[int, str]] = {
     UnknownPromptError: (404, "unknown_prompt"),
     WrongTaskError: (422, "wrong_task"),
     InputTooLongError: (413, "input_too_long"),
+    RequestTooLargeError: (413, "limit_exceeded"),
     BadPromptNameError: (400, "bad_prompt_name"),
     InvalidRequestError: (422, "invalid_request"),
     UploadTooLargeError: (413, "upload_too_large"),
     PromptFileError: (422, "invalid_prompt_file"),
     QueueFullError: (429, "queue_full"),
     RequestTimeoutError: (503, "timeout"),
+    RequestCancelledError: (499, "cancelled"),
     EngineStoppedError: (503, "unavailable"),
     RequestError: (400, "request_failed"),
     SoftpromptError: (400, "bad_request"),
 }
-"""HTTP status and error type of each error class (the most specific class in the MRO wins)."""
+"""HTTP status and error type of each error class (the most specific class in the MRO wins).
+499 (cancelled) is what the metrics record for a client that disconnected; it receives nothing."""
 
 
 def status_of(error: BaseException) -> tuple[int, str]:
@@ -82,75 +92,7 @@ def error_response(error: BaseException) -> JSONResponse:
     return JSONResponse(error_body(kind, message), status_code=status, headers=headers)
 
 
-# ----------------------------------------------------------------------------- schemas
-
-
-class ClassifyBody(BaseModel):
-    """Classify ``text``: with a prompt, an ensemble of prompts, or the bare model (no prompt +
-    ``labels``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    text: str = Field(description="The input text (put into each prompt's template).")
-    prompt: str | list[str] | None = Field(
-        None, description="A prompt name, or several (an ensemble: same labels, probabilities averaged); "
-        "omit for the bare model.")
-    labels: list[str] | None = Field(None, description="Bare model only: the class labels.")
-    template: str | None = Field(None, description="Bare model only: template with {text}.")
-
-    def to_request(self) -> ClassifyRequest:
-        names = [] if self.prompt is None else [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-        return ClassifyRequest(self.text, names, self.labels, self.template)
-
-
-class GenerateBody(BaseModel):
-    """Continue ``text`` with a generation prompt (its template applied) or the bare model."""
-
-    model_config = ConfigDict(extra="forbid")
-    text: str = Field(description="The input text.")
-    prompt: str | None = Field(None, description="A generation prompt's name; omit for the bare model.")
-    max_new_tokens: int = Field(32, description="Most tokens to generate (capped by --max-new-tokens).")
-    temperature: float = Field(0.0, description="0 = greedy; more = sampling.")
-    top_p: float = Field(1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, description="Sampling seed (same seed, same tokens).")
-    stop: list[str] | str = Field(default_factory=list, description="Strings that end the generation.")
-    stream: bool = Field(False, description="Stream tokens as server-sent events.")
-
-    def to_request(self) -> GenerateRequest:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return GenerateRequest(self.text, self.prompt, self.max_new_tokens, self.temperature, self.top_p,
-                               self.seed, stop)
-
-
-class ClassifyBatchBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    requests: list[ClassifyBody] = Field(description="Classify requests, answered in order.")
-
-
-class GenerateBatchBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    requests: list[GenerateBody] = Field(description="Generate requests (no streaming), answered in order.")
-
-
-class ClassifyOut(BaseModel):
-    label: str
-    probs: dict[str, float]
-    scores: list[list[float]] = Field(description="Summed log-probability of each label, per prompt.")
-    prompts: list[str]
-
-
-class GenerateOut(BaseModel):
-    text: str
-    finish_reason: str
-    tokens: int
-    prompt: str | None
-
-
-class ClassifyBatchOut(BaseModel):
-    results: list[ClassifyOut]
-
-
-class GenerateBatchOut(BaseModel):
-    results: list[GenerateOut]
+# ----------------------------------------------------------------------------- app
 
 
 def classify_out(r: ClassifyResult) -> dict:
@@ -161,25 +103,48 @@ def generate_out(r: GenerateResult) -> dict:
     return {"text": r.text, "finish_reason": r.finish_reason, "tokens": len(r.token_ids), "prompt": r.prompt}
 
 
-# ----------------------------------------------------------------------------- app
+def _errors(*codes: int) -> dict:
+    """OpenAPI responses: each status with the error schema and what it means here."""
+    what = {
+        400: "Malformed JSON, or a prompt name that is not a plain file stem.",
+        401: "Missing or wrong API key (only when the server has one).",
+        404: "Unknown prompt.",
+        413: "Request body over --max-upload-bytes, or a request over a limit (input, labels, scoring tokens, "
+             "stop strings, requests per batch call); the message names the flag.",
+        422: "An invalid field (type, range), a prompt of the wrong task, or an invalid prompt file.",
+        429: "The queue is full (--max-queue); retry later (Retry-After).",
+        503: "Not answered within --request-timeout, or the server is shutting down (Retry-After).",
+    }
+    return {c: {"model": ErrorOut, "description": what[c]} for c in codes}
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        return 400, "malformed_json", f"malformed JSON: {first.get('ctx', {}).get('error', 'cannot parse the body')}"
-    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
-    return 422, "invalid_request", f"{loc}: {first.get('msg', 'invalid')}"
+SSE_EVENT = {
+    "type": "object", "required": ["event", "data"],
+    "description": "One server-sent event: `token` ({\"text\"}), then `done` (a GenerateOut) or `error` (an ErrorOut); "
+                   "data is JSON.",
+    "properties": {"event": {"type": "string", "enum": ["token", "done", "error"]},
+                   "data": {"type": "string", "contentMediaType": "application/json"}},
+}
+"""The schema of each event of a streamed generation."""
+
+COMMON = (401, 413)
+"""Statuses every route can answer (the guard in front of the app)."""
 
 
 def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
     """The FastAPI app over a started ``engine`` (the caller starts and stops the engine)."""
     app = FastAPI(title="softprompt", version=__version__,
-                  description="Many soft prompts on one frozen base model: mixed-task batching, cached prompt prefixes.")
+                  description="Many soft prompts on one frozen base model: mixed-task batching, cached prompt prefixes. "
+                  "Every error is `{\"error\": {\"type\", \"message\"}}`.")
     app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_upload_bytes, metrics=engine.metrics)
     metrics = engine.metrics
-    timeout = config.engine.request_timeout
+    limits = config.engine
+    timeout = limits.request_timeout
+    bodies = request_bodies(limits)
+    ClassifyBody, GenerateBody = bodies.classify, bodies.generate  # noqa: N806
+    ClassifyBatchBody, GenerateBatchBody = bodies.classify_batch, bodies.generate_batch  # noqa: N806
+    Name = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX, description="Prompt name (file stem).")]  # noqa: N806
+    inference = _errors(*COMMON, 400, 404, 422, 429, 503)
 
     @app.exception_handler(SoftpromptError)
     async def on_user_error(request: Request, exc: SoftpromptError):
@@ -187,7 +152,7 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError):
-        status, kind, message = _validation_message(exc)
+        status, kind, message = validation_error(exc.errors(), limits)
         return JSONResponse(error_body(kind, message), status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -200,8 +165,9 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         log.exception("internal error on %s", request.url.path)
         return error_response(exc)
 
-    async def run_jobs(jobs: list[Job]) -> list[Any]:
-        """Queue jobs (all or none) and await their results without blocking the event loop."""
+    async def run_jobs(request: Request, jobs: list[Job]) -> list[Any]:
+        """Queue jobs (all or none) and await their results without blocking the event loop. The
+        engine ends every job by its deadline; a client that disconnects cancels its jobs."""
         loop = asyncio.get_running_loop()
         futures = []
         for job in jobs:
@@ -209,16 +175,31 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
             futures.append(fut)
             job.listener = _resolver(loop, fut)
         engine.enqueue(jobs)
+        results = asyncio.ensure_future(asyncio.gather(*futures))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), timeout + 5)
-        except asyncio.TimeoutError:
-            raise RequestTimeoutError(f"no answer within --request-timeout {timeout} s") from None
+            done, _ = await asyncio.wait({results, gone}, timeout=timeout + 5, return_when=asyncio.FIRST_COMPLETED)
+            if results in done:
+                return results.result()
+            if gone in done:  # the client went away: stop its work at the next step
+                for job in jobs:
+                    job.cancel(RequestCancelledError("the client disconnected"))
+                raise RequestCancelledError("the client disconnected")
+            error = RequestTimeoutError(f"no answer within --request-timeout {timeout} s")  # a safety net only
+            for job in jobs:
+                job.cancel(error)
+            raise error
         finally:
-            for job in jobs:  # on error, timeout or disconnect: drop the rest
+            gone.cancel()
+            if not results.done():
+                results.cancel()
+            for job in jobs:  # one request of a batch call failed: the call is answered, drop the rest
                 if not job.done:
-                    job.cancel(RequestTimeoutError("request abandoned"))
+                    job.cancel(RequestCancelledError("another request of the same call failed"))
 
     def prepare(bodies, index: bool) -> list[Job]:
+        if index:
+            check_batch_size(len(bodies), limits)
         jobs = []
         for i, body in enumerate(bodies):
             try:
@@ -229,39 +210,44 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 raise
         return jobs
 
-    @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"])
-    async def classify(body: ClassifyBody):
+    @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"], responses=inference)
+    async def classify(body: ClassifyBody, request: Request):
         """Classify one text; returns the label and class probabilities."""
-        (result,) = await run_jobs(prepare([body], False))
+        (result,) = await run_jobs(request, prepare([body], False))
         return classify_out(result)
 
-    @app.post("/v1/classify/batch", response_model=ClassifyBatchOut, tags=["inference"])
-    async def classify_batch(body: ClassifyBatchBody):
+    @app.post("/v1/classify/batch", response_model=ClassifyBatchOut, tags=["inference"], responses=inference)
+    async def classify_batch(body: ClassifyBatchBody, request: Request):
         """Several classify requests (any prompts); results in request order."""
-        results = await run_jobs(prepare(body.requests, True)) if body.requests else []
+        results = await run_jobs(request, prepare(body.requests, True)) if body.requests else []
         return {"results": [classify_out(r) for r in results]}
 
     @app.post("/v1/generate", response_model=GenerateOut, tags=["inference"],
-              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events "
-                               "(event: token / done / error) when stream is true"}})
-    async def generate(body: GenerateBody):
+              responses={**inference, 200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+                                            "description": "JSON, or server-sent events (event: token / done / error) "
+                                            "when stream is true"}})
+    async def generate(body: GenerateBody, request: Request):
         """Generate a continuation; with ``"stream": true`` tokens arrive as server-sent events."""
         (job,) = prepare([body], False)
         if not body.stream:
-            (result,) = await run_jobs([job])
+            (result,) = await run_jobs(request, [job])
             return generate_out(result)
-        return StreamingResponse(_sse(engine, job, timeout), media_type="text/event-stream",
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.listener = lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+        engine.enqueue([job])  # a full queue is a plain 429, before any event is sent
+        return StreamingResponse(_sse(job, events, timeout), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/generate/batch", response_model=GenerateBatchOut, tags=["inference"])
-    async def generate_batch(body: GenerateBatchBody):
+    @app.post("/v1/generate/batch", response_model=GenerateBatchOut, tags=["inference"], responses=inference)
+    async def generate_batch(body: GenerateBatchBody, request: Request):
         """Several generate requests (no streaming); results in request order."""
         if any(b.stream for b in body.requests):
             raise InvalidRequestError("streaming is not available in batch requests")
-        results = await run_jobs(prepare(body.requests, True)) if body.requests else []
+        results = await run_jobs(request, prepare(body.requests, True)) if body.requests else []
         return {"results": [generate_out(r) for r in results]}
 
-    @app.get("/v1/prompts", tags=["prompts"])
+    @app.get("/v1/prompts", response_model=PromptListOut, tags=["prompts"], responses=_errors(*COMMON))
     async def list_prompts():
         """Loaded prompts, and prompt files in --prompts that are not loaded."""
         loaded = [e.describe() for e in engine.bank.entries()]
@@ -272,46 +258,82 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
                                if NAME_RE.fullmatch(n := p.name[: -len(SUFFIX)]) and n not in names)
         return {"prompts": loaded, "available": available}
 
-    @app.get("/v1/prompts/{name}", tags=["prompts"])
-    async def get_prompt(name: str):
+    @app.get("/v1/prompts/{name}", response_model=PromptOut, tags=["prompts"], responses=_errors(*COMMON, 400, 404))
+    async def get_prompt(name: Name):
         return engine.bank.get(name).describe()
 
-    @app.put("/v1/prompts/{name}", status_code=201, tags=["prompts"],
+    @app.put("/v1/prompts/{name}", status_code=201, response_model=PromptOut, tags=["prompts"],
+             responses=_errors(*COMMON, 400, 422),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
                  "schema": {"type": "string", "format": "binary"}}}}})
-    async def upload_prompt(name: str, request: Request):
+    async def upload_prompt(name: Name, request: Request):
         """Upload a prompt file (the raw ``.safetensors`` bytes); replaces a prompt of that name.
-        Kept in memory: copy the file into --prompts to keep it across restarts."""
+        Kept in memory: copy the file into --prompts to keep it across restarts. Its labels must keep
+        --max-labels and --max-label-tokens."""
         data = await request.body()  # at most --max-upload-bytes (checked by Guard)
         entry = await asyncio.to_thread(engine.bank.load_bytes, name, data, config.max_upload_bytes)
         return entry.describe()
 
-    @app.post("/v1/prompts/{name}/load", tags=["prompts"])
-    async def load_prompt(name: str):
+    @app.post("/v1/prompts/{name}/load", response_model=PromptOut, tags=["prompts"],
+              responses=_errors(*COMMON, 400, 404, 422))
+    async def load_prompt(name: Name):
         """Load (or reload) ``<name>.safetensors`` from the prompts folder."""
         entry = await asyncio.to_thread(engine.bank.load_file, name)
         return entry.describe()
 
-    @app.delete("/v1/prompts/{name}", tags=["prompts"])
-    async def unload_prompt(name: str):
+    @app.delete("/v1/prompts/{name}", response_model=UnloadedOut, tags=["prompts"], responses=_errors(*COMMON, 400, 404))
+    async def unload_prompt(name: Name):
         """Unload a prompt; requests already accepted for it still complete."""
         engine.bank.unload(name)
         return {"unloaded": name}
 
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/healthz", response_model=HealthOut, tags=["ops"],
+             responses={**_errors(*COMMON), 503: {"model": HealthOut, "description": "The engine is not running."}})
     async def healthz():
         ok = engine.running
         body = {"status": "ok" if ok else "stopped", "model": engine.pm.base.name, "prompts": len(engine.bank),
                 "queue_depth": engine.queue_depth}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
+             responses={**_errors(*COMMON), 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                  "description": "Prometheus text exposition format."}})
     async def metrics_endpoint():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    schema_of = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI's document, with two corrections: it adds a 422 with its own validation-error
+        schema to every route with parameters (ours answer a bad path parameter with 400 and every
+        error in ``ErrorOut``'s shape: the routes list their real statuses), and its OpenAPI model
+        keeps bounds as floats (2**64 - 1 is no float: the seed's exact range is restored)."""
+        if app.openapi_schema is None:
+            doc = schema_of()
+            for ops in doc["paths"].values():
+                for op in ops.values():
+                    schema = op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {})
+                    if schema.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                        del op["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc["components"]["schemas"].pop(name, None)
+            seed = doc["components"]["schemas"]["GenerateBody"]["properties"]["seed"]["anyOf"][0]
+            seed["minimum"], seed["maximum"] = SEED_MIN, SEED_MAX
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body has been read already, so the next message is
+    ``http.disconnect``)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 class Guard:
@@ -415,23 +437,16 @@ def _sse_event(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _sse(engine: Engine, job: Job, timeout: float) -> AsyncIterator[str]:
-    """Server-sent events for one generation: ``token`` events, then ``done`` or ``error``."""
+async def _sse(job: Job, events: asyncio.Queue, timeout: float) -> AsyncIterator[str]:
+    """Server-sent events for one queued generation: ``token`` events, then ``done`` or ``error``."""
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    job.listener = lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
-    try:
-        engine.enqueue([job])
-    except SoftpromptError as e:
-        status, kind = status_of(e)
-        yield _sse_event("error", error_body(kind, str(e)))
-        return
-    deadline = loop.time() + timeout + 5
+    deadline = loop.time() + timeout + 5  # a safety net: the engine ends the job at its deadline
     try:
         while True:
             try:
                 kind, payload = await asyncio.wait_for(events.get(), max(0.01, deadline - loop.time()))
             except asyncio.TimeoutError:
+                job.cancel(RequestTimeoutError(f"no answer within --request-timeout {timeout} s"))
                 yield _sse_event("error", error_body("timeout", f"no answer within --request-timeout {timeout} s"))
                 return
             if kind == "token":
@@ -444,7 +459,7 @@ async def _sse(engine: Engine, job: Job, timeout: float) -> AsyncIterator[str]:
                 yield _sse_event("error", error_body(k, str(payload) if status != 500 else "internal error"))
                 return
     finally:
-        if not job.done:  # client went away
+        if not job.done:  # the client went away: its row leaves the batch at the next step
             job.cancel()
 
 

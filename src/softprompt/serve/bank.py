@@ -21,17 +21,23 @@ from ..data import TaskSpec
 from ..errors import DataError, PromptFileError
 from ..model import PromptedModel, cache_layers
 from .batching import PrefixKV
-from .errors import BadPromptNameError, UnknownPromptError, UploadTooLargeError
+from .config import EngineConfig
+from .errors import BadPromptNameError, InvalidRequestError, UnknownPromptError, UploadTooLargeError
+from .limits import check_label_ids, check_label_names, check_unicode
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-"""Prompt names: file stems of ``<name>.safetensors`` in the prompts folder; no path separators."""
+NAME_PATTERN = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?$"
+"""Prompt names: 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit, never two
+dots in a row (file stems of ``<name>.safetensors`` in the prompts folder: no path separators, no
+``..``). Written without look-arounds so that it is a portable JSON-schema ``pattern`` too."""
+NAME_MAX = 128
+NAME_RE = re.compile(NAME_PATTERN.strip("^$"))
 
 SUFFIX = ".safetensors"
 
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid prompt name, else raise :class:`BadPromptNameError`."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+    if not isinstance(name, str) or len(name) > NAME_MAX or not NAME_RE.fullmatch(name) or ".." in name:
         raise BadPromptNameError(
             f"invalid prompt name {name!r}: use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit"
         )
@@ -80,16 +86,20 @@ class PromptBank:
         max_spec_length: ``TaskSpec.max_length`` used to render sources (inputs longer than the
             server's limit are refused before they could be cut).
         model_lock: held while a prefix is computed (the engine holds it while running batches).
+        limits: the server's limits a prompt's own labels must keep (``--max-labels``,
+            ``--max-label-tokens``); None: no limits.
     """
 
     def __init__(self, pm: PromptedModel, directory: str | Path | None = None, *, strict: bool = True,
-                 max_spec_length: int = 4096, model_lock: threading.Lock | None = None):
+                 max_spec_length: int = 4096, model_lock: threading.Lock | None = None,
+                 limits: EngineConfig | None = None):
         self.pm = pm
         self.directory = Path(directory) if directory is not None else None
         self.strict = strict
         self.max_spec_length = max_spec_length
         self._lock = threading.Lock()
         self._model_lock = model_lock or nullcontext()
+        self.limits = limits
         self._entries: dict[str, PromptEntry] = {}
 
     # -- reading
@@ -136,7 +146,7 @@ class PromptBank:
         names = []
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             name = path.name[: -len(SUFFIX)]
-            if not NAME_RE.fullmatch(name) or ".." in name:
+            if len(name) > NAME_MAX or not NAME_RE.fullmatch(name) or ".." in name:
                 raise BadPromptNameError(f"{path}: file name is not a valid prompt name")
             self.load_file(name)
             names.append(name)
@@ -173,12 +183,22 @@ class PromptBank:
 
     def _add(self, name: str, loaded: LoadedPrompt, source: str) -> PromptEntry:
         meta = loaded.meta
+        tok = self.pm.base.tokenizer
         try:
             spec = TaskSpec.from_meta(meta, max_length=self.max_spec_length)
-        except DataError as e:
+            # the file's own strings go to the tokenizer: refuse what it cannot take, and labels
+            # beyond the server's limits, now rather than on every request
+            check_unicode(spec.template, "its template")
+            for what, words in (("its labels", spec.labels or []), ("its verbalized labels", spec.words)):
+                if self.limits is not None:
+                    check_label_names(words, self.limits, what)
+                for i, w in enumerate(words):
+                    check_unicode(w, f"{what}[{i}]")
+            label_ids = tuple(tuple(ids) for ids in spec.label_ids(tok)) if spec.kind == "classify" else None
+            if label_ids is not None and self.limits is not None:
+                check_label_ids(label_ids, self.limits, "its labels")
+        except (DataError, InvalidRequestError) as e:
             raise PromptFileError(f"prompt {name!r}: {e}") from None
-        tok = self.pm.base.tokenizer
-        label_ids = tuple(tuple(ids) for ids in spec.label_ids(tok)) if spec.kind == "classify" else None
         tensor = loaded.tensor.to(self.pm.base.device)  # (P, d)
         with self._model_lock:
             prefix = compute_prefix(self.pm, tensor)

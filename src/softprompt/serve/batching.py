@@ -170,6 +170,32 @@ def group_indices(keys: Sequence[Hashable]) -> list[tuple[Hashable, list[int]]]:
     return list(groups.items())
 
 
+def task_cost(n_rows: int, label_ids: Sequence[Sequence[int]]) -> int:
+    """Label tokens the model runs to score ``label_ids`` over ``n_rows`` rows (pure): each label
+    continues each row for (longest label - 1) tokens; single-token labels only read the source's
+    last position (no continuation, cost 0)."""
+    longest = max((len(x) for x in label_ids), default=1)
+    return n_rows * len(label_ids) * (longest - 1)
+
+
+def label_chunks(label_ids: Sequence[Sequence[int]], n_rows: int, budget: int) -> list[tuple[int, tuple]]:
+    """Split a label set into consecutive chunks of at most ``budget`` label tokens over ``n_rows``
+    rows each (:func:`task_cost`; a chunk has at least one label) (pure).
+
+    Returns:
+        ``(start, labels)`` pairs: the index of the chunk's first label and its labels.
+    """
+    chunks, start, cur = [], 0, []
+    for i, ids in enumerate(label_ids):
+        if cur and task_cost(n_rows, cur + [ids]) > budget:
+            chunks.append((start, tuple(cur)))
+            start, cur = i, []
+        cur.append(tuple(ids))
+    if cur:
+        chunks.append((start, tuple(cur)))
+    return chunks
+
+
 def split_rows(items: Sequence[T], counts: Sequence[int]) -> list[list[T]]:
     """Split a flat per-row sequence back into consecutive per-job chunks (pure)."""
     if sum(counts) != len(items):

@@ -15,7 +15,23 @@ from ..errors import ConfigError
 from ..precision import SERVE_DTYPES
 
 API_KEY_ENV = "SOFTPROMPT_API_KEY"
-"""Environment variable read when ``--api-key`` is not given."""
+"""Environment variable read when neither ``--api-key`` nor ``--api-key-file`` is given."""
+
+DEFAULT_NEW_TOKENS = 32
+"""Tokens a generation request that sets no ``max_new_tokens`` gets (less if ``--max-new-tokens`` is lower)."""
+
+
+def read_key_file(path: str) -> str:
+    """The API key stored in ``path`` (surrounding whitespace, e.g. a final newline, removed)."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--api-key-file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not key:
+        raise ConfigError(f"--api-key-file {path} is empty")
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise ConfigError(f"--api-key-file {path}: the key must be one line of printable characters without spaces")
+    return key
 
 
 def is_loopback(host: str) -> bool:
@@ -50,12 +66,35 @@ class EngineConfig:
     """``--max-new-tokens``: cap on what a generation request may ask for."""
     max_ensemble: int = 8
     """``--max-ensemble``: most prompts one request may name."""
+    max_labels: int = 64
+    """``--max-labels``: most labels of a classification (a bare-model request's, or a prompt file's
+    own, checked when the prompt is loaded)."""
+    max_label_tokens: int = 16
+    """``--max-label-tokens``: most tokens of one label (its verbalized words)."""
+    max_scoring_tokens: int = 8192
+    """``--max-scoring-tokens``: most tokens one classification may make the model hold to score its
+    labels: labels x (prompt + input + longest label) per row, summed over an ensemble. Bounds the
+    memory and time of one request whatever its labels."""
+    max_step_label_tokens: int = 128
+    """``--max-step-label-tokens``: label tokens one classification scores per step (rows x labels
+    x tokens). A classification with more runs over several steps, and the requests that arrive
+    meanwhile are answered in between: the most another request waits for it is one such step."""
+    max_stop: int = 16
+    """``--max-stop``: most stop strings of a generation request."""
+    max_stop_chars: int = 256
+    """``--max-stop-chars``: longest stop string, in characters."""
+    max_batch_requests: int = 64
+    """``--max-batch-requests``: most requests in one ``/batch`` call (and never more than
+    ``--max-queue``)."""
 
     def __post_init__(self) -> None:
         positive = {
             "--max-batch": self.max_batch, "--max-batch-tokens": self.max_batch_tokens, "--max-queue": self.max_queue,
             "--max-input-tokens": self.max_input_tokens, "--max-new-tokens": self.max_new_tokens,
-            "--max-ensemble": self.max_ensemble,
+            "--max-ensemble": self.max_ensemble, "--max-labels": self.max_labels,
+            "--max-label-tokens": self.max_label_tokens, "--max-scoring-tokens": self.max_scoring_tokens,
+            "--max-step-label-tokens": self.max_step_label_tokens, "--max-stop": self.max_stop, "--max-stop-chars": self.max_stop_chars,
+            "--max-batch-requests": self.max_batch_requests,
         }
         for flag, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -66,6 +105,18 @@ class EngineConfig:
             raise ConfigError(f"--request-timeout must be more than 0 and at most 3600 seconds, got {self.request_timeout}")
         if self.max_ensemble > self.max_batch:
             raise ConfigError(f"--max-ensemble ({self.max_ensemble}) must not exceed --max-batch ({self.max_batch})")
+        if self.max_labels < 2:
+            raise ConfigError(f"--max-labels must be at least 2 (a classification has 2 labels or more), got {self.max_labels}")
+
+    @property
+    def batch_requests(self) -> int:
+        """Most requests one ``/batch`` call may hold: ``--max-batch-requests``, at most ``--max-queue``."""
+        return min(self.max_batch_requests, self.max_queue)
+
+    @property
+    def default_new_tokens(self) -> int:
+        """``max_new_tokens`` of a request that gives none: 32, or the ``--max-new-tokens`` cap if lower."""
+        return min(DEFAULT_NEW_TOKENS, self.max_new_tokens)
 
 
 @dataclass
@@ -83,7 +134,10 @@ class ServeConfig:
     """``--port``: TCP port (0 picks a free one)."""
     api_key: str | None = None
     """``--api-key`` (or $SOFTPROMPT_API_KEY): required as ``Authorization: Bearer KEY`` or
-    ``X-API-Key: KEY`` on every request when set."""
+    ``X-API-Key: KEY`` on every request when set. Prefer ``api_key_file`` or the variable: a
+    command-line argument shows in the process list."""
+    api_key_file: str | None = None
+    """``--api-key-file``: read the API key from this file (one line)."""
     max_upload_bytes: int = 16 * 1024 * 1024
     """``--max-upload-bytes``: largest accepted prompt upload."""
     dtype: str = "auto"
@@ -102,6 +156,10 @@ class ServeConfig:
     """Batching and limits."""
 
     def __post_init__(self) -> None:
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise ConfigError("give --api-key or --api-key-file, not both")
+            self.api_key = read_key_file(self.api_key_file)
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         if self.api_key is not None and not self.api_key.strip():

@@ -14,7 +14,12 @@ class InvalidRequestError(RequestError):
     """Malformed or inconsistent request fields (e.g. empty input, an ensemble of generators)."""
 
 
-class InputTooLongError(InvalidRequestError):
+class RequestTooLargeError(InvalidRequestError):
+    """The request would cost more than a limit allows (labels, label tokens, scoring tokens, stop
+    strings, requests in a batch call); the message names the flag."""
+
+
+class InputTooLongError(RequestTooLargeError):
     """The input has more tokens than ``--max-input-tokens``."""
 
 
@@ -36,6 +41,10 @@ class QueueFullError(RequestError):
 
 class RequestTimeoutError(RequestError):
     """The request took longer than ``--request-timeout``."""
+
+
+class RequestCancelledError(RequestError):
+    """The caller gave up on the request (its HTTP client disconnected, a stream was closed)."""
 
 
 class EngineStoppedError(RequestError):
