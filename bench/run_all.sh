@@ -9,9 +9,10 @@ PY=.venv/bin/python
 uptime
 
 if [[ "${QUICK:-}" == 1 ]]; then
-  TINY=$($PY -c "import tempfile, softprompt.testing as t; print(t.tiny_model_dir(tempfile.mkdtemp() + '/tiny'))")
+  TINY=$($PY -c "import tempfile, softprompt.testing as t; print(t.tiny_model_dir(tempfile.mkdtemp() + '/tiny'))" | tail -n1)  # DeepSpeed may print to stdout first
   $PY bench/prompt_size.py
   $PY bench/train_speed.py --model "$TINY" --steps 3 --rounds 1 --name smoke_train_speed
+  $PY bench/train_memory.py --model "$TINY" --steps 2 --name smoke_train_memory
   for task in bbc-news tweet-sentiment headlines; do
     $PY bench/quality.py --task "$task" --model "$TINY" --steps 2 --train-n 40 --eval-n 8 --max-new-tokens 4 \
       --seeds 0 --name "smoke_quality_${task//-/_}"
@@ -23,6 +24,8 @@ fi
 
 $PY bench/prompt_size.py
 $PY bench/train_speed.py
+$PY bench/train_speed.py --precision fp32 --name train_speed_fp32
+$PY bench/train_memory.py
 # Quality: each line stays within ~15 minutes; results accumulate per task across lines.
 $PY bench/quality.py --task tweet-sentiment --methods baselines,softprompt,peft-pt,lora --seeds 0
 $PY bench/quality.py --task tweet-sentiment --methods softprompt,peft-pt,lora --seeds 1

@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--max-text-tokens", type=int, default=150, help="input texts cut to this many tokens")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--gen-share", type=float, default=0.25, help="share of generation requests")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="softprompt server weights")
+    ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="softprompt server weights")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
