@@ -239,6 +239,7 @@ class VLLMClient:
         seed: int | None = None,
         stop: Sequence[str] = (),
         prompts: Sequence[torch.Tensor | LoadedPrompt | None] | None = None,
+        bare_as_ids: bool = False,
     ) -> list[Generation]:
         """Continue every row's ``[prompt ; source]``, as ``scoring.generate`` does.
 
@@ -247,6 +248,8 @@ class VLLMClient:
             source_ids: each row's token ids (template applied, special tokens included).
             seed: row i samples with seed ``seed + i`` (a row's text does not depend on its batch).
             prompts: instead of ``prompt``, one prompt per row (mixed prompts in one batch).
+            bare_as_ids: send rows without a prompt as token ids, not embeddings (what a plain
+                vLLM request costs; the same tokens come back).
         Returns:
             One :class:`Generation` per row; ``finish_reason`` is "eos", "stop" or "length".
         """
@@ -261,7 +264,10 @@ class VLLMClient:
                 params["seed"] = seed + i
             if stop:
                 params["stop"] = list(stop)
-            c = self._complete(request_embeds(_tensor(rows[i]), self.table, source_ids[i]), **params)
+            if rows[i] is None and bare_as_ids:
+                c = self._complete(None, source_ids[i], **params)
+            else:
+                c = self._complete(request_embeds(_tensor(rows[i]), self.table, source_ids[i]), **params)
             toks = list(c.get("token_ids") or [])
             if c.get("finish_reason") == "length":
                 reason = "length"
