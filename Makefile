@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
-# The separate venv that runs vLLM (3.6 min, 2.5 GB on a fresh machine; not part of `make test`),
+# The separate venv that runs vLLM (~3.5 min, 2.5 GB on 2 cores; not part of `make test`),
 # and the tests against a live vLLM server (marker vllm; skipped when the venv is absent).
 VLLM_VENV ?= .venv-vllm
 $(VLLM_VENV)/.installed: constraints-vllm.txt scripts/vllm_env.sh
