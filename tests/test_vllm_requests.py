@@ -119,3 +119,73 @@ def test_unreachable_url_is_one_line(tiny_dir):
     with pytest.raises(VLLMError, match=rf"cannot reach a vLLM server at http://127.0.0.1:{port}") as e:
         VLLMClient(f"http://127.0.0.1:{port}", table, timeout=5)
     assert "\n" not in str(e.value)
+
+
+def test_export_vllm_writes_the_tensor_and_the_recipe(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from softprompt import PromptMeta, save_prompt
+    from softprompt.cli import main
+
+    w = torch.randn(6, tiny.dim)
+    meta = PromptMeta.for_base(tiny, 6, task="classify", template="Text: {text}\nTopic:", labels=["a b", "c"],
+                               verbalizer={"c": "sports"})
+    save_prompt(tmp_path / "p.safetensors", w, meta)  # stored float16
+    assert main(["export", str(tmp_path / "p.safetensors"), "--format", "vllm", "--out", str(tmp_path / "x")]) == 0
+    t = load_file(str(tmp_path / "x" / "prompt.safetensors"))["prompt"]
+    assert t.shape == (6, tiny.dim) and t.dtype == torch.float16 and torch.equal(t, w.half())
+    import json
+
+    info = json.loads((tmp_path / "x" / "prompt.json").read_text())
+    assert info["format"] == "softprompt-vllm" and info["placeholder"] == "{text}"
+    assert info["label_words"] == ["a b", "sports"] and info["label_lead"] == " " and info["dim"] == tiny.dim
+
+
+class _OldVLLM:
+    """A stand-in HTTP server answering like a vLLM whose /v1/completions predates
+    ``logprob_token_ids`` (it ignores the unknown field and returns the natural top-1 only)."""
+
+    def __init__(self, tokenizer):
+        import http.server
+        import json
+        import threading
+
+        tok = tokenizer
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send({"version": "0.9.2"} if self.path == "/version" else {"data": [{"id": "m"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/tokenize":
+                    self._send({"tokens": tok(body["prompt"], add_special_tokens=True)["input_ids"]})
+                else:
+                    self._send({"choices": [{"text": "x", "logprobs": {"top_logprobs": [{"token_id:5": -0.1}]}}]})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_a_vllm_without_logprob_token_ids_is_named(tiny_dir):
+    from softprompt.vllm import VLLMClient, VLLMError
+
+    table = EmbeddingTable.load(str(tiny_dir))
+    old = _OldVLLM(table.tokenizer)
+    try:
+        with pytest.raises(VLLMError, match=r"vLLM 0\.9\.2 .* ignores logprob_token_ids .* upgrade vLLM"):
+            VLLMClient(old.url, table, timeout=10)
+    finally:
+        old.httpd.shutdown()
