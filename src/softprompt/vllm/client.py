@@ -221,9 +221,9 @@ class VLLMClient:
                                 f"{self.table.name!r}'s {self.table.dim} ({m})") from None
             raise VLLMError(f"{where} does not accept prompt_embeds on /v1/completions (needs a vLLM with "
                             f"embedding inputs; tested with {TESTED_VERSION}): {m}") from None
-        pick = max((t for t in by_ids if t != last), key=by_ids.get, default=None)  # the greedy token
-        diffs = [abs(by_ids[t] - by_embeds.get(t, -math.inf)) for t in (pick, last) if t is not None]
-        if pick is None or pick not in by_embeds or max(diffs) > PROBE_TOLERANCE:
+        pick = max([t for t in by_ids if t != last] or [last], key=by_ids.get)  # the greedy token
+        diffs = [abs(by_ids[t] - by_embeds.get(t, -math.inf)) for t in {pick, last}]
+        if max(diffs) > PROBE_TOLERANCE:
             raise VLLMError(f"{where} is another base model: the same tokens sent as ids and as "
                             f"{self.table.name!r}'s embeddings give different log-probabilities")
         return self.info
