@@ -21,17 +21,26 @@ def _export_peft(loaded: LoadedPrompt, args: argparse.Namespace) -> Path:
                        strict=not args.allow_other_base)
 
 
+def _export_vllm(loaded: LoadedPrompt, args: argparse.Namespace) -> Path:
+    from ..vllm.export import export_vllm
+
+    return export_vllm(loaded, args.out)
+
+
 EXPORT_FORMATS: dict[str, Callable[[LoadedPrompt, argparse.Namespace], Path]] = {
     "peft": _export_peft,
+    "vllm": _export_vllm,
 }
 """Export formats by ``--format`` name; each writes ``--out`` and returns it."""
+EXPORT_WHAT = {"peft": "adapter", "vllm": "prompt_embeds files"}
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "export", help="export a prompt file to another format (a PEFT adapter directory)",
+        "export", help="export a prompt file to another format (a PEFT adapter, vLLM prompt_embeds files)",
         description="Write a prompt file as a Hugging Face PEFT PROMPT_TUNING adapter directory "
-                    "(adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.",
+                    "(adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained loads, "
+                    "or (--format vllm) prompt.safetensors + prompt.json for building vLLM prompt_embeds.",
     )
     p.add_argument("file", help="a .safetensors prompt file")
     p.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="peft", help="output format (default: peft)")
@@ -51,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_prompt(args.file)
     out = EXPORT_FORMATS[args.format](loaded, args)
     m = loaded.meta
-    print(f"wrote {args.format} adapter {out} ({m.length} virtual tokens x {m.dim} dims, base {m.base_model})")
+    print(f"wrote {args.format} {EXPORT_WHAT[args.format]} {out} ({m.length} virtual tokens x {m.dim} dims, base {m.base_model})")
     return 0
