@@ -222,7 +222,7 @@ def load_base_model(
         attn_implementation: e.g. "sdpa" or "eager"; default: transformers' choice.
         empty: read only the config and tokenizer; the parameters stay on the meta device (no
             memory) and the buffers are computed as usual: a skeleton another process fills in
-            (FSDP ``cpu_ram_efficient_loading``, sharding.py). Its fingerprint is empty until
+            (FSDP ``cpu_ram_efficient_loading``, distributed/sharding/). Its fingerprint is empty until
             :meth:`BaseModel.refingerprint`.
     Returns:
         A :class:`BaseModel` with every parameter frozen.

@@ -8,7 +8,7 @@ Masked positions may sit anywhere: position ids are ``cumsum(mask) - 1``, so eve
 prompt at positions 0..P_i-1 and its text right after, whatever its padding. This is what lets one
 batch mix prompts of different lengths (multi-task training, serving).
 
-Not here: KV-prefix batching for serving (serve/), the training loop (train.py).
+Not here: KV-prefix batching for serving (serve/), the training loop (train/loop.py).
 """
 
 from __future__ import annotations

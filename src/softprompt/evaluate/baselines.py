@@ -13,7 +13,7 @@ The language-model baselines are :class:`~softprompt.data.TaskSpec` s with a lon
 scored by :func:`softprompt.evaluate.evaluate_prompt` with ``prompt=None``: exactly the path the
 tuned prompt takes, minus the prompt.
 
-Not here: loading files (commands/eval.py), plots (report.py).
+Not here: loading files (run.py), plots (report.py).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from . import progress
-from .artifact import PromptMeta
-from .data import Example, TaskSpec
-from .errors import ConfigError
-from .evaluate import classification_metrics, evaluate_prompt
-from .model import PromptedModel
+from .. import progress
+from ..artifact import PromptMeta
+from ..data import Example, TaskSpec
+from ..errors import ConfigError
+from . import classification_metrics, evaluate_prompt
+from ..model import PromptedModel
 
 SHOT_SEPARATOR = "\n\n"
 """Between in-context examples (and the stop string of few-shot generation)."""

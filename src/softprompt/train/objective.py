@@ -13,7 +13,7 @@ classification rows then share one source pass; the label continuation runs per 
 task's rows (label sets differ). All generation rows share one teacher-forced pass. Each row's loss
 is its own mean, so a row's loss (and its gradient) does not depend on which rows share the batch.
 
-Not here: batching and order (schedule.py), the loop (train.py).
+Not here: batching and order (schedule.py), the loop (loop.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import IGNORE_INDEX, PromptedModel, cache_layers, make_cache, pack
-from .scoring import SourceState, label_logprobs, left_pad, pad_id, right_pad, source_forward
+from ..model import IGNORE_INDEX, PromptedModel, cache_layers, make_cache, pack
+from ..scoring import SourceState, label_logprobs, left_pad, pad_id, right_pad, source_forward
 
 
 @dataclass

@@ -11,10 +11,10 @@ from typing import Sequence
 
 import torch
 
-from .data import Example, TaskSpec
-from . import progress
-from .model import PromptedModel
-from .scoring import classify_scores, generate
+from ..data import Example, TaskSpec
+from .. import progress
+from ..model import PromptedModel
+from ..scoring import classify_scores, generate
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -1,7 +1,7 @@
 """Training settings: typed, validated up front (errors name the CLI flag), and the data they
 point at, read and checked before any model loads (so bad input fails at once).
 
-Not here: the loop (train.py).
+Not here: the loop (loop.py).
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .base import DTYPES
-from .data import TASK_KINDS, Example, TaskKind, TaskSpec, check_classification, labels_of, load_examples, \
+from ..base import DTYPES
+from ..data import TASK_KINDS, Example, TaskKind, TaskSpec, check_classification, labels_of, load_examples, \
     parse_verbalizer, split_examples
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .objective import CLASSIFY_LOSSES
-from .precision import PRECISIONS
-from .prompt import INIT_STRATEGIES
+from ..precision import PRECISIONS
+from ..prompt import INIT_STRATEGIES
 from .schedule import SCHEDULES, steps_per_epoch
-from .sources import is_hub_ref
+from ..sources import is_hub_ref
 from .tracking import parse_report_to
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]

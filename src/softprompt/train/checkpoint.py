@@ -5,7 +5,7 @@ checkpoint intact): tensors for the prompts (float32), the best prompts so far, 
 and the RNG states; JSON metadata for the step, the early-stopping state, the optimizer's scalar
 settings and the settings of the run that wrote it. Data only: no pickle, nothing executes on load.
 
-Not here: what is saved when (train.py), the final prompt file (artifact.py).
+Not here: what is saved when (loop.py), the final prompt file (artifact.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .artifact import atomic_write_bytes, safetensors_bytes
-from .errors import ConfigError
+from ..artifact import atomic_write_bytes, safetensors_bytes
+from ..errors import ConfigError
 
 CHECKPOINT_FORMAT = "softprompt-checkpoint/1"
 

@@ -10,9 +10,9 @@ batches (one prompt per task, each row carries its own; see objective.py). Data 
 learning rate are pure functions of the seed and the step (schedule.py), so a run resumed from a
 checkpoint (checkpoint.py) ends bit-for-bit where an uninterrupted run would.
 
-Not here: settings and data checks (train_config.py), the loss (objective.py), data order
+Not here: settings and data checks (config.py), the loss (objective.py), data order
 (schedule.py), checkpoint files (checkpoint.py),
-processes and gradient all-reduce (distributed.py), experiment trackers (tracking.py), the command line
+processes and gradient all-reduce (distributed/), experiment trackers (tracking.py), the command line
 (commands/train.py).
 """
 
@@ -20,46 +20,34 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import progress
-from .artifact import PromptMeta, atomic_write_bytes, save_prompt
-from .base import BaseModel, assert_frozen, load_base_model
+from .. import progress
+from ..artifact import PromptMeta, atomic_write_bytes, save_prompt
+from ..base import BaseModel, assert_frozen, load_base_model
+from ..distributed import LocalRuntime, accelerate_precision, lockstep_micro_batches, runtime_from_env, shard
+from ..distributed.sharding import shard_base
+from ..errors import ConfigError
+from ..evaluate import PRIMARY_METRIC, evaluate_prompt
+from ..model import PromptedModel
+from ..precision import autocast, precision_name, resolve_precision
+from ..prompt import SoftPrompt
 from .checkpoint import TrainState, load_checkpoint, rng_states, save_checkpoint, set_rng_states, state_digest
-from .errors import ConfigError
-from .distributed import LocalRuntime, accelerate_precision, runtime_from_env
-from .evaluate import PRIMARY_METRIC, evaluate_prompt
-from .model import PromptedModel
+from .config import TrainConfig, _flag, data_fingerprint, prepare, total_steps
 from .objective import Row, row_losses
-from .precision import PRECISIONS, autocast, cpu_has_fast_bf16, precision_name, resolve_precision
-from .prompt import SoftPrompt
-from .schedule import batch_at, lr_at, shard, warmup_steps
-from .sharding import lockstep_micro_batches, shard_base
+from .records import MetricsLog, TrainResult, peak_rss_mb
+from .schedule import batch_at, lr_at, warmup_steps
+from .speed import attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention
 from .tracking import Trackers
-from .train_config import (DEFAULT_MAX_STEPS, PreparedTask, TaskConfig, TrainConfig, _flag,
-                           data_fingerprint, load_task_file, prepare, total_steps)
 
-__all__ = ["TrainConfig", "TaskConfig", "TrainResult", "train", "prepare", "load_task_file", "resolve_precision",
-           "cpu_has_fast_bf16", "DEFAULT_MAX_STEPS", "PRECISIONS", "PreparedTask"]
+__all__ = ["train"]
 
 
 # ----------------------------------------------------------------------------- precision, model
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident host memory so far, in MB (None where the OS does not say)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # macOS reports bytes
 
 
 def resolve_device(config: TrainConfig, base: BaseModel | None) -> torch.device:
@@ -76,207 +64,10 @@ def resolve_device(config: TrainConfig, base: BaseModel | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cache_lengths(cache) -> list[int]:
-    return [layer.get_seq_length() for layer in getattr(cache, "layers", None) or []]
-
-
-def _checkpoint_with_cache(function, *args):
-    """``torch.utils.checkpoint`` for one decoder layer that may write a KV cache.
-
-    Rank classification reads the source pass's cache, so the layers must keep writing it under
-    checkpointing. The recomputation in backward would append the layer's keys/values a second
-    time; before it runs, every cache layer is cropped back to the length the forward saw.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    kw = getattr(function, "keywords", {})
-    cache = kw.get("cache", kw.get("past_key_values"))  # transformers >= 5.24 / before
-    before = _cache_lengths(cache)
-    calls = [0]
-
-    def run(*a):
-        if calls[0] and cache is not None:  # the recomputation: restore the cache as the forward saw it
-            for i, layer in enumerate(cache.layers):
-                extra = layer.get_seq_length() - (before[i] if i < len(before) else 0)
-                if extra > 0:
-                    layer.crop(-extra)
-        calls[0] += 1
-        return function(*a)
-
-    return checkpoint(run, *args, use_reentrant=False)
-
-
-class _DropCacheWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:  # our layers keep their cache on purpose
-        return "incompatible with gradient checkpointing" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(model, enabled: bool):
-    """Recompute each decoder layer's activations in the backward pass (less memory, more time).
-
-    Quirks of HF activation checkpointing (fenced here): it runs only in training mode, and it
-    drops the KV cache that rank classification reads. We flip only the decoder layers to training
-    mode (dropout modules stay in eval), let them keep their cache, and checkpoint with
-    :func:`_checkpoint_with_cache`, which restores the cache before each recomputation.
-    The model is left as it was on exit.
-    """
-    if not enabled:
-        yield
-        return
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    if not hasattr(model, "activation_checkpointing_enable"):
-        raise ConfigError("--gradient-checkpointing: this model does not support activation checkpointing")
-    model.activation_checkpointing_enable()
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for m in layers:
-        m.training = True
-        m._can_checkpoint_with_cache = True
-        m._gradient_checkpointing_func = _checkpoint_with_cache
-    quiet = _DropCacheWarning()
-    hf_log = logging.getLogger("transformers.modeling_layers")
-    hf_log.addFilter(quiet)
-    try:
-        yield
-    finally:
-        hf_log.removeFilter(quiet)
-        for m in layers:
-            m.training = False
-            m.__dict__.pop("_can_checkpoint_with_cache", None)
-        model.activation_checkpointing_disable()
-        if hasattr(model, "disable_input_require_grads"):
-            model.disable_input_require_grads()
-
-
-def resolve_attention(attention: str, device: torch.device, amp: torch.dtype | None = torch.bfloat16) -> str | None:
-    """The attention implementation to train with (None: keep the model's). On CPU under bf16
-    autocast, eager attention (matmul + softmax) measured ~20-30% faster per training step than
-    SDPA's CPU flash kernel for prompt tuning's short sequences (its backward dominated); in fp32
-    SDPA was ~7% faster (README, Training › Speed), so ``auto`` keeps the model's there."""
-    if attention == "auto":
-        return "eager" if device.type == "cpu" and amp is not None else None
-    return None if attention == "model" else attention
-
-
-@contextlib.contextmanager
-def attention_implementation(model, name: str | None):
-    """Switch the model's attention implementation for the duration (restored on exit)."""
-    old = getattr(model.config, "_attn_implementation", None)
-    if name is None or old == name or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(old)
-
-
-@contextlib.contextmanager
-def cast_linear_weights(model, dtype: torch.dtype | None):
-    """Hold the decoder's Linear weights in ``dtype`` for the duration (restored on exit).
-
-    Under autocast every Linear casts its float32 weight to bf16 at every call, forward and
-    backward; casting once per run gives the same numbers and measured ~9% faster per CPU step.
-    The lm head is left alone (often tied to the input embeddings, which must stay float32).
-    """
-    if dtype is None:
-        yield
-        return
-    head = model.get_output_embeddings()
-    tied = {id(model.get_input_embeddings().weight)}
-    saved = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m is not head and m.weight.dtype == torch.float32 \
-                and id(m.weight) not in tied:
-            saved.append((m, m.weight.data, None if m.bias is None else m.bias.data))
-            m.weight.data = m.weight.data.to(dtype)
-            if m.bias is not None:
-                m.bias.data = m.bias.data.to(dtype)
-    try:
-        yield
-    finally:
-        for m, w, b in saved:
-            m.weight.data = w
-            if b is not None:
-                m.bias.data = b
-
-
 # ----------------------------------------------------------------------------- results, logs
 
 
-@dataclass
-class TrainResult:
-    """What a run produced."""
-
-    paths: dict[str, Path]
-    """Task name -> prompt file written."""
-    run_dir: Path
-    steps: int
-    """Optimizer steps done (fewer than planned after early stopping)."""
-    examples: int
-    """Training examples processed (rows, all processes)."""
-    seconds: float
-    """Wall time of the training loop (evaluation included)."""
-    examples_per_s: float
-    """Training throughput (evaluation and checkpoint time excluded)."""
-    metrics: dict[str, dict] = field(default_factory=dict)
-    """Task name -> dev metrics of the saved prompt (empty without a dev set)."""
-    best_step: dict[str, int] = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
-    """Every record of metrics.jsonl."""
-    stopped_early: bool = False
-
-    @property
-    def path(self) -> Path:
-        """The prompt file (the first task's, for several tasks)."""
-        return next(iter(self.paths.values()))
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON record per step and per evaluation, appended as they happen."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = path
-        self.enabled = enabled
-        self.records: list[dict] = []
-        self.sink: Trackers | None = None
-        """Experiment trackers: every appended record goes to them too (tracking.py)."""
-
-    def restore(self, upto_step: int) -> None:
-        """Keep the records of steps <= ``upto_step`` (a resumed run rewrites what came after)."""
-        if not self.path.is_file():
-            return
-        keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if isinstance(rec, dict) and rec.get("step", 0) <= upto_step:
-                keep.append(rec)
-        self.records = keep
-        if self.enabled:
-            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-
-    def start(self) -> None:
-        if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("", encoding="utf-8")
-
-    def append(self, record: dict) -> None:
-        self.records.append(record)
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.sink:
-                self.sink.log(record)
-
-    def close(self, status: str = "FINISHED") -> None:
-        """End the trackers' runs (FINISHED, FAILED or KILLED); metrics.jsonl needs no closing."""
-        if self.sink:
-            self.sink.close(status)
+# ----------------------------------------------------------------------------- the loop
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -284,9 +75,6 @@ def _progress(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5,
                 file=sys.stderr, desc="train")
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -373,7 +161,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
                                device=None if config.device_map or sharding else device,
                                device_map=config.device_map, quantization=config.quantize, empty=empty)
     sharded = None
-    if sharding:  # each process keeps 1/W of every decoder layer from here on (sharding.py, zero3.py)
+    if sharding:  # each process keeps 1/W of every decoder layer from here on (distributed/sharding/)
         sharded = shard_base(base.model, rt, sharding, device=device, compute_dtype=amp, restore=base_given)
         base_bytes = rt.gather(sharded.local_bytes())
         if empty:

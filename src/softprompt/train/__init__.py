@@ -1,0 +1,21 @@
+"""Training: one explicit loop that trains one prompt per task, on one process or many.
+
+- ``config.py``     TrainConfig / TaskConfig (validated up front) and ``prepare`` (data files -> tasks)
+- ``objective.py``  the loss of a mixed batch (one prompt per task, per row)
+- ``schedule.py``   data order and learning rate, pure functions of (seed, step)
+- ``checkpoint.py`` the checkpoint file (prompts, optimizer, RNG, loop state)
+- ``speed.py``      activation checkpointing, attention implementation, weights in the compute dtype
+- ``records.py``    metrics.jsonl and the TrainResult
+- ``tracking.py``   --report-to: TensorBoard / MLflow / W&B as sinks of the metrics records
+- ``loop.py``       ``train()``: load, build prompts, the loop, write prompt files
+"""
+
+from ..precision import PRECISIONS, cpu_has_fast_bf16, resolve_precision
+from .config import DEFAULT_MAX_STEPS, PreparedTask, TaskConfig, TrainConfig, load_task_file, prepare
+from .loop import train
+from .records import TrainResult
+from .speed import attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention
+
+__all__ = ["TrainConfig", "TaskConfig", "TrainResult", "train", "prepare", "load_task_file", "resolve_precision",
+           "cpu_has_fast_bf16", "DEFAULT_MAX_STEPS", "PRECISIONS", "PreparedTask", "attention_implementation",
+           "cast_linear_weights", "gradient_checkpointing", "resolve_attention"]
