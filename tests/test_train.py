@@ -206,7 +206,7 @@ def test_attention_switch_is_restored(tiny):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_family, family, monkeypatch):
-    import softprompt.train.speed as train_mod
+    import softprompt.hf_compat as train_mod
 
     base = tiny_family(family)
     pm = PromptedModel(base)

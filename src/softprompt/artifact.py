@@ -202,8 +202,10 @@ def _meta_from_header(header: dict[str, str], where: str) -> PromptMeta:
     return meta
 
 
-def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
-    """Parse prompt-file bytes (no base-model check); raises :class:`PromptFileError`."""
+def read_safetensors(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of safetensors bytes (data only: nothing executes); raises
+    :class:`PromptFileError` naming ``where`` when they are truncated or not safetensors.
+    The one reader of prompt files and PEFT adapters."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -218,6 +220,12 @@ def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
     except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PromptFileError(f"{where}: not a valid safetensors file ({msg})") from None
+    return tensors, header
+
+
+def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
+    """Parse prompt-file bytes (no base-model check); raises :class:`PromptFileError`."""
+    tensors, header = read_safetensors(data, where)
     meta = _meta_from_header(header, where)
     if set(tensors) != {"prompt"}:
         raise PromptFileError(f"{where}: expected one tensor named 'prompt', found {sorted(tensors) or 'none'}")

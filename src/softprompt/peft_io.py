@@ -39,11 +39,13 @@ from .artifact import (
     atomic_write_bytes,
     check_compatible,
     load_prompt,
+    read_safetensors,
     safetensors_bytes,
     save_prompt,
 )
 from .base import DEFAULT_MODEL, EMBEDDED_NAME, BaseModel
 from .errors import ConfigError, PromptFileError, SoftpromptError
+from .hf_compat import text_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -97,23 +99,13 @@ class PeftAdapter:
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file; :class:`PromptFileError` if unreadable."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     size = path.stat().st_size
     if size > MAX_PROMPT_FILE_BYTES:
         raise PromptFileError(f"{path}: {size} bytes is too large for a prompt adapter")
     data = path.read_bytes()
     if len(data) < 8 or int.from_bytes(data[:8], "little") > len(data) - 8:
         raise PromptFileError(f"{path}: truncated or corrupt safetensors file")
-    header_len = int.from_bytes(data[:8], "little")
-    try:
-        header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-        tensors = load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PromptFileError(f"{path}: not a valid safetensors file ({msg})") from None
-    return tensors, header
+    return read_safetensors(data, str(path))
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
@@ -413,7 +405,7 @@ def peft_config_dict(
     """
     num_layers = num_heads = None
     if model_config is not None:
-        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        text = text_config(model_config)
         num_layers = getattr(text, "num_hidden_layers", None)
         num_heads = getattr(text, "num_attention_heads", None)
     init = PEFT_INIT_NAMES.get(str((meta.training or {}).get("init", "")), "RANDOM")

@@ -12,7 +12,6 @@ Not here: the command line (commands/predict.py).
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, TextIO
 

@@ -9,7 +9,6 @@ Not here: the command line (commands/eval.py), the metrics (metrics.py).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from ..artifact import PromptMeta, check_compatible, load_prompt
 from .baselines import (PROMPT_ROW, BaselineConfig, BaselineContext, Comparison, format_table, method_title,
                          run_baselines)
 from ..data import Example, TaskSpec, load_examples
-from ..errors import ConfigError, DataError, check_at_least, check_choice
+from ..errors import DataError, check_at_least, check_choice
 from .metrics import evaluate_prompt
 from ..precision import PRECISIONS, autocast, precision_name, resolve_precision
 from ..sources import is_hub_ref
@@ -127,8 +126,6 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
     Args:
         base: an already loaded BaseModel; default: load ``config.model``.
     """
-    import torch
-
     from ..base import load_base_model
     from ..examples import subsample
     from ..model import PromptedModel

@@ -35,12 +35,14 @@ import torch
 from ..base import BaseModel
 from ..data import TaskSpec
 from ..errors import DataError, ModelLoadError
-from ..model import PromptedModel, cache_layers, make_cache, position_window, sliding_window
-from ..scoring import SourceState, find_stop, label_logprobs, left_pad, pad_id, sample_next
+from ..hf_compat import attn_implementation, layer_kinds, position_window, sliding_window
+from ..model import PromptedModel, cache_layers, make_cache
+from ..prefix import Prefix, PrefixKV, prefill, stack_prefixes
+from ..scoring import SourceState, find_stop, label_logprobs, pad_id, sample_next
 from .bank import PromptBank, PromptEntry
 from .batching import (
-    KV, PrefixKV, concat_rows, ensemble_probs, group_indices, label_chunks, select_jobs, select_rows,
-    source_positions, stack_prefixes, stream_safe_length, task_cost, trim_left,
+    KV, concat_rows, ensemble_probs, group_indices, label_chunks, select_jobs, select_rows,
+    stream_safe_length, task_cost, trim_left,
 )
 from .config import EngineConfig
 from .errors import (
@@ -115,7 +117,7 @@ def check_servable(config) -> None:
     Full attention and sliding-window attention (masked by position, see ``position_masks``) are
     served; linear-attention / state-space layers keep no per-token keys to share and are refused.
     """
-    kinds = set(getattr(config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"])
+    kinds = set(layer_kinds(config) or ["full_attention"])
     if kinds - {"full_attention", "sliding_attention"}:
         raise ModelLoadError(
             f"the serving engine supports full- and sliding-window-attention decoders only; this model has "
@@ -124,7 +126,7 @@ def check_servable(config) -> None:
     if sliding_window(config) is not None and position_window(config) is None:
         raise ModelLoadError(
             f"serving a sliding-window model needs eager or sdpa attention (the model was loaded with "
-            f"{getattr(config, '_attn_implementation', None)!r}): the window is applied by position in the mask"
+            f"{attn_implementation(config)!r}): the window is applied by position in the mask"
         )
 
 
@@ -513,11 +515,7 @@ class Engine:
     def _prefill(self, rows: Sequence[Row]) -> SourceState:
         """Read each row's source after its cached prefix: one forward pass over the sources only."""
         layers, pmask = stack_prefixes([r.prefix for r in rows])  # (B, H, Pmax, hd), (B, Pmax)
-        ids, smask = left_pad([r.source_ids for r in rows], self._pad, self.device)  # (B, T)
-        mask, pos = source_positions(pmask.to(self.device), smask)  # (B, Pmax + T), (B, T)
-        cache = make_cache(layers) if layers else None
-        hidden, cache = self.pm.decode(self.pm.embed(ids), mask, pos, past_key_values=cache, use_cache=True)
-        return SourceState(cache, mask, hidden[:, -1], mask.sum(1))  # last_hidden (B, d), next_pos (B,)
+        return prefill(self.pm, Prefix(layers, pmask), [r.source_ids for r in rows])  # the training pass's reader
 
     @torch.no_grad()
     def _classify(self, jobs: list[Job]) -> None:

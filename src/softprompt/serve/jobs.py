@@ -14,7 +14,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .batching import PrefixKV
+from ..prefix import PrefixKV
 from .errors import EngineStoppedError, RequestCancelledError, RequestTimeoutError
 
 log = logging.getLogger(__name__)

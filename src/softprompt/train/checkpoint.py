@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..artifact import atomic_write_bytes, safetensors_bytes
-from ..errors import ConfigError
+from ..artifact import atomic_write_bytes, read_safetensors, safetensors_bytes
+from ..errors import ConfigError, PromptFileError
 
 CHECKPOINT_FORMAT = "softprompt-checkpoint/1"
 
@@ -91,19 +91,15 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState) -> Path:
 
 def load_checkpoint(path: str | os.PathLike) -> TrainState:
     """Read a checkpoint; raises :class:`ConfigError` (``--resume``) naming the problem."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--resume: no checkpoint at {p}")
-    data = p.read_bytes()
     try:
-        tensors = load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        tensors, header = read_safetensors(p.read_bytes(), str(p))
         meta = json.loads(header["softprompt_checkpoint"])
-    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError) as e:
+    except PromptFileError as e:
+        raise ConfigError(f"--resume: {p} is not a readable softprompt checkpoint ({str(e).removeprefix(f'{p}: ')})") from None
+    except (ValueError, KeyError) as e:
         raise ConfigError(f"--resume: {p} is not a readable softprompt checkpoint ({type(e).__name__})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"--resume: {p} has checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")

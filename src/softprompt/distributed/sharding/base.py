@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ...hf_compat import decoder_layer_names
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def receive(module: nn.Module, comm: Collective, device: torch.device | None) ->
 def layer_modules(model: nn.Module, classes: Sequence[str], engine: str = "FSDP") -> list[nn.Module]:
     """The modules of ``model`` sharded one unit each: those of the named classes, or its decoder
     layers (``_no_split_modules``); never one inside another."""
-    names = set(classes) or set(getattr(model, "_no_split_modules", None) or ())
+    names = set(classes) or decoder_layer_names(model)
     if not names:
         raise ConfigError(f"{engine}: this model names no decoder layer class (_no_split_modules)"
                           + ("; set fsdp_transformer_layer_cls_to_wrap in the accelerate config" if engine == "FSDP" else ""))
