@@ -1,7 +1,7 @@
 """The prompt bank: the prompts a server holds, each checked against the base model and with its
 key/value prefix computed once, when it is loaded.
 
-Not here: batching (batching.py, engine.py) or HTTP (app.py). Thread-safe: loads and unloads may
+Not here: batching (batching.py, scheduler.py) or HTTP (http/). Thread-safe: loads and unloads may
 come from any thread while the engine reads entries; an entry is immutable, so a request keeps the
 prompt it was accepted with even if that prompt is unloaded or replaced meanwhile.
 """
