@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..artifact import atomic_write_bytes
-from .baselines import COLUMNS, PROMPT_ROW, Comparison, method_title
 from ..errors import ConfigError, DataError
+from ..tasks import TASKS
+from .baselines import COLUMNS, PROMPT_ROW, Comparison, method_title
 
 
 LOG_NAME = "metrics.jsonl"
@@ -28,10 +29,7 @@ NOT_PLOTTED = {"step", "epoch", "lr", "learning_rate", "seconds", "time", "elaps
                "tokens_per_s", "examples_per_s", "grad_norm", "best"}
 """Numeric log fields that are not loss or metric curves."""
 
-COMPARED: dict[str, list[tuple[str, str]]] = {
-    "classify": [("accuracy", "accuracy"), ("macro_f1", "macro-F1")],
-    "generate": [("exact_match", "exact match"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")],
-}
+COMPARED: dict[str, list[tuple[str, str]]] = {k: list(t.report_columns) for k, t in TASKS.items()}
 
 
 # ----------------------------------------------------------------------------- the training log

@@ -5,7 +5,7 @@ checkpoint intact): tensors for the prompts (float32), the best prompts so far, 
 and the RNG states; JSON metadata for the step, the early-stopping state, the optimizer's scalar
 settings and the settings of the run that wrote it. Data only: no pickle, nothing executes on load.
 
-Not here: what is saved when (loop.py), the final prompt file (artifact.py).
+Not here: what is saved when (loop.py), the final prompt file (artifact/).
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ from ..distributed import LocalRuntime, lockstep_micro_batches, runtime_from_env
 from ..evaluate import PRIMARY_METRIC, evaluate_prompt
 from ..precision import autocast, precision_name
 from .checkpoint import LoopState, save_checkpoint
-from .config import TrainConfig, data_fingerprint, prepare, total_steps
+from .config import TrainConfig
+from .prepare import data_fingerprint, prepare, total_steps
 from .objective import row_losses
 from .records import MetricsLog, TrainResult, peak_rss_mb
 from .schedule import batch_at, lr_at, warmup_steps

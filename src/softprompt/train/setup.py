@@ -20,7 +20,8 @@ from ..model import PromptedModel
 from ..precision import resolve_precision
 from ..prompt import SoftPrompt
 from .checkpoint import TrainState, load_checkpoint
-from .config import PreparedTask, TrainConfig, _flag
+from .config import TrainConfig, _flag
+from .prepare import PreparedTask
 from .objective import Row
 from .records import MetricsLog
 

@@ -17,19 +17,20 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from . import __version__
-from .base import BaseModel, sketch_similarity
-from .errors import PromptFileError
+from ..version import __version__
+from ..base import BaseModel, sketch_similarity
+from ..errors import PromptFileError
+from ..tasks import TASK_KINDS, TaskKind
 
 FORMAT_VERSION = 1
 MAX_PROMPT_FILE_BYTES = 256 * 1024 * 1024
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-TaskType = Literal["classify", "generate"]
-TASK_TYPES = ("classify", "generate")
+TaskType = TaskKind
+TASK_TYPES = TASK_KINDS
 
 
 @dataclass
