@@ -126,7 +126,7 @@ def run_peft(data: TaskData, args, seed: int, base, test, method: str) -> dict:
 
 
 def run_baselines(data: TaskData, args, base, test) -> dict[str, dict]:
-    from softprompt.baselines import BaselineContext, run_baselines as run_all  # noqa: PLC0415
+    from softprompt.evaluate.baselines import BaselineContext, run_baselines as run_all  # noqa: PLC0415
 
     ctx = BaselineContext(PromptedModel(base), data.spec, test, train=sample(data, "train", args.train_n, seed=0),
                           name=NAMES[data.name], batch_size=args.eval_batch, gen_kw=gen_kw(data, args.max_new_tokens))
@@ -234,7 +234,7 @@ def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extr
              f"sources cut to {config['max_length']} tokens. softprompt: its default recipe (`softprompt.train`, dev "
              f"set of {args.dev_n} for its evaluations / best prompt). PEFT prompt tuning: TEXT init from a task "
              "description, AdamW lr 3e-2, linear decay (PEFT's guide). LoRA: r=8, alpha 16, dropout 0.05 on "
-             "q_proj/v_proj, AdamW lr 1e-3. Baselines: `softprompt.baselines` (deterministic; seed 0). std = standard "
+             "q_proj/v_proj, AdamW lr 1e-3. Baselines: `softprompt.evaluate.baselines` (deterministic; seed 0). std = standard "
              "deviation over seeds; beyond seed spread = every softprompt seed above every PEFT seed and the mean gap "
              "above twice the summed stds.")
     write_results(name, rows, summary, notes=notes)

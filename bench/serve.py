@@ -29,7 +29,7 @@ from pathlib import Path
 from common import set_threads, write_results
 
 from softprompt import PromptMeta, SoftPrompt, load_base_model, save_prompt
-from softprompt.baselines import cut_tokens
+from softprompt.evaluate.baselines import cut_tokens
 from softprompt.data import TaskSpec
 from softprompt.examples import load_bbc_headlines, load_bbc_news, load_tweet_sentiment
 from softprompt.peft_io import export_peft

@@ -26,7 +26,7 @@ import peft_side
 from tasks import load_task, sample
 
 from softprompt import PromptedModel, SoftPrompt, load_base_model
-from softprompt.objective import Row, row_losses
+from softprompt.train.objective import Row, row_losses
 from softprompt.train import attention_implementation, cast_linear_weights
 
 RESULTS = Path(__file__).parent / "results"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt import PromptedModel
-from softprompt.baselines import (
+from softprompt.evaluate.baselines import (
     BASELINES, SHOT_SEPARATOR, BaselineConfig, BaselineContext, chat_spec, cut_tokens, default_instruction,
     few_shot_spec, instruction_spec, pick_shots, run_baselines, shots_that_fit, tfidf_lr,
 )

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from softprompt import load_prompt
-from softprompt.checkpoint import load_checkpoint
+from softprompt.train.checkpoint import load_checkpoint
 from softprompt.commands.train import strip_launcher_args
 from softprompt.distributed import (LocalRuntime, _free_port, accelerate_precision, default_config_sharding,
                                     launch_command, runtime_from_env, sharding_config)
 from softprompt.errors import ConfigError
-from softprompt.sharding import ShardingConfig
+from softprompt.distributed.sharding import ShardingConfig
 from softprompt.train import TrainConfig, train
 from trainkit import easy_classification, easy_generation, learnable_model_dir, write_jsonl
 

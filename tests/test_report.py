@@ -7,11 +7,11 @@ import re
 import pytest
 
 from softprompt.artifact import PromptMeta
-from softprompt.baselines import Comparison
+from softprompt.evaluate.baselines import Comparison
 from softprompt.data import TaskSpec
 from softprompt.errors import DataError
 from softprompt.evaluate import classification_metrics, generation_metrics
-from softprompt.report import curve_series, find_log, plot_confusion, plot_curves, read_log, write_report
+from softprompt.evaluate.report import curve_series, find_log, plot_confusion, plot_curves, read_log, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LABELS = ["business", "sport", "tech"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from softprompt.prefix import PrefixKV, source_positions, stack_prefixes
 from softprompt.serve.batching import (
-    PrefixKV, concat_rows, ensemble_probs, group_indices, label_chunks, select_jobs, select_rows, source_positions,
-    split_rows, stack_prefixes, stream_safe_length, task_cost, trim_left,
+    concat_rows, ensemble_probs, group_indices, label_chunks, select_jobs, select_rows, split_rows,
+    stream_safe_length, task_cost, trim_left,
 )
 
 

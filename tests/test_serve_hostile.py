@@ -124,7 +124,7 @@ def test_a_long_label_scoring_runs_in_steps_and_lets_light_requests_through(base
     with Engine(base, EngineConfig(max_wait_ms=0, max_step_label_tokens=10**6)) as eng:  # all at once
         at_once = eng.submit(heavy_req).result(timeout=60)
     order: list[str] = []
-    import softprompt.serve.engine as engine_module
+    import softprompt.serve.steps as engine_module
 
     calls: list[int] = []
     real = engine_module.label_logprobs

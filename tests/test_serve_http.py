@@ -21,7 +21,7 @@ import torch
 from softprompt import PromptMeta, SoftPrompt, save_prompt
 from softprompt.errors import ConfigError
 from softprompt.serve import ClassifyRequest, Engine, EngineConfig, GenerateRequest, ServeConfig
-from softprompt.serve.app import start_server
+from softprompt.serve.http import start_server
 from softprompt.cli import main
 
 from test_serve_engine import PROMPTS, TEXTS, soft_base

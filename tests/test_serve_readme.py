@@ -13,7 +13,7 @@ import pytest
 
 from softprompt import PromptMeta, SoftPrompt, save_prompt
 from softprompt.serve import Engine, EngineConfig, ServeConfig
-from softprompt.serve.app import start_server
+from softprompt.serve.http import start_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DEMO_LABELS = ["business", "entertainment", "politics", "sport", "tech"]

@@ -11,9 +11,9 @@ import torch
 from softprompt.distributed import LocalRuntime
 from softprompt.errors import ConfigError
 from softprompt.model import PromptedModel
-from softprompt.objective import Row, row_losses
-from softprompt.schedule import shard
-from softprompt.sharding import ShardedLayers, ShardingConfig, lockstep_micro_batches
+from softprompt.train.objective import Row, row_losses
+from softprompt.train.schedule import shard
+from softprompt.distributed.sharding import ShardedLayers, ShardingConfig, lockstep_micro_batches
 from softprompt.train import cast_linear_weights
 
 
@@ -94,7 +94,7 @@ def test_an_empty_weights_load_is_the_skeleton_process_0_fills(tiny_family, fami
     """FSDP cpu_ram_efficient_loading: the processes other than 0 build the model with meta
     parameters and real buffers; filled with process 0's weights it is the same model."""
     from softprompt import load_base_model
-    from softprompt.sharding import materialize
+    from softprompt.distributed.sharding import materialize
 
     real = tiny_family(family)
     empty = load_base_model(real.model.name_or_path, empty=True)

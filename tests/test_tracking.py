@@ -14,7 +14,7 @@ import torch
 from softprompt.cli import main
 from softprompt.errors import ConfigError
 from softprompt.distributed import LocalRuntime
-from softprompt.tracking import Trackers, flat_config, parse_report_to, scalars
+from softprompt.train.tracking import Trackers, flat_config, parse_report_to, scalars
 from softprompt.train import TrainConfig, train
 from trainkit import easy_classification, learnable_model_dir
 
@@ -120,7 +120,7 @@ def test_resume_continues_the_same_runs(tmp_path, learn, mlflow_store, monkeypat
     """Killed after step 4 (checkpoint at 4), resumed: one MLflow run, TensorBoard purged and continued."""
     from mlflow import MlflowClient
 
-    import softprompt.train as tr
+    import softprompt.train.loop as tr
 
     real, calls = tr.row_losses, [0]
 
@@ -182,7 +182,7 @@ def test_bad_tracker_settings_are_one_line_before_anything_runs(tmp_path, monkey
 
 
 def test_a_tracker_failing_mid_run_is_dropped_and_training_goes_on(tmp_path, learn, monkeypatch, capsys):
-    import softprompt.tracking as tracking
+    import softprompt.train.tracking as tracking
 
     class Flaky(tracking.Tracker):
         def __init__(self, info):

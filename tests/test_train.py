@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from softprompt import PromptedModel, SoftPrompt, load_base_model, load_prompt
-from softprompt.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from softprompt.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from softprompt.data import TaskSpec
 from softprompt.errors import ConfigError, DataError, SoftpromptError
 from softprompt.evaluate import evaluate_prompt
-from softprompt.objective import Row, row_losses
-from softprompt.schedule import epoch_batches, lr_at, shard
+from softprompt.train.objective import Row, row_losses
+from softprompt.train.schedule import epoch_batches, lr_at, shard
 from softprompt.train import TaskConfig, TrainConfig, train
 from softprompt.train import gradient_checkpointing
 from trainkit import easy_classification, easy_generation, learnable_model_dir, write_jsonl
@@ -206,7 +206,7 @@ def test_attention_switch_is_restored(tiny):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_family, family, monkeypatch):
-    import softprompt.train as train_mod
+    import softprompt.hf_compat as train_mod
 
     base = tiny_family(family)
     pm = PromptedModel(base)

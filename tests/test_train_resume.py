@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from softprompt import load_prompt
-from softprompt.checkpoint import load_checkpoint
+from softprompt.train.checkpoint import load_checkpoint
 from softprompt.errors import ConfigError
 from softprompt.train import TrainConfig, train
 from trainkit import easy_classification, learnable_model_dir

@@ -17,7 +17,7 @@ import torch
 
 from softprompt.distributed import accelerate_precision, deepspeed_config, deepspeed_note, sharding_config
 from softprompt.errors import ConfigError
-from softprompt.zero3 import zero_section
+from softprompt.distributed.sharding.zero3 import zero_section
 
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # partition even tiny weights
 
@@ -27,7 +27,7 @@ def _worker(model_dirs: list[str]) -> None:
     then (zero3_init_flag) process 0 loads it and process 1 builds it empty and receives its part."""
     from softprompt import load_base_model
     from softprompt.distributed import AccelerateRuntime, shutdown
-    from softprompt.sharding import ShardingConfig, shard_base
+    from softprompt.distributed.sharding import ShardingConfig, shard_base
     from test_sharding import _grads
 
     torch.set_num_threads(1)
@@ -74,7 +74,8 @@ def test_zero3_partitioned_layers_give_the_unpartitioned_gradients(tiny_family, 
     from softprompt.distributed import _free_port
 
     dirs = [str(tiny_family(f).model.name_or_path) for f in families]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src")])}  # this checkout's softprompt
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(_free_port()), __file__, *dirs], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count(" ok") == 2, (r.stdout + r.stderr)[-4000:]
@@ -141,7 +142,7 @@ def test_deepspeed_json_file(monkeypatch, tmp_path):
 def test_invalid_zero_settings_are_one_line_errors(tiny_family):
     pytest.importorskip("deepspeed")
     from softprompt.distributed import LocalRuntime
-    from softprompt.sharding import ShardingConfig, shard_base
+    from softprompt.distributed.sharding import ShardingConfig, shard_base
 
     bad = {"zero_optimization": {"stage": 3, "offload_param": {"device": "floppy"}}}
     with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 config: .*offload_param") as e:

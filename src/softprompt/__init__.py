@@ -3,7 +3,7 @@
 Train a few virtual tokens per task, save each as a small file, serve many on one base model.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from .errors import SoftpromptError, ConfigError, DataError, ModelLoadError, PromptFileError  # noqa: E402
 from .base import BaseModel, load_base_model, wrap_base_model, DEFAULT_MODEL  # noqa: E402

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import progress
 from .errors import ModelLoadError
+from .hf_compat import drop_gguf_quantization
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, out)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # Quirk: transformers marks GGUF-loaded models as quantized and refuses to save them, although
-    # the weights are already dequantized float32 tensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_quantization(model)  # transformers refuses to save a GGUF-loaded model (hf_compat.py)
     model.config.name_or_path = EMBEDDED_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
@@ -222,7 +219,7 @@ def load_base_model(
         attn_implementation: e.g. "sdpa" or "eager"; default: transformers' choice.
         empty: read only the config and tokenizer; the parameters stay on the meta device (no
             memory) and the buffers are computed as usual: a skeleton another process fills in
-            (FSDP ``cpu_ram_efficient_loading``, sharding.py). Its fingerprint is empty until
+            (FSDP ``cpu_ram_efficient_loading``, distributed/sharding/). Its fingerprint is empty until
             :meth:`BaseModel.refingerprint`.
     Returns:
         A :class:`BaseModel` with every parameter frozen.

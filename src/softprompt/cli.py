@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-from . import __version__, progress
+from . import progress
+from .version import __version__
 from .errors import SoftpromptError
 
 COMMANDS: list[str] = [

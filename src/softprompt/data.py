@@ -13,32 +13,21 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 from .errors import DataError
 from .sources import Table, open_table
+from .tasks import TASK_KINDS, TASKS, TaskKind  # noqa: F401  (TASK_KINDS, TaskKind re-exported)
 
-TaskKind = Literal["classify", "generate"]
-TASK_KINDS: tuple[str, ...] = ("classify", "generate")
-
-PLACEHOLDERS: dict[str, str] = {"classify": "text", "generate": "input"}
+PLACEHOLDERS: dict[str, str] = {k: t.placeholder for k, t in TASKS.items()}
 """The template placeholder of each task kind."""
 
-DEFAULT_TEMPLATES: dict[str, str] = {
-    "classify": "Text: {text}\nLabel:",
-    "generate": "Input: {input}\nOutput:",
-}
+DEFAULT_TEMPLATES: dict[str, str] = {k: t.template for k, t in TASKS.items()}
 
-DEFAULT_FIELDS: dict[str, tuple[str, str]] = {
-    "classify": ("text", "label"),
-    "generate": ("input", "output"),
-}
+DEFAULT_FIELDS: dict[str, tuple[str, str]] = {k: t.fields for k, t in TASKS.items()}
 """(source field, target field) of each task kind in data files."""
 
-FIELD_FLAGS: dict[str, tuple[str, str]] = {
-    "classify": ("--text-field", "--label-field"),
-    "generate": ("--input-field", "--output-field"),
-}
+FIELD_FLAGS: dict[str, tuple[str, str]] = {k: t.field_flags for k, t in TASKS.items()}
 """The flags that rename the source and target fields of each task kind."""
 
 

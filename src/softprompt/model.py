@@ -8,21 +8,20 @@ Masked positions may sit anywhere: position ids are ``cumsum(mask) - 1``, so eve
 prompt at positions 0..P_i-1 and its text right after, whatever its padding. This is what lets one
 batch mix prompts of different lengths (multi-task training, serving).
 
-Not here: KV-prefix batching for serving (serve/), the training loop (train.py).
+Not here: KV-prefix batching for serving (serve/), the training loop (train/loop.py).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import BaseModel, assert_frozen
+from .hf_compat import cache_argument, layer_kinds, output_cache, position_window, sliding_window  # noqa: F401
 
 IGNORE_INDEX = -100
 
@@ -99,25 +98,6 @@ def _apply_logit_quirks(config, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def sliding_window(config) -> int | None:
-    """The window of a model whose decoder has sliding-window attention layers; None for full
-    attention. Either ``layer_types`` lists ``sliding_attention`` (Gemma 2/3, Cohere 2, gpt-oss ...)
-    or, without ``layer_types``, a ``sliding_window`` applies to every layer (Mistral 7B v0.1)."""
-    text = config.get_text_config(decoder=True)
-    kinds = getattr(text, "layer_types", None)
-    if kinds is not None and "sliding_attention" not in kinds:
-        return None
-    return getattr(text, "sliding_window", None)
-
-
-def position_window(config) -> int | None:
-    """The window :meth:`PromptedModel.decode` applies by position through :func:`position_masks`:
-    a sliding-window model's under eager or sdpa attention (they take additive 4D masks); else None."""
-    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
-        return None
-    return sliding_window(config)
-
-
 def position_masks(attention_mask: torch.Tensor, position_ids: torch.Tensor, window: int,
                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Additive attention masks (B, 1, L, K) per layer type, by token position.
@@ -144,23 +124,6 @@ def position_masks(attention_mask: torch.Tensor, position_ids: torch.Tensor, win
     add = lambda allowed: torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(
         ~(allowed | own), lowest)[:, None]  # (B, 1, L, K)
     return {"full_attention": add(causal), "sliding_attention": add(causal & (dist < window))}
-
-
-def cache_argument(module: nn.Module) -> str:
-    """The name ``module.forward`` takes the KV cache under: ``cache`` from transformers 5.24,
-    ``past_key_values`` before (a quirk of the version, fenced here)."""
-    return _cache_argument(type(module))
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_argument(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def output_cache(out: Any):
-    """The KV cache of a model output (``out.cache`` from transformers 5.24, ``out.past_key_values`` before)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 class PromptedModel(nn.Module):
@@ -210,7 +173,7 @@ class PromptedModel(nn.Module):
         window = position_window(self.config)
         if window is not None:  # HF's sliding mask counts padding; ours counts positions
             masks = position_masks(attention_mask, position_ids, window, inputs_embeds.dtype)
-            per_layer = getattr(self.config.get_text_config(decoder=True), "layer_types", None) is not None
+            per_layer = layer_kinds(self.config) is not None
             attention_mask = masks if per_layer else masks["sliding_attention"]  # one window for all layers
             if use_cache and past_key_values is None:
                 past_key_values = make_cache([])  # full layers: the window is in the mask, not the cache
@@ -255,17 +218,21 @@ class PromptedModel(nn.Module):
             target tokens per row. ``-(row_sums.sum() / token_counts.sum())`` is the usual loss.
         """
         packed = self.pack(input_ids, attention_mask, prompts, labels)
-        hidden = self.hidden_states(packed)  # (B, L, d)
-        targets = packed.labels[:, 1:]  # (B, L-1)
+        return self.score_targets(self.hidden_states(packed), packed.labels)  # hidden (B, L, d)
+
+    def score_targets(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log p(target) per row and target counts, from hidden states (B, L, d) and labels
+        (B, L) aligned with them (IGNORE_INDEX elsewhere); the lm head runs only where a target is
+        predicted. The one masked cross-entropy of softprompt (packed path and training's prefix path).
+        """
+        targets = labels[:, 1:]  # (B, L-1): position j predicts token j+1
         sel = targets != IGNORE_INDEX  # (B, L-1)
         rows = sel.nonzero(as_tuple=True)[0]  # (N,)
         h = hidden[:, :-1][sel]  # (N, d): only positions that predict a target
         logits = self.project(h).float()  # (N, V)
         tok_lp = -F.cross_entropy(logits, targets[sel], reduction="none")  # (N,)
-        B = input_ids.shape[0]
-        sums = torch.zeros(B, dtype=tok_lp.dtype, device=tok_lp.device).index_add(0, rows, tok_lp)
-        counts = sel.sum(1)  # (B,)
-        return sums, counts
+        sums = torch.zeros(labels.shape[0], dtype=tok_lp.dtype, device=tok_lp.device).index_add(0, rows, tok_lp)
+        return sums, sel.sum(1)  # (B,), (B,)
 
     @torch.no_grad()
     def prefix_cache(self, prompt: torch.Tensor):

@@ -7,7 +7,7 @@ The library is silent by default; a command turns bars on for its duration with 
     with progress.shown(not quiet), progress.stage("baseline few-shot"):
         evaluate_prompt(...)      # draws "baseline few-shot:  40%|####  | 240/600 [01:10<01:45, 3.4ex/s]"
 
-Not here: the training loop's own step bar (train.py).
+Not here: the training loop's own step bar (train/loop.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The soft prompt: P trainable virtual-token embeddings, and the registry of ways to initialise them.
 
-Not here: how a prompt is injected into a model (model.py) or stored on disk (artifact.py).
+Not here: how a prompt is injected into a model (model.py) or stored on disk (artifact/).
 """
 
 from __future__ import annotations

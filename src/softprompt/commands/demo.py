@@ -109,13 +109,13 @@ def _run(config: DemoConfig) -> dict:
     import torch
 
     from ..base import load_base_model
-    from ..baselines import BaselineConfig
+    from ..evaluate.baselines import BaselineConfig
     from ..data import load_examples
     from ..examples import jsonl_bytes, subsample, write_example_data
     from ..precision import precision_name, resolve_precision
-    from ..report import write_report
+    from ..evaluate.report import write_report
     from ..train import TrainConfig, train
-    from .eval import EvalConfig, evaluate_file, print_result
+    from ..evaluate.run import EvalConfig, evaluate_file, print_result
     from .inspect import run as inspect_run
 
     t0 = time.perf_counter()

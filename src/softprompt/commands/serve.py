@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..serve.app import run_server
+    from ..serve.http import run_server
     from ..serve.engine import create_engine
 
     config = config_from_args(args)

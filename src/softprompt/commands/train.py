@@ -6,7 +6,14 @@ import argparse
 import os
 import sys
 
+from ..artifact import STORAGE_DTYPES
+from ..base import DTYPES
+from ..data import TASK_KINDS
 from ..errors import ConfigError
+from ..precision import PRECISIONS
+from ..train.config import INITS
+from ..train.objective import CLASSIFY_LOSSES
+from ..train.schedule import SCHEDULES
 
 
 def _float_or_none(v: str):
@@ -25,10 +32,17 @@ def register(sub) -> None:
                     "label's full token sequence. Writes the prompt file(s) plus metrics.jsonl and periodic "
                     "checkpoints in the run directory (default: <out>.run/ next to --out).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = p.add_argument_group("data and task")
+    _data_flags(p.add_argument_group("data and task"))
+    _model_flags(p.add_argument_group("model"))
+    _optimisation_flags(p.add_argument_group("prompt and optimisation"))
+    _run_flags(p.add_argument_group("evaluation and run"))
+    p.set_defaults(func=run)
+
+
+def _data_flags(d) -> None:
     d.add_argument("--data", help="training data: .jsonl, .csv, .parquet, a folder saved by datasets "
                                   "(FOLDER[:SPLIT]), or a Hugging Face dataset hf:NAME[/CONFIG][:SPLIT] (split default: train)")
-    d.add_argument("--task", default="classify", choices=["classify", "generate"], help="task type")
+    d.add_argument("--task", default="classify", choices=list(TASK_KINDS), help="task type")
     d.add_argument("--out", default=None, help="prompt file to write (a directory with --task-file)")
     d.add_argument("--name", default=None, help="task name recorded in the prompt file (default: --out's name)")
     d.add_argument("--eval", default=None, help="dev data, in any form --data takes (a dataset with several splits "
@@ -46,11 +60,13 @@ def register(sub) -> None:
     d.add_argument("--output-field", default=None, help="field holding the output (generate; default: output)")
     d.add_argument("--task-file", default=None,
                    help="JSON listing several tasks, trained together in mixed batches, one prompt each")
-    m = p.add_argument_group("model")
+
+
+def _model_flags(m) -> None:
     m.add_argument("--model", default=None, help="base model: hub id or local folder (default: SmolLM2-135M-Instruct)")
-    m.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+    m.add_argument("--dtype", default="float32", choices=["auto", *DTYPES],
                    help="weight dtype of the base (the prompt stays float32)")
-    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    m.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="compute precision: auto = bf16 autocast where the CPU/GPU has fast bf16, else fp32")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     m.add_argument("--device-map", default=None, help='spread a large base over devices ("auto"; one process)')
@@ -58,9 +74,11 @@ def register(sub) -> None:
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     m.add_argument("--attention", default="auto", choices=["auto", "eager", "sdpa", "model"],
                    help="attention implementation while training (auto: eager on CPU under bf16, measured faster; else the model's)")
-    o = p.add_argument_group("prompt and optimisation")
+
+
+def _optimisation_flags(o) -> None:
     o.add_argument("--prompt-length", type=int, default=20, help="virtual tokens")
-    o.add_argument("--init", default="auto", choices=["auto", "random", "vocab", "text", "labels"],
+    o.add_argument("--init", default="auto", choices=list(INITS),
                    help="prompt init (auto: labels for classification, text with --init-text, else vocab)")
     o.add_argument("--init-text", default=None, help="text for --init text")
     o.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 100)")
@@ -69,22 +87,24 @@ def register(sub) -> None:
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same result, less memory)")
     o.add_argument("--lr", type=float, default=0.1, help="peak learning rate (AdamW)")
     o.add_argument("--warmup", type=float, default=0.1, help="warmup: fraction of steps (<1) or steps")
-    o.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="lr decay")
+    o.add_argument("--schedule", default="cosine", choices=list(SCHEDULES), help="lr decay")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     o.add_argument("--max-grad-norm", type=_float_or_none, default=1.0, help="clip each prompt's grad norm (none: off)")
-    o.add_argument("--classify-loss", default="ce", choices=["ce", "ce+lm"],
+    o.add_argument("--classify-loss", default="ce", choices=list(CLASSIFY_LOSSES),
                    help="ce: cross-entropy over the labels' summed log-probs; ce+lm: plus the gold label's LM loss")
     o.add_argument("--seed", type=int, default=0, help="seeds init and data order")
     o.add_argument("--max-length", type=int, default=256, help="most source tokens (longer texts are cut)")
     o.add_argument("--max-target-length", type=int, default=64, help="most target tokens (generate)")
-    e = p.add_argument_group("evaluation and run")
+
+
+def _run_flags(e) -> None:
     e.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 5 times a run)")
     e.add_argument("--eval-batch-size", type=int, default=16, help="batch size of dev evaluation")
     e.add_argument("--patience", type=_int_or_none, default=3, help="evaluations without improvement before stopping (none: off)")
     e.add_argument("--run-dir", default=None, help="metrics.jsonl + checkpoint.safetensors (default: <out>.run/)")
     e.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: 10 a run; 0: off)")
     e.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    e.add_argument("--prompt-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+    e.add_argument("--prompt-dtype", default="float16", choices=list(STORAGE_DTYPES),
                    help="storage dtype of the prompt file")
     e.add_argument("--report-to", default="none",
                    help="experiment trackers that also get the config and every metric, comma-separated: "
@@ -97,7 +117,6 @@ def register(sub) -> None:
     e.add_argument("--num-processes", type=int, default=None,
                    help="processes for --launcher accelerate (default: your accelerate config)")
     e.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace):

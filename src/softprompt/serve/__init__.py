@@ -5,9 +5,12 @@
 - ``batching.py`` pure functions: choosing jobs, laying out cached prefixes, splitting outputs
 - ``limits.py``   what one request may cost, checked before it is queued (pure)
 - ``jobs.py``     requests, results, and the job that carries a request to exactly one outcome
-- ``engine.py``   the in-process engine: queue, deadlines, mixed-task dynamic batching, generation
+- ``admission.py`` a request validated, bounded and tokenized into a job (caller's thread)
+- ``scheduler.py`` the queue, deadlines and the worker loop that batches jobs
+- ``steps.py``    the model steps behind a ``ModelSteps`` interface (in-process transformers)
+- ``engine.py``   the engine: composes admission, scheduler and steps
 - ``schemas.py``  the HTTP request/response schemas, built from the limits (the OpenAPI contract)
-- ``app.py``      the HTTP shell (FastAPI), ``start_server`` / ``run_server``
+- ``http/``       the HTTP shell (FastAPI): routes, errors, guard, SSE, ``start_server`` / ``run_server``
 """
 
 from .config import EngineConfig, ServeConfig

@@ -1,7 +1,7 @@
 """The prompt bank: the prompts a server holds, each checked against the base model and with its
 key/value prefix computed once, when it is loaded.
 
-Not here: batching (batching.py, engine.py) or HTTP (app.py). Thread-safe: loads and unloads may
+Not here: batching (batching.py, scheduler.py) or HTTP (http/). Thread-safe: loads and unloads may
 come from any thread while the engine reads entries; an entry is immutable, so a request keeps the
 prompt it was accepted with even if that prompt is unloaded or replaced meanwhile.
 """
@@ -19,8 +19,8 @@ import torch
 from ..artifact import MAX_PROMPT_FILE_BYTES, LoadedPrompt, PromptMeta, check_compatible, load_prompt, prompt_from_bytes
 from ..data import TaskSpec
 from ..errors import DataError, PromptFileError
-from ..model import PromptedModel, cache_layers
-from .batching import PrefixKV
+from ..model import PromptedModel
+from ..prefix import PrefixKV
 from .config import EngineConfig
 from .errors import BadPromptNameError, InvalidRequestError, UnknownPromptError, UploadTooLargeError
 from .limits import check_label_ids, check_label_names, check_unicode
@@ -67,13 +67,6 @@ class PromptEntry:
             "template": self.spec.template, "base_model": self.meta.base_model, "source": self.source,
             "training": self.meta.training,
         }
-
-
-def compute_prefix(pm: PromptedModel, prompt: torch.Tensor) -> PrefixKV:
-    """Run a prompt (P, d) through the model once; keep its per-layer keys/values (H, P, hd)."""
-    cache = pm.prefix_cache(prompt)
-    layers = tuple((k[0].contiguous(), v[0].contiguous()) for k, v in cache_layers(cache))  # (H, P, hd) each
-    return PrefixKV(layers, int(prompt.shape[0]))
 
 
 class PromptBank:
@@ -201,7 +194,7 @@ class PromptBank:
             raise PromptFileError(f"prompt {name!r}: {e}") from None
         tensor = loaded.tensor.to(self.pm.base.device)  # (P, d)
         with self._model_lock:
-            prefix = compute_prefix(self.pm, tensor)
+            prefix = PrefixKV.compute(self.pm, tensor)
         entry = PromptEntry(name, tensor, meta, spec, prefix, label_ids, source)
         with self._lock:
             self._entries[name] = entry

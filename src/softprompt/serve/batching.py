@@ -1,8 +1,8 @@
 """Pure batching functions of the serving engine: which jobs run together, how each row's cached
 prompt prefix and source are laid out, and how outputs are split back. No model, no threads.
 
-Layout of a batched row, mirroring model.py (where the prompt is embeddings, here it is its cached
-keys/values; Pmax = longest prefix in the batch):
+Layout of a batched row (the prefixes are stacked by prefix.py), mirroring model.py (where the
+prompt is embeddings, here it is its cached keys/values; Pmax = longest prefix in the batch):
 
     [ gap (Pmax - P_i, masked) | prefix_i KV (P_i) | pad (masked) | source_i | generated ... ]
 
@@ -13,31 +13,14 @@ left-padded to the batch's length), which is correct for the same reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Hashable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-KV = tuple[torch.Tensor, torch.Tensor]
-"""One layer's (keys, values)."""
+from ..prefix import KV
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class PrefixKV:
-    """A prompt's precomputed key/value prefix: per layer (keys, values), each (H, P, hd).
-
-    ``layers`` is empty for the bare model (no prompt, P = 0).
-    """
-
-    layers: tuple[KV, ...]
-    length: int
-
-    @classmethod
-    def empty(cls) -> "PrefixKV":
-        return cls((), 0)
 
 
 def select_jobs(
@@ -72,54 +55,6 @@ def select_jobs(
             used_tokens += t
             taken.append(i)
     return taken
-
-
-def stack_prefixes(prefixes: Sequence[PrefixKV]) -> tuple[list[KV], torch.Tensor]:
-    """Batch per-prompt prefixes, right-aligned behind a masked gap (pure).
-
-    Args:
-        prefixes: one per row; lengths may differ, zero-length (bare model) allowed.
-    Returns:
-        ``(layers, mask)``: per layer (keys (B, H, Pmax, hd), values (B, H, Pmax, hd)) and the
-        prefix attention mask (B, Pmax), 0 on the gap. ``layers`` is empty when Pmax == 0.
-    """
-    B = len(prefixes)
-    Pmax = max((p.length for p in prefixes), default=0)
-    lengths = torch.tensor([p.length for p in prefixes])
-    mask = (torch.arange(Pmax)[None, :] >= (Pmax - lengths)[:, None]).long()  # (B, Pmax)
-    if Pmax == 0:
-        return [], mask
-    like = next(p for p in prefixes if p.length > 0)
-    layers = []
-    for li, (k0, v0) in enumerate(like.layers):
-        H, _, hd = k0.shape
-        keys, values = [], []
-        for p in prefixes:
-            if p.length == 0:
-                keys.append(k0.new_zeros(H, Pmax, hd))
-                values.append(v0.new_zeros(H, Pmax, v0.shape[-1]))
-            else:
-                k, v = p.layers[li]  # (H, P_i, hd)
-                keys.append(F.pad(k, (0, 0, Pmax - p.length, 0)))  # (H, Pmax, hd), zeros in the gap
-                values.append(F.pad(v, (0, 0, Pmax - p.length, 0)))
-        layers.append((torch.stack(keys), torch.stack(values)))  # (B, H, Pmax, hd) each
-    if mask.device != like.layers[0][0].device:
-        mask = mask.to(like.layers[0][0].device)
-    return layers, mask
-
-
-def source_positions(prefix_mask: torch.Tensor, source_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention mask and position ids for sources read after cached prefixes (pure).
-
-    Args:
-        prefix_mask: (B, Pmax), from :func:`stack_prefixes`.
-        source_mask: (B, T), left-padded sources.
-    Returns:
-        ``(mask (B, Pmax + T), position_ids (B, T))``; row i's first source token sits at P_i.
-    """
-    mask = torch.cat([prefix_mask.to(source_mask), source_mask], 1)  # (B, Pmax + T)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_mask.shape[1]:]  # (B, T)
-    return mask, pos
 
 
 def select_rows(layers: Sequence[KV], mask: torch.Tensor, idx: torch.Tensor | Sequence[int]) -> tuple[list[KV], torch.Tensor]:

@@ -1,7 +1,7 @@
 """Serving configuration: every ``softprompt serve`` flag, validated up front.
 
 Errors name the flag (``--max-batch must be at least 1, got 0``). Not here: loading the model or
-the prompts (bank.py), the batching loop (engine.py), HTTP (app.py).
+the prompts (bank.py), the batching loop (scheduler.py), HTTP (http/).
 """
 
 from __future__ import annotations

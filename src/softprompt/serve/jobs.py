@@ -1,7 +1,7 @@
 """A request's life in the engine: the requests and results of the public API, and the
 :class:`Job` that carries one request through the queue to exactly one outcome.
 
-Not here: validation and tokenizing (engine.py, limits.py), scheduling (engine.py, batching.py).
+Not here: validation and tokenizing (admission.py, limits.py), scheduling (scheduler.py, batching.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .batching import PrefixKV
+from ..prefix import PrefixKV
 from .errors import EngineStoppedError, RequestCancelledError, RequestTimeoutError
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ for long: its input (``--max-input-tokens``, template included), a classificatio
 scoring), a generation's length and stop strings, a batch call's size. The same label checks run
 when a prompt file is loaded (its own labels). Errors name the limit and the flag.
 
-Not here: tokenizing (engine.py), the batching loop (engine.py), HTTP schemas (app.py).
+Not here: tokenizing (admission.py), the batching loop (scheduler.py), HTTP schemas (schemas.py).
 """
 
 from __future__ import annotations

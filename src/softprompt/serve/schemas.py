@@ -3,7 +3,7 @@ document states them (ranges, lengths, the prompt-name pattern) and FastAPI enfo
 
 The engine checks the same limits again (in-process callers, and what a schema cannot say: tokens).
 ``validation_error`` turns a schema violation into the server's one-line error, naming the flag.
-Not here: routes (app.py), the limits themselves (config.py, limits.py).
+Not here: routes (http/routes.py), the limits themselves (config.py, limits.py).
 """
 
 from __future__ import annotations

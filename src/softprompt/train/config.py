@@ -1,27 +1,24 @@
-"""Training settings: typed, validated up front (errors name the CLI flag), and the data they
-point at, read and checked before any model loads (so bad input fails at once).
+"""Training settings: typed, validated up front (errors name the CLI flag).
 
-Not here: the loop (train.py).
+Not here: reading the data they point at (prepare.py), the loop (loop.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
-from .base import DTYPES
-from .data import TASK_KINDS, Example, TaskKind, TaskSpec, check_classification, labels_of, load_examples, \
-    parse_verbalizer, split_examples
-from .errors import ConfigError, DataError
+from ..base import DTYPES
+from ..data import TASK_KINDS, TaskKind, parse_verbalizer
+from ..errors import ConfigError
 from .objective import CLASSIFY_LOSSES
-from .precision import PRECISIONS
-from .prompt import INIT_STRATEGIES
-from .schedule import SCHEDULES, steps_per_epoch
-from .sources import is_hub_ref
+from ..precision import PRECISIONS
+from ..prompt import INIT_STRATEGIES
+from .schedule import SCHEDULES
+from ..sources import is_hub_ref
 from .tracking import parse_report_to
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -339,68 +336,3 @@ class TrainConfig:
         d["tasks"] = [{k: v for k, v in asdict(t).items() if k not in ("out", "data", "eval")}
                       for t in self.tasks_resolved]
         return json.loads(json.dumps(d, sort_keys=True, default=str))
-
-
-# ----------------------------------------------------------------------------- data (no model)
-
-
-@dataclass
-class PreparedTask:
-    """A task's checked data and spec; built before the model loads."""
-
-    config: TaskConfig
-    spec: TaskSpec
-    train: list[Example]
-    dev: list[Example] | None
-    out: Path
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-
-def prepare(config: TrainConfig) -> list[PreparedTask]:
-    """Read and check every task's data (files, labels, splits, templates). Raises DataError or
-    ConfigError naming file, line and problem; loads no model."""
-    out = []
-    for tc in config.tasks_resolved:
-        train_ex = load_examples(tc.data, tc.task, tc.source_field, tc.target_field)
-        dev = None
-        if tc.eval:
-            dev = load_examples(tc.eval, tc.task, tc.source_field, tc.target_field, default_split=None)
-        elif tc.eval_split is not None:
-            train_ex, dev = split_examples(train_ex, tc.eval_split, config.seed)
-        labels = None
-        if tc.task == "classify":
-            labels = tc.labels or labels_of(train_ex)
-            check_classification(train_ex, dev, labels, eval_name=str(tc.eval or tc.data))
-        spec = TaskSpec(kind=tc.task, template=tc.template, labels=labels, verbalizer=tc.verbalizer or None,
-                        max_length=config.max_length, max_target_length=config.max_target_length)
-        path = Path(tc.out) if tc.out else Path(config.out) / f"{tc.name}.safetensors"
-        out.append(PreparedTask(tc, spec, train_ex, dev, path))
-    n = sum(len(t.train) for t in out)
-    if n < config.batch_size:
-        files = ", ".join(str(t.config.data) for t in out)
-        raise DataError(f"--batch-size {config.batch_size} is larger than the training set ({n} examples in {files})")
-    paths = [t.out.resolve() for t in out]
-    if len(set(paths)) != len(paths):
-        raise ConfigError("two tasks would write the same prompt file; give each an own name or out")
-    return out
-
-
-def data_fingerprint(tasks: Sequence[PreparedTask]) -> str:
-    """Hash of every task's training examples, labels and template (resume refuses other data)."""
-    h = hashlib.sha256()
-    for t in tasks:
-        h.update(json.dumps([t.name, t.spec.kind, t.spec.template, t.spec.labels, t.spec.words]).encode())
-        for ex in t.train:
-            h.update(ex.source.encode() + b"\0" + ex.target.encode() + b"\1")
-    return h.hexdigest()[:16]
-
-
-def total_steps(config: TrainConfig, n_examples: int) -> int:
-    if config.max_steps is not None:
-        return config.max_steps
-    if config.epochs is not None:
-        return max(1, math.ceil(config.epochs * steps_per_epoch(n_examples, config.batch_size)))
-    return DEFAULT_MAX_STEPS

@@ -5,7 +5,7 @@ Plots: training curves (from the run's ``metrics.jsonl``, when there is one), th
 side, and the soft prompt's confusion matrix (classification). matplotlib is used through its
 object API with the Agg canvas, never pyplot, so no global backend state is touched.
 
-Not here: computing metrics (evaluate.py, baselines.py).
+Not here: computing metrics (metrics.py, baselines.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .artifact import atomic_write_bytes
+from ..artifact import atomic_write_bytes
+from ..errors import ConfigError, DataError
+from ..tasks import TASKS
 from .baselines import COLUMNS, PROMPT_ROW, Comparison, method_title
-from .errors import ConfigError, DataError
 
 
 LOG_NAME = "metrics.jsonl"
@@ -28,10 +29,7 @@ NOT_PLOTTED = {"step", "epoch", "lr", "learning_rate", "seconds", "time", "elaps
                "tokens_per_s", "examples_per_s", "grad_norm", "best"}
 """Numeric log fields that are not loss or metric curves."""
 
-COMPARED: dict[str, list[tuple[str, str]]] = {
-    "classify": [("accuracy", "accuracy"), ("macro_f1", "macro-F1")],
-    "generate": [("exact_match", "exact match"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")],
-}
+COMPARED: dict[str, list[tuple[str, str]]] = {k: list(t.report_columns) for k, t in TASKS.items()}
 
 
 # ----------------------------------------------------------------------------- the training log
@@ -66,7 +64,7 @@ def find_log(prompt_path: str | Path, training: dict | None = None) -> Path | No
     for v in named:
         if isinstance(v, str) and v:
             cands += [Path(v), Path(v) / LOG_NAME, p.parent / v, p.parent / v / LOG_NAME]
-    # train.py writes <out>.run/metrics.jsonl (the name up to its first dot), or run/ for several tasks
+    # train/loop.py writes <out>.run/metrics.jsonl (the name up to its first dot), or run/ for several tasks
     cands += [p.parent / f"{p.name.split('.')[0]}.run" / LOG_NAME, p.parent / f"{p.stem}.run" / LOG_NAME,
               p.parent / "run" / LOG_NAME, p.parent / LOG_NAME]
     return next((c for c in cands if c.is_file()), None)

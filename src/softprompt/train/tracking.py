@@ -11,7 +11,7 @@ missing one is refused when the settings are validated, before anything loads or
 A resumed run continues the same tracker run where the backend can (``trackers.json`` in the run
 directory keeps the ids).
 
-Not here: the records themselves and metrics.jsonl (train.py), the HTML report (report.py).
+Not here: the records themselves and metrics.jsonl (records.py), the HTML report (evaluate/report.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 """How a run ended (MLflow's run statuses)."""
@@ -280,7 +280,7 @@ class Trackers:
                 raise ConfigError(f"--report-to {n}: cannot start the tracker ({first[:300]})") from None
         sink = cls(opened, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        from .artifact import atomic_write_bytes
+        from ..artifact import atomic_write_bytes
 
         atomic_write_bytes(state_path, json.dumps({n: t.id for n, t in opened.items() if t.id}, indent=2).encode())
         return sink

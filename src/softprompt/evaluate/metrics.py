@@ -11,10 +11,11 @@ from typing import Sequence
 
 import torch
 
-from .data import Example, TaskSpec
-from . import progress
-from .model import PromptedModel
-from .scoring import classify_scores, generate
+from ..data import Example, TaskSpec
+from .. import progress
+from ..model import PromptedModel
+from ..scoring import classify_scores, generate
+from ..tasks import TASKS
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -109,7 +110,7 @@ def generation_metrics(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     return {"exact_match": sum(em) / n, "rouge_l": sum(rouge) / n, "chrf": float(chrf), "n": len(refs)}
 
 
-PRIMARY_METRIC = {"classify": "accuracy", "generate": "rouge_l"}
+PRIMARY_METRIC = {k: t.primary_metric for k, t in TASKS.items()}
 """The metric early stopping and summaries use for each task kind."""
 
 

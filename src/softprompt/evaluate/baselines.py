@@ -13,7 +13,7 @@ The language-model baselines are :class:`~softprompt.data.TaskSpec` s with a lon
 scored by :func:`softprompt.evaluate.evaluate_prompt` with ``prompt=None``: exactly the path the
 tuned prompt takes, minus the prompt.
 
-Not here: loading files (commands/eval.py), plots (report.py).
+Not here: loading files (run.py), plots (report.py).
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from . import progress
-from .artifact import PromptMeta
-from .data import Example, TaskSpec
-from .errors import ConfigError
-from .evaluate import classification_metrics, evaluate_prompt
-from .model import PromptedModel
+from .. import progress
+from ..artifact import PromptMeta
+from ..data import Example, TaskSpec
+from ..errors import ConfigError
+from ..model import PromptedModel
+from ..tasks import TASKS
+from .metrics import classification_metrics, evaluate_prompt
 
 SHOT_SEPARATOR = "\n\n"
 """Between in-context examples (and the stop string of few-shot generation)."""
@@ -344,10 +345,7 @@ class Comparison:
         }
 
 
-COLUMNS: dict[str, list[tuple[str, str]]] = {
-    "classify": [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("log_loss", "log-loss")],
-    "generate": [("exact_match", "exact"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")],
-}
+COLUMNS: dict[str, list[tuple[str, str]]] = {k: list(t.columns) for k, t in TASKS.items()}
 """Table columns of each task kind: (metric key, header)."""
 
 

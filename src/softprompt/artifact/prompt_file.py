@@ -17,19 +17,20 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from . import __version__
-from .base import BaseModel, sketch_similarity
-from .errors import PromptFileError
+from ..version import __version__
+from ..base import BaseModel, sketch_similarity
+from ..errors import PromptFileError
+from ..tasks import TASK_KINDS, TaskKind
 
 FORMAT_VERSION = 1
 MAX_PROMPT_FILE_BYTES = 256 * 1024 * 1024
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-TaskType = Literal["classify", "generate"]
-TASK_TYPES = ("classify", "generate")
+TaskType = TaskKind
+TASK_TYPES = TASK_KINDS
 
 
 @dataclass
@@ -202,8 +203,10 @@ def _meta_from_header(header: dict[str, str], where: str) -> PromptMeta:
     return meta
 
 
-def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
-    """Parse prompt-file bytes (no base-model check); raises :class:`PromptFileError`."""
+def read_safetensors(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of safetensors bytes (data only: nothing executes); raises
+    :class:`PromptFileError` naming ``where`` when they are truncated or not safetensors.
+    The one reader of prompt files and PEFT adapters."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -218,6 +221,12 @@ def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
     except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PromptFileError(f"{where}: not a valid safetensors file ({msg})") from None
+    return tensors, header
+
+
+def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
+    """Parse prompt-file bytes (no base-model check); raises :class:`PromptFileError`."""
+    tensors, header = read_safetensors(data, where)
     meta = _meta_from_header(header, where)
     if set(tensors) != {"prompt"}:
         raise PromptFileError(f"{where}: expected one tensor named 'prompt', found {sorted(tensors) or 'none'}")

@@ -8,12 +8,12 @@ path in ``scoring.py`` and ``PromptedModel.target_logprobs``.
   positions only).
 
 In a mixed batch every row carries its own task's prompt. Each distinct prompt runs through the
-model once per batch and its keys/values serve all of its rows (``prefix_forward``). All
+model once per batch and its keys/values serve all of its rows (``prefix.prefix_forward``). All
 classification rows then share one source pass; the label continuation runs per task on that
 task's rows (label sets differ). All generation rows share one teacher-forced pass. Each row's loss
 is its own mean, so a row's loss (and its gradient) does not depend on which rows share the batch.
 
-Not here: batching and order (schedule.py), the loop (train.py).
+Not here: batching and order (schedule.py), the loop (loop.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import IGNORE_INDEX, PromptedModel, cache_layers, make_cache, pack
-from .scoring import SourceState, label_logprobs, left_pad, pad_id, right_pad, source_forward
+from ..model import IGNORE_INDEX, PromptedModel
+from ..prefix import prefill, prefix_forward, read_after
+from ..scoring import label_logprobs, pad_id, right_pad, source_forward
 
 
 @dataclass
@@ -64,43 +65,6 @@ def _prompts_for(prompts: Sequence[torch.Tensor], tasks: Sequence[int]):
     return [prompts[t] for t in tasks]
 
 
-@dataclass
-class Prefix:
-    """Each row's prompt keys/values: every distinct prompt runs through the model once per batch
-    (not once per row) and rows gather their task's copy; gradients flow back through it."""
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, H, Pmax, hd) keys, values
-    mask: torch.Tensor  # (B, Pmax): right-aligned prompt, gap masked
-
-    @property
-    def width(self) -> int:
-        return self.mask.shape[1]
-
-
-def prefix_forward(pm: PromptedModel, prompts: Sequence[torch.Tensor], tasks: Sequence[int]) -> Prefix:
-    """Run each distinct prompt of ``tasks`` once and give every row its task's prompt keys/values.
-
-    A causal decoder's keys/values at prompt positions do not depend on what follows, so this
-    equals the packed [prompt | text] forward, with B/U times less work on prompt positions.
-    """
-    uniq = sorted(set(tasks))
-    dev, d = pm.base.device, pm.base.dim
-    empty = torch.zeros(len(uniq), 0, d, device=dev, dtype=pm.embed(torch.zeros(1, 1, dtype=torch.long, device=dev)).dtype)
-    packed = pack(empty, torch.zeros(len(uniq), 0, dtype=torch.long, device=dev), [prompts[t] for t in uniq])
-    _, cache = pm.decode(packed.inputs_embeds, packed.attention_mask, packed.position_ids, use_cache=True)  # (U, Pmax, d)
-    idx = torch.tensor([uniq.index(t) for t in tasks], dtype=torch.long, device=dev)  # (B,)
-    layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache_layers(cache)]
-    return Prefix(layers, packed.attention_mask.index_select(0, idx))
-
-
-def _after_prefix(pm: PromptedModel, prefix: Prefix, ids: torch.Tensor, mask: torch.Tensor):
-    """Decode tokens ``ids`` (B, T) after the rows' prompt prefix; returns (hidden (B, T, d), cache, full mask)."""
-    full = torch.cat([prefix.mask, mask], 1)  # (B, Pmax + T)
-    pos = (full.cumsum(-1) - 1).clamp(min=0)[:, prefix.width :]  # (B, T): positions continue after each prompt
-    hidden, cache = pm.decode(pm.embed(ids), full, pos, past_key_values=make_cache(prefix.layers), use_cache=True)
-    return hidden, cache, full
-
-
 def row_losses(
     pm: PromptedModel,
     prompts: Sequence[torch.Tensor],
@@ -128,9 +92,7 @@ def row_losses(
         tasks = [rows[i].task for i in cls]
         sources = [rows[i].source for i in cls]
         if share_prefix:
-            ids, smask = left_pad(sources, pad_id(pm), dev)  # (b, T)
-            hidden, cache, full = _after_prefix(pm, prefix_forward(pm, prompts, tasks), ids, smask)
-            state = SourceState(cache, full, hidden[:, -1], full.sum(1))
+            state = prefill(pm, prefix_forward(pm, prompts, tasks), sources)  # as the serving engine reads
         else:
             state = source_forward(pm, _prompts_for(prompts, tasks), sources)
         for t in sorted(set(tasks)):
@@ -150,14 +112,8 @@ def row_losses(
             s, t = len(rows[i].source), len(rows[i].target)
             labels[k, s : s + t] = ids[k, s : s + t]
         if share_prefix:
-            hidden, _, _ = _after_prefix(pm, prefix_forward(pm, prompts, tasks), ids, mask)  # (b, T, d)
-            targets = labels[:, 1:]  # (b, T-1): position j predicts token j+1 (sources are never empty)
-            sel = targets != IGNORE_INDEX
-            logits = pm.project(hidden[:, :-1][sel]).float()  # (N, V): lm head at target positions only
-            tok_lp = -F.cross_entropy(logits, targets[sel], reduction="none")  # (N,)
-            rows_of = sel.nonzero(as_tuple=True)[0]
-            sums = torch.zeros(len(gen), device=dev, dtype=tok_lp.dtype).index_add(0, rows_of, tok_lp)
-            counts = sel.sum(1)
+            hidden, _, _ = read_after(pm, prefix_forward(pm, prompts, tasks), ids, mask)  # (b, T, d)
+            sums, counts = pm.score_targets(hidden, labels)  # (b,), (b,)
         else:
             sums, counts = pm.target_logprobs(ids, mask, _prompts_for(prompts, tasks), labels)
         pieces.append(-(sums.float() / counts.clamp(min=1)))  # (b,) mean NLL per row

@@ -6,7 +6,7 @@ one layer.
 
 Only the base is sharded, and it is frozen: there are no base gradients to reduce-scatter and no
 optimizer state to shard. The prompts stay replicated and their gradients are all-reduced by the
-runtime (distributed.py), exactly as in data-parallel training. Embeddings, lm head, final norm and
+runtime (distributed/runtime.py), exactly as in data-parallel training. Embeddings, lm head, final norm and
 buffers stay replicated: the prompt is initialised from the embedding matrix, prompt files
 fingerprint it, and they are a small part of a large model.
 
@@ -24,133 +24,21 @@ forwards. The training loop guarantees it with :func:`lockstep_micro_batches` (e
 micro-batch holds a row of each task of the global micro-batch; borrowed rows carry no loss) and by
 evaluating on every process.
 
-Not here: reading the launch config (distributed.py), the loop (train.py).
+Not here: what every sharder shares (base.py), reading the launch config (distributed/launch.py),
+the loop (train/loop.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .schedule import shard
-
-
-@dataclass(frozen=True)
-class ShardingConfig:
-    """How to shard the frozen base (from an accelerate FSDP or DeepSpeed config;
-    ``distributed.sharding_config``)."""
-
-    layer_classes: tuple[str, ...] = ()
-    """Class names of the modules sharded as one unit each (``fsdp_transformer_layer_cls_to_wrap``);
-    empty: the model's decoder layers (its ``_no_split_modules``)."""
-
-    engine: Literal["fsdp", "zero3"] = "fsdp"
-    """Who shards: softprompt's own per-layer sharding (FSDP configs, :class:`ShardedLayers`) or
-    DeepSpeed ZeRO-3's partitioning (DeepSpeed configs, ``zero3.Zero3Layers``)."""
-
-    deepspeed: Mapping[str, Any] | None = None
-    """The DeepSpeed config (its ``zero_optimization`` section is used), for ``engine="zero3"``."""
-
-    efficient_loading: bool = False
-    """``fsdp_cpu_ram_efficient_loading`` / DeepSpeed's ``zero3_init_flag``: only process 0 reads the
-    checkpoint; the others build the model with empty (meta) weights and receive their shards and
-    the replicated rest from it."""
-
-    def describe(self) -> str:
-        """How the base is sharded, for the training banner."""
-        return "FSDP: base layers sharded" if self.engine == "fsdp" else "DeepSpeed ZeRO-3: base layers partitioned"
-
-
-class Collective(Protocol):
-    """What sharding needs from a runtime (distributed.py)."""
-
-    rank: int
-    world_size: int
-
-    def all_gather(self, shard: torch.Tensor, out: torch.Tensor) -> None:
-        """Write every process's ``shard`` (n,) into ``out`` (W * n,), in rank order."""
-        ...
-
-    def scatter(self, full: torch.Tensor | None, out: torch.Tensor) -> None:
-        """Process 0's ``full`` (W * n,) cut into W slices; this process's slice into ``out`` (n,)."""
-        ...
-
-    def broadcast_tensor(self, t: torch.Tensor) -> None:
-        """Overwrite ``t`` with process 0's, in place."""
-        ...
-
-    def gather(self, value: Any) -> list[Any]:
-        """``value`` of every process, in rank order."""
-        ...
-
-
-# ----------------------------------------------------------------------------- batches in lockstep
-
-
-def lockstep_micro_batches(batch: Sequence[int], task_of: Sequence[int], world_size: int, rank: int,
-                           micro_batches: int) -> list[tuple[list[int], int]]:
-    """This process's micro-batches, each completed so that every process runs the same layers (pure).
-
-    A process whose ``schedule.shard`` micro-batch lacks a task that another process has in the same
-    micro-batch borrows that task's first row of the global micro-batch. Borrowed rows go last and
-    carry no loss.
-
-    Returns:
-        Per micro-batch ``(row indices, number of own rows)``; the own rows come first.
-    """
-    parts = [shard(batch, world_size, r, micro_batches) for r in range(world_size)]
-    out = []
-    for m, mine in enumerate(parts[rank]):
-        first: dict[int, int] = {}  # task -> its first row in the global micro-batch (rank order)
-        for r in range(world_size):
-            for i in parts[r][m]:
-                first.setdefault(task_of[i], i)
-        have = {task_of[i] for i in mine}
-        borrowed = [i for t, i in sorted(first.items()) if t not in have]
-        out.append((list(mine) + borrowed, len(mine)))
-    return out
-
-
-# ----------------------------------------------------------------------------- sharded units
-
-
-def materialize(module: nn.Module, fill: Callable[[nn.Parameter], torch.Tensor]) -> dict[int, nn.Parameter]:
-    """Replace every meta parameter of ``module`` (an empty-weights load) by a frozen parameter
-    holding ``fill(old)``; tied parameters stay one. Returns ``id(old) -> new``."""
-    new: dict[int, nn.Parameter] = {}
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.is_meta:
-                if id(p) not in new:
-                    new[id(p)] = nn.Parameter(fill(p), requires_grad=False)
-                m._parameters[name] = new[id(p)]
-    return new
-
-
-def check_same_model(model: nn.Module, comm: Collective, what: str) -> None:
-    """Raise :class:`ConfigError` on every process unless all built the same parameters (names,
-    shapes, dtypes): before process 0 sends its weights to empty-weights processes."""
-    shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
-    if any(other != shapes for other in comm.gather(shapes)):
-        raise ConfigError(f"{what}: the processes built different models (parameter names, shapes or dtypes "
-                          "differ); check --model and --dtype")
-
-
-def receive(module: nn.Module, comm: Collective, device: torch.device | None) -> None:
-    """Give every process process 0's parameters and buffers of ``module`` (meta parameters of an
-    empty-weights load become real first), one tensor at a time; empty placeholders are skipped."""
-    materialize(module, lambda p: torch.empty(p.shape, dtype=p.dtype, device=device))
-    for t in [*dict.fromkeys(module.parameters()), *module.buffers()]:
-        if t.numel():
-            t.data = t.data.to(device or t.device)
-            comm.broadcast_tensor(t.data)
+from ...errors import ConfigError
+from .base import Collective, ShardingConfig, check_same_model, layer_modules, materialize, receive  # noqa: F401
 
 
 class _Unit:
@@ -234,31 +122,13 @@ class _Saved:
     offset: int
 
 
-def layer_modules(model: nn.Module, classes: Sequence[str], engine: str = "FSDP") -> list[nn.Module]:
-    """The modules of ``model`` sharded one unit each: those of the named classes, or its decoder
-    layers (``_no_split_modules``); never one inside another."""
-    names = set(classes) or set(getattr(model, "_no_split_modules", None) or ())
-    if not names:
-        raise ConfigError(f"{engine}: this model names no decoder layer class (_no_split_modules)"
-                          + ("; set fsdp_transformer_layer_cls_to_wrap in the accelerate config" if engine == "FSDP" else ""))
-    found, inside = [], set()
-    for m in model.modules():
-        if type(m).__name__ in names and id(m) not in inside:
-            found.append(m)
-            inside.update(id(c) for c in m.modules())  # a unit is never nested in another
-    if not found:
-        raise ConfigError(f"{engine}: no module of class {', '.join(sorted(names))} in {type(model).__name__}"
-                          + ("; check fsdp_transformer_layer_cls_to_wrap in the accelerate config" if classes else ""))
-    return found
-
-
 class ShardedLayers:
     """Shard a frozen model's layers over processes, in place; use it as a context manager around
     the training loop (gather hooks and saved-tensor hooks are active inside).
 
     Args:
         model: a frozen HF causal LM on the CPU (its layers are sharded, then the model moves to ``device``).
-        comm: this process's rank, world size and all-gather (a distributed.py runtime).
+        comm: this process's rank, world size and all-gather (a distributed/runtime.py runtime).
         config: which modules form the units.
         device: where the shards and the replicated rest live.
         compute_dtype: hold Linear weights in this dtype while gathered (the autocast dtype: the same
@@ -375,16 +245,3 @@ class ShardedLayers:
         if self.restore_on_exit and exc[0] is None:
             for u in self.units:
                 u.restore(self.comm)
-
-
-SHARDERS: dict[str, Callable[[], Callable[..., Any]]] = {
-    "fsdp": lambda: ShardedLayers,
-    "zero3": lambda: importlib.import_module(".zero3", __package__).Zero3Layers,  # imports DeepSpeed only when asked
-}
-"""``ShardingConfig.engine`` -> the class that shards the base (same constructor and interface:
-context manager, ``end_step``, ``units``, ``full_bytes``, ``local_bytes``, ``sharded_bytes``)."""
-
-
-def shard_base(model: nn.Module, comm: Collective, config: ShardingConfig, **kw: Any):
-    """Shard ``model``'s layers in place with the engine ``config`` names (keywords as :class:`ShardedLayers`)."""
-    return SHARDERS[config.engine]()(model, comm, config, **kw)

@@ -5,7 +5,7 @@ Because the order is a pure function of the seed and the step number, a resumed 
 exactly the batch an uninterrupted run would see next, and a step's batch is the same whatever the
 number of processes or gradient-accumulation micro-batches it is split into.
 
-Not here: the loss (objective.py) or the loop (train.py).
+Not here: the loss (objective.py) or the loop (loop.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import random
 from typing import Callable, Sequence
+
+from ..distributed.batches import shard  # noqa: F401  (re-exported: how a step's batch is split)
 
 GROUP_BATCHES = 32
 """Batches per length group: examples are sorted by length inside windows of this many batches,
@@ -71,17 +73,6 @@ def batch_at(step: int, lengths: Sequence[int], batch_size: int, seed: int,
     return epoch_batches(lengths, batch_size, seed, epoch)[i]
 
 
-def shard(batch: Sequence[int], world_size: int, rank: int, micro_batches: int) -> list[list[int]]:
-    """This process's micro-batches of a global batch (pure).
-
-    Rows are dealt round-robin over processes (the batch is sorted by length, so every process
-    gets a similar mix of lengths), then cut into ``micro_batches`` contiguous chunks.
-    """
-    mine = list(batch[rank::world_size])
-    if len(mine) % micro_batches:
-        raise ValueError(f"{len(mine)} rows do not split into {micro_batches} micro-batches")
-    k = len(mine) // micro_batches
-    return [mine[j : j + k] for j in range(0, len(mine), k)]
 
 
 # ----------------------------------------------------------------------------- learning rate

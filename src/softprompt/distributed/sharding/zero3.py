@@ -6,8 +6,8 @@ engine), applied to the decoder layers.
 Every process keeps 1/W of each decoder layer's weights (or offloads them, ``offload_param``);
 DeepSpeed all-gathers a layer's weights before its forward and again before its backward. Only the
 base is partitioned, and it is frozen; the prompts stay replicated and their gradients are
-all-reduced by the runtime (distributed.py), exactly as in data-parallel training. Embeddings, lm
-head and final norm stay replicated (as with the FSDP config, sharding.py): the prompt is
+all-reduced by the runtime (distributed/runtime.py), exactly as in data-parallel training. Embeddings, lm
+head and final norm stay replicated (as with the FSDP config, fsdp.py): the prompt is
 initialised from the embedding matrix and prompt files fingerprint it.
 
 DeepSpeed hooks every submodule, so the gradient that reaches a source pass's k/v projections
@@ -18,7 +18,7 @@ Collectives must pair up across processes: every process runs the same sequence 
 forwards (the loop's lockstep micro-batches, evaluation on every process), and :meth:`end_step`
 is called by all of them at the same points (DeepSpeed checks that their module traces agree).
 
-Not here: reading the launch config (distributed.py), the FSDP-style sharding (sharding.py).
+Not here: reading the launch config (distributed/launch.py), the FSDP-style sharding (fsdp.py).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .sharding import Collective, ShardingConfig, check_same_model, layer_modules, receive
+from ...errors import ConfigError
+from .base import Collective, ShardingConfig, check_same_model, layer_modules, receive
 
 AUTO_SIZES = {
     # zero_optimization keys that HF configs often leave as "auto", resolved as transformers'
@@ -61,7 +61,7 @@ class Zero3Layers:
 
     Args:
         model: a frozen HF causal LM on the CPU (its layers are partitioned, the rest moves to ``device``).
-        comm: this process's rank and world size (a distributed.py runtime; DeepSpeed uses the
+        comm: this process's rank and world size (a distributed/runtime.py runtime; DeepSpeed uses the
             process group accelerate started).
         config: the DeepSpeed config (``config.deepspeed``) and which modules are the layers.
         device: where the replicated rest lives (DeepSpeed places the partitions on its accelerator

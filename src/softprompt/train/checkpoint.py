@@ -5,7 +5,7 @@ checkpoint intact): tensors for the prompts (float32), the best prompts so far, 
 and the RNG states; JSON metadata for the step, the early-stopping state, the optimizer's scalar
 settings and the settings of the run that wrote it. Data only: no pickle, nothing executes on load.
 
-Not here: what is saved when (train.py), the final prompt file (artifact.py).
+Not here: what is saved when (loop.py), the final prompt file (artifact/).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .artifact import atomic_write_bytes, safetensors_bytes
-from .errors import ConfigError
+from ..artifact import atomic_write_bytes, read_safetensors, safetensors_bytes
+from ..errors import ConfigError, PromptFileError
 
 CHECKPOINT_FORMAT = "softprompt-checkpoint/1"
 
@@ -91,19 +91,15 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState) -> Path:
 
 def load_checkpoint(path: str | os.PathLike) -> TrainState:
     """Read a checkpoint; raises :class:`ConfigError` (``--resume``) naming the problem."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--resume: no checkpoint at {p}")
-    data = p.read_bytes()
     try:
-        tensors = load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        tensors, header = read_safetensors(p.read_bytes(), str(p))
         meta = json.loads(header["softprompt_checkpoint"])
-    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError) as e:
+    except PromptFileError as e:
+        raise ConfigError(f"--resume: {p} is not a readable softprompt checkpoint ({str(e).removeprefix(f'{p}: ')})") from None
+    except (ValueError, KeyError) as e:
         raise ConfigError(f"--resume: {p} is not a readable softprompt checkpoint ({type(e).__name__})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"--resume: {p} has checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
@@ -146,5 +142,68 @@ def state_digest(state: TrainState) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "checkpoint_bytes", "rng_states", "set_rng_states",
+# ----------------------------------------------------------------------------- the loop's state <-> a checkpoint
+
+
+@dataclass
+class LoopState:
+    """What the training loop carries from one step to the next; the one place where it is written
+    to a checkpoint (:meth:`to_checkpoint`) and read back (:meth:`from_checkpoint`), so the two
+    cannot drift apart."""
+
+    best_prompts: list[torch.Tensor]
+    """Best prompt of each task so far (P, d), by its dev metric."""
+    step: int = 0
+    """Optimizer steps completed."""
+    examples: int = 0
+    """Training rows processed (all processes)."""
+    elapsed: float = 0.0
+    """Wall time of the loop so far, evaluation included (s)."""
+    train_time: float = 0.0
+    """Time in training steps only (s): the throughput's denominator."""
+    best: dict[str, dict] = field(default_factory=dict)
+    """Task name -> its best dev result: metric, value, step, metrics, rank."""
+    bad_evals: int = 0
+    """Evaluations in a row without improvement (early stopping)."""
+    stopped: bool = False
+    """Early stopping said stop (never saved: a stopped run is finished)."""
+
+    @classmethod
+    def fresh(cls, params: list[torch.Tensor]) -> "LoopState":
+        """The state before step 0: the initial prompts are the best so far."""
+        return cls(best_prompts=[p.detach().clone() for p in params])
+
+    def to_checkpoint(self, names: list[str], params: list[torch.Tensor], optimizer, scaler, settings: dict,
+                      data: str, finished: bool = False) -> TrainState:
+        """This state with the prompts, optimizer, grad scaler and RNG: what a checkpoint holds."""
+        st = TrainState(step=self.step, names=names, prompts=[p.detach() for p in params],
+                        best_prompts=self.best_prompts, optimizer=optimizer.state_dict(), rng=rng_states(),
+                        info={"examples": self.examples, "best": self.best, "bad_evals": self.bad_evals,
+                              "elapsed": self.elapsed, "train_time": self.train_time, "finished": finished,
+                              "settings": settings, "data": data,
+                              "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+        st.info["digest"] = state_digest(st)
+        return st
+
+    @classmethod
+    def from_checkpoint(cls, state: TrainState, params: list[torch.Tensor], optimizer, scaler,
+                        where: str | os.PathLike) -> "LoopState":
+        """Put ``state``'s prompts, optimizer, grad scaler and RNG back in place; returns the loop state it held."""
+        if [tuple(p.shape) for p in state.prompts] != [tuple(p.shape) for p in params]:
+            raise ConfigError(f"--resume: {where} holds prompts of other shapes")
+        device = params[0].device
+        with torch.no_grad():
+            for p, s in zip(params, state.prompts):
+                p.copy_(s.to(device))
+        optimizer.load_state_dict(state.optimizer)
+        if state.info.get("scaler"):
+            scaler.load_state_dict(state.info["scaler"])
+        set_rng_states(state.rng)
+        info = state.info
+        return cls(best_prompts=[b.to(device) for b in state.best_prompts], step=state.step,
+                   examples=int(info["examples"]), best=dict(info["best"]), bad_evals=int(info["bad_evals"]),
+                   elapsed=float(info["elapsed"]), train_time=float(info["train_time"]))
+
+
+__all__ = ["TrainState", "LoopState", "save_checkpoint", "load_checkpoint", "checkpoint_bytes", "rng_states", "set_rng_states",
            "state_digest", "CHECKPOINT_FORMAT"]

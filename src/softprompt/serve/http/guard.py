@@ -1,0 +1,87 @@
+"""The ASGI guard in front of every route: API key, body size limit, HTTP metrics."""
+
+import hmac
+import time
+
+from fastapi.responses import JSONResponse
+
+from .errors import error_body
+
+
+class Guard:
+    """ASGI middleware in front of every route: API key, body size limit, HTTP metrics.
+
+    The body is read (up to ``max_body`` bytes) before the app sees it, so an oversized request
+    is answered 413 whether or not it declares its length; a request without the key is refused
+    before its body is read.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body: int, metrics):
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.max_body = max_body
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            body = b""
+            if refusal is None:
+                body, refusal = await self._read_body(receive)
+            if refusal is not None:
+                return await refusal(scope, receive, send_status)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # e.g. http.disconnect while streaming
+
+            await self.app(scope, replay, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.http.labels(route, str(status["code"])).inc()
+            self.metrics.http_latency.labels(route).observe(time.perf_counter() - t0)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.key is not None:
+            auth = headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), self.key):
+                return JSONResponse(error_body("unauthorized", "missing or wrong API key (Authorization: Bearer KEY)"),
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return self._too_large()
+        return None
+
+    async def _read_body(self, receive) -> tuple[bytes, JSONResponse | None]:
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client gone
+                return b"", JSONResponse(error_body("disconnected", "client disconnected"), status_code=400)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return b"", self._too_large()
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks), None
+
+    def _too_large(self) -> JSONResponse:
+        return JSONResponse(error_body("too_large", f"request body larger than --max-upload-bytes {self.max_body}"),
+                            status_code=413)

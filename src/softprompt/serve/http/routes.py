@@ -1,0 +1,213 @@
+"""The HTTP routes over the engine (FastAPI). Every decision about batching lives in the engine;
+request/response schemas are schemas.py, errors errors.py, the guard guard.py, SSE bridge.py.
+
+Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
+
+    POST   /v1/classify            classify one text (one prompt, an ensemble, or the bare model)
+    POST   /v1/classify/batch      several classify requests at once
+    POST   /v1/generate            generate (``"stream": true`` for server-sent events)
+    POST   /v1/generate/batch      several generate requests at once
+    GET    /v1/prompts             loaded prompts, and prompt files available in --prompts
+    GET    /v1/prompts/{name}      one prompt
+    PUT    /v1/prompts/{name}      upload a prompt file (raw bytes), replacing any of that name
+    POST   /v1/prompts/{name}/load load (or reload) <name>.safetensors from --prompts
+    DELETE /v1/prompts/{name}      unload
+    GET    /healthz, /metrics
+
+Errors are ``{"error": {"type": ..., "message": ...}}`` with the status from :data:`STATUS`.
+"""
+
+# No `from __future__ import annotations`: the routes' body types are built per server (schemas.py)
+# and FastAPI must see them as objects, not names.
+
+import asyncio
+from typing import Annotated
+
+from fastapi import FastAPI, Path, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from ...version import __version__
+from ...errors import SoftpromptError
+from ..bank import NAME_MAX, NAME_PATTERN, NAME_RE, SUFFIX
+from ..config import EngineConfig, ServeConfig
+from ..engine import Engine
+from ..errors import InvalidRequestError
+from ..jobs import Job
+from ..limits import SEED_MAX, SEED_MIN, check_batch_size
+from ..schemas import (
+    ClassifyBatchOut, ClassifyOut, GenerateBatchOut, GenerateOut, HealthOut, PromptListOut, PromptOut, UnloadedOut,
+    request_bodies,
+)
+from .bridge import SSE_EVENT, classify_out, generate_out, run_jobs, sse
+from .errors import COMMON, documented, install_handlers
+from .guard import Guard
+
+
+def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    """The FastAPI app over a started ``engine`` (the caller starts and stops the engine)."""
+    app = FastAPI(title="softprompt", version=__version__,
+                  description="Many soft prompts on one frozen base model: mixed-task batching, cached prompt prefixes. "
+                  "Every error is `{\"error\": {\"type\", \"message\"}}`.")
+    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_upload_bytes, metrics=engine.metrics)
+    install_handlers(app, config.engine)
+    _inference_routes(app, engine, config)
+    _prompt_routes(app, engine, config)
+    _ops_routes(app, engine)
+    _fix_openapi(app)
+    return app
+
+
+def prepare(engine: Engine, limits: EngineConfig, bodies, index: bool) -> list[Job]:
+    """Request bodies -> jobs (not queued); a batch call names the failing request's index."""
+    if index:
+        check_batch_size(len(bodies), limits)
+    jobs = []
+    for i, body in enumerate(bodies):
+        try:
+            jobs.append(engine.prepare(body.to_request()))
+        except SoftpromptError as e:
+            if index:
+                raise type(e)(f"requests[{i}]: {e}") from None
+            raise
+    return jobs
+
+
+def _inference_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None:
+    """POST /v1/classify, /v1/classify/batch, /v1/generate (optionally streamed), /v1/generate/batch."""
+    limits = config.engine
+    timeout = limits.request_timeout
+    bodies = request_bodies(limits)
+    ClassifyBody, GenerateBody = bodies.classify, bodies.generate  # noqa: N806
+    ClassifyBatchBody, GenerateBatchBody = bodies.classify_batch, bodies.generate_batch  # noqa: N806
+    inference = documented(*COMMON, 400, 404, 422, 429, 503)
+
+    @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"], responses=inference)
+    async def classify(body: ClassifyBody, request: Request):
+        """Classify one text; returns the label and class probabilities."""
+        (result,) = await run_jobs(engine, request, prepare(engine, limits, [body], False), timeout)
+        return classify_out(result)
+
+    @app.post("/v1/classify/batch", response_model=ClassifyBatchOut, tags=["inference"], responses=inference)
+    async def classify_batch(body: ClassifyBatchBody, request: Request):
+        """Several classify requests (any prompts); results in request order."""
+        if not body.requests:
+            return {"results": []}
+        results = await run_jobs(engine, request, prepare(engine, limits, body.requests, True), timeout)
+        return {"results": [classify_out(r) for r in results]}
+
+    @app.post("/v1/generate", response_model=GenerateOut, tags=["inference"],
+              responses={**inference, 200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+                                            "description": "JSON, or server-sent events (event: token / done / error) "
+                                            "when stream is true"}})
+    async def generate(body: GenerateBody, request: Request):
+        """Generate a continuation; with ``"stream": true`` tokens arrive as server-sent events."""
+        (job,) = prepare(engine, limits, [body], False)
+        if not body.stream:
+            (result,) = await run_jobs(engine, request, [job], timeout)
+            return generate_out(result)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.listener = lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+        engine.enqueue([job])  # a full queue is a plain 429, before any event is sent
+        return StreamingResponse(sse(job, events, timeout), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/generate/batch", response_model=GenerateBatchOut, tags=["inference"], responses=inference)
+    async def generate_batch(body: GenerateBatchBody, request: Request):
+        """Several generate requests (no streaming); results in request order."""
+        if any(b.stream for b in body.requests):
+            raise InvalidRequestError("streaming is not available in batch requests")
+        if not body.requests:
+            return {"results": []}
+        results = await run_jobs(engine, request, prepare(engine, limits, body.requests, True), timeout)
+        return {"results": [generate_out(r) for r in results]}
+
+
+def _prompt_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None:
+    """GET/PUT/DELETE /v1/prompts/{name}, POST /v1/prompts/{name}/load, GET /v1/prompts."""
+    Name = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX, description="Prompt name (file stem).")]  # noqa: N806
+
+    @app.get("/v1/prompts", response_model=PromptListOut, tags=["prompts"], responses=documented(*COMMON))
+    async def list_prompts():
+        """Loaded prompts, and prompt files in --prompts that are not loaded."""
+        loaded = [e.describe() for e in engine.bank.entries()]
+        available = []
+        if engine.bank.directory is not None:
+            names = {e["name"] for e in loaded}
+            available = sorted(n for p in engine.bank.directory.glob(f"*{SUFFIX}")
+                               if NAME_RE.fullmatch(n := p.name[: -len(SUFFIX)]) and n not in names)
+        return {"prompts": loaded, "available": available}
+
+    @app.get("/v1/prompts/{name}", response_model=PromptOut, tags=["prompts"], responses=documented(*COMMON, 400, 404))
+    async def get_prompt(name: Name):
+        return engine.bank.get(name).describe()
+
+    @app.put("/v1/prompts/{name}", status_code=201, response_model=PromptOut, tags=["prompts"],
+             responses=documented(*COMMON, 400, 422),
+             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}}}})
+    async def upload_prompt(name: Name, request: Request):
+        """Upload a prompt file (the raw ``.safetensors`` bytes); replaces a prompt of that name.
+        Kept in memory: copy the file into --prompts to keep it across restarts. Its labels must keep
+        --max-labels and --max-label-tokens."""
+        data = await request.body()  # at most --max-upload-bytes (checked by Guard)
+        entry = await asyncio.to_thread(engine.bank.load_bytes, name, data, config.max_upload_bytes)
+        return entry.describe()
+
+    @app.post("/v1/prompts/{name}/load", response_model=PromptOut, tags=["prompts"],
+              responses=documented(*COMMON, 400, 404, 422))
+    async def load_prompt(name: Name):
+        """Load (or reload) ``<name>.safetensors`` from the prompts folder."""
+        entry = await asyncio.to_thread(engine.bank.load_file, name)
+        return entry.describe()
+
+    @app.delete("/v1/prompts/{name}", response_model=UnloadedOut, tags=["prompts"], responses=documented(*COMMON, 400, 404))
+    async def unload_prompt(name: Name):
+        """Unload a prompt; requests already accepted for it still complete."""
+        engine.bank.unload(name)
+        return {"unloaded": name}
+
+
+def _ops_routes(app: FastAPI, engine: Engine) -> None:
+    """GET /healthz, /metrics."""
+    metrics = engine.metrics
+
+    @app.get("/healthz", response_model=HealthOut, tags=["ops"],
+             responses={**documented(*COMMON), 503: {"model": HealthOut, "description": "The engine is not running."}})
+    async def healthz():
+        ok = engine.running
+        body = {"status": "ok" if ok else "stopped", "model": engine.pm.base.name, "prompts": len(engine.bank),
+                "queue_depth": engine.queue_depth}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
+             responses={**documented(*COMMON), 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                  "description": "Prometheus text exposition format."}})
+    async def metrics_endpoint():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _fix_openapi(app: FastAPI) -> None:
+    schema_of = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI's document, with two corrections: it adds a 422 with its own validation-error
+        schema to every route with parameters (ours answer a bad path parameter with 400 and every
+        error in ``ErrorOut``'s shape: the routes list their real statuses), and its OpenAPI model
+        keeps bounds as floats (2**64 - 1 is no float: the seed's exact range is restored)."""
+        if app.openapi_schema is None:
+            doc = schema_of()
+            for ops in doc["paths"].values():
+                for op in ops.values():
+                    schema = op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {})
+                    if schema.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                        del op["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc["components"]["schemas"].pop(name, None)
+            seed = doc["components"]["schemas"]["GenerateBody"]["properties"]["seed"]["anyOf"][0]
+            seed["minimum"], seed["maximum"] = SEED_MIN, SEED_MAX
+        return app.openapi_schema
+
+    app.openapi = openapi

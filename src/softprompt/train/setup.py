@@ -1,0 +1,205 @@
+"""Before the first step: launch checks, the resumed checkpoint, the model (loaded, sharded), the
+prompts' initial values, the rows encoded once, and the :class:`Run` that holds what stays fixed.
+
+Not here: the loop (loop.py), settings and data checks (config.py), the checkpoint file (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..base import BaseModel, assert_frozen, load_base_model
+from ..distributed import accelerate_precision
+from ..distributed.sharding import Sharder, ShardingConfig, shard_base
+from ..errors import ConfigError
+from ..model import PromptedModel
+from ..precision import resolve_precision
+from ..prompt import SoftPrompt
+from .checkpoint import TrainState, load_checkpoint
+from .config import TrainConfig, _flag
+from .prepare import PreparedTask
+from .objective import Row
+from .records import MetricsLog
+
+
+def check_launch(config: TrainConfig, rt) -> None:
+    """Refuse a batch that does not split over the processes and micro-batches."""
+    if config.batch_size < rt.world_size:
+        raise ConfigError(f"{rt.world_size} processes but --batch-size is only {config.batch_size}: "
+                          "every process needs at least one row per step")
+    if config.batch_size % (rt.world_size * config.grad_accum):
+        raise ConfigError(f"--batch-size {config.batch_size} must be divisible by processes x --grad-accum "
+                          f"({rt.world_size} x {config.grad_accum})")
+
+
+def read_resume(path: Path, config: TrainConfig, rt, fingerprint: str) -> TrainState:
+    """The checkpoint ``--resume`` continues from, the same on every process, written by a run with
+    the same data and settings (else :class:`ConfigError`)."""
+    try:
+        state = load_checkpoint(path)
+        seen = f"step {state.step}, digest {state.info.get('digest')}"
+    except ConfigError as e:
+        state, seen, error = None, f"unreadable ({e})", e
+    rt.check_same(seen, "checkpoint", path)  # every process resumes from the same state
+    if state is None:
+        raise error
+    _check_resume(state, config, fingerprint, path)
+    return state
+
+
+def _check_resume(state: TrainState, config: TrainConfig, fingerprint: str, path: Path) -> None:
+    """Refuse a checkpoint written by a run with other data or settings."""
+    if state.info.get("data") != fingerprint:
+        raise ConfigError(f"--resume: {path} was written for other training data (data files changed)")
+    old, new = state.info.get("settings", {}), config.result_settings()
+    paths = {"data", "eval"}  # files may move; their content is checked by the data fingerprint
+    diff = sorted(k for k in set(old) | set(new) if k not in paths and old.get(k) != new.get(k))
+    if diff:
+        shown = ", ".join(f"{_flag(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
+        raise ConfigError(f"--resume: {path} was written with other settings ({shown})")
+
+
+def resolve_device(config: TrainConfig, base: BaseModel | None) -> torch.device:
+    """``--device`` (checked), else the given base's, else CUDA when there is one."""
+    if base is not None:
+        return base.device
+    if config.device:
+        try:
+            dev = torch.device(config.device)
+        except RuntimeError as e:
+            raise ConfigError(f"--device {config.device!r}: {e}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {config.device}: no CUDA GPU is available")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LoadedModel:
+    """The frozen base as the loop uses it."""
+
+    base: BaseModel
+    pm: PromptedModel
+    device: torch.device
+    amp: torch.dtype | None
+    """The autocast dtype (None: fp32)."""
+    sharding: ShardingConfig | None = None
+    sharded: Sharder | None = None
+    """The sharded base (a context manager around the loop), with a launch that shards it."""
+    base_bytes: list[int] | None = None
+    """Bytes of base weights each process holds (sharded only)."""
+
+
+def load_model(config: TrainConfig, rt, base: BaseModel | None, say) -> LoadedModel:
+    """Load the base (unless given), shard it over the processes when the launch asks, and check it is frozen."""
+    if rt.world_size > 1 and config.device_map:
+        raise ConfigError("--device-map spreads one model over the devices of one process; "
+                          "it cannot be combined with several processes")
+    sharding = getattr(rt, "sharding", None) if rt.world_size > 1 else None  # FSDP / ZeRO-3 config: shard the base
+    if sharding and (config.gradient_checkpointing or config.quantize):
+        raise ConfigError(f"--{'gradient-checkpointing' if config.gradient_checkpointing else 'quantize'} cannot be "
+                          f"combined with {'an FSDP' if sharding.engine == 'fsdp' else 'a DeepSpeed ZeRO-3'} launch "
+                          "(sharded layers); drop it or use the data-parallel config")
+    device = rt.device if rt.world_size > 1 else resolve_device(config, base)
+    precision = config.precision
+    if precision == "auto" and rt.world_size > 1:
+        precision = accelerate_precision(getattr(rt, "deepspeed", None)) or precision  # accelerate's --mixed_precision / config
+    amp = resolve_precision(precision, device)
+    base_given = base is not None
+    empty = bool(base is None and sharding and sharding.efficient_loading and rt.rank != 0)  # process 0 sends the weights
+    if base is None:
+        say(f"loading {config.model or 'the default model'} ...")
+        base = load_base_model(config.model, dtype=config.dtype,
+                               device=None if config.device_map or sharding else device,
+                               device_map=config.device_map, quantization=config.quantize, empty=empty)
+    sharded = base_bytes = None
+    if sharding:  # each process keeps 1/W of every decoder layer from here on (distributed/sharding/)
+        sharded = shard_base(base.model, rt, sharding, device=device, compute_dtype=amp, restore=base_given)
+        base_bytes = rt.gather(sharded.local_bytes())
+        if empty:
+            base.refingerprint()  # its embedding came from process 0
+    pm = PromptedModel(base)
+    assert_frozen(base.model)
+    return LoadedModel(base=base, pm=pm, device=base.device, amp=amp, sharding=sharding, sharded=sharded,
+                       base_bytes=base_bytes)
+
+
+def init_prompts(config: TrainConfig, tasks: list[PreparedTask], base: BaseModel) -> list[torch.Tensor]:
+    """One trainable prompt (P, d) per task, initialised by ``--init`` (``auto``: from the labels for
+    classification, the init text when given, else vocabulary embeddings)."""
+    prompts = []
+    for i, t in enumerate(tasks):
+        strategy = config.init
+        if strategy == "auto":
+            strategy = "labels" if t.spec.kind == "classify" else ("text" if (t.config.init_text or config.init_text) else "vocab")
+        prompts.append(SoftPrompt.initialize(
+            base.embedding, base.tokenizer, t.config.prompt_length or config.prompt_length, strategy,
+            text=t.config.init_text or config.init_text, labels=t.spec.words, seed=config.seed + i).to(base.device))
+    return [p.weight for p in prompts]
+
+
+def encode_rows(tasks: list[PreparedTask], tok) -> list[Row]:
+    """Every training example tokenized once: source ids, and the label index (classify) or target ids."""
+    rows: list[Row] = []
+    for i, t in enumerate(tasks):
+        for ex in t.train:
+            src = t.spec.source_ids(tok, ex.source)
+            tgt = t.spec.labels.index(ex.target) if t.spec.kind == "classify" else t.spec.target_ids(tok, ex.target)
+            rows.append(Row(i, src, tgt))
+    return rows
+
+
+@dataclass
+class Run:
+    """What stays fixed while the loop runs (the loop's changing state is :class:`~.checkpoint.LoopState`)."""
+
+    config: TrainConfig
+    rt: Any
+    """The processes (distributed/runtime.py)."""
+    tasks: list[PreparedTask]
+    total: int
+    """Planned optimizer steps."""
+    run_dir: Path
+    model: LoadedModel
+    params: list[torch.Tensor]
+    """The trainable prompts, one (P, d) per task."""
+    rows: list[Row]
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    log: MetricsLog
+    fingerprint: str
+    """The training data's fingerprint (a checkpoint is refused for other data)."""
+    quiet: bool
+    warm: int = 0
+    """Warmup steps."""
+    eval_every: int = 1
+    ckpt_every: int = 0
+    t_start: float = 0.0
+    """``perf_counter()`` at the (possibly resumed) run's start, minus the time already elapsed."""
+    order_cache: dict = field(default_factory=dict)
+    """The current epoch's batches (schedule.batch_at)."""
+
+    lengths: list[int] = field(init=False)
+    """Tokens per row, for length-grouped batches."""
+    task_of: list[int] = field(init=False)
+    """Row -> its task (prompt) index."""
+    label_ids: list = field(init=False)
+    """Task -> its labels' token ids (classify), else None."""
+
+    def __post_init__(self) -> None:
+        self.lengths = [len(r.source) + (0 if isinstance(r.target, int) else len(r.target)) for r in self.rows]
+        self.task_of = [r.task for r in self.rows]
+        tok = self.model.base.tokenizer
+        self.label_ids = [t.spec.label_ids(tok) if t.spec.kind == "classify" else None for t in self.tasks]
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoint.safetensors"
+
+    @property
+    def has_dev(self) -> bool:
+        return any(t.dev for t in self.tasks)
