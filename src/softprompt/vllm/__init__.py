@@ -7,7 +7,7 @@ talks to the server over HTTP. Nothing here imports vllm: the server runs in its
 
 - ``embeds.py``: the embedding table (only the embedding weights are read) and the wire encoding.
 - ``labels.py``: how rank classification is split into first-token and continuation requests (pure).
-- ``client.py``: the HTTP client with its start-up checks.
+- ``client.py``: the HTTP client; ``server_check.py``: its start-up checks.
 - ``export.py``: ``softprompt export --format vllm``.
 
 Not here: the HTTP server of softprompt (serve/), which will call :class:`VLLMClient` in phase 2.
