@@ -81,21 +81,24 @@ def need(module: str, package: str, extra: str, what: str) -> None:
 # ----------------------------------------------------------------------------- JSONL, CSV
 
 
-def _jsonl(path: Path) -> Table:
-    def read(_fields: Sequence[str]) -> Records:
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-                yield i, row
+def jsonl_objects(path: Path) -> Records:
+    """(line number, object) of each non-blank line of a JSONL file; DataError names file:line.
+    Data files and training logs (report.py) alike."""
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
 
-    return Table(str(path), "line", read)
+
+def _jsonl(path: Path) -> Table:
+    return Table(str(path), "line", lambda _fields: jsonl_objects(path))
 
 
 def _delimited(delimiter: str) -> Callable[[Path], Table]:

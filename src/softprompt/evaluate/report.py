@@ -20,6 +20,7 @@ from typing import Sequence
 
 from ..artifact import atomic_write_bytes
 from ..errors import ConfigError, DataError
+from ..sources import jsonl_objects
 from ..tasks import TASKS
 from .baselines import COLUMNS, PROMPT_ROW, Comparison, method_title
 
@@ -40,18 +41,7 @@ def read_log(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such training log")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object")
-        out.append(rec)
-    return out
+    return [rec for _, rec in jsonl_objects(path)]
 
 
 def find_log(prompt_path: str | Path, training: dict | None = None) -> Path | None:
