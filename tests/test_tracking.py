@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -232,10 +233,13 @@ def test_wandb_offline_run_holds_every_metric(tmp_path, learn, monkeypatch):
     monkeypatch.delenv("WANDB_DIR", raising=False)
     result = train(cfg(tmp_path, report_to="wandb", run_name="wb-run", max_steps=4), base=learn)
     (log,) = list((result.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    data = log.read_bytes()
     records = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    for key in history(records):
-        assert key.encode() in data, key
+    keys = [k.encode() for k in history(records)]
+    deadline = time.monotonic() + 30  # wandb-core (its own process) may still be flushing after finish()
+    while not all(k in (data := log.read_bytes()) for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for key in keys:
+        assert key in data, key
     assert b"wb-run" in data and b"planned_steps" in data and b"train_examples" in data  # run name, config
     run_id = json.loads((result.run_dir / "trackers.json").read_text())["wandb"]
     assert log.name == f"run-{run_id}.wandb"
