@@ -11,6 +11,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run much faster on one thread, and far more so on a shared, loaded CPU
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in the files that train)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory):
     return tmp_path_factory.mktemp("models")

@@ -46,12 +46,7 @@ def run(cmd: str, model: str, capsys, quiet_stderr: bool = False) -> str:
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def test_readme_data_source_commands_run_and_agree(tmp_path, model_root, monkeypatch, capsys):

@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from softprompt.cli import main
 from softprompt.errors import ConfigError
 from softprompt.distributed import LocalRuntime
-from softprompt.train.tracking import Trackers, flat_config, parse_report_to, scalars
+from softprompt.train.tracking import flat_config, parse_report_to, scalars
 from softprompt.train import TrainConfig, train
 from trainkit import easy_classification, learnable_model_dir
 
@@ -23,12 +22,7 @@ pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")
