@@ -65,8 +65,10 @@ def test_auto_is_bf16_where_the_cpu_has_it(monkeypatch):
 
 def test_bf16_on_an_emulating_cpu_runs_with_a_warning(monkeypatch, caplog):
     _cpu(monkeypatch, ICE_LAKE)
+    precision._warn_emulated_bf16.cache_clear()
     with caplog.at_level(logging.WARNING, logger="softprompt.precision"):
         assert precision.resolve_precision("bf16", "cpu") is torch.bfloat16
+        assert precision.resolve_precision("bf16", "cpu") is torch.bfloat16  # a second place in the same run
     assert len(caplog.records) == 1 and "no native bf16" in caplog.records[0].getMessage()
     caplog.clear()
     _cpu(monkeypatch, ZEN4)

@@ -108,9 +108,15 @@ def resolve_precision(precision: str, device: torch.device | str, *, warn: bool 
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--precision bf16: this GPU has no bf16 support; use fp16")
     if device.type == "cpu" and warn and not cpu_has_fast_bf16():
-        log.warning("--precision bf16: this CPU has no native bf16 instructions and emulates them, which is "
-                    "several times slower than fp32 here (--precision auto picks fp32)")
+        _warn_emulated_bf16()
     return torch.bfloat16
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_emulated_bf16() -> None:
+    """Once per process: a command resolves its precision in several places (demo: train, then eval)."""
+    log.warning("--precision bf16: this CPU has no native bf16 instructions and emulates them, which is "
+                "several times slower than fp32 here (--precision auto picks fp32)")
 
 
 def precision_name(amp: torch.dtype | None) -> str:
