@@ -40,6 +40,9 @@ def test_env_overrides_the_flags(monkeypatch):
     assert precision.cpu_has_native_bf16(ICE_LAKE, "x86_64")
     monkeypatch.setenv(precision.BF16_ENV, "0")
     assert not precision.cpu_has_native_bf16(SAPPHIRE_RAPIDS, "x86_64")
+    monkeypatch.setenv(precision.BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match=r"^\$SOFTPROMPT_CPU_BF16 must be 1 .* or 0 .*, got 'yes'$"):
+        precision.cpu_has_native_bf16(SAPPHIRE_RAPIDS, "x86_64")
 
 
 def _cpu(monkeypatch, flags):

@@ -67,7 +67,9 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None, machine: str | None
     ``$SOFTPROMPT_CPU_BF16=1/0`` overrides; ``flags`` / ``machine`` are for tests.
     """
     env = os.environ.get(BF16_ENV, "").strip()
-    if env in ("0", "1"):
+    if env:
+        if env not in ("0", "1"):
+            raise ConfigError(f"${BF16_ENV} must be 1 (the CPU has native bf16) or 0 (it does not), got {env!r}")
         return env == "1"
     flags = cpu_flags() if flags is None else flags
     return any(f in flags for f in _NATIVE_BF16_FLAGS.get(machine or _machine(), ()))
