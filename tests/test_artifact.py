@@ -39,7 +39,7 @@ def test_round_trip_is_bit_exact(tiny, tmp_path, dtype):
     assert torch.equal(a.tensor, b.tensor)
     assert torch.equal(a.tensor, w.to(getattr(torch, dtype)).float())
     assert a.meta.labels == ["a", "b"] and a.meta.template == "Text: {text}\nLabel:"
-    assert a.meta.training == {"steps": 3} and a.meta.dtype == dtype and a.meta.format_version == FORMAT_VERSION
+    assert a.meta.training == {"steps": 3} and a.meta.dtype == dtype and a.meta.format_version == 1  # input prompts stay format 1
     # saving what was loaded gives the same file again, byte for byte (a canonical header)
     save_prompt(tmp_path / "q.safetensors", a.tensor, a.meta, dtype=dtype)
     assert (tmp_path / "q.safetensors").read_bytes() == path.read_bytes()
@@ -186,3 +186,76 @@ def test_bytes_api_matches_file(tiny, tmp_path):
     path = save_prompt(tmp_path / "p.safetensors", w, meta)
     a, b = prompt_from_bytes(prompt_bytes(w, meta)), load_prompt(path)
     assert torch.equal(a.tensor, b.tensor) and a.meta == b.meta
+
+
+# ----------------------------------------------------------------------------- deep prompts (format 2)
+
+
+def make_deep(base, length=3, seed=0):
+    L, H, hd = base.kv_layout
+    t = torch.randn(L, 2, H, length, hd, generator=torch.Generator().manual_seed(seed))
+    return t, PromptMeta.for_base(base, length, task="generate", template="{text}", method="prefix")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma", "gemma3"])
+def test_kv_layout_is_the_shape_of_the_models_cache(tmp_path, family):
+    from softprompt.model import PromptedModel, cache_layers
+    from softprompt.testing import tiny_base
+
+    base = tiny_base(tmp_path / family, family)
+    cache = PromptedModel(base).prefix_cache(torch.zeros(2, base.dim))
+    layers = cache_layers(cache)
+    L, H, hd = base.kv_layout
+    assert len(layers) == L
+    assert all(tuple(k.shape) == (1, H, 2, hd) and tuple(v.shape) == (1, H, 2, hd) for k, v in layers)
+
+
+def test_deep_prompt_round_trip_is_format_2(tiny, tmp_path):
+    t, meta = make_deep(tiny)
+    path = save_prompt(tmp_path / "d.safetensors", t, meta, dtype="float32")
+    a = load_prompt(path, tiny)
+    assert a.meta.method == "prefix" and a.meta.format_version == 2 and a.meta.length == 3
+    assert a.meta.kv_layout == list(tiny.kv_layout)
+    assert torch.equal(a.tensor, t)
+    save_prompt(tmp_path / "e.safetensors", a.tensor, a.meta, dtype="float32")
+    assert (tmp_path / "e.safetensors").read_bytes() == path.read_bytes()
+
+
+def test_input_prompts_stay_format_1_without_new_fields(tiny, tmp_path):
+    w, meta = make(tiny)
+    path = save_prompt(tmp_path / "p.safetensors", w, meta)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])["__metadata__"]
+    assert header["format_version"] == "1"
+    assert "method" not in json.loads(header["softprompt"]) and "kv_layout" not in json.loads(header["softprompt"])
+    assert load_prompt(path, tiny).meta.method == "prompt"
+
+
+def test_deep_prompt_for_another_layout_is_refused_in_one_line(tiny, tmp_path):
+    t, meta = make_deep(tiny)
+    path = save_prompt(tmp_path / "d.safetensors", t[:1], meta)  # one layer fewer than the base
+    with pytest.raises(PromptFileError, match=r"deep prompt for 1 layers .* does not match base model") as e:
+        load_prompt(path, tiny)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: {**m, "kv_layout": None}, "lacks a valid kv_layout"),
+    (lambda m: {**m, "kv_layout": [2, 2, 7]}, "tensor has shape"),
+    (lambda m: {**m, "method": "lora"}, "unknown prompt method 'lora'"),
+])
+def test_bad_deep_prompt_metadata_is_refused(tiny, tmp_path, edit, message):
+    t, meta = make_deep(tiny)
+    path = save_prompt(tmp_path / "d.safetensors", t, meta)
+    rewrite_header(path, lambda h: {**h, "softprompt": json.dumps(edit(json.loads(h["softprompt"])))})
+    with pytest.raises(PromptFileError, match=message):
+        load_prompt(path, tiny)
+
+
+def test_format_1_file_cannot_claim_a_deep_prompt(tiny, tmp_path):
+    t, meta = make_deep(tiny)
+    path = save_prompt(tmp_path / "d.safetensors", t, meta)
+    rewrite_header(path, lambda h: {**h, "format_version": "1"})
+    with pytest.raises(PromptFileError, match="format-1 file can only hold an input prompt"):
+        load_prompt(path, tiny)

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import progress
+from . import hf_compat, progress
 from .errors import ModelLoadError
 from .hf_compat import drop_gguf_quantization
 
@@ -131,6 +131,11 @@ class BaseModel:
     @property
     def device(self) -> torch.device:
         return self.embedding.weight.device
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim): the shape of a deep prompt's per-layer prefix."""
+        return hf_compat.kv_layout(self.model.config)
 
     def refingerprint(self) -> None:
         """Recompute the fingerprint (after the weights of an ``empty=True`` load were filled in)."""

@@ -40,6 +40,21 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def kv_layout(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the decoder's key/value cache, from its config.
+
+    Families name these differently: Llama/Qwen/Gemma ``num_hidden_layers``,
+    ``num_key_value_heads`` (grouped-query) and ``head_dim`` (Gemma's is not hidden / heads);
+    GPT-2 ``n_layer`` / ``n_head`` / ``n_embd``."""
+    c = text_config(config)
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    return int(layers), int(kv_heads), int(head_dim)
+
+
 def decoder_layer_names(model: nn.Module) -> set[str]:
     """Class names of the model's decoder layers: transformers names them in ``_no_split_modules``
     (meant for device maps; the only place a model lists its layer class)."""

@@ -1,9 +1,16 @@
 """The prompt file: one ``.safetensors`` file with the prompt tensor and JSON metadata.
 
-Layout (format_version 1):
-    tensor  "prompt"        (P, d), float16 by default (bfloat16 if values overflow float16)
-    header  "format_version" "1"
+Layout:
+    tensor  "prompt"        (P, d): an input prompt (method "prompt"), format_version 1
+    tensor  "prefix"        (layers, 2, kv_heads, P, head_dim): a deep prompt (method "prefix"),
+                            per layer its keys ([:, 0]) and values ([:, 1]) as the attention cache
+                            holds them (keys after the rotary embedding); format_version 2
+    header  "format_version" "1" or "2"
     header  "softprompt"     JSON of :class:`PromptMeta`
+
+Tensors are float16 by default (bfloat16 if values overflow float16). An input prompt is still
+written as format 1, byte for byte as before (so older softprompt versions read it); format 2 adds
+``method`` and ``kv_layout`` to the metadata, and format-1 files load as ``method="prompt"``.
 
 safetensors is data only: loading a prompt file cannot run code. Files are written atomically
 (temp file + fsync + rename), so a crash never leaves a half-written prompt behind.
@@ -26,7 +33,16 @@ from ..base import BaseModel, sketch_similarity
 from ..errors import PromptFileError
 from ..tasks import TASK_KINDS, TaskKind
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest prompt-file format this version reads and writes."""
+PROMPT_METHODS = {
+    "prompt": "input prompt: P virtual-token embeddings (P, d) in front of the input (Lester et al.)",
+    "prefix": "deep prompt: P trained keys/values at every layer (prefix tuning, P-tuning v2)",
+}
+"""What a prompt file can hold, by ``PromptMeta.method``."""
+TENSOR_NAMES = {"prompt": "prompt", "prefix": "prefix"}
+METHOD_FORMAT = {"prompt": 1, "prefix": 2}
+"""The format version a prompt of each method is written as (the oldest that holds it)."""
 MAX_PROMPT_FILE_BYTES = 256 * 1024 * 1024
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TaskType = TaskKind
@@ -63,6 +79,10 @@ class PromptMeta:
     """Summary of how it was trained (steps, data, metrics...)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form fields (import provenance, ...)."""
+    method: str = "prompt"
+    """A key of :data:`PROMPT_METHODS`: "prompt" (input prompt) or "prefix" (deep prompt)."""
+    kv_layout: list[int] | None = None
+    """Deep prompts: [layers, kv_heads, head_dim] of the base model's attention cache."""
     created: str = ""
     softprompt_version: str = __version__
     format_version: int = FORMAT_VERSION
@@ -76,7 +96,8 @@ class PromptMeta:
 
 @dataclass
 class LoadedPrompt:
-    """A prompt read from disk: float32 tensor (P, d) plus its metadata."""
+    """A prompt read from disk: float32 tensor plus its metadata. The tensor is (P, d) for an
+    input prompt, (layers, 2, kv_heads, P, head_dim) for a deep prompt (``meta.method``)."""
 
     tensor: torch.Tensor
     meta: PromptMeta
@@ -142,19 +163,40 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return len(header).to_bytes(8, "little") + header + raw[8 + n :]
 
 
+def _fill_shape(tensor: torch.Tensor, meta: PromptMeta) -> None:
+    """Check ``tensor`` is the shape of ``meta.method`` and record it in ``meta``."""
+    if meta.method not in PROMPT_METHODS:
+        raise PromptFileError(f"unknown prompt method {meta.method!r}; choose one of {', '.join(PROMPT_METHODS)}")
+    if meta.method == "prompt":
+        if tensor.dim() != 2:
+            raise PromptFileError(f"an input prompt tensor must be (P, d), got shape {tuple(tensor.shape)}")
+        meta.length, meta.dim = int(tensor.shape[0]), int(tensor.shape[1])
+        meta.kv_layout = None
+        return
+    if tensor.dim() != 5 or tensor.shape[1] != 2 or tensor.shape[3] < 1:
+        raise PromptFileError(
+            f"a deep prompt tensor must be (layers, 2, kv_heads, P, head_dim), got shape {tuple(tensor.shape)}"
+        )
+    L, _, H, P, hd = (int(n) for n in tensor.shape)
+    meta.length, meta.kv_layout = P, [L, H, hd]
+
+
 def prompt_bytes(tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> bytes:
-    """Serialize a prompt (P, d) and its metadata to prompt-file bytes."""
-    if tensor.dim() != 2:
-        raise PromptFileError(f"a prompt tensor must be (P, d), got shape {tuple(tensor.shape)}")
+    """Serialize a prompt and its metadata to prompt-file bytes: an input prompt (P, d), or a deep
+    prompt (layers, 2, kv_heads, P, head_dim) when ``meta.method == "prefix"``."""
+    _fill_shape(tensor, meta)
     if not torch.isfinite(tensor).all():
         raise PromptFileError("refusing to save a prompt with NaN or infinite values")
     dtype = _storage_dtype(tensor, dtype)
-    meta.length, meta.dim = int(tensor.shape[0]), int(tensor.shape[1])
     meta.dtype = dtype
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    header = {"format_version": str(FORMAT_VERSION), "softprompt": json.dumps(asdict(meta), sort_keys=True)}
+    meta.format_version = METHOD_FORMAT[meta.method]
+    fields_ = asdict(meta)
+    if meta.format_version == 1:  # byte for byte the format-1 file older versions read
+        del fields_["method"], fields_["kv_layout"]
+    header = {"format_version": str(meta.format_version), "softprompt": json.dumps(fields_, sort_keys=True)}
     data = tensor.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
-    return safetensors_bytes({"prompt": data}, header)
+    return safetensors_bytes({TENSOR_NAMES[meta.method]: data}, header)
 
 
 def save_prompt(path: str | os.PathLike, tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> Path:
@@ -162,8 +204,9 @@ def save_prompt(path: str | os.PathLike, tensor: torch.Tensor, meta: PromptMeta,
 
     Args:
         path: destination ``.safetensors`` file.
-        tensor: the prompt, (P, d) (a :class:`~softprompt.prompt.SoftPrompt`'s ``weight``).
-        meta: its metadata; ``length``, ``dim`` and ``dtype`` are filled from the tensor.
+        tensor: the prompt: (P, d) (a :class:`~softprompt.prompt.SoftPrompt`'s ``weight``), or
+            (layers, 2, kv_heads, P, head_dim) for a deep prompt (``meta.method == "prefix"``).
+        meta: its metadata; the shape fields and ``dtype`` are filled from the tensor.
         dtype: storage dtype: "float16" (default), "bfloat16" or "float32".
     """
     atomic_write_bytes(path, prompt_bytes(tensor, meta, dtype))
@@ -200,6 +243,11 @@ def _meta_from_header(header: dict[str, str], where: str) -> PromptMeta:
         raise PromptFileError(f"{where}: corrupt metadata ({e})") from None
     if meta.task is not None and meta.task not in TASK_TYPES:
         raise PromptFileError(f"{where}: unknown task type {meta.task!r}")
+    if meta.method not in PROMPT_METHODS:
+        raise PromptFileError(f"{where}: unknown prompt method {meta.method!r}")
+    if version == 1 and meta.method != "prompt":
+        raise PromptFileError(f"{where}: a format-1 file can only hold an input prompt, metadata says {meta.method!r}")
+    meta.format_version = version
     return meta
 
 
@@ -228,13 +276,19 @@ def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
     """Parse prompt-file bytes (no base-model check); raises :class:`PromptFileError`."""
     tensors, header = read_safetensors(data, where)
     meta = _meta_from_header(header, where)
-    if set(tensors) != {"prompt"}:
-        raise PromptFileError(f"{where}: expected one tensor named 'prompt', found {sorted(tensors) or 'none'}")
-    t = tensors["prompt"]
-    if t.dim() != 2 or tuple(t.shape) != (meta.length, meta.dim):
-        raise PromptFileError(
-            f"{where}: prompt tensor has shape {tuple(t.shape)} but metadata says ({meta.length}, {meta.dim})"
-        )
+    name = TENSOR_NAMES[meta.method]
+    if set(tensors) != {name}:
+        raise PromptFileError(f"{where}: expected one tensor named {name!r}, found {sorted(tensors) or 'none'}")
+    t = tensors[name]
+    if meta.method == "prompt":
+        want = (meta.length, meta.dim)
+    else:
+        layout = meta.kv_layout
+        if not (isinstance(layout, list) and len(layout) == 3 and all(isinstance(n, int) and n > 0 for n in layout)):
+            raise PromptFileError(f"{where}: deep prompt metadata lacks a valid kv_layout [layers, kv_heads, head_dim]")
+        want = (layout[0], 2, layout[1], meta.length, layout[2])
+    if tuple(t.shape) != want:
+        raise PromptFileError(f"{where}: {name} tensor has shape {tuple(t.shape)} but metadata says {want}")
     if not t.is_floating_point() or not torch.isfinite(t).all():
         raise PromptFileError(f"{where}: prompt tensor holds non-finite or non-float values")
     return LoadedPrompt(t.to(torch.float32), meta)
@@ -250,6 +304,12 @@ def check_compatible(meta: PromptMeta, base: BaseModel, where: str = "prompt fil
         raise PromptFileError(
             f"{where}: prompt width {meta.dim} does not match base model {base.name!r} (width {base.dim}); "
             f"it was trained for {meta.base_model!r}"
+        )
+    if meta.method == "prefix" and list(meta.kv_layout or ()) != list(base.kv_layout):
+        (L, H, hd), (bL, bH, bhd) = meta.kv_layout, base.kv_layout
+        raise PromptFileError(
+            f"{where}: deep prompt for {L} layers x {H} kv heads x head dim {hd} does not match base model "
+            f"{base.name!r} ({bL} layers x {bH} kv heads x head dim {bhd}); it was trained for {meta.base_model!r}"
         )
     if meta.fingerprint == base.fingerprint or not strict:
         return
