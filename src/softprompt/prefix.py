@@ -17,7 +17,7 @@ Position ids are ``cumsum(mask) - 1``, so row i's source continues at position P
 - both: :func:`read_after` / :func:`prefill` read the rows' sources after their prefixes.
 
 Not here: the packed [prompt | text] path that runs prompt and text together (model.py ``pack``),
-label scoring after a source (scoring.py), per-layer (deep) prompts.
+label scoring after a source (scoring.py).
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ class PrefixKV:
         cache = pm.prefix_cache(prompt)
         layers = tuple((k[0].contiguous(), v[0].contiguous()) for k, v in cache_layers(cache))  # (H, P, hd) each
         return cls(layers, int(prompt.shape[0]))
+
+    @classmethod
+    def from_deep(cls, kv: torch.Tensor) -> "PrefixKV":
+        """A deep prompt's prefix as it is stored: ``kv`` (layers, 2, kv_heads, P, head_dim) holds
+        every layer's keys ([:, 0]) and values ([:, 1]) already; nothing runs through the model."""
+        layers = tuple((kv[i, 0].contiguous(), kv[i, 1].contiguous()) for i in range(kv.shape[0]))  # (H, P, hd)
+        return cls(layers, int(kv.shape[3]))
 
 
 @dataclass
