@@ -1,5 +1,6 @@
 """The prompt bank: the prompts a server holds, each checked against the base model and with its
-key/value prefix computed once, when it is loaded.
+key/value prefix computed once, when it is loaded (an input prompt runs through the model once; a
+deep prompt's stored tensor already is its prefix, so it loads without a model pass).
 
 Not here: batching (batching.py, scheduler.py) or HTTP (http/). Thread-safe: loads and unloads may
 come from any thread while the engine reads entries; an entry is immutable, so a request keeps the
@@ -11,12 +12,14 @@ from __future__ import annotations
 import re
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..artifact import MAX_PROMPT_FILE_BYTES, LoadedPrompt, PromptMeta, check_compatible, load_prompt, prompt_from_bytes
+from ..artifact import (
+    MAX_PROMPT_FILE_BYTES, LoadedPrompt, PromptMeta, check_compatible, load_prompt, prompt_bytes, prompt_from_bytes,
+)
 from ..data import TaskSpec
 from ..errors import DataError, PromptFileError
 from ..model import PromptedModel
@@ -49,7 +52,8 @@ class PromptEntry:
     """A loaded prompt: tensor, metadata, task spec, cached prefix and (classify) label tokens."""
 
     name: str
-    tensor: torch.Tensor  # (P, d) float32, on the model's device
+    tensor: torch.Tensor  # as stored, on the model's device: (P, d) float32, or a deep prompt's
+    # (layers, 2, kv_heads, P, head_dim) in the model's dtype (its prefix's layers are views of it)
     meta: PromptMeta
     spec: TaskSpec
     prefix: PrefixKV  # per layer (H, P, hd)
@@ -65,7 +69,7 @@ class PromptEntry:
         return {
             "name": self.name, "task": self.spec.kind, "length": self.length, "labels": self.spec.labels,
             "template": self.spec.template, "base_model": self.meta.base_model, "source": self.source,
-            "training": self.meta.training,
+            "training": self.meta.training, "method": self.meta.method, "shape": list(self.tensor.shape),
         }
 
 
@@ -163,10 +167,12 @@ class PromptBank:
         return self._add(name, loaded, "upload")
 
     def add_tensor(self, name: str, tensor: torch.Tensor, meta: PromptMeta) -> PromptEntry:
-        """Add an in-memory prompt (P, d) with its metadata (checked like a file)."""
+        """Add an in-memory prompt with its metadata (checked like a file): (P, d), or a deep
+        prompt (layers, 2, kv_heads, P, head_dim) when ``meta.method == "prefix"``."""
         check_name(name)
-        check_compatible(meta, self.pm.base, f"prompt {name!r}", strict=self.strict)
-        return self._add(name, LoadedPrompt(tensor.detach().to(torch.float32), meta), "memory")
+        loaded = prompt_from_bytes(prompt_bytes(tensor, replace(meta), "float32"), f"prompt {name!r}")  # as a file would be
+        check_compatible(loaded.meta, self.pm.base, f"prompt {name!r}", strict=self.strict)
+        return self._add(name, loaded, "memory")
 
     def unload(self, name: str) -> None:
         """Forget a prompt; requests already accepted for it still complete."""
@@ -192,9 +198,13 @@ class PromptBank:
                 check_label_ids(label_ids, self.limits, "its labels")
         except (DataError, InvalidRequestError) as e:
             raise PromptFileError(f"prompt {name!r}: {e}") from None
-        tensor = loaded.tensor.to(self.pm.base.device)  # (P, d)
-        with self._model_lock:
-            prefix = PrefixKV.compute(self.pm, tensor)
+        if meta.method == "prefix":  # the stored keys/values are the prefix: no model pass
+            tensor = loaded.tensor.to(self.pm.base.device, self.pm.lm.dtype)  # (layers, 2, H, P, hd)
+            prefix = PrefixKV.from_deep(tensor)
+        else:
+            tensor = loaded.tensor.to(self.pm.base.device)  # (P, d)
+            with self._model_lock:
+                prefix = PrefixKV.compute(self.pm, tensor)
         entry = PromptEntry(name, tensor, meta, spec, prefix, label_ids, source)
         with self._lock:
             self._entries[name] = entry

@@ -61,6 +61,9 @@ class PromptOut(BaseModel):
     base_model: str | None
     source: Literal["file", "upload", "memory"]
     training: dict[str, Any] | None
+    method: Literal["prompt", "prefix"] = Field("prompt", description="prompt: an input prompt (P, d); prefix: a deep "
+                                               "prompt, keys/values at every layer (layers, 2, kv_heads, P, head_dim)")
+    shape: list[int] = Field(default_factory=list, description="Shape of the stored prompt tensor.")
 
 
 class PromptListOut(BaseModel):
