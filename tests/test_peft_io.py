@@ -272,8 +272,10 @@ def good_config(**kw):
 BROKEN = {
     "lora": (lambda d: write_adapter(d, {"peft_type": "LORA", "r": 8}, {"x": torch.zeros(2)}),
              "PEFT type LORA is not supported"),
-    "prefix": (lambda d: write_adapter(d, good_config(peft_type="PREFIX_TUNING"), {PROMPT_KEY: torch.zeros(3, 256)}),
-               "prefix tuning stores per-layer keys/values"),
+    "prefix for another layout": (lambda d: write_adapter(d, good_config(peft_type="PREFIX_TUNING"), {PROMPT_KEY: torch.zeros(3, 256)}),
+                                  "token_dim=64, num_attention_heads=2 do not match base model"),
+    "adaption prompt": (lambda d: write_adapter(d, {"peft_type": "ADAPTION_PROMPT"}, {"x": torch.zeros(2)}),
+                        "adaption prompts are injected inside the attention layers"),
     "no peft_type": (lambda d: write_adapter(d, {"task_type": "CAUSAL_LM"}, {PROMPT_KEY: torch.zeros(3, 64)}),
                      "no peft_type"),
     "missing config": (lambda d: (d.mkdir(), d)[1], "no adapter_config.json"),

@@ -4,6 +4,7 @@ conversion to and from Hugging Face PEFT adapters.
 - ``prompt_file.py``  the prompt file: PromptMeta, save/load, checks against a base model
 - ``peft_adapter.py`` reading a PEFT prompt-learning adapter directory
 - ``peft.py``         prompt files <-> PEFT adapters (``softprompt.peft_io`` re-exports it)
+- ``peft_prefix.py``  deep prompts <-> PEFT PREFIX_TUNING adapters: the tensor layout
 """
 
 from .prompt_file import (  # noqa: F401
@@ -18,6 +19,8 @@ from .prompt_file import (  # noqa: F401
     atomic_write_bytes,
     safetensors_bytes,
     prompt_bytes,
+    tensor_shape,
+    shape_words,
     save_prompt,
     read_safetensors,
     prompt_from_bytes,

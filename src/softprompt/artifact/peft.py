@@ -16,8 +16,13 @@ does, so a prompt moves between the two without loss:
   checkpoint of ``prompt_encoder.state_dict()``) is run once through PEFT's own ``PromptEncoder``
   (this needs ``peft``).
 
-Not here: reading the PEFT files (peft_adapter.py); prefix tuning, LoRA and other PEFT methods (they
-do not prepend input embeddings), and encoder-decoder adapters (``num_transformer_submodules`` 2).
+A deep prompt (method "prefix") moves the same way as a ``PREFIX_TUNING`` adapter, its keys/values
+laid out as PEFT's ``get_prompt`` reads them (peft_prefix.py). A deep prompt cannot be a
+PROMPT_TUNING adapter, nor an input prompt a PREFIX_TUNING one: export refuses both in one line.
+
+Not here: reading the PEFT files (peft_adapter.py), the prefix-tuning layout (peft_prefix.py); LoRA
+and other PEFT methods (they neither prepend input embeddings nor keys/values), and encoder-decoder
+adapters (``num_transformer_submodules`` 2).
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ from ..errors import ConfigError, PromptFileError
 from ..hf_compat import text_config
 from .prompt_file import (
     STORAGE_DTYPES, LoadedPrompt, PromptMeta, atomic_write_bytes, check_compatible, load_prompt, safetensors_bytes,
-    save_prompt,
+    save_prompt, tensor_shape,
 )
 from .peft_adapter import (  # noqa: F401  (the PEFT format, re-exported)
     IMPORTERS, CONFIG_NAME, WEIGHTS_NAME, PROMPT_KEY, META_KEY, CAUSAL_LM, ENCODER_PARTS, UNSUPPORTED_REASONS,
     PEFT_INIT_NAMES, PeftAdapter, read_adapter_config, read_adapter, prompt_tuning_embeddings,
     p_tuning_embeddings, _check_shape_fields,
 )
+from .peft_prefix import DEEP_IMPORTERS, PREFIX_TUNING, prefix_config_dict, to_peft
 
 
 def _stored_meta(adapter: PeftAdapter) -> PromptMeta | None:
@@ -96,7 +102,8 @@ def import_peft(
     name: str | None = None,
     strict: bool = True,
 ) -> LoadedPrompt:
-    """Read a PEFT ``PROMPT_TUNING`` or ``P_TUNING`` adapter as a prompt for ``base``.
+    """Read a PEFT ``PROMPT_TUNING`` or ``P_TUNING`` adapter as an input prompt for ``base``, or a
+    ``PREFIX_TUNING`` adapter as a deep prompt (method "prefix").
 
     The fingerprint comes from ``base`` (PEFT records only a model name, kept in
     ``meta.extra["peft"]["base_model_name_or_path"]``). Task type, template, labels and verbalizer
@@ -110,24 +117,14 @@ def import_peft(
         template, labels, verbalizer, name: task metadata to record.
         strict: refuse an exported adapter whose stored fingerprint is another model's.
     Returns:
-        A :class:`LoadedPrompt` with the (P, d) float32 tensor; ``meta.dtype`` is the adapter's own
-        storage dtype, so :func:`save_imported` writes it without rounding.
+        A :class:`LoadedPrompt` with the float32 tensor, (P, d) or (layers, 2, kv_heads, P, head_dim);
+        ``meta.dtype`` is the adapter's own storage dtype, so :func:`save_imported` writes it without rounding.
     Raises:
         PromptFileError: unsupported PEFT type or an inconsistent adapter (one line each).
     """
-    config = read_adapter_config(adapter_dir)
-    where = Path(adapter_dir) / CONFIG_NAME
-    ptype = str(config.get("peft_type") or "")
-    if not ptype:
-        raise PromptFileError(f"{where}: no peft_type (not a PEFT adapter config)")
-    if ptype not in IMPORTERS:
-        reason = UNSUPPORTED_REASONS.get(ptype, "it does not prepend virtual tokens to the input")
-        raise PromptFileError(
-            f"{where}: PEFT type {ptype} is not supported ({reason}); softprompt imports {' and '.join(IMPORTERS)}"
-        )
-    adapter = read_adapter(adapter_dir, config)  # after the type check: a LoRA file may be large
-    P, d = _check_shape_fields(adapter, base)
-    tensor = IMPORTERS[ptype](adapter, P, d)  # (P, d) float32
+    adapter, tensor, method = _read_prompt(adapter_dir, base)
+    ptype = adapter.peft_type
+    P = int(tensor.shape[0] if method == "prompt" else tensor.shape[3])
     stored = _stored_meta(adapter)
     if stored is not None:
         check_compatible(stored, base, str(adapter.path), strict=strict)
@@ -147,9 +144,32 @@ def import_peft(
         name=name if name is not None else (stored.name if stored else None),
         training=dict(stored.training) if stored else {},
         extra=extra,
+        method=method,
+        kv_layout=list(base.kv_layout) if method == "prefix" else None,
     )
     meta.dtype = stored.dtype if stored is not None and stored.dtype in STORAGE_DTYPES else src_dtype
     return LoadedPrompt(tensor, meta, None)
+
+
+def _read_prompt(adapter_dir: str | os.PathLike, base: BaseModel) -> tuple[PeftAdapter, torch.Tensor, str]:
+    """Read an adapter and its prompt for ``base``: ``(adapter, float32 tensor, method)``."""
+    config = read_adapter_config(adapter_dir)
+    where = Path(adapter_dir) / CONFIG_NAME
+    ptype = str(config.get("peft_type") or "")
+    if not ptype:
+        raise PromptFileError(f"{where}: no peft_type (not a PEFT adapter config)")
+    if ptype not in IMPORTERS and ptype not in DEEP_IMPORTERS:
+        reason = UNSUPPORTED_REASONS.get(ptype, "it prepends neither virtual tokens nor keys/values")
+        known = [*IMPORTERS, *DEEP_IMPORTERS]
+        raise PromptFileError(
+            f"{where}: PEFT type {ptype} is not supported ({reason}); softprompt imports "
+            f"{', '.join(known[:-1])} and {known[-1]}"
+        )
+    adapter = read_adapter(adapter_dir, config)  # after the type check: a LoRA file may be large
+    if ptype in DEEP_IMPORTERS:
+        return adapter, DEEP_IMPORTERS[ptype](adapter, base), "prefix"  # (layers, 2, kv_heads, P, head_dim)
+    P, d = _check_shape_fields(adapter, base)
+    return adapter, IMPORTERS[ptype](adapter, P, d), "prompt"  # (P, d)
 
 
 def save_imported(loaded: LoadedPrompt, path: str | os.PathLike, dtype: str | None = None) -> Path:
@@ -228,6 +248,19 @@ def _local_model_config(name: str) -> Any:
         return None
 
 
+PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": PREFIX_TUNING}
+"""The PEFT adapter type each prompt method exports as."""
+
+
+def _check_peft_type(meta: PromptMeta, peft_type: str | None, where: str) -> None:
+    """Refuse, in one line, a PEFT type that cannot hold a prompt of this method."""
+    own = PEFT_TYPES[meta.method]
+    if peft_type not in (None, own):
+        what = ("a deep prompt (method 'prefix') holds keys/values at every layer, not input embeddings"
+                if meta.method == "prefix" else "an input prompt (method 'prompt') holds input embeddings, not keys/values")
+        raise PromptFileError(f"{where}: {what}, so it cannot be a PEFT {peft_type} adapter; export it as {own}")
+
+
 def export_peft(
     prompt: str | os.PathLike | LoadedPrompt,
     out_dir: str | os.PathLike,
@@ -236,8 +269,10 @@ def export_peft(
     base_model_name: str | None = None,
     model_config: Any = None,
     strict: bool = True,
+    peft_type: str | None = None,
 ) -> Path:
-    """Write a prompt as a PEFT PROMPT_TUNING adapter directory (``peft`` not needed).
+    """Write a prompt as a PEFT adapter directory (``peft`` not needed): an input prompt as
+    PROMPT_TUNING, a deep prompt as PREFIX_TUNING.
 
     ``peft.PeftModel.from_pretrained(base_model, out_dir)`` then prepends exactly this prompt.
 
@@ -250,21 +285,29 @@ def export_peft(
         model_config: an HF config to take num_layers / num_attention_heads from when ``base`` is
             None (default: the prompt's base model's config, if it is available locally).
         strict: with ``base``, refuse a prompt whose fingerprint is another model's.
+        peft_type: "PROMPT_TUNING" or "PREFIX_TUNING"; None: the prompt's own (:data:`PEFT_TYPES`);
+            the other one is refused.
     Returns:
         The adapter directory.
     """
     loaded = prompt if isinstance(prompt, LoadedPrompt) else load_prompt(prompt)
     meta = loaded.meta
     where = str(loaded.path or "prompt")
-    if tuple(loaded.tensor.shape) != (meta.length, meta.dim):
+    _check_peft_type(meta, peft_type, where)
+    if tuple(loaded.tensor.shape) != tensor_shape(meta):
         raise PromptFileError(f"{where}: tensor shape {tuple(loaded.tensor.shape)} does not match its metadata")
     if base is not None:
         check_compatible(meta, base, where, strict=strict)
         model_config = base.model.config
-    elif model_config is None:
-        model_config = _local_model_config(meta.base_model)
-    config = peft_config_dict(meta, base_model_name=base_model_name, model_config=model_config)
-    tensor = loaded.tensor.detach().to("cpu", torch.float32).contiguous()  # (P, d): exact for fp16/bf16 sources
+    tensor = loaded.tensor.detach().to("cpu", torch.float32)  # exact for fp16/bf16 sources
+    if meta.method == "prefix":  # (layers, 2, kv_heads, P, head_dim) -> (P, layers * 2 * kv_heads * head_dim)
+        config = prefix_config_dict(meta, base_model_name or peft_base_name(meta.base_model))
+        tensor = to_peft(tensor)
+    else:  # (P, d) as it is
+        if base is None and model_config is None:
+            model_config = _local_model_config(meta.base_model)
+        config = peft_config_dict(meta, base_model_name=base_model_name, model_config=model_config)
+    tensor = tensor.contiguous()
     header = {"format": "pt", META_KEY: json.dumps(asdict(meta), sort_keys=True)}
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

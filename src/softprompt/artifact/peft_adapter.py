@@ -31,7 +31,6 @@ ENCODER_PARTS = ("embedding", "mlp_head", "lstm_head")
 """Top-level submodules of PEFT's p-tuning ``PromptEncoder``."""
 
 UNSUPPORTED_REASONS: dict[str, str] = {
-    "PREFIX_TUNING": "prefix tuning stores per-layer keys/values, not input embeddings",
     "MULTITASK_PROMPT_TUNING": "multitask prompt tuning stores a shared prompt plus per-task factors",
     "ADAPTION_PROMPT": "adaption prompts are injected inside the attention layers",
     "CPT": "context-aware prompt tuning mixes token ids and learned deltas",
@@ -123,8 +122,8 @@ def read_adapter(adapter_dir: str | os.PathLike, config: dict[str, Any] | None =
     return PeftAdapter(d, config, tensors, header)
 
 
-def _check_shape_fields(adapter: PeftAdapter, base: BaseModel) -> tuple[int, int]:
-    """Check the config's shape fields against each other and ``base``; returns (P, d)."""
+def check_task_fields(adapter: PeftAdapter) -> int:
+    """Check the config is a decoder-only causal-LM adapter with a valid P; returns P."""
     cfg, where = adapter.config, adapter.path / CONFIG_NAME
     task = cfg.get("task_type")
     if task not in (None, CAUSAL_LM):
@@ -136,9 +135,16 @@ def _check_shape_fields(adapter: PeftAdapter, base: BaseModel) -> tuple[int, int
         raise PromptFileError(
             f"{where}: num_transformer_submodules is {subm}; only decoder-only adapters (1) can be imported"
         )
-    P, d = adapter.num_virtual_tokens, adapter.token_dim
+    P = adapter.num_virtual_tokens
     if not isinstance(P, int) or isinstance(P, bool) or P < 1:
         raise PromptFileError(f"{where}: num_virtual_tokens must be a positive integer, got {P!r}")
+    return P
+
+
+def _check_shape_fields(adapter: PeftAdapter, base: BaseModel) -> tuple[int, int]:
+    """Check the config's shape fields against each other and ``base``; returns (P, d)."""
+    cfg, where = adapter.config, adapter.path / CONFIG_NAME
+    P, d = check_task_fields(adapter), adapter.token_dim
     if d is not None and (not isinstance(d, int) or isinstance(d, bool)):
         raise PromptFileError(f"{where}: token_dim must be an integer, got {d!r}")
     d = base.dim if d is None else d

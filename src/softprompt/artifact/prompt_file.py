@@ -181,6 +181,22 @@ def _fill_shape(tensor: torch.Tensor, meta: PromptMeta) -> None:
     meta.length, meta.kv_layout = P, [L, H, hd]
 
 
+def tensor_shape(meta: PromptMeta) -> tuple[int, ...]:
+    """The prompt tensor's shape its metadata says: (P, d), or (layers, 2, kv_heads, P, head_dim)."""
+    if meta.method == "prefix" and meta.kv_layout:
+        L, H, hd = meta.kv_layout
+        return (L, 2, H, meta.length, hd)
+    return (meta.length, meta.dim)
+
+
+def shape_words(meta: PromptMeta) -> str:
+    """The prompt's shape for people, e.g. "deep prompt: 24 layers x 2 x 3 kv heads x 20 virtual tokens x 64 dims"."""
+    if meta.method == "prefix" and meta.kv_layout:
+        L, H, hd = meta.kv_layout
+        return f"deep prompt: {L} layers x 2 (keys, values) x {H} kv heads x {meta.length} virtual tokens x {hd} head dims"
+    return f"input prompt: {meta.length} virtual tokens x {meta.dim} dims"
+
+
 def prompt_bytes(tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> bytes:
     """Serialize a prompt and its metadata to prompt-file bytes: an input prompt (P, d), or a deep
     prompt (layers, 2, kv_heads, P, head_dim) when ``meta.method == "prefix"``."""

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from ..artifact import LoadedPrompt, load_prompt
+from ..artifact import LoadedPrompt, load_prompt, shape_words
 
 
 def _export_peft(loaded: LoadedPrompt, args: argparse.Namespace) -> Path:
@@ -18,7 +18,7 @@ def _export_peft(loaded: LoadedPrompt, args: argparse.Namespace) -> Path:
 
         base = load_base_model(args.model)
     return export_peft(loaded, args.out, base=base, base_model_name=args.base_model_name,
-                       strict=not args.allow_other_base)
+                       strict=not args.allow_other_base, peft_type=args.peft_type)
 
 
 def _export_vllm(loaded: LoadedPrompt, args: argparse.Namespace) -> Path:
@@ -38,13 +38,17 @@ EXPORT_WHAT = {"peft": "adapter", "vllm": "prompt_embeds files"}
 def register(sub) -> None:
     p = sub.add_parser(
         "export", help="export a prompt file to another format (a PEFT adapter, vLLM prompt_embeds files)",
-        description="Write a prompt file as a Hugging Face PEFT PROMPT_TUNING adapter directory "
-                    "(adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained loads, "
-                    "or (--format vllm) prompt.safetensors + prompt.json for building vLLM prompt_embeds.",
+        description="Write a prompt file as a Hugging Face PEFT adapter directory (adapter_config.json + "
+                    "adapter_model.safetensors) that peft.PeftModel.from_pretrained loads: PROMPT_TUNING for an input "
+                    "prompt, PREFIX_TUNING for a deep prompt; or (--format vllm, input prompts only) "
+                    "prompt.safetensors + prompt.json for building vLLM prompt_embeds.",
     )
     p.add_argument("file", help="a .safetensors prompt file")
     p.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="peft", help="output format (default: peft)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--peft-type", choices=["PROMPT_TUNING", "PREFIX_TUNING"], default=None,
+                   help="PEFT adapter type (default: the prompt's own: PROMPT_TUNING for an input prompt, "
+                        "PREFIX_TUNING for a deep prompt; the other is refused)")
     p.add_argument("--model", default=None,
                    help="check the prompt against this base model (hub id or folder) and take num_layers/"
                         "num_attention_heads from it; default: the prompt's base model's config if available locally")
@@ -60,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_prompt(args.file)
     out = EXPORT_FORMATS[args.format](loaded, args)
     m = loaded.meta
-    print(f"wrote {args.format} {EXPORT_WHAT[args.format]} {out} ({m.length} virtual tokens x {m.dim} dims, base {m.base_model})")
+    print(f"wrote {args.format} {EXPORT_WHAT[args.format]} {out} ({shape_words(m)}, base {m.base_model})")
     return 0

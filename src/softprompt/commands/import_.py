@@ -1,19 +1,19 @@
-"""``softprompt import DIR --out FILE``: a PEFT prompt-tuning / P-tuning adapter -> a prompt file."""
+"""``softprompt import DIR --out FILE``: a PEFT prompt-tuning / P-tuning / prefix-tuning adapter -> a prompt file."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..artifact import STORAGE_DTYPES
+from ..artifact import STORAGE_DTYPES, shape_words
 from ..errors import ConfigError
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "import", help="import a PEFT prompt-tuning or P-tuning adapter as a prompt file",
-        description="Read a Hugging Face PEFT PROMPT_TUNING or P_TUNING adapter directory and write a prompt "
-                    "file for --model (default: the default model; the adapter's own base_model_name_or_path is "
+        "import", help="import a PEFT prompt-tuning, P-tuning or prefix-tuning adapter as a prompt file",
+        description="Read a Hugging Face PEFT PROMPT_TUNING or P_TUNING adapter directory (an input prompt) or "
+                    "PREFIX_TUNING adapter directory (a deep prompt) and write a prompt file for --model (default: the default model; the adapter's own base_model_name_or_path is "
                     "recorded in extra.peft, not loaded). PEFT does not store the task, so give it here.",
     )
     p.add_argument("adapter", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
@@ -61,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: the adapter names base model {stated!r}; the prompt was fingerprinted on {base.name!r} "
               "(pass --model to choose)", file=sys.stderr)
     m = loaded.meta
-    print(f"imported {info['peft_type']} adapter {args.adapter} ({m.length} virtual tokens x {m.dim} dims) "
+    print(f"imported {info['peft_type']} adapter {args.adapter} ({shape_words(m)}) "
           f"-> {path} for {base.name} (stored as {m.dtype})")
     return 0

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ..artifact import load_prompt
+from ..artifact import PROMPT_METHODS, load_prompt, shape_words
 
 
 def register(sub) -> None:
@@ -18,13 +18,16 @@ def register(sub) -> None:
 
 
 def describe(path: str) -> dict:
-    """Metadata of a prompt file as a plain dict, plus its size and tensor statistics."""
+    """Metadata of a prompt file as a plain dict, plus its size, tensor shape and statistics
+    (``norm_mean``: mean L2 norm of a virtual token's embedding, or of a deep prompt's key/value vectors)."""
     loaded = load_prompt(path)
     info = asdict(loaded.meta)
     info.pop("sketch", None)
-    t = loaded.tensor
+    t = loaded.tensor  # (P, d) or (layers, 2, kv_heads, P, head_dim)
     info["file_bytes"] = Path(path).stat().st_size
-    info["norm_mean"] = round(float(t.norm(dim=1).mean()), 4)
+    info["shape"] = list(t.shape)
+    info["shape_words"] = shape_words(loaded.meta)
+    info["norm_mean"] = round(float(t.norm(dim=-1).mean()), 4)
     return info
 
 
@@ -38,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         ("name", info.get("name") or "-"),
         ("task", info.get("task") or "-"),
         ("base model", f"{info['base_model']} (fingerprint {info['fingerprint'][:12]})"),
-        ("prompt", f"{info['length']} virtual tokens x {info['dim']} dims, stored as {info['dtype']}"),
+        ("method", f"{info['method']} ({PROMPT_METHODS[info['method']]})"),
+        ("prompt", f"{info['shape_words'].split(': ', 1)[1]}, stored as {info['dtype']}"),
         ("template", json.dumps(info["template"]) if info.get("template") else "-"),
     ]
     if info.get("labels"):
