@@ -146,6 +146,24 @@ def test_reference_can_fail(model_root):
         assert (got - torch.tensor(scores)).abs().max() > 1e-3
 
 
+def test_deep_prompt_of_an_input_prompts_keys_values_serves_like_that_prompt(model_root):
+    """An input prompt's prefix saved as a deep prompt is the same prompt: same scores, same tokens."""
+    from softprompt.prefix import PrefixKV
+
+    base = soft_base(model_root / "gemma", "gemma")
+    with Engine(base, EngineConfig(max_wait_ms=0)) as eng:
+        add_input(eng)
+        for name in ("topic", "gen"):
+            e = eng.bank.get(name)
+            kv = torch.stack([torch.stack([k, v]) for k, v in PrefixKV.compute(eng.pm, e.tensor).layers])  # (L, 2, H, P, hd)
+            eng.bank.add_tensor(f"deep-{name}", kv, deep_meta(base, e.length, e.spec.kind, e.spec.labels))
+        for text in TEXTS[:2]:
+            a, b = eng.classify(text, "topic"), eng.classify(text, "deep-topic")
+            torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=1e-5, atol=1e-5)
+            kw = {"max_new_tokens": 6, "temperature": 1.0, "seed": 3}
+            assert eng.generate(text, "gen", **kw).token_ids == eng.generate(text, "deep-gen", **kw).token_ids
+
+
 def mixed_requests() -> list:
     reqs = []
     for i, text in enumerate(TEXTS):
@@ -235,3 +253,15 @@ def test_deep_prompt_uploads_over_http_like_any_prompt_file(tiny, tmp_path):
             assert r.status_code == 200 and r.json()["label"] in TOPICS
     finally:
         srv.stop()
+
+
+def test_deep_prompt_on_a_bfloat16_model_is_cached_in_its_dtype(tiny_dir):
+    from softprompt import load_base_model
+
+    base = load_base_model(str(tiny_dir), dtype="bfloat16")
+    with Engine(base, EngineConfig(max_wait_ms=0)) as eng:
+        add_deep(eng)
+        e = eng.bank.get("deep-topic")
+        assert e.tensor.dtype == torch.bfloat16 and e.prefix.layers[0][0].dtype == torch.bfloat16
+        assert eng.classify("shares fell", ["deep-topic"]).label in TOPICS
+        assert len(eng.generate("shares fell", "deep-gen", max_new_tokens=3).token_ids) <= 3

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         ("name", info.get("name") or "-"),
         ("task", info.get("task") or "-"),
         ("base model", f"{info['base_model']} (fingerprint {info['fingerprint'][:12]})"),
-        ("method", f"{info['method']} ({PROMPT_METHODS[info['method']]})"),
+        ("method", f"{info['method']} ({PROMPT_METHODS[info['method']].split(':')[0]})"),  # "prefix (deep prompt)"
         ("prompt", f"{info['shape_words'].split(': ', 1)[1]}, stored as {info['dtype']}"),
         ("template", json.dumps(info["template"]) if info.get("template") else "-"),
     ]
