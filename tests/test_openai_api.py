@@ -12,6 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from softprompt.serve.errors import InputTooLongError, InvalidRequestError, QueueFullError, RequestTimeoutError
+from softprompt.serve.http.openai_schemas import openai_error
+
 from test_serve_http import serve, write_prompts
 from test_serve_engine import soft_base
 
@@ -220,6 +223,17 @@ def test_api_key_and_overload(base, tmp_path):
         assert e.value.type == "server_error"
     finally:
         srv.stop()
+
+
+def test_overload_and_timeouts_map_to_openais_statuses():
+    """Queue full and timeouts keep the native statuses (429, 503) in OpenAI's shape (pure)."""
+    for error, status, kind, code in [(QueueFullError("the queue is full (--max-queue 2)"), 429, "rate_limit_error", "queue_full"),
+                                      (RequestTimeoutError("no answer"), 503, "server_error", "timeout"),
+                                      (InvalidRequestError("the input text is empty"), 400, "invalid_request_error",
+                                       "invalid_request")]:
+        assert openai_error(error, "/v1/completions") == (status, {"error": {
+            "message": str(error), "type": kind, "param": None, "code": code}})
+    assert openai_error(InputTooLongError("long"), "/v1/chat/completions")[1]["error"]["param"] == "messages"
 
 
 def test_readme_openai_example_runs(server, capsys):
