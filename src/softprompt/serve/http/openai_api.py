@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...version import __version__
@@ -338,8 +338,10 @@ def _route_errors(app: FastAPI, limits: EngineConfig) -> None:
         app.exception_handlers[cls] = _dispatch(native, limits)
 
 
-def _dispatch(native, limits: EngineConfig):
-    async def handler(request: Request, exc: Exception):
+def _dispatch(native: Callable, limits: EngineConfig) -> Callable:
+    """An exception handler: OpenAI's error shape on the OpenAI routes, ``native`` elsewhere."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
         path = request.url.path
         if not is_openai_path(path):
             return await native(request, exc)

@@ -58,7 +58,8 @@ def openai_error(error: BaseException, path: str) -> tuple[int, dict]:
         param, code = "model", "model_not_found"
     elif isinstance(error, InputTooLongError) and param is None:
         param = "messages" if path.endswith("/chat/completions") else "prompt"
-    return (400 if status == 422 else status), openai_error_body(400 if status == 422 else status, code, message, param)
+    status = 400 if status == 422 else status
+    return status, openai_error_body(status, code, message, param)
 
 
 FLAGS = {"prompt": "--max-input-tokens", "messages": "--max-input-tokens", "max_tokens": "--max-new-tokens",
