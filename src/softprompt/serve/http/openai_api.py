@@ -198,7 +198,8 @@ def render_chat(engine: Engine, messages: list, classify: bool) -> str:
 
 def _completion_routes(app: FastAPI, engine: Engine, limits: EngineConfig) -> None:
     """POST /v1/completions, /v1/chat/completions."""
-    CompletionBody, ChatBody = completion_body(limits), chat_body(limits)  # noqa: N806
+    base = engine.pm.base.name
+    CompletionBody, ChatBody = completion_body(limits, base), chat_body(limits, base)  # noqa: N806
     ok = {"content": {"text/event-stream": {"schema": OPENAI_SSE}},
           "description": "JSON, or server-sent events when stream is true"}
     responses = {**documented(400, 401, 404, 413, 429, 503), 200: ok}

@@ -132,13 +132,13 @@ class TextPart(BaseModel):
     text: str
 
 
-def _common(limits: EngineConfig) -> dict[str, Any]:
-    """The fields completions and chat share."""
+def _common(limits: EngineConfig, base: str) -> dict[str, Any]:
+    """The fields completions and chat share (``base``: the base model's id, the example model)."""
     Stop = Annotated[str, Field(min_length=1, max_length=limits.max_stop_chars)]  # noqa: N806
     refused = "Accepted only as {} (the default); anything else is a 400."
     return dict(
-        model=(str, Field(min_length=1, max_length=1024, description="A loaded prompt's name, or the base model's "
-                          "id (no prompt); see GET /v1/models.")),
+        model=(str, Field(min_length=1, max_length=1024, examples=[base], description="A loaded prompt's name, or "
+                          "the base model's id (no prompt); see GET /v1/models.")),
         temperature=(float | None, Field(None, ge=0, le=100, description="Default 1 (as OpenAI); 0 = greedy.")),
         top_p=(float | None, Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1).")),
         stop=(Stop | Annotated[list[Stop], Field(max_length=limits.max_stop)] | None, Field(
@@ -154,13 +154,13 @@ def _common(limits: EngineConfig) -> dict[str, Any]:
     )
 
 
-def completion_body(limits: EngineConfig) -> type[BaseModel]:
+def completion_body(limits: EngineConfig, base: str) -> type[BaseModel]:
     """``POST /v1/completions``'s body, with ``limits`` in its schema."""
     Text = Annotated[str, Field(max_length=CHARS_PER_TOKEN_LIMIT * limits.max_input_tokens)]  # noqa: N806
     return create_model(
         "CompletionBody", __config__=ConfigDict(extra="forbid"),
         __doc__="An OpenAI completion request; fields not listed are refused (400 naming the field).",
-        **_common(limits),
+        **_common(limits, base),
         prompt=(Text | list[Text], Field(description="The input (a list of one string is accepted too).")),
         max_tokens=(int | None, Field(None, ge=1, le=limits.max_new_tokens, description=f"Most tokens to "
                                       f"generate (default {limits.default_new_tokens}, at most --max-new-tokens).")),
@@ -172,7 +172,7 @@ def completion_body(limits: EngineConfig) -> type[BaseModel]:
     )
 
 
-def chat_body(limits: EngineConfig) -> type[BaseModel]:
+def chat_body(limits: EngineConfig, base: str) -> type[BaseModel]:
     """``POST /v1/chat/completions``'s body, with ``limits`` in its schema."""
     Text = Annotated[str, Field(max_length=CHARS_PER_TOKEN_LIMIT * limits.max_input_tokens)]  # noqa: N806
     message = create_model(
@@ -186,7 +186,7 @@ def chat_body(limits: EngineConfig) -> type[BaseModel]:
     return create_model(
         "ChatCompletionBody", __config__=ConfigDict(extra="forbid"),
         __doc__="An OpenAI chat completion request; fields not listed are refused (400 naming the field).",
-        **_common(limits),
+        **_common(limits, base),
         messages=(Annotated[list[message], Field(min_length=1)], Field(description="The conversation, rendered "
                   "with the tokenizer's chat template; a classification prompt takes one user message.")),
         max_tokens=(int | None, tokens),
