@@ -84,6 +84,8 @@ def test_sample_next_pure():
     g = torch.Generator().manual_seed(0)
     # top_p tiny keeps only the best token even when sampling
     assert sample_next(logits, 1.0, 1e-6, [g, g]).tolist() == [1, 0]
+    # ... and a top_p below float32's smallest number (it rounds to 0 against the probabilities)
+    assert sample_next(logits, 32.5, 5e-324, [g, g]).tolist() == [1, 0]
 
 
 def test_padding_and_stops_pure():

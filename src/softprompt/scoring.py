@@ -132,6 +132,7 @@ def sample_next(
         if tops[i] < 1.0:
             sp, si = probs.sort(descending=True)
             keep = sp.cumsum(0) - sp < tops[i]  # smallest set with mass >= top_p
+            keep[0] = True  # the likeliest token always (a top_p below float32's range, e.g. 5e-324, keeps none)
             probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
         g = gens[i]
         out[i] = torch.multinomial(probs.cpu(), 1, generator=g)[0]

@@ -6,6 +6,7 @@ import time
 from fastapi.responses import JSONResponse
 
 from .errors import error_body
+from .openai_schemas import is_openai_path, openai_error_body
 
 
 class Guard:
@@ -37,7 +38,7 @@ class Guard:
             refusal = self._refusal(scope)
             body = b""
             if refusal is None:
-                body, refusal = await self._read_body(receive)
+                body, refusal = await self._read_body(receive, scope)
             if refusal is not None:
                 return await refusal(scope, receive, send_status)
             replayed = False
@@ -61,27 +62,34 @@ class Guard:
             auth = headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), self.key):
-                return JSONResponse(error_body("unauthorized", "missing or wrong API key (Authorization: Bearer KEY)"),
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return _refuse(scope, 401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)",
+                               {"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return self._too_large()
+            return self._too_large(scope)
         return None
 
-    async def _read_body(self, receive) -> tuple[bytes, JSONResponse | None]:
+    async def _read_body(self, receive, scope) -> tuple[bytes, JSONResponse | None]:
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # client gone
-                return b"", JSONResponse(error_body("disconnected", "client disconnected"), status_code=400)
+                return b"", _refuse(scope, 400, "disconnected", "client disconnected")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return b"", self._too_large()
+                return b"", self._too_large(scope)
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks), None
 
-    def _too_large(self) -> JSONResponse:
-        return JSONResponse(error_body("too_large", f"request body larger than --max-upload-bytes {self.max_body}"),
-                            status_code=413)
+    def _too_large(self, scope) -> JSONResponse:
+        return _refuse(scope, 413, "too_large", f"request body larger than --max-upload-bytes {self.max_body}")
+
+
+def _refuse(scope, status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """An error answered by the guard, in the error shape of the route asked for (OpenAI's on the
+    OpenAI-compatible routes)."""
+    if is_openai_path(scope.get("path", "")):
+        return JSONResponse(openai_error_body(status, kind, message), status_code=status, headers=headers)
+    return JSONResponse(error_body(kind, message), status_code=status, headers=headers)

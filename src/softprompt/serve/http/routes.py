@@ -14,6 +14,11 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
     DELETE /v1/prompts/{name}      unload
     GET    /healthz, /metrics
 
+OpenAI-compatible (openai_api.py; errors in OpenAI's shape there):
+
+    GET    /v1/models, /v1/models/{model}      the base model and every loaded prompt
+    POST   /v1/completions, /v1/chat/completions
+
 Errors are ``{"error": {"type": ..., "message": ...}}`` with the status from :data:`STATUS`.
 """
 
@@ -41,6 +46,7 @@ from ..schemas import (
 from .bridge import SSE_EVENT, classify_out, generate_out, run_jobs, sse
 from .errors import COMMON, documented, install_handlers
 from .guard import Guard
+from .openai_api import mount_openai
 
 
 def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
@@ -53,6 +59,7 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
     _inference_routes(app, engine, config)
     _prompt_routes(app, engine, config)
     _ops_routes(app, engine)
+    mount_openai(app, engine, config)  # /v1/models, /v1/completions, /v1/chat/completions
     _fix_openapi(app)
     return app
 
@@ -206,8 +213,10 @@ def _fix_openapi(app: FastAPI) -> None:
                         del op["responses"]["422"]
             for name in ("HTTPValidationError", "ValidationError"):
                 doc["components"]["schemas"].pop(name, None)
-            seed = doc["components"]["schemas"]["GenerateBody"]["properties"]["seed"]["anyOf"][0]
-            seed["minimum"], seed["maximum"] = SEED_MIN, SEED_MAX
+            for body in doc["components"]["schemas"].values():  # GenerateBody, the OpenAI bodies
+                if "anyOf" in body.get("properties", {}).get("seed", {}):
+                    seed = body["properties"]["seed"]["anyOf"][0]
+                    seed["minimum"], seed["maximum"] = SEED_MIN, SEED_MAX
         return app.openapi_schema
 
     app.openapi = openapi
