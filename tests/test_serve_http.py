@@ -254,7 +254,13 @@ def test_full_queue_429_slow_request_503_and_recovery(base, prompts_dir):
                         break
                     time.sleep(0.01)
                 futs += [post(i) for i in range(1, 8)]  # 2 wait in the queue, 5 find it full
-                time.sleep(1.0)  # past --request-timeout
+                # wait for the 5 refusals and the 2 queued (a fixed sleep raced a loaded machine), then
+                # past --request-timeout
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not (
+                        sum(f.done() for f in futs) >= 5 and srv.engine.queue_depth >= 2):
+                    time.sleep(0.01)
+                time.sleep(0.6)
             for f in futs:
                 f.result()
         codes = sorted(f.result().status_code for f in futs)
