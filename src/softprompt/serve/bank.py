@@ -81,11 +81,13 @@ class PromptBank:
         model_lock: held while a prefix is computed (the engine holds it while running batches).
         limits: the server's limits a prompt's own labels must keep (``--max-labels``,
             ``--max-label-tokens``); None: no limits.
+        prefixer: ``(name, tensor, meta) -> PrefixKV`` when another process runs the model
+            (``--backend vllm``): the bank then never runs the model; None: compute the prefix here.
     """
 
     def __init__(self, pm: PromptedModel, directory: str | Path | None = None, *, strict: bool = True,
                  max_spec_length: int = 4096, model_lock: threading.Lock | None = None,
-                 limits: EngineConfig | None = None):
+                 limits: EngineConfig | None = None, prefixer=None):
         self.pm = pm
         self.directory = Path(directory) if directory is not None else None
         self.strict = strict
@@ -93,6 +95,7 @@ class PromptBank:
         self._lock = threading.Lock()
         self._model_lock = model_lock or nullcontext()
         self.limits = limits
+        self.prefixer = prefixer
         self._entries: dict[str, PromptEntry] = {}
 
     # -- reading
@@ -193,8 +196,11 @@ class PromptBank:
         except (DataError, InvalidRequestError) as e:
             raise PromptFileError(f"prompt {name!r}: {e}") from None
         tensor = loaded.tensor.to(self.pm.base.device)  # (P, d)
-        with self._model_lock:
-            prefix = PrefixKV.compute(self.pm, tensor)
+        if self.prefixer is not None:  # the model runs elsewhere (vLLM): it checks and wraps the rows
+            prefix = self.prefixer(name, tensor, meta)
+        else:
+            with self._model_lock:
+                prefix = PrefixKV.compute(self.pm, tensor)
         entry = PromptEntry(name, tensor, meta, spec, prefix, label_ids, source)
         with self._lock:
             self._entries[name] = entry
