@@ -46,13 +46,8 @@ HEADLINES = [
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    from softprompt.base import resolve_model
-
-    _, model_dir = resolve_model(None)
-    srv = start_vllm(model_dir, log=tmp_path_factory.mktemp("vllm") / "serve.log")
-    yield srv
-    srv.stop()
+def server(vllm_server):
+    return vllm_server  # conftest: one server for all vllm tests of the session
 
 
 @pytest.fixture(scope="session")
