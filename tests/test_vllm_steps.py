@@ -194,3 +194,17 @@ def test_deep_prompts_are_refused_in_one_line(engine, base):
         engine.bank.add_tensor("deep", torch.zeros(3, base.dim), meta)
     assert "\n" not in str(e.value) and "deep" not in engine.bank
     assert isinstance(embeds_prefix("x", torch.zeros(2, 4), PromptMeta.for_base(base, 2)).rows, torch.Tensor)
+
+
+def test_backend_flags_are_checked_and_registered():
+    from softprompt.errors import ConfigError
+    from softprompt.serve.config import BACKEND_NAMES, ServeConfig
+    from softprompt.serve.engine import BACKENDS
+
+    assert set(BACKENDS) == set(BACKEND_NAMES) == {"transformers", "vllm"}
+    for kw, msg in [(dict(backend="tgi"), "--backend must be one of transformers, vllm"),
+                    (dict(vllm_url="http://127.0.0.1:1"), "need --backend vllm"),
+                    (dict(backend="vllm", vllm_url="127.0.0.1:8000"), "http:// or https://"),
+                    (dict(backend="vllm", vllm_url="http://h:1", vllm_python="/x/bin/python"), "not both")]:
+        with pytest.raises(ConfigError, match=msg):
+            ServeConfig(**kw)
