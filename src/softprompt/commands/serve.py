@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..precision import SERVE_DTYPES
@@ -100,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.engine import create_engine
 
     config = config_from_args(args)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; as SystemExit it unwinds
+    # through run_server's cleanup, which stops the engine and a vLLM server it launched
+    # (the default action would end the process there and orphan that server).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     engine = create_engine(config)
     names = engine.bank.names()
 

@@ -41,7 +41,8 @@ class FrontEnd:
 
 
 def _launch(config: ServeConfig, table: EmbeddingTable) -> VLLMServer:
-    venv = Path(config.vllm_python).resolve().parents[1] if config.vllm_python else vllm_venv()
+    # not resolve(): a venv's bin/python is a link to the interpreter it was made from
+    venv = Path(config.vllm_python).absolute().parents[1] if config.vllm_python else vllm_venv()
     log = Path(tempfile.mkdtemp(prefix="softprompt-vllm-")) / "serve.log"
     try:
         return start_vllm(table.source, log=log, venv=venv, dtype=LAUNCH_DTYPES[config.dtype])
@@ -75,6 +76,6 @@ def vllm_backend(config: ServeConfig) -> Backend:
         if server is not None:
             server.stop()
 
-    how = "launched" if server is not None else "at"
+    how = " (launched by this server)" if server is not None else ""
     return Backend("vllm", FrontEnd(table), steps, embeds_prefix,
-                   f"{table.name} on vLLM {client.info.version} {how} {client.url}", close)
+                   f"{table.name} via vLLM {client.info.version} at {client.url}{how}", close)
