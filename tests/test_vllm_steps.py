@@ -19,7 +19,7 @@ from softprompt.model import PromptedModel
 from softprompt.scoring import classify_scores, generate
 from softprompt.serve import ClassifyRequest, Engine, EngineConfig, GenerateRequest
 from softprompt.serve.backend import Backend
-from softprompt.serve.errors import RequestCancelledError, RequestTimeoutError
+from softprompt.serve.errors import QueueFullError, RequestCancelledError, RequestTimeoutError
 from softprompt.vllm import EmbeddingTable, VLLMError
 from softprompt.vllm.backend import FrontEnd
 from softprompt.vllm.steps import VLLMSteps, embeds_prefix
@@ -40,6 +40,7 @@ class FakeClient:
         self.params: list[dict] = []
 
     def label_scores(self, prompt, source_ids, label_ids):
+        time.sleep(self.delay)
         if any(w in self.table.tokenizer.decode(source_ids[0]) for w in self.fail_on):
             raise VLLMError("vLLM refused a request (400): fake")
         p = prompt if prompt is not None else torch.zeros(0, self.table.dim)
@@ -208,3 +209,20 @@ def test_backend_flags_are_checked_and_registered():
                     (dict(backend="vllm", vllm_url="http://h:1", vllm_python="/x/bin/python"), "not both")]:
         with pytest.raises(ConfigError, match=msg):
             ServeConfig(**kw)
+
+
+def test_queue_limits_hold_as_vllm_takes_at_most_max_batch_rows(base, native):
+    slow = FakeClient(base, delay=0.5)
+    eng = vllm_engine(slow, native, max_batch=1, max_ensemble=1, max_queue=2, request_timeout=20)
+    try:
+        jobs, full = [], 0
+        for i in range(6):  # 1 in flight, 1 waiting for room, 2 queued, the rest refused
+            try:
+                jobs.append(eng.submit(ClassifyRequest(TEXTS[i % 4], ["topic"])))
+            except QueueFullError:
+                full += 1
+            time.sleep(0.05)
+        assert full >= 1
+        assert all(j.result(30).label for j in jobs)
+    finally:
+        eng.stop()

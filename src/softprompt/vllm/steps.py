@@ -149,11 +149,22 @@ class VLLMSteps:
     # -- classification
 
     def classify(self, jobs: list[Job]) -> None:
-        """Send every row's label requests; :meth:`score` answers the jobs when they are back."""
+        """Send every row's label requests; :meth:`score` answers the jobs when they are back.
+
+        At most ``--max-batch`` classification rows are in flight: past that, this waits for
+        answers (answering them) before sending more, so that requests keep waiting in the queue,
+        where ``--max-queue`` (HTTP 429) and the deadlines hold as on the in-process engine."""
         jobs = [j for j in jobs if not j.done]
         self.metrics.batch_rows.labels("classify").observe(sum(len(j.rows) for j in jobs))
         for job in jobs:
-            self._scoring[job] = [self._submit(self._row_scores, r) for r in job.rows]
+            while self._scoring and self._in_flight() + len(job.rows) > self.config.max_batch:
+                self.score()  # waits up to POLL_S; ended jobs leave _scoring, so this ends
+            if not job.done:
+                self._scoring[job] = [self._submit(self._row_scores, r) for r in job.rows]
+
+    def _in_flight(self) -> int:
+        """Classification rows sent and not answered yet."""
+        return sum(not f.done() for futs in self._scoring.values() for f in futs)
 
     def _row_scores(self, row: Row) -> torch.Tensor:
         """Summed log-probability of each of the row's labels, (C,) (on a server thread)."""
