@@ -182,3 +182,30 @@ def test_start_up_errors_are_one_line(vllm_server, capsys, tmp_path):
     with pytest.raises(VLLMError, match="tokenizes differently|another base model"):
         create_engine(ServeConfig(port=0, backend="vllm", vllm_url=vllm_server.url, model=str(other)))
 
+
+
+def test_a_client_that_disconnects_frees_its_row_on_vllm(front):
+    import http.client
+    import time
+    from urllib.parse import urlparse
+
+    u = urlparse(front.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = {"prompt": "story", "text": "A long voyage", "max_new_tokens": 64, "stream": True}
+    conn.request("POST", "/v1/generate", json.dumps(body), {"Content-Type": "application/json",
+                                                            "Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline()  # the first event arrived: the row runs on vLLM
+    conn.sock.close()  # the client goes away mid-stream
+    conn.close()
+    cancelled = {"kind": "generate", "outcome": "cancelled"}
+    steps = front.engine.steps
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (not steps.generating_jobs and steps.open_streams == 0
+                and front.engine.metrics.registry.get_sample_value("softprompt_requests_total", cancelled)):
+            break
+        time.sleep(0.1)
+    assert not steps.generating_jobs
+    assert front.engine.metrics.registry.get_sample_value("softprompt_requests_total", cancelled) >= 1
+    assert steps.open_streams == 0  # its stream to vLLM was closed (which makes vLLM abort the request)

@@ -163,6 +163,7 @@ def test_cancel_and_deadline_close_the_stream_and_generation_does_not_block(base
         while slow.closed < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert slow.closed == 2 and not eng.steps.generating_jobs  # both streams closed early
+        assert eng.steps.open_streams == 0
     finally:
         eng.stop()
 

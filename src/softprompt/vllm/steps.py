@@ -111,6 +111,9 @@ class VLLMSteps:
         self._scoring: dict[Job, list[Future]] = {}  # classification job -> one future per row
         self._gen: list[_Stream] = []
         self._eos = self.tokenizer.eos_token_id
+        self._open_lock = threading.Lock()
+        self.open_streams = 0
+        """Streams from the server being read now (a cancelled row's closes at its next chunk)."""
 
     def _submit(self, fn, *args) -> Future:
         if self._pool is None:
@@ -220,6 +223,8 @@ class VLLMSteps:
         """Collect the row's token ids as the server streams them (on a server thread)."""
         row, req = s.job.rows[0], s.job.request
         rows = _rows(row)
+        with self._open_lock:
+            self.open_streams += 1
         try:
             if rows is None:  # bare model: plain token ids, what a request without a prompt costs
                 chunks = self.client.stream(None, row.source_ids, **self._params(req))
@@ -242,6 +247,9 @@ class VLLMSteps:
         except BaseException as e:
             with s.lock:
                 s.error = e
+        finally:
+            with self._open_lock:
+                self.open_streams -= 1
 
     def step(self) -> None:
         """Advance every generation row by the tokens that arrived; finished rows answer their jobs."""
