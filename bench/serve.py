@@ -1,10 +1,15 @@
 """Serving throughput: `softprompt serve` with 4 prompts vs the same server with the bare model
-(the limit) vs a straightforward PEFT server (one request at a time, prompt recomputed per call).
+(the limit) vs a straightforward PEFT server (one request at a time, prompt recomputed per call),
+and, when the vLLM venv exists (``make vllm-env``), `softprompt serve --backend vllm` with the same
+prompts vs the same vLLM-backed server with the bare model (the vLLM limit: vLLM has no rank
+classification of its own, so the bare requests go through the same front end, without a prompt).
 
 Every server runs as its own process on 127.0.0.1; one client process drives the same seeded
 mixed-task request list (3 classification prompts, 1 generation prompt) from a bounded number of
 concurrent httpx clients, and records requests/s and p50/p99 latency. Modes alternate over
-``--rounds`` so machine noise hits all of them alike. Servers are killed at the end.
+``--rounds`` so machine noise hits all of them alike; the vLLM modes run after the others (one
+vLLM server, float32, started once from the vLLM venv, would otherwise share the cores while they
+are measured). Servers are killed at the end.
 
 Run: .venv/bin/python bench/serve.py            (default model, ~5 min on 2 cores)
      .venv/bin/python bench/serve.py --model DIR --requests 20 --rounds 1   (smoke test)
@@ -45,6 +50,7 @@ PROMPTS: dict[str, TaskSpec] = {
     "headline": TaskSpec("generate", "Article: {input}\nHeadline:"),
 }
 """The 4 served prompts: name -> task."""
+VLLM, VLLM_BARE = "softprompt --backend vllm", "vLLM bare model (limit)"
 
 
 def free_port() -> int:
@@ -79,7 +85,8 @@ def make_requests(tokenizer, n: int, seed: int, max_text_tokens: int, max_new_to
     for _ in range(n):
         name = "headline" if rng.random() < gen_share else rng.choice(cls)
         items.append((name, cut_tokens(tokenizer, rng.choice(pools[name]), max_text_tokens)))
-    modes: dict[str, list[tuple[str, dict]]] = {"softprompt": [], "bare model (limit)": [], "PEFT": []}
+    modes: dict[str, list[tuple[str, dict]]] = {"softprompt": [], "bare model (limit)": [], "PEFT": [],
+                                                VLLM: [], VLLM_BARE: []}
     for name, text in items:
         spec = PROMPTS[name]
         if spec.kind == "classify":
@@ -93,6 +100,8 @@ def make_requests(tokenizer, n: int, seed: int, max_text_tokens: int, max_new_to
         modes["softprompt"].append((route, body))
         modes["bare model (limit)"].append((route, bare))
         modes["PEFT"].append((route, body))
+        modes[VLLM].append((route, body))
+        modes[VLLM_BARE].append((route, bare))
     return modes
 
 
@@ -173,6 +182,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="softprompt server weights")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-vllm", action="store_true", help="no --backend vllm modes (default: run them if the venv exists)")
+    ap.add_argument("--vllm-venv", default=None, help="the vLLM venv (default: $SOFTPROMPT_VLLM_VENV, else .venv-vllm)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="serve", help="results name (results/NAME.json, .md)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of every server (default: one per core)")
@@ -182,6 +193,10 @@ def main() -> None:
         raise SystemExit("--concurrency 1..64, --requests 1..5000, --rounds 1..10")
 
     load0 = os.getloadavg()[0]
+    from softprompt.vllm.launch import vllm_venv
+
+    use_vllm = not args.skip_vllm and ((Path(args.vllm_venv) if args.vllm_venv else vllm_venv()) / "bin" / "vllm").is_file()
+    vllm_start = None
     base = load_base_model(args.model)
     from softprompt.base import resolve_model
 
@@ -206,23 +221,37 @@ def main() -> None:
         peft_cmd += ["--threads", str(args.threads)]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     servers: list[Server] = []
+    vllm_srv = None
     try:
         order = ["softprompt", "bare model (limit)"] + ([] if args.skip_peft else ["PEFT"])
-        for r in range(args.rounds):
-            for mode in order:
-                port = free_port()
-                cmd = (peft_cmd if mode == "PEFT" else sp_cmd) + ["--port", str(port)]
-                srv = Server(cmd, port, work / f"{mode.split()[0]}-{r}.log")
-                servers.append(srv)
-                asyncio.run(drive(srv.url, warm[mode], args.concurrency, 600))
-                res = asyncio.run(drive(srv.url, modes[mode], args.concurrency, 600))
-                srv.stop()
-                runs[mode].append(res)
-                print(f"round {r + 1} {mode}: {res['rps']:.2f} req/s, p50 {res['p50']:.2f} s, p99 {res['p99']:.2f} s",
-                      flush=True)
+        groups = [order] + ([[VLLM, VLLM_BARE]] if use_vllm else [])
+        for group in groups:
+            if group[0] == VLLM:
+                from softprompt.vllm.launch import start_vllm
+
+                t0 = time.perf_counter()
+                vllm_srv = start_vllm(model_path, log=work / "vllm.log", venv=Path(args.vllm_venv) if args.vllm_venv else None)
+                vllm_start = time.perf_counter() - t0
+            for r in range(args.rounds):
+                for mode in group:
+                    port = free_port()
+                    if mode in (VLLM, VLLM_BARE):
+                        cmd = sp_cmd + ["--backend", "vllm", "--vllm-url", vllm_srv.url]
+                    else:
+                        cmd = peft_cmd if mode == "PEFT" else sp_cmd
+                    srv = Server(cmd + ["--port", str(port)], port, work / f"{mode.split()[0]}-{r}.log")
+                    servers.append(srv)
+                    asyncio.run(drive(srv.url, warm[mode], args.concurrency, 600))
+                    res = asyncio.run(drive(srv.url, modes[mode], args.concurrency, 600))
+                    srv.stop()
+                    runs[mode].append(res)
+                    print(f"round {r + 1} {mode}: {res['rps']:.2f} req/s, p50 {res['p50']:.2f} s, p99 {res['p99']:.2f} s",
+                          flush=True)
     finally:
         for srv in servers:
             srv.stop()
+        if vllm_srv is not None:
+            vllm_srv.stop()
     load1 = os.getloadavg()[0]
 
     def agg(mode: str) -> dict:
@@ -239,6 +268,13 @@ def main() -> None:
     summary = {"softprompt / bare-model limit": sp / by["bare model (limit)"]["requests/s"]}
     if "PEFT" in by:
         summary["softprompt / PEFT"] = sp / by["PEFT"]["requests/s"]
+    if VLLM in by:
+        v = by[VLLM]["requests/s"]
+        summary["vllm backend / vLLM bare limit"] = v / by[VLLM_BARE]["requests/s"]
+        summary["vllm backend / softprompt (transformers)"] = v / sp
+        if "PEFT" in by:
+            summary["vllm backend / PEFT"] = v / by["PEFT"]["requests/s"]
+        summary["vllm startup s"] = vllm_start
     summary["target limit ratio"] = ">= 0.9"
     summary["target PEFT ratio"] = ">= 5"
     summary["load average before/after"] = f"{load0:.2f} / {load1:.2f}"
@@ -247,7 +283,11 @@ def main() -> None:
              f"({args.gen_share:.0%} generation of {args.max_new_tokens} new tokens, the rest classification over "
              f"3 prompts), {args.concurrency} concurrent clients, {args.rounds} alternating rounds; inputs cut to "
              f"{args.max_text_tokens} tokens; {args.prompt_length} virtual tokens per prompt. The bare-model limit "
-             "sends the same texts and labels with no prompt (templates applied, generation input pre-rendered).")
+             "sends the same texts and labels with no prompt (templates applied, generation input pre-rendered)."
+             + (" vLLM modes: one vLLM server (float32, --enforce-eager, CPU; its own OpenMP threads), started "
+                "after the other modes finished; softprompt --backend vllm sends each row as a concurrent "
+                "/v1/completions request with prompt_embeds (classification: first-token + continuation "
+                "requests per label prefix)." if use_vllm else ""))
     write_results(args.name, rows, summary, notes=notes)
 
 

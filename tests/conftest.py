@@ -63,3 +63,22 @@ def default_base():
     from softprompt import load_base_model
 
     return load_base_model()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """A vLLM server on the default model (float32, eager, CPU, --enable-prompt-embeds), shared by
+    the ``vllm`` tests of the session (test_vllm_serve, test_vllm_backend); their own skipif
+    keeps it from starting without the vLLM venv."""
+    from types import SimpleNamespace
+
+    from softprompt.base import resolve_model
+    from softprompt.vllm.launch import start_vllm
+
+    if os.environ.get("SOFTPROMPT_VLLM_TEST_URL"):  # a server already running (faster reruns while developing)
+        yield SimpleNamespace(url=os.environ["SOFTPROMPT_VLLM_TEST_URL"])
+        return
+    _, model_dir = resolve_model(None)
+    srv = start_vllm(model_dir, log=tmp_path_factory.mktemp("vllm") / "serve.log")
+    yield srv
+    srv.stop()

@@ -46,13 +46,8 @@ HEADLINES = [
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    from softprompt.base import resolve_model
-
-    _, model_dir = resolve_model(None)
-    srv = start_vllm(model_dir, log=tmp_path_factory.mktemp("vllm") / "serve.log")
-    yield srv
-    srv.stop()
+def server(vllm_server):
+    return vllm_server  # conftest: one server for all vllm tests of the session
 
 
 @pytest.fixture(scope="session")
@@ -231,6 +226,13 @@ def test_server_without_prompt_embeds_and_other_tokenizer(tiny_server, table):
         VLLMClient(srv.url, EmbeddingTable.load(str(model)))
     with pytest.raises(VLLMError, match="tokenizes differently"):
         VLLMClient(srv.url, table)  # the default model's table against the tiny model
+    # softprompt serve --backend vllm runs the same checks at start, before it serves
+    from softprompt.serve import create_engine
+    from softprompt.serve.config import ServeConfig
+
+    with pytest.raises(VLLMError, match="without --enable-prompt-embeds; restart it with that flag") as e:
+        create_engine(ServeConfig(port=0, backend="vllm", vllm_url=srv.url, model=str(model)))
+    assert "\n" not in str(e.value)
 
 
 def test_export_vllm_and_the_readme_client_example(server, topic_file, client, tmp_path):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..precision import SERVE_DTYPES
-from ..serve.config import EngineConfig, ServeConfig
+from ..serve.config import BACKEND_NAMES, EngineConfig, ServeConfig
 
 
 def register(sub) -> None:
@@ -65,6 +66,14 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept prompts made for a differently quantized copy of the base model")
+    p.add_argument("--backend", default=d.backend, choices=BACKEND_NAMES,
+                   help="what runs the model: transformers (in this process, default) or vllm (a vLLM server; "
+                   "this process keeps only the tokenizer and embedding matrix; deep prompts are refused)")
+    p.add_argument("--vllm-url", metavar="URL", default=None,
+                   help="--backend vllm: a running `vllm serve MODEL --enable-prompt-embeds` on the same base model")
+    p.add_argument("--vllm-python", metavar="PYTHON", default=None,
+                   help="--backend vllm without --vllm-url: launch vLLM with this venv's Python "
+                   "(default: $SOFTPROMPT_VLLM_VENV, else .venv-vllm)")
     p.add_argument("--log-level", default=d.log_level, help=f"server log level (default {d.log_level})")
     p.set_defaults(func=run)
 
@@ -83,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         prompts_dir=args.prompts, model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         api_key_file=args.api_key_file, max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device, threads=args.threads,
         allow_other_base=args.allow_other_base, log_level=args.log_level, engine=engine,
+        backend=args.backend, vllm_url=args.vllm_url, vllm_python=args.vllm_python,
     )
 
 
@@ -91,12 +101,15 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.engine import create_engine
 
     config = config_from_args(args)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; as SystemExit it unwinds
+    # through run_server's cleanup, which stops the engine and a vLLM server it launched
+    # (the default action would end the process there and orphan that server).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     engine = create_engine(config)
     names = engine.bank.names()
 
     def ready(url: str) -> None:
-        dtype = str(engine.pm.base.model.dtype).replace("torch.", "")
-        print(f"serving {len(names)} prompt(s) on {engine.pm.base.name} ({dtype}) at {url}"
+        print(f"serving {len(names)} prompt(s) on {engine.backend.describe} at {url}"
               f"{' (' + ', '.join(names) + ')' if names else ''}; docs at {url}/docs", file=sys.stderr)
 
     run_server(config, engine, on_ready=ready)

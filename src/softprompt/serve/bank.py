@@ -85,11 +85,13 @@ class PromptBank:
         model_lock: held while a prefix is computed (the engine holds it while running batches).
         limits: the server's limits a prompt's own labels must keep (``--max-labels``,
             ``--max-label-tokens``); None: no limits.
+        prefixer: ``(name, tensor, meta) -> PrefixKV`` when another process runs the model
+            (``--backend vllm``): the bank then never runs the model; None: compute the prefix here.
     """
 
     def __init__(self, pm: PromptedModel, directory: str | Path | None = None, *, strict: bool = True,
                  max_spec_length: int = 4096, model_lock: threading.Lock | None = None,
-                 limits: EngineConfig | None = None):
+                 limits: EngineConfig | None = None, prefixer=None):
         self.pm = pm
         self.directory = Path(directory) if directory is not None else None
         self.strict = strict
@@ -97,6 +99,7 @@ class PromptBank:
         self._lock = threading.Lock()
         self._model_lock = model_lock or nullcontext()
         self.limits = limits
+        self.prefixer = prefixer
         self._entries: dict[str, PromptEntry] = {}
 
     # -- reading
@@ -198,7 +201,10 @@ class PromptBank:
                 check_label_ids(label_ids, self.limits, "its labels")
         except (DataError, InvalidRequestError) as e:
             raise PromptFileError(f"prompt {name!r}: {e}") from None
-        if meta.method == "prefix":  # the stored keys/values are the prefix: no model pass
+        if self.prefixer is not None:  # the model runs elsewhere (vLLM): it checks (deep prompts: refused) and wraps the rows
+            tensor = loaded.tensor.to(self.pm.base.device)
+            prefix = self.prefixer(name, tensor, meta)
+        elif meta.method == "prefix":  # the stored keys/values are the prefix: no model pass
             tensor = loaded.tensor.to(self.pm.base.device, self.pm.lm.dtype)  # (layers, 2, H, P, hd)
             prefix = PrefixKV.from_deep(tensor)
         else:

@@ -10,12 +10,17 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from ..errors import ConfigError
 from ..precision import SERVE_DTYPES
 
 API_KEY_ENV = "SOFTPROMPT_API_KEY"
 """Environment variable read when neither ``--api-key`` nor ``--api-key-file`` is given."""
+
+BackendName = Literal["transformers", "vllm"]
+"""``--backend``: transformers (the model in this process) or vllm (a vLLM server runs it)."""
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
 
 DEFAULT_NEW_TOKENS = 32
 """Tokens a generation request that sets no ``max_new_tokens`` gets (less if ``--max-new-tokens`` is lower)."""
@@ -154,6 +159,15 @@ class ServeConfig:
     """``--log-level``: uvicorn log level."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Batching and limits."""
+    backend: BackendName = "transformers"
+    """``--backend``: what runs the model: ``transformers`` (in this process) or ``vllm`` (a vLLM
+    server; this process keeps only the tokenizer and the embedding matrix)."""
+    vllm_url: str | None = None
+    """``--vllm-url``: a running ``vllm serve --enable-prompt-embeds`` on the same base model
+    (``--backend vllm``); None: launch one from ``vllm_python``'s venv."""
+    vllm_python: str | None = None
+    """``--vllm-python``: the Python of the venv vLLM is installed in, to launch a server
+    (default: $SOFTPROMPT_VLLM_VENV, else ``.venv-vllm``)."""
 
     def __post_init__(self) -> None:
         if self.api_key_file is not None:
@@ -181,5 +195,13 @@ class ServeConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or not 1 <= self.threads <= 1024):
             raise ConfigError(f"--threads must be a whole number between 1 and 1024, got {self.threads!r}")
+        if self.backend not in BACKEND_NAMES:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
+        if self.backend != "vllm" and (self.vllm_url or self.vllm_python):
+            raise ConfigError("--vllm-url and --vllm-python need --backend vllm")
+        if self.vllm_url is not None and not self.vllm_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--vllm-url must be an http:// or https:// URL, got {self.vllm_url!r}")
+        if self.vllm_url and self.vllm_python:
+            raise ConfigError("give --vllm-url (a running server) or --vllm-python (launch one), not both")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"--log-level {self.log_level!r} is not a uvicorn log level")

@@ -6,7 +6,9 @@ The engine composes three parts along LitServe's seams:
   (``decode_request``); a request that fails there costs the model nothing;
 - scheduler.py: the queue, the deadlines and the worker loop that batches jobs (``batch``);
 - steps.py: what the worker runs on the model (``predict``), behind the :class:`ModelSteps`
-  interface; :class:`TransformersSteps` runs the HF model in-process.
+  interface; :class:`TransformersSteps` runs the HF model in-process, ``vllm/steps.py`` sends
+  the rows to a vLLM server. Which one is a :class:`~.backend.Backend`, picked by name from
+  :data:`BACKENDS` (``softprompt serve --backend``).
 
 Not here: HTTP (http/); requests, results and jobs (jobs.py); the layout arithmetic (batching.py,
 prefix.py) and the limits (limits.py), all pure.
@@ -15,13 +17,14 @@ prefix.py) and the limits (limits.py), all pure.
 from __future__ import annotations
 
 import threading
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from ..base import BaseModel
 from ..model import PromptedModel
 from .admission import BARE_GENERATE, Admission  # noqa: F401  (BARE_GENERATE re-exported)
+from .backend import Backend, in_process
 from .bank import PromptBank
 from .config import EngineConfig
 from .jobs import (  # noqa: F401  (re-exported: the engine's public API)
@@ -41,25 +44,26 @@ class Engine:
         prompts_dir: folder of prompt files; load them with ``engine.bank.load_all()``.
         strict: refuse prompts trained on another copy of the model (see ``check_compatible``).
         metrics: where to count (default: a fresh registry).
+        backend: what runs the model (default: ``base`` in this process; then ``base`` may be None).
 
     Use as a context manager (or ``start()`` / ``stop()``); ``classify``, ``generate`` and
     ``stream`` block, ``submit`` returns a :class:`Job`.
     """
 
-    def __init__(self, base: BaseModel, config: EngineConfig | None = None, *, prompts_dir=None,
-                 strict: bool = True, metrics: Metrics | None = None):
+    def __init__(self, base: BaseModel | None, config: EngineConfig | None = None, *, prompts_dir=None,
+                 strict: bool = True, metrics: Metrics | None = None, backend: Backend | None = None):
         self.config = config or EngineConfig()
-        check_servable(base.model.config)
-        self.pm = PromptedModel(base)
-        self.tokenizer = base.tokenizer
-        self.device = base.device
+        self.backend = backend or in_process(base)
+        self.pm: PromptedModel = self.backend.pm
+        self.tokenizer = self.pm.base.tokenizer
+        self.device = self.pm.base.device
         self.model_lock = threading.Lock()
         self.bank = PromptBank(self.pm, prompts_dir, strict=strict, max_spec_length=1 << 30,
-                               model_lock=self.model_lock, limits=self.config)
+                               model_lock=self.model_lock, limits=self.config, prefixer=self.backend.prefixer)
         self.metrics = metrics or Metrics()
         self.metrics.prompts.set_function(lambda: len(self.bank))
         self.admission = Admission(self.bank, self.tokenizer, self.config)
-        self.steps: ModelSteps = TransformersSteps(self.pm, self.config, self.metrics, self.model_lock)
+        self.steps: ModelSteps = self.backend.steps(self.config, self.metrics, self.model_lock)
         self.scheduler = Scheduler(self.config, self.metrics, self.steps)
 
     # -- lifecycle
@@ -69,8 +73,10 @@ class Engine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker; queued and running requests fail with :class:`EngineStoppedError`."""
+        """Stop the worker; queued and running requests fail with :class:`EngineStoppedError`;
+        the backend lets go of what it holds (e.g. a vLLM server it launched)."""
         self.scheduler.stop(timeout)
+        self.backend.close()
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -135,16 +141,37 @@ class Engine:
         self.scheduler.enqueue(jobs)
 
 
-def create_engine(config, base: BaseModel | None = None) -> Engine:
-    """Load the base model named by a :class:`~softprompt.serve.config.ServeConfig` (unless given),
-    build the engine and load every prompt of ``config.prompts_dir``. Not started."""
+def _transformers(config, base: BaseModel | None) -> Backend:
     from ..base import load_base_model
     from ..precision import fast_weight_dtype
 
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     if base is None:
         base = load_base_model(config.model, dtype=fast_weight_dtype(config.dtype, config.device), device=config.device)
-    engine = Engine(base, config.engine, prompts_dir=config.prompts_dir, strict=not config.allow_other_base)
-    engine.bank.load_all()
+    return in_process(base)
+
+
+def _vllm(config, base: BaseModel | None) -> Backend:
+    from ..vllm.backend import vllm_backend  # the vLLM backend needs the HTTP client only when chosen
+
+    return vllm_backend(config)
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"transformers": _transformers, "vllm": _vllm}
+"""``--backend`` name -> (ServeConfig, base or None) -> :class:`Backend` (config.BACKEND_NAMES lists the keys)."""
+
+
+def create_engine(config, base: BaseModel | None = None) -> Engine:
+    """Build the backend named by a :class:`~softprompt.serve.config.ServeConfig` (``base``: an
+    already loaded model for the in-process one), the engine on it, and load every prompt of
+    ``config.prompts_dir``. Not started."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    backend = BACKENDS[config.backend](config, base)
+    try:
+        engine = Engine(None, config.engine, prompts_dir=config.prompts_dir, strict=not config.allow_other_base,
+                        backend=backend)
+        engine.bank.load_all()
+    except BaseException:
+        backend.close()
+        raise
     return engine

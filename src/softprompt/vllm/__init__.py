@@ -9,8 +9,10 @@ talks to the server over HTTP. Nothing here imports vllm: the server runs in its
 - ``labels.py``: how rank classification is split into first-token and continuation requests (pure).
 - ``client.py``: the HTTP client; ``server_check.py``: its start-up checks.
 - ``export.py``: ``softprompt export --format vllm``.
+- ``steps.py``: the serving engine's model steps on the client (``softprompt serve --backend vllm``);
+  ``backend.py``: connecting to (or launching, ``launch.py``) and checking the server for it.
 
-Not here: the HTTP server of softprompt (serve/), which will call :class:`VLLMClient` in phase 2.
+Not here: the HTTP server of softprompt (serve/), which runs on either backend.
 """
 
 from .client import Classification, VLLMClient, VLLMError

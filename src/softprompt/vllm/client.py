@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -95,9 +95,8 @@ class VLLMClient:
             reason = getattr(e, "reason", e)
             raise VLLMError(f"cannot reach a vLLM server at {self.url}: {_one_line(reason)}") from None
 
-    def _complete(self, embeds: torch.Tensor | None = None, token_ids: Sequence[int] | None = None,
-                  **params: Any) -> dict:
-        """One completion; returns its choice (``token_ids`` and ``logprobs`` included)."""
+    def _body(self, embeds: torch.Tensor | None, token_ids: Sequence[int] | None, **params: Any) -> dict:
+        """A ``/v1/completions`` body: our sampling semantics (no top-k, no penalties), token ids back."""
         body: dict[str, Any] = {"model": self.info.model, "return_token_ids": True,
                                 "return_tokens_as_token_ids": True, "top_k": 0, "repetition_penalty": 1.0,
                                 "frequency_penalty": 0.0, "presence_penalty": 0.0, **params}
@@ -105,10 +104,44 @@ class VLLMClient:
             body["prompt_embeds"] = encode_embeds(embeds)
         else:
             body["prompt"] = list(token_ids or [])
+        return body
+
+    def _complete(self, embeds: torch.Tensor | None = None, token_ids: Sequence[int] | None = None,
+                  **params: Any) -> dict:
+        """One completion; returns its choice (``token_ids`` and ``logprobs`` included)."""
         try:
-            return self._http("/v1/completions", body)["choices"][0]
+            return self._http("/v1/completions", self._body(embeds, token_ids, **params))["choices"][0]
         except _HTTPError as e:
             raise VLLMError(f"vLLM at {self.url} refused a request ({e.status}): {e.message}") from None
+
+    def stream(self, embeds: torch.Tensor | None = None, token_ids: Sequence[int] | None = None,
+               **params: Any) -> Iterator[dict]:
+        """One streamed completion: yields each server-sent chunk's choice (new ``token_ids``, and
+        ``finish_reason`` on the last). Closing the generator closes the connection, which makes
+        vLLM abort the request (a cancelled or timed-out row stops costing the server)."""
+        body = json.dumps(self._body(embeds, token_ids, stream=True, **params)).encode()
+        req = urllib.request.Request(self.url + "/v1/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            resp = urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            raise VLLMError(f"vLLM at {self.url} refused a request ({e.code}): "
+                            f"{_one_line(e.read().decode(errors='replace'))}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise VLLMError(f"cannot reach a vLLM server at {self.url}: {_one_line(getattr(e, 'reason', e))}") from None
+        with resp:
+            for raw in resp:  # server-sent events: "data: {json}" lines, then "data: [DONE]"
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise VLLMError(f"vLLM at {self.url} failed a request: {_one_line(chunk['error'])}")
+                for choice in chunk.get("choices") or []:
+                    yield choice
 
     def _map(self, fn, items: Sequence) -> list:
         """``fn`` over ``items`` with up to ``workers`` requests in flight, in order."""

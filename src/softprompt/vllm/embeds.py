@@ -96,6 +96,11 @@ class EmbeddingTable:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        """Where a front end that holds only this table keeps prompts (the prompt bank reads it)."""
+        return torch.device("cpu")
+
     @classmethod
     def load(cls, name_or_path: str | None = None) -> "EmbeddingTable":
         """Read the tokenizer and only the embedding tensor of a checkpoint (None: the default model).

