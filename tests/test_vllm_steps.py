@@ -191,9 +191,10 @@ def test_mixed_concurrent_requests(engine, native):
 
 def test_deep_prompts_are_refused_in_one_line(engine, base):
     meta = PromptMeta.for_base(base, 3, task="classify", labels=["a", "b"])
-    meta.method = "prefix"  # the field a deep prompt file carries
+    meta.method = "prefix"  # a deep prompt: (layers, 2, kv_heads, P, head_dim)
+    L, H, hd = base.kv_layout
     with pytest.raises(PromptFileError, match="deep prompt .* vLLM takes a prompt only as input embeddings") as e:
-        engine.bank.add_tensor("deep", torch.zeros(3, base.dim), meta)
+        engine.bank.add_tensor("deep", torch.zeros(L, 2, H, 3, hd), meta)
     assert "\n" not in str(e.value) and "deep" not in engine.bank
     assert isinstance(embeds_prefix("x", torch.zeros(2, 4), PromptMeta.for_base(base, 2)).rows, torch.Tensor)
 

@@ -314,6 +314,8 @@ def check_compatible(meta: PromptMeta, base: BaseModel, where: str = "prompt fil
     """Raise :class:`PromptFileError` if a prompt does not belong to ``base``.
 
     With ``strict=False`` a fingerprint mismatch is accepted when the dimensions agree (for a
+    deliberately re-quantized or converted copy of the same model). A base whose ``kv_layout`` is
+    None (a front end holding only the embedding table) cannot check a deep prompt's layout.
     deliberately re-quantized or converted copy of the same model).
     """
     if meta.dim != base.dim:
@@ -321,7 +323,7 @@ def check_compatible(meta: PromptMeta, base: BaseModel, where: str = "prompt fil
             f"{where}: prompt width {meta.dim} does not match base model {base.name!r} (width {base.dim}); "
             f"it was trained for {meta.base_model!r}"
         )
-    if meta.method == "prefix" and list(meta.kv_layout or ()) != list(base.kv_layout):
+    if meta.method == "prefix" and base.kv_layout is not None and list(meta.kv_layout or ()) != list(base.kv_layout):
         (L, H, hd), (bL, bH, bhd) = meta.kv_layout, base.kv_layout
         raise PromptFileError(
             f"{where}: deep prompt for {L} layers x {H} kv heads x head dim {hd} does not match base model "

@@ -83,6 +83,9 @@ class EmbeddingTable:
     """Factor the model's embedding module applies to looked-up rows (Gemma: sqrt(d)); 1 for most."""
     fingerprint: str = ""
     sketch: list[float] = field(default_factory=list)
+    kv_layout: tuple[int, int, int] | None = None
+    """(layers, kv_heads, head_dim) from the model's config, so a deep prompt for another model is
+    named as such; None when unknown (a deep prompt is refused by the vLLM backend either way)."""
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
@@ -122,7 +125,8 @@ class EmbeddingTable:
             weight = f.get_tensor(key)  # (V, d): reads this one tensor only
         # Quirk: Gemma-style scaled embedding modules multiply looked-up rows (not inputs_embeds).
         scale = float(getattr(module, "embed_scale", 1.0))
-        return cls(weight=weight, tokenizer=skeleton.tokenizer, name=name, source=source, scale=scale)
+        return cls(weight=weight, tokenizer=skeleton.tokenizer, name=name, source=source, scale=scale,
+                   kv_layout=skeleton.kv_layout)
 
     def embed(self, ids: Sequence[int]) -> torch.Tensor:
         """Embeddings of token ids as the model's own embedding module gives them, (T,) -> (T, d) float32."""
