@@ -316,7 +316,6 @@ def check_compatible(meta: PromptMeta, base: BaseModel, where: str = "prompt fil
     With ``strict=False`` a fingerprint mismatch is accepted when the dimensions agree (for a
     deliberately re-quantized or converted copy of the same model). A base whose ``kv_layout`` is
     None (a front end holding only the embedding table) cannot check a deep prompt's layout.
-    deliberately re-quantized or converted copy of the same model).
     """
     if meta.dim != base.dim:
         raise PromptFileError(
