@@ -251,3 +251,33 @@ def test_task_file_mixes_methods_and_eval_predict_take_a_deep_prompt(learn, tmp_
     pred = Predictor(PredictConfig(prompt=str(r.paths["deep"]), model=str(model)))
     out = pred.predict(["the match was won by the home team", "shares fell as the market reacted"])
     assert [o["label"] for o in out] and all(abs(sum(o["probs"].values()) - 1) < 1e-4 for o in out)
+
+
+def test_two_data_parallel_processes_train_a_deep_prompt_like_one(learn, tmp_path):
+    """``--method prefix --reparam mlp`` over two gloo processes (Accelerate, plain DDP config) ==
+    one process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("accelerate")
+    from softprompt.distributed import _free_port
+
+    root, model, train_file, dev_file = learn
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--data", str(train_file), "--eval", str(dev_file), "--model", str(model), "--max-steps", "4",
+            "--batch-size", "4", "--prompt-length", "3", "--lr", "0.001", "--method", "prefix", "--reparam", "mlp",
+            "--patience", "none", "--prompt-dtype", "float32", "--precision", "fp32", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    two = tmp_path / "two.safetensors"
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(repo / "configs" / "accelerate" / "data-parallel.yaml"), "--num_processes", "2",
+                        "--main_process_port", str(_free_port()), "-m", "softprompt", "train", *args, "--out", str(two)],
+                       env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = train(_config(learn, tmp_path / "one.safetensors", method="prefix", reparam="mlp", lr=1e-3, max_steps=4,
+                        prompt_length=3, precision="fp32", eval_every=None, checkpoint_every=None))
+    a, b = load_prompt(two), load_prompt(one.paths["one"])
+    assert a.meta.training["processes"] == 2 and a.meta.method == "prefix"
+    torch.testing.assert_close(a.tensor, b.tensor, atol=1e-4, rtol=1e-4)
