@@ -27,6 +27,8 @@ INITS: tuple[str, ...] = ("auto", *INIT_STRATEGIES)
 
 DEFAULT_MAX_STEPS = 100
 """Steps when neither --max-steps nor --epochs is given."""
+DEFAULT_LR = 0.1
+"""--lr of both methods (README › Defaults, › Deep prompts); a --reparam may have its own."""
 
 
 def _flag(name: str) -> str:
@@ -212,8 +214,8 @@ class TrainConfig:
     """Examples per optimizer step, over all processes and micro-batches."""
     grad_accum: int = 1
     """Split each step's batch into this many micro-batches (same result, less memory)."""
-    lr: float = 0.1
-    """Peak learning rate (AdamW)."""
+    lr: float | None = None
+    """Peak learning rate (AdamW) (default: 0.1, or the --reparam's own: 0.001 for mlp)."""
     warmup: float = 0.1
     """Warmup: a fraction of all steps (< 1) or a number of steps."""
     schedule: str = "cosine"
@@ -287,6 +289,8 @@ class TrainConfig:
         need(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
         need(self.batch_size % self.grad_accum == 0, "grad_accum",
              f"{self.grad_accum} must divide --batch-size {self.batch_size} (the batch is split into micro-batches)")
+        if self.lr is None:
+            self.lr = (REPARAMS[self.reparam].lr if self.reparam in REPARAMS else None) or DEFAULT_LR
         need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be positive, got {self.lr}")
         need(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()), "warmup",
              f"must be a fraction below 1 or a whole number of steps, got {self.warmup}")
