@@ -141,12 +141,14 @@ def test_collapsed_reparam_prompt_scores_exactly_like_the_training_prompt(tiny, 
     assert torch.equal(trained, saved)
 
 
-def test_mlp_reparam_starts_at_the_real_tokens_keys_and_values(tiny):
+def test_reparams_start_at_the_init(tiny):
+    """mlp: at the real tokens' keys/values (least-squares fit); residual: at the init prompt itself."""
     pm = PromptedModel(tiny)
     init = torch.randn(5, tiny.dim)
     module = build_prompt(pm, init, "prefix", "mlp", seed=0)
     assert isinstance(module, MLPPrefix)
     torch.testing.assert_close(collapse(module), deep_init(pm, init), atol=1e-4, rtol=1e-3)
+    assert torch.equal(collapse(build_prompt(pm, init, "prompt", "residual", seed=0)), init)
 
 
 @pytest.mark.parametrize("kw, says", [
