@@ -250,6 +250,10 @@ def test_task_file_mixes_methods_and_eval_predict_take_a_deep_prompt(learn, tmp_
                                    baselines=True))
     assert res.results["prompt"]["accuracy"] == r.metrics["deep"]["accuracy"]
     assert "at every layer" in res.results["prompt"]["setup"] and "bare" in res.results
+    from softprompt.evaluate.report import write_report
+
+    written = write_report(tmp_path / "report.html", res)
+    assert "at every layer: 2 layers x keys/values x 2 kv heads x 16" in written[0].read_text()
     pred = Predictor(PredictConfig(prompt=str(r.paths["deep"]), model=str(model)))
     out = pred.predict(["the match was won by the home team", "shares fell as the market reacted"])
     assert [o["label"] for o in out] and all(abs(sum(o["probs"].values()) - 1) < 1e-4 for o in out)
