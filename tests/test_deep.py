@@ -294,3 +294,10 @@ def test_reparam_mlp_has_its_own_default_lr(tmp_path):
     assert TrainConfig(data=data).lr == TrainConfig(data=data, method="prefix").lr == 0.1
     assert TrainConfig(data=data, method="prefix", reparam="mlp").lr == 1e-3
     assert TrainConfig(data=data, method="prefix", reparam="mlp", lr=0.01).lr == 0.01
+
+
+def test_gradient_checkpointing_trains_the_same_deep_prompt(learn, tmp_path):
+    out = [load_prompt(train(_config(learn, tmp_path / f"gc{gc}.safetensors", method="prefix", max_steps=3,
+                                     precision="fp32", gradient_checkpointing=gc, eval_every=None,
+                                     checkpoint_every=0)).paths[f"gc{gc}"]).tensor for gc in (False, True)]
+    torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=1e-6)
