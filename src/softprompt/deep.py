@@ -98,7 +98,8 @@ class ResidualPrompt(nn.Module):
     One change from the paper: the LayerNorm's gain starts at 0, so training starts exactly at the
     ``--init`` prompt. With the usual gain 1 the residual branch adds a unit-RMS vector to every
     token, ~7x a real token embedding of SmolLM2-135M (RMS 0.13; T5's, the paper's model, are far
-    larger), which buried the label init (README › Deep prompts: dev accuracy 0.43 vs 0.5x).
+    larger), which buried the label init (README › Deep prompts, tweet-sentiment: dev accuracy
+    0.37 / 0.43 at 20 / 60 steps with gain 1, 0.54 / 0.47 with gain 0).
     """
 
     def __init__(self, weight: torch.Tensor, hidden: int):
