@@ -80,6 +80,16 @@ def test_deep_init_is_the_input_prompt_it_came_from(tiny):
     torch.testing.assert_close(deep, packed, atol=1e-4, rtol=1e-4)
 
 
+def test_deep_prompt_generates_like_the_input_prompt_it_came_from(tiny):
+    from softprompt.scoring import generate, generate_after
+
+    pm = PromptedModel(tiny)
+    prompt = torch.randn(4, tiny.dim, generator=torch.Generator().manual_seed(2))
+    deep = generate_after(pm, source_state(pm, deep_init(pm, prompt), SOURCES), max_new_tokens=6)
+    packed = generate(pm, prompt, SOURCES, max_new_tokens=6)
+    assert [g.token_ids for g in deep] == [g.token_ids for g in packed] and any(g.token_ids for g in deep)
+
+
 def _rows() -> list[Row]:
     return [Row(0, [5, 6, 7], 1), Row(1, [8, 9, 10, 11], 0), Row(0, [12, 13], 2), Row(1, [14], 1), Row(2, [15, 16], [30, 31, 2])]
 
@@ -94,7 +104,9 @@ def test_mixed_method_batch_gives_each_row_its_loss_alone(tiny):
         together = row_losses(pm, prompts, rows, label_ids)
         alone = torch.cat([row_losses(pm, prompts, [r], label_ids) for r in rows])
         packed = row_losses(pm, prompts, [rows[0], rows[2]], label_ids, share_prefix=False)  # old path, input prompt
+        redirected = row_losses(pm, prompts, rows, label_ids, share_prefix=False)  # deep rows: the prefix path
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(redirected, together, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(together[[0, 2]], packed, atol=1e-5, rtol=1e-5)
 
 
