@@ -133,8 +133,9 @@ REPARAMS: dict[str, Reparam] = {
     "residual": Reparam("prompt", 400, None, lambda emb, kv, h: ResidualPrompt(emb, h)),
 }
 """``--reparam`` choices by name (Li & Liang use 512 for the prefix MLP; Razdaibiedina et al. a
-bottleneck of a few hundred). The prefix MLP's output moves ~h times faster than a plain prompt
-under the same Adam step, hence its own small default lr (at 0.1 it diverges)."""
+bottleneck of a few hundred). One Adam step moves each of the prefix MLP's outputs by up to ~lr·h
+(h weights of the last layer each move by ~lr), a plain prefix element by ~lr, hence the MLP's own
+small default lr (at 0.1 it diverged)."""
 
 
 def build_prompt(pm: PromptedModel, init: torch.Tensor, method: str = "prompt", reparam: str | None = None,
