@@ -152,7 +152,7 @@ class Predictor:
         self.base = base if base is not None else load_base_model(config.model)
         check_compatible(self.meta, self.base, config.prompt, strict=not config.allow_other_base)
         self.pm = PromptedModel(self.base)
-        self.prompt = loaded.tensor.to(self.base.device)  # (P, d)
+        self.prompt = loaded.tensor.to(self.base.device)  # (P, d), or deep (layers, 2, H, P, hd)
         self.amp = resolve_precision(config.precision, self.base.device)  # None: fp32
         self.done = 0  # inputs predicted so far (offsets the per-input seeds)
 
@@ -169,7 +169,8 @@ class Predictor:
 
     def _predict(self, texts: list[str]) -> list[dict]:
         from .evaluate import score_classification
-        from .scoring import generate
+        from .prefix import source_state
+        from .scoring import generate_after
 
         c = self.config
         if self.spec.kind == "classify":
@@ -179,9 +180,10 @@ class Predictor:
                    for row in probs]
         else:
             sources = [self.spec.source_ids(self.base.tokenizer, t) for t in texts]
-            gens = generate(self.pm, self.prompt, sources, max_new_tokens=c.max_new_tokens or self.spec.max_target_length,
-                            temperature=c.temperature, top_p=c.top_p, stop=c.stop,
-                            seed=None if c.seed is None else c.seed + self.done)
+            gens = generate_after(self.pm, source_state(self.pm, self.prompt, sources),
+                                  max_new_tokens=c.max_new_tokens or self.spec.max_target_length,
+                                  temperature=c.temperature, top_p=c.top_p, stop=c.stop,
+                                  seed=None if c.seed is None else c.seed + self.done)
             out = [{"output": g.text, "finish_reason": g.finish_reason} for g in gens]
         self.done += len(texts)
         return out

@@ -11,7 +11,10 @@ batch may carry prompts of different lengths; they are right-aligned behind a ma
 Position ids are ``cumsum(mask) - 1``, so row i's source continues at position P_i whatever the gap.
 
 - training: :func:`prefix_forward` runs each distinct prompt of a batch once, differentiably, and
-  gives every row its task's copy (gradients flow back through it);
+  gives every row its task's copy (gradients flow back through it); a deep prompt (deep.py) is its
+  own keys/values and needs no pass;
+- scoring one prompt (eval, predict, dev evaluation): :func:`source_state` reads sources after a
+  deep prompt's prefix, or packs an input prompt before them;
 - serving: :meth:`PrefixKV.compute` runs a prompt once when it is loaded; :func:`stack_prefixes`
   lays out the cached prefixes of a batch (pure);
 - both: :func:`read_after` / :func:`prefill` read the rows' sources after their prefixes.
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import PromptedModel, cache_layers, make_cache, pack
-from .scoring import SourceState, left_pad, pad_id
+from .scoring import SourceState, left_pad, pad_id, source_forward
 
 KV = tuple[torch.Tensor, torch.Tensor]
 """One layer's (keys, values)."""
@@ -111,20 +114,52 @@ def stack_prefixes(prefixes: Sequence[PrefixKV]) -> tuple[list[KV], torch.Tensor
     return layers, mask
 
 
-def prefix_forward(pm: PromptedModel, prompts: Sequence[torch.Tensor], tasks: Sequence[int]) -> Prefix:
-    """Run each distinct prompt of ``tasks`` once and give every row its task's prompt keys/values
-    (differentiable: the training pass).
+def is_deep(prompt: torch.Tensor) -> bool:
+    """A deep prompt (layers, 2, kv_heads, P, head_dim), not an input prompt (P, d)."""
+    return prompt.dim() == 5
 
-    Equals the packed [prompt | text] forward, with B/U times less work on prompt positions.
+
+def kv_dtype(pm: PromptedModel) -> torch.dtype:
+    """The dtype a deep prompt's keys/values enter the model in: float32 under autocast (the
+    model's own keys and values may differ there, e.g. fp32 keys after rotary and bf16 values;
+    attention's matmuls cast both sides to the autocast dtype), else the weights' dtype."""
+    return torch.float32 if torch.is_autocast_enabled(pm.base.device.type) else pm.lm.dtype
+
+
+def _run_prompts(pm: PromptedModel, prompts: Sequence[torch.Tensor]) -> tuple[list[KV], torch.Tensor]:
+    """Run input prompts (P_u, d) through the model once, right-aligned: per layer (U, H, Pmax, hd), mask (U, Pmax)."""
+    dev, d = pm.base.device, pm.base.dim
+    dt = pm.embed(torch.zeros(1, 1, dtype=torch.long, device=dev)).dtype
+    empty = torch.zeros(len(prompts), 0, d, device=dev, dtype=dt)
+    packed = pack(empty, torch.zeros(len(prompts), 0, dtype=torch.long, device=dev), list(prompts))
+    _, cache = pm.decode(packed.inputs_embeds, packed.attention_mask, packed.position_ids, use_cache=True)
+    return cache_layers(cache), packed.attention_mask
+
+
+def prefix_forward(pm: PromptedModel, prompts: Sequence[torch.Tensor], tasks: Sequence[int]) -> Prefix:
+    """Give every row its task's prompt keys/values (differentiable: the training pass).
+
+    An input prompt (P, d) runs through the model once per batch, whatever the number of its rows
+    (equals the packed [prompt | text] forward with B/U times less work on prompt positions); a deep
+    prompt (layers, 2, H, P, hd) *is* its keys/values, no model pass. Both kinds mix in one batch.
     """
     uniq = sorted(set(tasks))
-    dev, d = pm.base.device, pm.base.dim
-    empty = torch.zeros(len(uniq), 0, d, device=dev, dtype=pm.embed(torch.zeros(1, 1, dtype=torch.long, device=dev)).dtype)
-    packed = pack(empty, torch.zeros(len(uniq), 0, dtype=torch.long, device=dev), [prompts[t] for t in uniq])
-    _, cache = pm.decode(packed.inputs_embeds, packed.attention_mask, packed.position_ids, use_cache=True)  # (U, Pmax, d)
-    idx = torch.tensor([uniq.index(t) for t in tasks], dtype=torch.long, device=dev)  # (B,)
-    layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache_layers(cache)]
-    return Prefix(layers, packed.attention_mask.index_select(0, idx))
+    dev = pm.base.device
+    idx = torch.tensor([uniq.index(t) for t in tasks], dtype=torch.long, device=dev)  # (B,) row -> its prompt
+    shallow = [t for t in uniq if not is_deep(prompts[t])]
+    parts: dict[int, PrefixKV] = {}
+    if shallow:
+        layers, mask = _run_prompts(pm, [prompts[t] for t in shallow])  # (U_in, H, Pmax, hd), (U_in, Pmax)
+        if len(shallow) == len(uniq):  # input prompts only: their rows index the packed cache directly
+            return Prefix([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in layers], mask.index_select(0, idx))
+        for j, t in enumerate(shallow):
+            P = prompts[t].shape[0]  # right-aligned: the last P positions are this prompt's
+            parts[t] = PrefixKV(tuple((k[j, :, -P:], v[j, :, -P:]) for k, v in layers), P)
+    for t in uniq:
+        if is_deep(prompts[t]):
+            parts[t] = PrefixKV.from_deep(prompts[t].to(dev, kv_dtype(pm)))
+    layers, mask = stack_prefixes([parts[t] for t in uniq])  # (U, H, Pmax, hd), (U, Pmax)
+    return Prefix([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in layers], mask.index_select(0, idx))
 
 
 def source_positions(prefix_mask: torch.Tensor, source_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,3 +194,12 @@ def prefill(pm: PromptedModel, prefix: Prefix, sources: Sequence[Sequence[int]])
     ids, smask = left_pad(sources, pad_id(pm), pm.base.device)  # (B, T)
     hidden, cache, full = read_after(pm, prefix, ids, smask)
     return SourceState(cache, full, hidden[:, -1], full.sum(1))
+
+
+def source_state(pm: PromptedModel, prompt: torch.Tensor, sources: Sequence[Sequence[int]]) -> SourceState:
+    """Read every source after one prompt, the state label scoring and generation continue from:
+    a deep prompt through its prefix (it has no input embeddings), an input prompt (P, d) (or a
+    zero-length one: the bare model) packed before the sources as everywhere else."""
+    if is_deep(prompt):
+        return prefill(pm, prefix_forward(pm, [prompt], [0] * len(sources)), sources)
+    return source_forward(pm, prompt, sources)

@@ -170,10 +170,25 @@ def generate(
 
     With ``seed`` each row gets its own generator seeded ``seed + row``.
     """
+    return generate_after(pm, source_forward(pm, prompts, source_ids), max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+
+
+@torch.no_grad()
+def generate_after(
+    pm: PromptedModel,
+    state: SourceState,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+) -> list[Generation]:
+    """:func:`generate` continuing from a state already read (e.g. after a deep prompt's prefix)."""
     tok = pm.base.tokenizer
     eos = tok.eos_token_id
-    B = len(source_ids)
-    state = source_forward(pm, prompts, source_ids)
+    B = state.mask.shape[0]
     gens = [torch.Generator().manual_seed(seed + i) for i in range(B)] if seed is not None else None
     cache, mask, pos = state.cache, state.mask, state.next_pos
     logits = pm.project(state.last_hidden)  # (B, V)

@@ -9,6 +9,7 @@ import sys
 from ..artifact import STORAGE_DTYPES
 from ..base import DTYPES
 from ..data import TASK_KINDS
+from ..deep import METHODS, REPARAMS
 from ..errors import ConfigError
 from ..precision import PRECISIONS
 from ..train.config import INITS
@@ -81,11 +82,19 @@ def _optimisation_flags(o) -> None:
     o.add_argument("--init", default="auto", choices=list(INITS),
                    help="prompt init (auto: labels for classification, text with --init-text, else vocab)")
     o.add_argument("--init-text", default=None, help="text for --init text")
+    o.add_argument("--method", default="prompt", choices=list(METHODS),
+                   help="prompt: P trained input embeddings; prefix: P trained keys/values at every layer "
+                        "(a deep prompt, prefix tuning; starts at the keys/values of the --init tokens)")
+    o.add_argument("--reparam", default=None, choices=list(REPARAMS),
+                   help="train through a reparameterisation, collapsed to a plain prompt at save: "
+                        "mlp (--method prefix, Li & Liang) or residual (--method prompt, Razdaibiedina et al.)")
+    o.add_argument("--reparam-hidden", type=int, default=None,
+                   help="hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)")
     o.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 100)")
     o.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --max-steps)")
     o.add_argument("--batch-size", type=int, default=8, help="examples per step, all processes together")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same result, less memory)")
-    o.add_argument("--lr", type=float, default=0.1, help="peak learning rate (AdamW)")
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW) (default: 0.1; 0.001 with --reparam mlp)")
     o.add_argument("--warmup", type=float, default=0.1, help="warmup: fraction of steps (<1) or steps")
     o.add_argument("--schedule", default="cosine", choices=list(SCHEDULES), help="lr decay")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -139,7 +148,8 @@ def config_from_args(args: argparse.Namespace):
         task_file=args.task_file, model=args.model, dtype=args.dtype, device=args.device,
         device_map=args.device_map, quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
         attention=args.attention,
-        prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, max_steps=args.max_steps,
+        prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, method=args.method,
+        reparam=args.reparam, reparam_hidden=args.reparam_hidden, max_steps=args.max_steps,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
         schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         classify_loss=args.classify_loss, precision=args.precision, seed=args.seed, max_length=args.max_length,

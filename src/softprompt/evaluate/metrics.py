@@ -14,7 +14,8 @@ import torch
 from ..data import Example, TaskSpec
 from .. import progress
 from ..model import PromptedModel
-from ..scoring import classify_scores, generate
+from ..prefix import source_state
+from ..scoring import generate_after, label_logprobs
 from ..tasks import TASKS
 
 
@@ -41,7 +42,7 @@ def score_classification(
     """Class log-probabilities (normalised over the labels) of each text, (N, C).
 
     Args:
-        prompt: (P, d) prompt, or None for the bare model.
+        prompt: (P, d) prompt, a deep prompt (layers, 2, H, P, hd), or None for the bare model.
     """
     tok = pm.base.tokenizer
     sources = [spec.source_ids(tok, t) for t in texts]
@@ -50,7 +51,7 @@ def score_classification(
     p = _row_prompts(prompt, len(texts), pm.base.dim, pm.base.device, pm.lm.dtype)
     with progress.bar(len(texts), leave=False) as shown:
         for idx in _batches([len(s) for s in sources], batch_size):
-            scores = classify_scores(pm, p, [sources[i] for i in idx], label_ids)  # (b, C)
+            scores = label_logprobs(pm, source_state(pm, p, [sources[i] for i in idx]), label_ids)  # (b, C)
             out[idx] = scores.float().log_softmax(-1).cpu()
             shown.update(len(idx))
     return out
@@ -72,7 +73,7 @@ def generate_texts(
     p = _row_prompts(prompt, len(texts), pm.base.dim, pm.base.device, pm.lm.dtype)
     with progress.bar(len(texts), leave=False) as shown:
         for idx in _batches([len(s) for s in sources], batch_size):
-            for i, g in zip(idx, generate(pm, p, [sources[i] for i in idx], **gen_kw)):
+            for i, g in zip(idx, generate_after(pm, source_state(pm, p, [sources[i] for i in idx]), **gen_kw)):
                 out[i] = g.text
             shown.update(len(idx))
     return out

@@ -199,6 +199,13 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _prompt_shape(meta) -> str:
+    """What the prompt is, in words: an input prompt's (P, d) or a deep prompt's per-layer keys/values."""
+    if meta.method == "prefix":
+        L, H, hd = meta.kv_layout
+        return f"{meta.length} virtual tokens at every layer: {L} layers x keys/values x {H} kv heads x {hd} ({meta.dtype})"
+    return f"{meta.length} virtual tokens x {meta.dim} dims ({meta.dtype})"
+
 def render_html(result: Comparison, plots: dict[str, bytes], log_note: str) -> str:
     """The report page; ``plots`` maps "curves" / "comparison" / "confusion" to PNG bytes."""
     meta = result.meta
@@ -209,7 +216,7 @@ def render_html(result: Comparison, plots: dict[str, bytes], log_note: str) -> s
         f"<h1>softprompt evaluation: {html.escape(meta.name or Path(result.prompt_path).stem)}</h1>",
         _table(["", ""], [
             ["prompt file", result.prompt_path], ["base model", meta.base_model],
-            ["prompt", f"{meta.length} virtual tokens x {meta.dim} dims ({meta.dtype})"],
+            ["prompt", _prompt_shape(meta)],
             ["task", result.spec.kind], ["template", repr(result.spec.template)],
             ["labels", ", ".join(result.spec.labels or []) or "-"],
             ["eval data", f"{result.data_path} ({result.n} examples, max length {result.spec.max_length} tokens, "

@@ -159,7 +159,8 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
         with progress.stage("soft prompt"):
             prompt_m = evaluate_prompt(pm, loaded.tensor.to(base.device), spec, examples, config.batch_size, **gen_kw)
         prompt_m["seconds"] = round(time.perf_counter() - t0, 2)
-        prompt_m["setup"] = f"{meta.length} virtual tokens, template {spec.template!r}"
+        deep = " at every layer (deep prompt)" if meta.method == "prefix" else ""
+        prompt_m["setup"] = f"{meta.length} virtual tokens{deep}, template {spec.template!r}"
         results = {PROMPT_ROW: prompt_m}
         skipped: dict[str, str] = {}
         if config.baselines:

@@ -33,9 +33,10 @@ class TrainState:
     names: list[str]
     """Task names, in prompt order."""
     prompts: list[torch.Tensor]
-    """Current prompts, float32 (P, d) each."""
+    """The trainable tensors of the prompts, float32, in optimizer order: one (P, d) per plain prompt,
+    more per reparameterised one (deep.py)."""
     best_prompts: list[torch.Tensor]
-    """Best prompt of each task so far by its dev metric (the current one when there is no dev set)."""
+    """Best (plain) prompt of each task so far by its dev metric (the current one when there is no dev set)."""
     optimizer: dict
     """``optimizer.state_dict()``."""
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -71,15 +72,16 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def checkpoint_bytes(state: TrainState) -> bytes:
     """Serialize a training state (safetensors bytes)."""
     tensors: dict[str, torch.Tensor] = {}
-    for i, (p, b) in enumerate(zip(state.prompts, state.best_prompts)):
+    for i, p in enumerate(state.prompts):
         tensors[f"prompt.{i}"] = p.detach().to("cpu", torch.float32).contiguous()
+    for i, b in enumerate(state.best_prompts):
         tensors[f"best.{i}"] = b.detach().to("cpu", torch.float32).contiguous()
     opt_tensors, opt_meta = _split_optimizer(state.optimizer)
     tensors.update(opt_tensors)
     for k, v in state.rng.items():
         tensors[f"rng.{k}"] = v.detach().cpu().contiguous()
     meta = {"format": CHECKPOINT_FORMAT, "step": state.step, "names": state.names, "optimizer": opt_meta,
-            "info": state.info}
+            "info": state.info, "params": len(state.prompts)}
     return safetensors_bytes(tensors, {"softprompt_checkpoint": json.dumps(meta)})
 
 
@@ -105,7 +107,7 @@ def load_checkpoint(path: str | os.PathLike) -> TrainState:
         raise ConfigError(f"--resume: {p} has checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     n = len(meta["names"])
     try:
-        prompts = [tensors[f"prompt.{i}"] for i in range(n)]
+        prompts = [tensors[f"prompt.{i}"] for i in range(int(meta.get("params", n)))]
         best = [tensors[f"best.{i}"] for i in range(n)]
     except KeyError as e:
         raise ConfigError(f"--resume: {p} lacks tensor {e.args[0]}") from None
@@ -152,7 +154,7 @@ class LoopState:
     cannot drift apart."""
 
     best_prompts: list[torch.Tensor]
-    """Best prompt of each task so far (P, d), by its dev metric."""
+    """Best plain prompt of each task so far ((P, d) or deep), by its dev metric."""
     step: int = 0
     """Optimizer steps completed."""
     examples: int = 0

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from ..base import DTYPES
 from ..data import TASK_KINDS, TaskKind, parse_verbalizer
+from ..deep import METHODS, REPARAMS
 from ..errors import ConfigError
 from .objective import CLASSIFY_LOSSES
 from ..precision import PRECISIONS
@@ -26,6 +27,8 @@ INITS: tuple[str, ...] = ("auto", *INIT_STRATEGIES)
 
 DEFAULT_MAX_STEPS = 100
 """Steps when neither --max-steps nor --epochs is given."""
+DEFAULT_LR = 0.1
+"""--lr of both methods (README › Defaults, › Deep prompts); a --reparam may have its own."""
 
 
 def _flag(name: str) -> str:
@@ -63,6 +66,8 @@ class TaskConfig:
     """Text for --init text."""
     prompt_length: int | None = None
     """Virtual tokens of this task's prompt (default: the run's --prompt-length)."""
+    method: Literal["prompt", "prefix"] | None = None
+    """This task's prompt method (default: the run's --method), so one run can mix them."""
     out: str | None = None
     """Prompt file (default: <out dir>/<name>.safetensors)."""
 
@@ -85,6 +90,8 @@ class TaskConfig:
             raise ConfigError("--labels and --verbalizer only apply to --task classify")
         if self.prompt_length is not None and self.prompt_length < 1:
             raise ConfigError(f"--prompt-length must be at least 1, got {self.prompt_length}")
+        if self.method is not None and self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
 
 
 TASK_FILE_KEYS = {f.name for f in fields(TaskConfig)}
@@ -191,6 +198,13 @@ class TrainConfig:
     """Init strategy: auto (labels for classification, text if --init-text, else vocab), random, vocab, text, labels."""
     init_text: str | None = None
     """Text for --init text."""
+    method: Literal["prompt", "prefix"] = "prompt"
+    """prompt: P trained input embeddings; prefix: P trained keys/values at every layer (a deep prompt, prefix tuning)."""
+    reparam: Literal["mlp", "residual"] | None = None
+    """Train through a reparameterisation, collapsed to a plain prompt at save: mlp (--method prefix, Li & Liang)
+    or residual (--method prompt, Razdaibiedina et al.)."""
+    reparam_hidden: int | None = None
+    """Hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)."""
     # --- optimisation ---
     max_steps: int | None = None
     """Optimizer steps (default: 100, or --epochs)."""
@@ -200,8 +214,8 @@ class TrainConfig:
     """Examples per optimizer step, over all processes and micro-batches."""
     grad_accum: int = 1
     """Split each step's batch into this many micro-batches (same result, less memory)."""
-    lr: float = 0.1
-    """Peak learning rate (AdamW)."""
+    lr: float | None = None
+    """Peak learning rate (AdamW) (default: 0.1, or the --reparam's own: 0.001 for mlp)."""
     warmup: float = 0.1
     """Warmup: a fraction of all steps (< 1) or a number of steps."""
     schedule: str = "cosine"
@@ -259,6 +273,12 @@ class TrainConfig:
              f"{self.attention!r}: choose auto, eager, sdpa or model")
         need(self.prompt_length >= 1, "prompt_length", f"must be at least 1, got {self.prompt_length}")
         need(self.init in INITS, "init", f"{self.init!r}: choose one of {', '.join(INITS)}")
+        need(self.method in METHODS, "method", f"{self.method!r}: choose one of {', '.join(METHODS)}")
+        need(self.reparam is None or self.reparam in REPARAMS, "reparam",
+             f"{self.reparam!r}: choose one of {', '.join(REPARAMS)}")
+        need(self.reparam_hidden is None or self.reparam is not None, "reparam_hidden", "needs --reparam")
+        need(self.reparam_hidden is None or self.reparam_hidden >= 1, "reparam_hidden",
+             f"must be at least 1, got {self.reparam_hidden}")
         need(self.init != "text" or bool(self.init_text and self.init_text.strip()) or self.tasks is not None
              or self.task_file is not None, "init_text", "is required with --init text")
         if self.max_steps is not None and self.epochs is not None:
@@ -269,6 +289,8 @@ class TrainConfig:
         need(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
         need(self.batch_size % self.grad_accum == 0, "grad_accum",
              f"{self.grad_accum} must divide --batch-size {self.batch_size} (the batch is split into micro-batches)")
+        if self.lr is None:
+            self.lr = (REPARAMS[self.reparam].lr if self.reparam in REPARAMS else None) or DEFAULT_LR
         need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be positive, got {self.lr}")
         need(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()), "warmup",
              f"must be a fraction below 1 or a whole number of steps, got {self.warmup}")
@@ -310,6 +332,14 @@ class TrainConfig:
             if not tasks:
                 raise ConfigError("no tasks given")
             self.tasks_resolved = list(tasks)
+        for t in self.tasks_resolved:
+            need(self.reparam is None or REPARAMS[self.reparam].method == self.method_of(t), "reparam",
+                 f"{self.reparam} applies to --method {REPARAMS[self.reparam].method if self.reparam else ''}, "
+                 f"not {self.method_of(t)}" + (f" (task {t.name})" if self.multi else ""))
+
+    def method_of(self, task: TaskConfig) -> str:
+        """A task's prompt method: its own, else --method."""
+        return task.method or self.method
 
     @property
     def multi(self) -> bool:

@@ -30,6 +30,7 @@ import torch
 from .. import progress
 from ..artifact import PromptMeta, atomic_write_bytes, save_prompt
 from ..base import BaseModel
+from ..deep import collapse, prompt_length
 from ..distributed import LocalRuntime, lockstep_micro_batches, runtime_from_env, shard
 from ..evaluate import PRIMARY_METRIC, evaluate_prompt
 from ..precision import autocast, precision_name
@@ -71,9 +72,9 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
     fingerprint = data_fingerprint(tasks)
     saved = read_resume(run_dir / "checkpoint.safetensors", config, rt, fingerprint) if config.resume else None
     model = load_model(config, rt, base, lambda msg: _say(quiet, msg))
-    params = init_prompts(config, tasks, model.base)
+    params = init_prompts(config, tasks, model.pm)
     rows = encode_rows(tasks, model.base.tokenizer)
-    opt = torch.optim.AdamW([{"params": [p]} for p in params], lr=config.lr, weight_decay=config.weight_decay,
+    opt = torch.optim.AdamW([{"params": list(p.parameters())} for p in params], lr=config.lr, weight_decay=config.weight_decay,
                             betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler(model.device.type,
                                   enabled=model.amp is torch.float16 or model.base.model.dtype is torch.float16)
@@ -100,11 +101,11 @@ def _start(run: Run, saved) -> LoopState:
     the banner and the experiment trackers."""
     config, rt, log = run.config, run.rt, run.log
     if saved is not None:
-        state = LoopState.from_checkpoint(saved, run.params, run.opt, run.scaler, run.ckpt_path)
+        state = LoopState.from_checkpoint(saved, _tensors(run.params), run.opt, run.scaler, run.ckpt_path)
         log.restore(state.step)
         _say(run.quiet, f"resuming from {run.ckpt_path} at step {state.step}/{run.total}")
     else:
-        state = LoopState.fresh(run.params)
+        state = LoopState.fresh([collapse(p) for p in run.params])
         log.start()
     if rt.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +188,9 @@ def _backward(run: Run, batch: list[int]) -> torch.Tensor:
               else [(mb, len(mb)) for mb in shard(batch, rt.world_size, rt.rank, config.grad_accum)])
     for micro, own in micros:  # sharded: rows borrowed to keep the processes in step carry no loss
         with autocast(m.device, m.amp):
-            losses = row_losses(m.pm, run.params, [run.rows[i] for i in micro], run.label_ids,
+            tasks = {run.rows[i].task for i in micro}  # a reparameterised prompt is computed only when used
+            prompts = [p() if t in tasks else None for t, p in enumerate(run.params)]
+            losses = row_losses(m.pm, prompts, [run.rows[i] for i in micro], run.label_ids,
                                 config.classify_loss)[:own]
             loss = losses.sum() / config.batch_size  # rows of the whole global batch weigh equally
         run.scaler.scale(loss).backward()
@@ -199,18 +202,20 @@ def _backward(run: Run, batch: list[int]) -> torch.Tensor:
 
 def _apply_gradients(run: Run, in_batch: set[int], loss_sum: torch.Tensor) -> None:
     """Sum the prompts' gradients (and the loss) over processes, clip per prompt, step, zero."""
-    params, opt, scaler = run.params, run.opt, run.scaler
-    for i, p in enumerate(params):  # a prompt whose task is in the global batch steps, even with no local rows
-        if i in in_batch and p.grad is None:
-            p.grad = torch.zeros_like(p)
-        elif i not in in_batch:
-            p.grad = None
-    run.rt.all_reduce_sum([p.grad for p in params if p.grad is not None] + [loss_sum])
+    opt, scaler = run.opt, run.scaler
+    params = [list(m.parameters()) for m in run.params]  # per task: its prompt's tensors
+    for i, ps in enumerate(params):  # a prompt whose task is in the global batch steps, even with no local rows
+        for p in ps:
+            if i in in_batch and p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif i not in in_batch:
+                p.grad = None
+    run.rt.all_reduce_sum([p.grad for ps in params for p in ps if p.grad is not None] + [loss_sum])
     scaler.unscale_(opt)
     if run.config.max_grad_norm is not None:
-        for p in params:
-            if p.grad is not None:
-                torch.nn.utils.clip_grad_norm_([p], run.config.max_grad_norm)
+        for i, ps in enumerate(params):
+            if i in in_batch:
+                torch.nn.utils.clip_grad_norm_(ps, run.config.max_grad_norm)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -219,7 +224,8 @@ def _apply_gradients(run: Run, in_batch: set[int], loss_sum: torch.Tensor) -> No
 def _evaluate(run: Run, state: LoopState) -> bool:
     """Evaluate on the dev sets, keep each task's best prompt; True when early stopping says stop."""
     step, m = state.step, run.model
-    metrics = _eval_tasks(m.pm, run.params, run.tasks, m.amp, m.device, run.config.eval_batch_size, run.quiet)
+    current = [collapse(p) for p in run.params]
+    metrics = _eval_tasks(m.pm, current, run.tasks, m.amp, m.device, run.config.eval_batch_size, run.quiet)
     improved = False
     for i, t in enumerate(run.tasks):
         if t.name not in metrics:
@@ -229,7 +235,7 @@ def _evaluate(run: Run, state: LoopState) -> bool:
         if t.name not in state.best or rank > tuple(state.best[t.name]["rank"]):
             state.best[t.name] = {"metric": key, "value": metrics[t.name][key], "step": step,
                                   "metrics": metrics[t.name], "rank": list(rank)}
-            state.best_prompts[i] = run.params[i].detach().clone()
+            state.best_prompts[i] = current[i]
             improved = True
     state.bad_evals = 0 if improved else state.bad_evals + 1
     run.log.append({"step": step, "eval": metrics, "improved": improved})
@@ -250,7 +256,7 @@ def _checkpoint(run: Run, state: LoopState, finished: bool = False) -> None:
     """The main process writes the checkpoint; every process waits for it."""
     if run.rt.is_main:
         save_checkpoint(run.ckpt_path, state.to_checkpoint(
-            [t.name for t in run.tasks], run.params, run.opt, run.scaler, run.config.result_settings(),
+            [t.name for t in run.tasks], _tensors(run.params), run.opt, run.scaler, run.config.result_settings(),
             run.fingerprint, finished=finished))
     run.rt.barrier()
 
@@ -259,7 +265,7 @@ def _finish(run: Run, state: LoopState) -> TrainResult:
     """The last checkpoint, the prompt files, the result."""
     for i, t in enumerate(run.tasks):  # a task without a dev set keeps its last prompt
         if not t.dev:
-            state.best_prompts[i] = run.params[i].detach().clone()
+            state.best_prompts[i] = collapse(run.params[i])
     if run.ckpt_every:
         _checkpoint(run, state, finished=True)
     seconds = time.perf_counter() - run.t_start
@@ -297,8 +303,8 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
                                        "sharded_bytes": m.sharded.sharded_bytes(), "bytes_per_process": m.base_bytes,
                                        "peak_host_rss_mb_per_process": rss,
                                        "loaded_by": "process 0" if m.sharding.efficient_loading else "every process"}
-        meta = PromptMeta.for_base(m.base, state.best_prompts[i].shape[0], name=t.name, training=summary,
-                                   **t.spec.to_meta())
+        meta = PromptMeta.for_base(m.base, prompt_length(state.best_prompts[i]), name=t.name, training=summary,
+                                   method=config.method_of(t.config), **t.spec.to_meta())
         if rt.is_main:
             save_prompt(t.out, state.best_prompts[i].float(), meta, dtype=config.prompt_dtype)
         paths[t.name] = t.out
@@ -306,6 +312,11 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _tensors(prompts) -> list[torch.Tensor]:
+    """Every trainable tensor of the prompts, in optimizer order (what a checkpoint holds)."""
+    return [p for m in prompts for p in m.parameters()]
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -8,7 +8,8 @@ path in ``scoring.py`` and ``PromptedModel.target_logprobs``.
   positions only).
 
 In a mixed batch every row carries its own task's prompt. Each distinct prompt runs through the
-model once per batch and its keys/values serve all of its rows (``prefix.prefix_forward``). All
+model once per batch and its keys/values serve all of its rows (``prefix.prefix_forward``); a deep
+prompt (``--method prefix``) is already keys/values and joins the same batch without a pass. All
 classification rows then share one source pass; the label continuation runs per task on that
 task's rows (label sets differ). All generation rows share one teacher-forced pass. Each row's loss
 is its own mean, so a row's loss (and its gradient) does not depend on which rows share the batch.
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import IGNORE_INDEX, PromptedModel
-from ..prefix import prefill, prefix_forward, read_after
+from ..prefix import is_deep, prefill, prefix_forward, read_after
 from ..scoring import label_logprobs, pad_id, right_pad, source_forward
 
 
@@ -67,7 +68,7 @@ def _prompts_for(prompts: Sequence[torch.Tensor], tasks: Sequence[int]):
 
 def row_losses(
     pm: PromptedModel,
-    prompts: Sequence[torch.Tensor],
+    prompts: Sequence[torch.Tensor | None],
     rows: Sequence[Row],
     label_ids: Sequence[list[list[int]] | None],
     classify_loss: str = "ce",
@@ -76,14 +77,17 @@ def row_losses(
     """Loss of every row, (len(rows),) float32, differentiable with respect to the prompts.
 
     Args:
-        prompts: one (P_t, d) prompt per task.
+        prompts: one prompt per task: input (P_t, d) or deep (layers, 2, H, P_t, hd); None for a
+            task with no row in ``rows``.
         rows: the batch; ``rows[i].task`` indexes ``prompts`` and ``label_ids``.
         label_ids: per task, each label's token ids (classification) or None (generation).
         classify_loss: a key of :data:`CLASSIFY_LOSSES`.
         share_prefix: run each prompt once per batch (:func:`prefix_forward`) instead of once per
             row (the packed path of ``scoring.source_forward`` / ``target_logprobs``); same result.
+            A batch with a deep prompt always takes the prefix path (it has no input embeddings).
     """
     dev = pm.base.device
+    share_prefix = share_prefix or any(is_deep(prompts[r.task]) for r in rows)
     pieces: list[torch.Tensor] = []
     order: list[int] = []
     cls = [i for i, r in enumerate(rows) if label_ids[r.task] is not None]

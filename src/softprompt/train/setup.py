@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..base import BaseModel, assert_frozen, load_base_model
+from ..deep import build_prompt
 from ..distributed import accelerate_precision
 from ..distributed.sharding import Sharder, ShardingConfig, shard_base
 from ..errors import ConfigError
@@ -104,6 +106,9 @@ def load_model(config: TrainConfig, rt, base: BaseModel | None, say) -> LoadedMo
         raise ConfigError(f"--{'gradient-checkpointing' if config.gradient_checkpointing else 'quantize'} cannot be "
                           f"combined with {'an FSDP' if sharding.engine == 'fsdp' else 'a DeepSpeed ZeRO-3'} launch "
                           "(sharded layers); drop it or use the data-parallel config")
+    if sharding and any(config.method_of(t) == "prefix" for t in config.tasks_resolved):
+        raise ConfigError("--method prefix is not supported with sharded layers (FSDP / DeepSpeed ZeRO-3); "
+                          "launch with the plain data-parallel (DDP) config")
     device = rt.device if rt.world_size > 1 else resolve_device(config, base)
     precision = config.precision
     if precision == "auto" and rt.world_size > 1:
@@ -128,18 +133,21 @@ def load_model(config: TrainConfig, rt, base: BaseModel | None, say) -> LoadedMo
                        base_bytes=base_bytes)
 
 
-def init_prompts(config: TrainConfig, tasks: list[PreparedTask], base: BaseModel) -> list[torch.Tensor]:
-    """One trainable prompt (P, d) per task, initialised by ``--init`` (``auto``: from the labels for
-    classification, the init text when given, else vocabulary embeddings)."""
-    prompts = []
+def init_prompts(config: TrainConfig, tasks: list[PreparedTask], pm: PromptedModel) -> list[nn.Module]:
+    """One trainable prompt per task (deep.py: input or deep, plain or reparameterised), initialised by
+    ``--init`` (``auto``: from the labels for classification, the init text when given, else vocabulary
+    embeddings); a deep prompt starts at the keys/values of that init."""
+    base, prompts = pm.base, []
     for i, t in enumerate(tasks):
         strategy = config.init
         if strategy == "auto":
             strategy = "labels" if t.spec.kind == "classify" else ("text" if (t.config.init_text or config.init_text) else "vocab")
-        prompts.append(SoftPrompt.initialize(
+        init = SoftPrompt.initialize(
             base.embedding, base.tokenizer, t.config.prompt_length or config.prompt_length, strategy,
-            text=t.config.init_text or config.init_text, labels=t.spec.words, seed=config.seed + i).to(base.device))
-    return [p.weight for p in prompts]
+            text=t.config.init_text or config.init_text, labels=t.spec.words, seed=config.seed + i).weight
+        prompts.append(build_prompt(pm, init.detach(), config.method_of(t.config), config.reparam,
+                                    config.reparam_hidden, seed=config.seed + i))
+    return prompts
 
 
 def encode_rows(tasks: list[PreparedTask], tok) -> list[Row]:
@@ -165,8 +173,8 @@ class Run:
     """Planned optimizer steps."""
     run_dir: Path
     model: LoadedModel
-    params: list[torch.Tensor]
-    """The trainable prompts, one (P, d) per task."""
+    params: list[nn.Module]
+    """The trainable prompts, one per task (deep.py); ``params[i]()`` is task i's prompt tensor."""
     rows: list[Row]
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler

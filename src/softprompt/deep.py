@@ -1,0 +1,174 @@
+"""What trains behind a task's prompt: an input prompt or a deep prompt, plain or reparameterised.
+
+Every trainable prompt is an ``nn.Module`` whose ``forward()`` returns the tensor the objective
+reads, and :func:`collapse` turns it into the plain tensor a prompt file holds:
+
+- method ``prompt``: (P, d) input embeddings: :class:`~softprompt.prompt.SoftPrompt`, or
+  :class:`ResidualPrompt` (``--reparam residual``, Razdaibiedina et al. 2023);
+- method ``prefix``: a deep prompt (layers, 2, kv_heads, P, head_dim), per layer the keys ([:, 0],
+  post-rotary) and values ([:, 1]) of P virtual tokens, as the HF cache holds them:
+  :class:`DeepPrompt`, or :class:`MLPPrefix` (``--reparam mlp``, Li & Liang 2021).
+
+A deep prompt starts from the keys/values of real tokens: the input-prompt init (any ``--init``)
+runs through the model once (``PrefixKV.compute``). A reparameterisation only changes how the
+prompt is trained; it is collapsed before saving, so files, export and serving never see it.
+
+Not here: reading sources after a deep prompt (prefix.py), the file format (artifact/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .model import PromptedModel
+from .prefix import PrefixKV
+from .prompt import SoftPrompt
+
+METHODS: tuple[str, ...] = ("prompt", "prefix")
+"""Where a prompt goes: ``prompt`` = P input embeddings; ``prefix`` = P keys/values at every layer."""
+
+
+def _fp32(fn):
+    """Run a reparameterisation in float32 even under autocast, so the training-time prompt is
+    exactly the collapsed one (the MLP's own matmuls would otherwise run in bf16)."""
+    def wrapper(self):
+        with torch.autocast(next(self.parameters()).device.type, enabled=False):
+            return fn(self)
+    return wrapper
+
+
+def deep_init(pm: PromptedModel, prompt: torch.Tensor) -> torch.Tensor:
+    """The keys/values of an input prompt (P, d) at every layer: (layers, 2, H, P, hd) float32."""
+    kv = PrefixKV.compute(pm, prompt)  # per layer (H, P, hd) x 2
+    return torch.stack([torch.stack([k, v]) for k, v in kv.layers]).float()  # (L, 2, H, P, hd)
+
+
+class DeepPrompt(nn.Module):
+    """A deep prompt: one float32 master tensor (layers, 2, kv_heads, P, head_dim)."""
+
+    def __init__(self, kv: torch.Tensor):
+        super().__init__()
+        if kv.dim() != 5 or kv.shape[1] != 2:
+            raise ConfigError(f"a deep prompt needs a (layers, 2, kv_heads, P, head_dim) tensor, got {tuple(kv.shape)}")
+        self.weight = nn.Parameter(kv.detach().to(torch.float32).clone())  # (L, 2, H, P, hd)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class MLPPrefix(nn.Module):
+    """Li & Liang's reparameterisation: prefix = MLP(E), E (P, d) a small trainable embedding,
+    MLP = Linear(d, h) -> tanh -> Linear(h, layers·2·H·hd). Optimising through the MLP is more stable
+    than optimising the prefix directly; the MLP is dropped after training (only MLP(E) is saved).
+
+    Init: E is the input-prompt init; the last layer is solved by least squares so that MLP(E)
+    starts exactly at ``kv`` (the real tokens' keys/values), so every ``--init`` means the same
+    starting prefix with and without the MLP.
+    """
+
+    def __init__(self, emb: torch.Tensor, kv: torch.Tensor, hidden: int):
+        super().__init__()
+        self.shape = tuple(kv.shape)  # (L, 2, H, P, hd)
+        L, _, H, P, hd = self.shape
+        self.emb = nn.Parameter(emb.detach().to(torch.float32).clone())  # (P, d)
+        self.up = nn.Linear(emb.shape[1], hidden)
+        self.out = nn.Linear(hidden, L * 2 * H * hd)
+        with torch.no_grad():
+            target = kv.to(torch.float32).permute(3, 0, 1, 2, 4).reshape(P, -1)  # (P, L·2·H·hd)
+            h = torch.tanh(self.up(self.emb))  # (P, h)
+            self.out.bias.copy_(target.mean(0))
+            self.out.weight.copy_((torch.linalg.pinv(h) @ (target - target.mean(0))).T)  # (L·2·H·hd, h)
+
+    @_fp32
+    def forward(self) -> torch.Tensor:
+        L, _, H, P, hd = self.shape
+        flat = self.out(torch.tanh(self.up(self.emb)))  # (P, L·2·H·hd)
+        return flat.view(P, L, 2, H, hd).permute(1, 2, 3, 0, 4)  # (L, 2, H, P, hd)
+
+
+class ResidualPrompt(nn.Module):
+    """Residual Prompt Tuning (Razdaibiedina et al. 2023): prompt = LayerNorm(MLP(W)) + W with a
+    bottleneck MLP = Linear(d, h) -> ReLU -> Linear(h, d), trained jointly with W (P, d).
+
+    One change from the paper: the LayerNorm's gain starts at 0, so training starts exactly at the
+    ``--init`` prompt. With the usual gain 1 the residual branch adds a unit-RMS vector to every
+    token, ~7x a real token embedding of SmolLM2-135M (RMS 0.13; T5's, the paper's model, are far
+    larger), which buried the label init (README › Deep prompts, tweet-sentiment: dev accuracy
+    0.37 / 0.43 at 20 / 60 steps with gain 1, 0.54 / 0.47 with gain 0).
+    """
+
+    def __init__(self, weight: torch.Tensor, hidden: int):
+        super().__init__()
+        d = weight.shape[1]
+        self.weight = nn.Parameter(weight.detach().to(torch.float32).clone())  # (P, d)
+        self.down = nn.Linear(d, hidden)
+        self.up = nn.Linear(hidden, d)
+        self.norm = nn.LayerNorm(d)
+        nn.init.zeros_(self.norm.weight)  # the branch starts silent; the gain learns its scale
+
+    @_fp32
+    def forward(self) -> torch.Tensor:
+        return self.norm(self.up(torch.relu(self.down(self.weight)))) + self.weight  # (P, d)
+
+
+@dataclass(frozen=True)
+class Reparam:
+    """A reparameterisation: the method it applies to, its default hidden width and learning rate, its builder."""
+
+    method: str
+    hidden: int
+    lr: float | None
+    """Default --lr (None: the method's)."""
+    build: Callable[[torch.Tensor, torch.Tensor | None, int], nn.Module]
+    """``(input-prompt init (P, d), deep init (L, 2, H, P, hd) or None, hidden) -> module``."""
+
+
+REPARAMS: dict[str, Reparam] = {
+    "mlp": Reparam("prefix", 512, 1e-3, lambda emb, kv, h: MLPPrefix(emb, kv, h)),
+    "residual": Reparam("prompt", 400, None, lambda emb, kv, h: ResidualPrompt(emb, h)),
+}
+"""``--reparam`` choices by name (Li & Liang use 512 for the prefix MLP; Razdaibiedina et al. a
+bottleneck of a few hundred). One Adam step moves each of the prefix MLP's outputs by up to ~lr·h
+(h weights of the last layer each move by ~lr), a plain prefix element by ~lr, hence the MLP's own
+small default lr (at 0.1 it diverged)."""
+
+
+def build_prompt(pm: PromptedModel, init: torch.Tensor, method: str = "prompt", reparam: str | None = None,
+                 hidden: int | None = None, seed: int = 0) -> nn.Module:
+    """The trainable prompt of one task, on the base's device.
+
+    Args:
+        init: the input-prompt init (P, d), from ``SoftPrompt.initialize``.
+        method: a name of :data:`METHODS`.
+        reparam: a key of :data:`REPARAMS` for ``method``, or None.
+        hidden: the reparameterisation's hidden width (default: its own).
+        seed: seeds the reparameterisation's weights.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    dev = pm.base.device
+    kv = deep_init(pm, init.to(dev)) if method == "prefix" else None
+    if reparam is None:
+        return DeepPrompt(kv) if kv is not None else SoftPrompt(init).to(dev)
+    r = REPARAMS[reparam]
+    if r.method != method:
+        raise ConfigError(f"--reparam {reparam} applies to --method {r.method}, not {method}")
+    with torch.random.fork_rng(devices=[]):  # built on the CPU from its own seed, then moved
+        torch.manual_seed(seed)
+        return r.build(init.cpu(), None if kv is None else kv.cpu(), hidden or r.hidden).to(dev)
+
+
+@torch.no_grad()
+def collapse(module: nn.Module) -> torch.Tensor:
+    """The plain prompt a trainable prompt stands for: (P, d) or (L, 2, H, P, hd), float32, detached."""
+    return module().detach().to(torch.float32).clone()
+
+
+def prompt_length(prompt: torch.Tensor) -> int:
+    """P of an input prompt (P, d) or a deep prompt (L, 2, H, P, hd)."""
+    return int(prompt.shape[3] if prompt.dim() == 5 else prompt.shape[0])
