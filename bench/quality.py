@@ -38,9 +38,28 @@ from softprompt.evaluate import PRIMARY_METRIC, evaluate_prompt
 from softprompt.model import PromptedModel
 from softprompt.scoring import classify_scores
 
-METHODS = ("softprompt", "peft-pt", "lora", "baselines")
+VARIANTS: dict[str, dict] = {
+    "softprompt": {},
+    "softprompt-plain": {"class_weights": "none", "sampling": "uniform", "select_metric": "accuracy"},
+    "softprompt-weighted": {"class_weights": "balanced", "sampling": "uniform", "select_metric": "accuracy"},
+    "softprompt-sampled": {"class_weights": "none", "sampling": "balanced", "select_metric": "accuracy"},
+    "softprompt-f1": {"class_weights": "none", "sampling": "uniform", "select_metric": "macro_f1"},
+    "softprompt-weighted-f1": {"class_weights": "balanced", "sampling": "uniform", "select_metric": "macro_f1"},
+    "softprompt-prefix": {"method": "prefix"},
+    "softprompt-residual": {"reparam": "residual"},
+}
+"""softprompt's recipes: TrainConfig fields over the defaults (``softprompt``: the defaults as they are)."""
+METHODS = (*VARIANTS, "peft-pt", "peft-prefix", "lora", "baselines")
 TITLES = {
     "softprompt": "softprompt (default recipe)",
+    "softprompt-plain": "softprompt, no class handling (recipe before #14)",
+    "softprompt-weighted": "softprompt --class-weights balanced",
+    "softprompt-sampled": "softprompt --sampling balanced",
+    "softprompt-f1": "softprompt --select-metric macro_f1",
+    "softprompt-weighted-f1": "softprompt --class-weights balanced --select-metric macro_f1",
+    "softprompt-prefix": "softprompt --method prefix (deep prompt)",
+    "softprompt-residual": "softprompt --reparam residual",
+    "peft-prefix": "PEFT prefix tuning (20 virtual tokens)",
     "peft-pt": "PEFT prompt tuning",
     "lora": "PEFT LoRA r=8 (q,v)",
     "bare": "bare model (no prompt)",
@@ -49,7 +68,7 @@ TITLES = {
     "few-shot": "few-shot (5 shots)",
     "tfidf-lr": "TF-IDF + logistic regression (not a prompt)",
 }
-TRAINED = ("softprompt", "peft-pt", "lora")
+TRAINED = (*VARIANTS, "peft-pt", "peft-prefix", "lora")
 PROMPTING = ("bare", "instruction", "instruction-chat", "few-shot")
 """The baselines a prompt engineer would try (TF-IDF is not a prompt)."""
 
@@ -64,13 +83,30 @@ def gen_kw(data: TaskData, max_new_tokens: int) -> dict:
     return {"max_new_tokens": max_new_tokens} if data.spec.kind == "generate" else {}
 
 
-def run_softprompt(data: TaskData, args, seed: int, base, test) -> dict:
-    """softprompt's default recipe through its real training path (``softprompt.train.train``:
-    dev-set evaluation 5 times, best prompt kept, early stopping), then the shared scorer on the
-    saved prompt file, as a user would load it."""
+def variant_fields(method: str) -> dict:
+    """The TrainConfig fields of recipe ``method``; a clear exit when this checkout's TrainConfig
+    lacks one (``method`` / ``reparam`` arrive with deep prompts)."""
+    from dataclasses import fields  # noqa: PLC0415
+
+    from softprompt.train import TrainConfig  # noqa: PLC0415
+
+    known = {f.name for f in fields(TrainConfig)}
+    missing = sorted(set(VARIANTS[method]) - known)
+    if missing:
+        raise SystemExit(f"{method}: this softprompt's TrainConfig has no field(s) {missing}; "
+                         "that recipe needs a softprompt that has them")
+    return VARIANTS[method]
+
+
+def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "softprompt") -> dict:
+    """softprompt's recipe ``method`` (:data:`VARIANTS`) through its real training path
+    (``softprompt.train.train``: dev-set evaluation 5 times, best prompt kept, early stopping), then
+    the shared scorer on the saved prompt file, as a user would load it."""
     from softprompt.artifact import load_prompt  # noqa: PLC0415
     from softprompt.examples import jsonl_bytes  # noqa: PLC0415
     from softprompt.train import TrainConfig, train  # noqa: PLC0415
+
+    extra = variant_fields(method)
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -80,14 +116,16 @@ def run_softprompt(data: TaskData, args, seed: int, base, test) -> dict:
                           template=data.spec.template, labels=data.spec.labels, out=str(work / "p.safetensors"),
                           max_steps=args.steps, batch_size=args.batch_size, prompt_length=args.prompt_length,
                           max_length=args.max_length, max_target_length=data.spec.max_target_length, seed=seed,
-                          quiet=True, checkpoint_every=0, model=args.model)
+                          quiet=True, checkpoint_every=0, model=args.model, **extra)
         t0 = time.perf_counter()
         result = train(cfg, base=base)
         secs = time.perf_counter() - t0
-        prompt = load_prompt(result.path, base).tensor  # (P, d), as stored (float16)
+        loaded = load_prompt(result.path, base)
+        prompt, training = loaded.tensor, loaded.meta.training or {}  # (P, d), as stored (float16)
     m = evaluate_prompt(PromptedModel(base), prompt, data.spec, test, args.eval_batch, **gen_kw(data, args.max_new_tokens))
     return {**scores_only(m), "train_seconds": round(secs, 1), "steps_done": result.steps,
             "best_step": next(iter(result.best_step.values()), result.steps),
+            "balance": training.get("balance"),
             "train_examples_per_s": round(result.examples_per_s, 2)}
 
 
@@ -171,7 +209,8 @@ def main() -> None:
         raise SystemExit(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.eval_n is None:
-        args.eval_n = {"bbc-news": 400, "tweet-sentiment": 400, "headlines": 60}[args.task]  # the published sizes
+        args.eval_n = {"bbc-news": 400, "tweet-sentiment": 400, "tweet-imbalanced": 400,
+                       "headlines": 60}[args.task]  # the published sizes
     name = args.name or f"quality_{args.task.replace('-', '_')}"
 
     t_start = time.perf_counter()
@@ -196,8 +235,8 @@ def main() -> None:
             record(bname, None, m)
     for seed in seeds:
         for method in (m for m in TRAINED if m in methods):
-            if method == "softprompt":
-                record(method, seed, run_softprompt(data, args, seed, base, test))
+            if method in VARIANTS:
+                record(method, seed, run_softprompt(data, args, seed, base, test, method))
             else:
                 record(method, seed, run_peft(data, args, seed, base, test, method))
 
@@ -205,14 +244,15 @@ def main() -> None:
 def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extra: dict) -> None:
     """results/NAME.json (config, every run) and NAME.md (mean, std, min, max per method)."""
     metric = PRIMARY_METRIC[kind]
-    order = ["softprompt", "peft-pt", "lora", *PROMPTING, "tfidf-lr"]
+    order = [*VARIANTS, "peft-pt", "peft-prefix", "lora", *PROMPTING, "tfidf-lr"]
     rows, stats = [], {}
     for method in order:
         mine = [r for r in runs if r["method"] == method]
         if not mine:
             continue
         vals = stats[method] = [r[metric] for r in mine]
-        rows.append({"method": TITLES[method], metric: statistics.mean(vals), "std": spread(vals),
+        f1 = {"macro-F1": statistics.mean(r["macro_f1"] for r in mine)} if kind == "classify" else {}
+        rows.append({"method": TITLES[method], metric: statistics.mean(vals), **f1, "std": spread(vals),
                      "min": min(vals), "max": max(vals), "seeds": len(vals) if method in TRAINED else "-",
                      "train s (mean)": statistics.mean(r["train_seconds"] for r in mine) if method in TRAINED else None})
     summary: dict = {"metric": metric}

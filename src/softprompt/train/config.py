@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ..base import DTYPES
 from ..data import TASK_KINDS, TaskKind, parse_verbalizer
 from ..errors import ConfigError
+from .balance import check as check_balance
 from .objective import CLASSIFY_LOSSES
 from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
@@ -212,6 +213,11 @@ class TrainConfig:
     """Clip each prompt's gradient norm (None: no clipping)."""
     classify_loss: str = "ce"
     """Classification loss: ce (cross-entropy over the labels' summed log-probs) or ce+lm (plus the gold label's LM loss)."""
+    class_weights: Literal["auto", "none", "balanced"] = "auto"
+    """Per-row loss weight by class (balance.py): balanced (inverse class frequency, mean 1 over the
+    training rows), none, or auto (balanced for a task whose labels are skewed beyond 3:1)."""
+    sampling: Literal["uniform", "balanced"] = "uniform"
+    """Batches: uniform (each row once per epoch) or balanced (every class of a task drawn equally often)."""
     precision: Precision = "auto"
     """Compute precision: auto (bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16 (CUDA)."""
     seed: int = 0
@@ -227,6 +233,9 @@ class TrainConfig:
     """Batch size for dev evaluation."""
     patience: int | None = 3
     """Stop after this many evaluations without improvement (None: never stop early)."""
+    select_metric: Literal["auto", "accuracy", "macro_f1", "log_loss"] = "auto"
+    """Dev metric that keeps the best prompt and drives early stopping (classification): auto is
+    macro_f1 for a task whose labels are skewed beyond 3:1, else accuracy."""
     # --- run management ---
     run_dir: str | None = None
     """Where metrics.jsonl and checkpoint.safetensors go (default: <out>.run/ next to --out)."""
@@ -310,6 +319,7 @@ class TrainConfig:
             if not tasks:
                 raise ConfigError("no tasks given")
             self.tasks_resolved = list(tasks)
+        check_balance(self)
 
     @property
     def multi(self) -> bool:
