@@ -130,15 +130,20 @@ def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "s
 
 
 def run_peft(data: TaskData, args, seed: int, base, test, method: str) -> dict:
-    """PEFT prompt tuning or LoRA, trained the PEFT way, scored with the shared scorer."""
+    """PEFT prompt tuning, prefix tuning or LoRA, trained the PEFT way, scored with the shared scorer
+    (prefix tuning: the same rank classification through PEFT's own forward)."""
+    if method == "peft-prefix" and data.spec.kind != "classify":
+        raise SystemExit("peft-prefix is scored by rank classification only (a classification task)")
     lm, tok, path = peft_side.load_hf(args.model)
     if method == "peft-pt":
         model = peft_side.peft_prompt_tuning(lm, path, peft_side.init_text(data.spec, NAMES[data.name]),
                                              args.prompt_length)
+    elif method == "peft-prefix":
+        model = peft_side.peft_prefix(lm, args.prompt_length)
     else:
         model = peft_side.peft_lora(lm)
     train = sample(data, "train", args.train_n, seed=0)
-    lr = peft_side.LEARNING_RATES["prompt-tuning" if method == "peft-pt" else "lora"]
+    lr = peft_side.LEARNING_RATES[{"peft-pt": "prompt-tuning", "peft-prefix": "prefix-tuning"}.get(method, "lora")]
     t0 = time.perf_counter()
     run = peft_side.train_peft(model, tok, data.spec, train, args.steps, args.batch_size, lr=lr, seed=seed,
                                log_every=max(1, args.steps // 5))
@@ -157,10 +162,29 @@ def run_peft(data: TaskData, args, seed: int, base, test, method: str) -> dict:
                 diffs.append(float((a - b).abs().max()))
             extra["peft_forward_max_abs_diff"] = max(diffs)
         m = evaluate_prompt(pm, prompt, data.spec, test, args.eval_batch, **kw)
+    elif method == "peft-prefix":  # batched, padded scoring == one unpadded row per label through PEFT
+        few = [e.source for e in test[:3]]
+        batched = peft_side.peft_classify_scores(model, tok, data.spec, few, args.eval_batch)
+        alone = torch.stack([peft_side.peft_label_logprobs(model, tok, data.spec, t) for t in few])
+        extra["peft_forward_max_abs_diff"] = float((batched - alone).abs().max())
+        m = peft_prefix_metrics(model, tok, data, test, args.eval_batch)
     else:
         merged = wrap_base_model(model.merge_and_unload(), tok, "lora-merged")
         m = evaluate_prompt(PromptedModel(merged), None, data.spec, test, args.eval_batch, **kw)
     return {**scores_only(m), **extra, "train_seconds": round(secs, 1), "final_loss": run.losses[-1]}
+
+
+def peft_prefix_metrics(model, tok, data: TaskData, test, batch_size: int) -> dict:
+    """Accuracy, macro-F1 and log loss of a PEFT prefix-tuning model from PEFT's own forward."""
+    from softprompt.evaluate import classification_metrics  # noqa: PLC0415
+
+    scores = peft_side.peft_classify_scores(model, tok, data.spec, [e.source for e in test], batch_size)  # (N, C)
+    logp = scores.log_softmax(-1)  # over the labels, as softprompt.evaluate normalises them
+    gold = [data.spec.labels.index(e.target) for e in test]
+    m = classification_metrics([e.target for e in test], [data.spec.labels[i] for i in logp.argmax(-1).tolist()],
+                               data.spec.labels)
+    m["log_loss"] = float(-logp[torch.arange(len(gold)), gold].mean())
+    return m
 
 
 def run_baselines(data: TaskData, args, base, test) -> dict[str, dict]:
@@ -207,6 +231,9 @@ def main() -> None:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    for m in methods:  # a recipe this checkout cannot run says so before anything is loaded
+        if m in VARIANTS:
+            variant_fields(m)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.eval_n is None:
         args.eval_n = {"bbc-news": 400, "tweet-sentiment": 400, "tweet-imbalanced": 400,
