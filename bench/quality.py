@@ -301,7 +301,9 @@ def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extr
              f"sources cut to {config['max_length']} tokens. softprompt: its default recipe (`softprompt.train`, dev "
              f"set of {args.dev_n} for its evaluations / best prompt). PEFT prompt tuning: TEXT init from a task "
              "description, AdamW lr 3e-2, linear decay (PEFT's guide). LoRA: r=8, alpha 16, dropout 0.05 on "
-             "q_proj/v_proj, AdamW lr 1e-3. Baselines: `softprompt.evaluate.baselines` (deterministic; seed 0). std = standard "
+             "q_proj/v_proj, AdamW lr 1e-3. PEFT prefix tuning: 20 virtual tokens, random init, lr 1e-2, scored through "
+             "PEFT's forward. softprompt --class-weights/--sampling/--select-metric rows: README 'Imbalanced labels'; "
+             "macro-F1 = mean per-class F1 on the test set. Baselines: `softprompt.evaluate.baselines` (deterministic; seed 0). std = standard "
              "deviation over seeds; beyond seed spread = every softprompt seed above every PEFT seed and the mean gap "
              "above twice the summed stds.")
     write_results(name, rows, summary, notes=notes)
