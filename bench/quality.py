@@ -45,6 +45,7 @@ VARIANTS: dict[str, dict] = {
     "softprompt-sampled": {"class_weights": "none", "sampling": "balanced", "select_metric": "accuracy"},
     "softprompt-f1": {"class_weights": "none", "sampling": "uniform", "select_metric": "macro_f1"},
     "softprompt-weighted-f1": {"class_weights": "balanced", "sampling": "uniform", "select_metric": "macro_f1"},
+    "softprompt-sampled-f1": {"class_weights": "none", "sampling": "balanced", "select_metric": "macro_f1"},
     "softprompt-prefix": {"method": "prefix"},
     "softprompt-residual": {"reparam": "residual"},
 }
@@ -57,6 +58,7 @@ TITLES = {
     "softprompt-sampled": "softprompt --sampling balanced",
     "softprompt-f1": "softprompt --select-metric macro_f1",
     "softprompt-weighted-f1": "softprompt --class-weights balanced --select-metric macro_f1",
+    "softprompt-sampled-f1": "softprompt --sampling balanced --select-metric macro_f1",
     "softprompt-prefix": "softprompt --method prefix (deep prompt)",
     "softprompt-residual": "softprompt --reparam residual",
     "peft-prefix": "PEFT prefix tuning (20 virtual tokens)",
