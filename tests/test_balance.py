@@ -108,7 +108,17 @@ def test_class_options_refused_for_generation(tmp_path):
                      (dict(select_metric="macro_f1"), "--select-metric")):
         with pytest.raises(ConfigError, match=rf"^{flag} .* needs a classification task"):
             TrainConfig(data=str(gen), task="generate", **kw)
-    TrainConfig(data=str(gen), task="generate")  # the defaults (auto, uniform) are fine
+    TrainConfig(data=str(gen), task="generate")  # the defaults (none, uniform, auto) are fine
+
+
+def test_defaults_change_only_the_selection_on_skewed_labels(tmp_path):
+    """README "Imbalanced labels": by default a skewed task keeps its best prompt by macro-F1 and trains as before."""
+    train_file, _ = skewed(tmp_path)
+    cfg = TrainConfig(data=str(train_file))
+    assert (cfg.class_weights, cfg.sampling, cfg.select_metric) == ("none", "uniform", "auto")
+    b = resolve_task("classify", ["business", "sports"], ["business"] * 32 + ["sports"] * 8, cfg.class_weights,
+                     cfg.select_metric, cfg.sampling)
+    assert b.select_metric == "macro_f1" and b.weights == [1.0, 1.0]
 
 
 def test_cli_refuses_a_bad_choice_before_loading(tmp_path, capsys):

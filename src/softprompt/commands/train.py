@@ -93,9 +93,9 @@ def _optimisation_flags(o) -> None:
     o.add_argument("--max-grad-norm", type=_float_or_none, default=1.0, help="clip each prompt's grad norm (none: off)")
     o.add_argument("--classify-loss", default="ce", choices=list(CLASSIFY_LOSSES),
                    help="ce: cross-entropy over the labels' summed log-probs; ce+lm: plus the gold label's LM loss")
-    o.add_argument("--class-weights", default="auto", choices=list(CLASS_WEIGHT_CHOICES),
-                   help="per-row loss weight by class: balanced (inverse class frequency), none, or auto "
-                        "(balanced when a task's labels are skewed beyond 3:1)")
+    o.add_argument("--class-weights", default="none", choices=list(CLASS_WEIGHT_CHOICES),
+                   help="per-row loss weight by class: none (default), balanced (inverse class frequency), or "
+                        "auto (balanced when a task's labels are skewed beyond 3:1)")
     o.add_argument("--sampling", default="uniform", choices=list(SAMPLINGS),
                    help="batches: uniform (each row once an epoch) or balanced (each class of a task equally often)")
     o.add_argument("--seed", type=int, default=0, help="seeds init and data order")

@@ -33,6 +33,7 @@ from ..base import BaseModel
 from ..distributed import LocalRuntime, lockstep_micro_batches, runtime_from_env, shard
 from ..evaluate import evaluate_prompt
 from ..precision import autocast, precision_name
+from .balance import AUTO_RATIO
 from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
 from .prepare import data_fingerprint, prepare, total_steps
@@ -112,9 +113,11 @@ def _start(run: Run, saved) -> LoopState:
     if getattr(rt, "note", None):
         _say(run.quiet, rt.note)
     for t, b in zip(run.tasks, run.balance):  # what --class-weights / --select-metric auto decided
-        if b.ratio > 1:
-            _say(run.quiet, f"{t.name}: labels {b.ratio:.1f}:1 (most:least frequent); class weights {b.class_weights}, "
-                            f"sampling {b.sampling}, best prompt by dev {b.select_metric}")
+        if b.ratio > AUTO_RATIO:
+            _say(run.quiet, f"{t.name}: labels skewed {b.ratio:.1f}:1 (most:least frequent); class weights "
+                            f"{b.class_weights}, sampling {b.sampling}, best prompt by dev {b.select_metric}"
+                            + ("" if b.sampling == "balanced" else " (--sampling balanced raises macro-F1 at a cost "
+                               "in accuracy: README, Imbalanced labels)"))
     m = run.model
     _say(run.quiet, f"training {len(run.tasks)} prompt(s) on {len(run.rows)} examples: {run.total} steps x "
                     f"{config.batch_size} on {m.device}"
