@@ -89,8 +89,17 @@ def peft_lora(lm, r: int = 8):
     return get_peft_model(lm, cfg)
 
 
-LEARNING_RATES = {"prompt-tuning": 3e-2, "lora": 1e-3}
-"""PEFT's guides: 3e-2 for prompt tuning; 1e-3 in its LoRA causal-LM examples."""
+def peft_prefix(lm, num_virtual_tokens: int = 20):
+    """``get_peft_model`` with prefix tuning: ``num_virtual_tokens`` keys/values per layer, PEFT's
+    defaults otherwise (no projection MLP, so a random ``nn.Embedding`` init: PEFT has no text init
+    for prefixes)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(lm, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens))
+
+
+LEARNING_RATES = {"prompt-tuning": 3e-2, "prefix-tuning": 1e-2, "lora": 1e-3}
+"""PEFT's guides: 3e-2 for prompt tuning; 1e-2 for prefix tuning; 1e-3 in its LoRA causal-LM examples."""
 
 
 @dataclass
@@ -160,3 +169,28 @@ def peft_label_logprobs(model, tok, spec: TaskSpec, text: str) -> torch.Tensor:
         lp = logits[-len(lab) - 1 : -1].log_softmax(-1)  # (L, V): the positions predicting the label
         out.append(float(lp.gather(1, torch.tensor(lab)[:, None]).sum()))
     return torch.tensor(out)
+
+
+@torch.no_grad()
+def peft_classify_scores(model, tok, spec: TaskSpec, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Rank classification through the PEFT model's own forward: summed log p(label tokens | source)
+    of every (text, label) pair, (N, C). For adapters whose trained state is not a (P, d) input
+    prompt softprompt's scorer could take (prefix tuning's per-layer keys/values): the same
+    quantity ``softprompt.evaluate`` computes, one right-padded row per pair."""
+    labels = spec.label_ids(tok)
+    srcs = [spec.source_ids(tok, t) for t in texts]
+    pairs = [(i, c) for i in range(len(texts)) for c in range(len(labels))]
+    out = torch.empty(len(texts), len(labels))
+    pad = tok.pad_token_id
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [srcs[i] + labels[c] for i, c in chunk]
+        T = max(len(q) for q in seqs)
+        ids = torch.tensor([q + [pad] * (T - len(q)) for q in seqs])  # (b, T) right-padded
+        mask = torch.tensor([[1] * len(q) + [0] * (T - len(q)) for q in seqs])
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (b, V? + T, V)
+        logp = logits[:, logits.shape[1] - T :].log_softmax(-1)  # (b, T, V): prompt tuning also returns virtual rows
+        for k, (i, c) in enumerate(chunk):
+            s, lab = len(srcs[i]), torch.tensor(labels[c])
+            out[i, c] = logp[k, s - 1 : s - 1 + len(lab)].gather(1, lab[:, None]).sum()  # positions predicting the label
+    return out

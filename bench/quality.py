@@ -38,9 +38,30 @@ from softprompt.evaluate import PRIMARY_METRIC, evaluate_prompt
 from softprompt.model import PromptedModel
 from softprompt.scoring import classify_scores
 
-METHODS = ("softprompt", "peft-pt", "lora", "baselines")
+VARIANTS: dict[str, dict] = {
+    "softprompt": {},
+    "softprompt-plain": {"class_weights": "none", "sampling": "uniform", "select_metric": "accuracy"},
+    "softprompt-weighted": {"class_weights": "balanced", "sampling": "uniform", "select_metric": "accuracy"},
+    "softprompt-sampled": {"class_weights": "none", "sampling": "balanced", "select_metric": "accuracy"},
+    "softprompt-f1": {"class_weights": "none", "sampling": "uniform", "select_metric": "macro_f1"},
+    "softprompt-weighted-f1": {"class_weights": "balanced", "sampling": "uniform", "select_metric": "macro_f1"},
+    "softprompt-sampled-f1": {"class_weights": "none", "sampling": "balanced", "select_metric": "macro_f1"},
+    "softprompt-prefix": {"method": "prefix"},
+    "softprompt-residual": {"reparam": "residual"},
+}
+"""softprompt's recipes: TrainConfig fields over the defaults (``softprompt``: the defaults as they are)."""
+METHODS = (*VARIANTS, "peft-pt", "peft-prefix", "lora", "baselines")
 TITLES = {
     "softprompt": "softprompt (default recipe)",
+    "softprompt-plain": "softprompt, no class handling (recipe before #14)",
+    "softprompt-weighted": "softprompt --class-weights balanced",
+    "softprompt-sampled": "softprompt --sampling balanced",
+    "softprompt-f1": "softprompt --select-metric macro_f1",
+    "softprompt-weighted-f1": "softprompt --class-weights balanced --select-metric macro_f1",
+    "softprompt-sampled-f1": "softprompt --sampling balanced --select-metric macro_f1",
+    "softprompt-prefix": "softprompt --method prefix (deep prompt)",
+    "softprompt-residual": "softprompt --reparam residual",
+    "peft-prefix": "PEFT prefix tuning (20 virtual tokens)",
     "peft-pt": "PEFT prompt tuning",
     "lora": "PEFT LoRA r=8 (q,v)",
     "bare": "bare model (no prompt)",
@@ -49,7 +70,7 @@ TITLES = {
     "few-shot": "few-shot (5 shots)",
     "tfidf-lr": "TF-IDF + logistic regression (not a prompt)",
 }
-TRAINED = ("softprompt", "peft-pt", "lora")
+TRAINED = (*VARIANTS, "peft-pt", "peft-prefix", "lora")
 PROMPTING = ("bare", "instruction", "instruction-chat", "few-shot")
 """The baselines a prompt engineer would try (TF-IDF is not a prompt)."""
 
@@ -64,13 +85,30 @@ def gen_kw(data: TaskData, max_new_tokens: int) -> dict:
     return {"max_new_tokens": max_new_tokens} if data.spec.kind == "generate" else {}
 
 
-def run_softprompt(data: TaskData, args, seed: int, base, test) -> dict:
-    """softprompt's default recipe through its real training path (``softprompt.train.train``:
-    dev-set evaluation 5 times, best prompt kept, early stopping), then the shared scorer on the
-    saved prompt file, as a user would load it."""
+def variant_fields(method: str) -> dict:
+    """The TrainConfig fields of recipe ``method``; a clear exit when this checkout's TrainConfig
+    lacks one (``method`` / ``reparam`` arrive with deep prompts)."""
+    from dataclasses import fields  # noqa: PLC0415
+
+    from softprompt.train import TrainConfig  # noqa: PLC0415
+
+    known = {f.name for f in fields(TrainConfig)}
+    missing = sorted(set(VARIANTS[method]) - known)
+    if missing:
+        raise SystemExit(f"{method}: this softprompt's TrainConfig has no field(s) {missing}; "
+                         "that recipe needs a softprompt that has them")
+    return VARIANTS[method]
+
+
+def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "softprompt") -> dict:
+    """softprompt's recipe ``method`` (:data:`VARIANTS`) through its real training path
+    (``softprompt.train.train``: dev-set evaluation 5 times, best prompt kept, early stopping), then
+    the shared scorer on the saved prompt file, as a user would load it."""
     from softprompt.artifact import load_prompt  # noqa: PLC0415
     from softprompt.examples import jsonl_bytes  # noqa: PLC0415
     from softprompt.train import TrainConfig, train  # noqa: PLC0415
+
+    extra = variant_fields(method)
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -80,27 +118,34 @@ def run_softprompt(data: TaskData, args, seed: int, base, test) -> dict:
                           template=data.spec.template, labels=data.spec.labels, out=str(work / "p.safetensors"),
                           max_steps=args.steps, batch_size=args.batch_size, prompt_length=args.prompt_length,
                           max_length=args.max_length, max_target_length=data.spec.max_target_length, seed=seed,
-                          quiet=True, checkpoint_every=0, model=args.model)
+                          quiet=True, checkpoint_every=0, model=args.model, **extra)
         t0 = time.perf_counter()
         result = train(cfg, base=base)
         secs = time.perf_counter() - t0
-        prompt = load_prompt(result.path, base).tensor  # (P, d), as stored (float16)
+        loaded = load_prompt(result.path, base)
+        prompt, training = loaded.tensor, loaded.meta.training or {}  # (P, d), as stored (float16)
     m = evaluate_prompt(PromptedModel(base), prompt, data.spec, test, args.eval_batch, **gen_kw(data, args.max_new_tokens))
     return {**scores_only(m), "train_seconds": round(secs, 1), "steps_done": result.steps,
             "best_step": next(iter(result.best_step.values()), result.steps),
+            "balance": training.get("balance"),
             "train_examples_per_s": round(result.examples_per_s, 2)}
 
 
 def run_peft(data: TaskData, args, seed: int, base, test, method: str) -> dict:
-    """PEFT prompt tuning or LoRA, trained the PEFT way, scored with the shared scorer."""
+    """PEFT prompt tuning, prefix tuning or LoRA, trained the PEFT way, scored with the shared scorer
+    (prefix tuning: the same rank classification through PEFT's own forward)."""
+    if method == "peft-prefix" and data.spec.kind != "classify":
+        raise SystemExit("peft-prefix is scored by rank classification only (a classification task)")
     lm, tok, path = peft_side.load_hf(args.model)
     if method == "peft-pt":
         model = peft_side.peft_prompt_tuning(lm, path, peft_side.init_text(data.spec, NAMES[data.name]),
                                              args.prompt_length)
+    elif method == "peft-prefix":
+        model = peft_side.peft_prefix(lm, args.prompt_length)
     else:
         model = peft_side.peft_lora(lm)
     train = sample(data, "train", args.train_n, seed=0)
-    lr = peft_side.LEARNING_RATES["prompt-tuning" if method == "peft-pt" else "lora"]
+    lr = peft_side.LEARNING_RATES[{"peft-pt": "prompt-tuning", "peft-prefix": "prefix-tuning"}.get(method, "lora")]
     t0 = time.perf_counter()
     run = peft_side.train_peft(model, tok, data.spec, train, args.steps, args.batch_size, lr=lr, seed=seed,
                                log_every=max(1, args.steps // 5))
@@ -119,10 +164,29 @@ def run_peft(data: TaskData, args, seed: int, base, test, method: str) -> dict:
                 diffs.append(float((a - b).abs().max()))
             extra["peft_forward_max_abs_diff"] = max(diffs)
         m = evaluate_prompt(pm, prompt, data.spec, test, args.eval_batch, **kw)
+    elif method == "peft-prefix":  # batched, padded scoring == one unpadded row per label through PEFT
+        few = [e.source for e in test[:3]]
+        batched = peft_side.peft_classify_scores(model, tok, data.spec, few, args.eval_batch)
+        alone = torch.stack([peft_side.peft_label_logprobs(model, tok, data.spec, t) for t in few])
+        extra["peft_forward_max_abs_diff"] = float((batched - alone).abs().max())
+        m = peft_prefix_metrics(model, tok, data, test, args.eval_batch)
     else:
         merged = wrap_base_model(model.merge_and_unload(), tok, "lora-merged")
         m = evaluate_prompt(PromptedModel(merged), None, data.spec, test, args.eval_batch, **kw)
     return {**scores_only(m), **extra, "train_seconds": round(secs, 1), "final_loss": run.losses[-1]}
+
+
+def peft_prefix_metrics(model, tok, data: TaskData, test, batch_size: int) -> dict:
+    """Accuracy, macro-F1 and log loss of a PEFT prefix-tuning model from PEFT's own forward."""
+    from softprompt.evaluate import classification_metrics  # noqa: PLC0415
+
+    scores = peft_side.peft_classify_scores(model, tok, data.spec, [e.source for e in test], batch_size)  # (N, C)
+    logp = scores.log_softmax(-1)  # over the labels, as softprompt.evaluate normalises them
+    gold = [data.spec.labels.index(e.target) for e in test]
+    m = classification_metrics([e.target for e in test], [data.spec.labels[i] for i in logp.argmax(-1).tolist()],
+                               data.spec.labels)
+    m["log_loss"] = float(-logp[torch.arange(len(gold)), gold].mean())
+    return m
 
 
 def run_baselines(data: TaskData, args, base, test) -> dict[str, dict]:
@@ -169,9 +233,13 @@ def main() -> None:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    for m in methods:  # a recipe this checkout cannot run says so before anything is loaded
+        if m in VARIANTS:
+            variant_fields(m)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.eval_n is None:
-        args.eval_n = {"bbc-news": 400, "tweet-sentiment": 400, "headlines": 60}[args.task]  # the published sizes
+        args.eval_n = {"bbc-news": 400, "tweet-sentiment": 400, "tweet-imbalanced": 400,
+                       "headlines": 60}[args.task]  # the published sizes
     name = args.name or f"quality_{args.task.replace('-', '_')}"
 
     t_start = time.perf_counter()
@@ -196,8 +264,8 @@ def main() -> None:
             record(bname, None, m)
     for seed in seeds:
         for method in (m for m in TRAINED if m in methods):
-            if method == "softprompt":
-                record(method, seed, run_softprompt(data, args, seed, base, test))
+            if method in VARIANTS:
+                record(method, seed, run_softprompt(data, args, seed, base, test, method))
             else:
                 record(method, seed, run_peft(data, args, seed, base, test, method))
 
@@ -205,14 +273,15 @@ def main() -> None:
 def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extra: dict) -> None:
     """results/NAME.json (config, every run) and NAME.md (mean, std, min, max per method)."""
     metric = PRIMARY_METRIC[kind]
-    order = ["softprompt", "peft-pt", "lora", *PROMPTING, "tfidf-lr"]
+    order = [*VARIANTS, "peft-pt", "peft-prefix", "lora", *PROMPTING, "tfidf-lr"]
     rows, stats = [], {}
     for method in order:
         mine = [r for r in runs if r["method"] == method]
         if not mine:
             continue
         vals = stats[method] = [r[metric] for r in mine]
-        rows.append({"method": TITLES[method], metric: statistics.mean(vals), "std": spread(vals),
+        f1 = {"macro-F1": statistics.mean(r["macro_f1"] for r in mine)} if kind == "classify" else {}
+        rows.append({"method": TITLES[method], metric: statistics.mean(vals), **f1, "std": spread(vals),
                      "min": min(vals), "max": max(vals), "seeds": len(vals) if method in TRAINED else "-",
                      "train s (mean)": statistics.mean(r["train_seconds"] for r in mine) if method in TRAINED else None})
     summary: dict = {"metric": metric}
@@ -234,7 +303,9 @@ def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extr
              f"sources cut to {config['max_length']} tokens. softprompt: its default recipe (`softprompt.train`, dev "
              f"set of {args.dev_n} for its evaluations / best prompt). PEFT prompt tuning: TEXT init from a task "
              "description, AdamW lr 3e-2, linear decay (PEFT's guide). LoRA: r=8, alpha 16, dropout 0.05 on "
-             "q_proj/v_proj, AdamW lr 1e-3. Baselines: `softprompt.evaluate.baselines` (deterministic; seed 0). std = standard "
+             "q_proj/v_proj, AdamW lr 1e-3. PEFT prefix tuning: 20 virtual tokens, random init, lr 1e-2, scored through "
+             "PEFT's forward. softprompt --class-weights/--sampling/--select-metric rows: README 'Imbalanced labels'; "
+             "macro-F1 = mean per-class F1 on the test set. Baselines: `softprompt.evaluate.baselines` (deterministic; seed 0). std = standard "
              "deviation over seeds; beyond seed spread = every softprompt seed above every PEFT seed and the mean gap "
              "above twice the summed stds.")
     write_results(name, rows, summary, notes=notes)

@@ -16,6 +16,9 @@ def _check_outputs(out: str, folder) -> None:
     for method in ("soft prompt", "bare model", "instruction", "instruction, chat", "few-shot", "TF-IDF + LR"):
         assert re.search(rf"^{re.escape(method)}\s+\d\.\d{{3}}\s+\d\.\d{{3}}", out, re.M), method
     assert "10 examples" in out and "virtual tokens x" in out and "bytes" in out
+    assert re.search(r"^method\s+accuracy\s+macro-F1", out, re.M)  # macro-F1 next to accuracy (#14)
+    assert re.search(r"^soft prompt: accuracy \d\.\d{3}, macro-F1 \d\.\d{3}; best baseline by macro-F1: .+ "
+                     r"\d\.\d{3} \(accuracy \d\.\d{3}\)$", out, re.M)
     assert (folder / "topic.safetensors").is_file() and (folder / "topic.run" / "metrics.jsonl").is_file()
     page = (folder / "report.html").read_text()
     assert "Training curves from" in page  # the run's log was found

@@ -150,6 +150,7 @@ def _run(config: DemoConfig) -> dict:
         limit=config.test_size, precision=config.precision), base=base)
     eval_s = time.perf_counter() - t2
     print_result(comparison)
+    print(f"\n{verdict(comparison)}")
 
     report = write_report(out / "report.html", comparison)
     size = result.path.stat().st_size
@@ -162,6 +163,21 @@ def _run(config: DemoConfig) -> dict:
     print(f"next: softprompt predict {result.path} \"Shares rose after the central bank cut rates.\"")
     return {"prompt": result.path, "report": report[0], "comparison": comparison, "train": result,
             "seconds": {"total": total, "train": train_s, "eval": eval_s}}
+
+
+def verdict(comparison) -> str:
+    """One line: the soft prompt's accuracy and macro-F1 next to the best baseline's (by macro-F1,
+    which a prompt that ignores a rare class cannot win by accuracy alone)."""
+    from ..evaluate.baselines import PROMPT_ROW, method_title
+
+    res = comparison.results
+    sp = res[PROMPT_ROW]
+    line = f"soft prompt: accuracy {sp['accuracy']:.3f}, macro-F1 {sp['macro_f1']:.3f}"
+    others = {k: m for k, m in res.items() if k != PROMPT_ROW and isinstance(m.get("macro_f1"), float)}
+    if others:
+        name, m = max(others.items(), key=lambda kv: kv[1]["macro_f1"])
+        line += f"; best baseline by macro-F1: {method_title(name)} {m['macro_f1']:.3f} (accuracy {m['accuracy']:.3f})"
+    return line
 
 
 def run(args: argparse.Namespace) -> int:

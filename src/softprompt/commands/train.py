@@ -14,7 +14,8 @@ from ..errors import ConfigError
 from ..precision import PRECISIONS
 from ..train.config import INITS
 from ..train.objective import CLASSIFY_LOSSES
-from ..train.schedule import SCHEDULES
+from ..train.balance import CLASS_WEIGHT_CHOICES, SELECT_METRIC_CHOICES
+from ..train.schedule import SAMPLINGS, SCHEDULES
 
 
 def _float_or_none(v: str):
@@ -101,6 +102,11 @@ def _optimisation_flags(o) -> None:
     o.add_argument("--max-grad-norm", type=_float_or_none, default=1.0, help="clip each prompt's grad norm (none: off)")
     o.add_argument("--classify-loss", default="ce", choices=list(CLASSIFY_LOSSES),
                    help="ce: cross-entropy over the labels' summed log-probs; ce+lm: plus the gold label's LM loss")
+    o.add_argument("--class-weights", default="none", choices=list(CLASS_WEIGHT_CHOICES),
+                   help="per-row loss weight by class: none (default), balanced (inverse class frequency), or "
+                        "auto (balanced when a task's labels are skewed beyond 3:1)")
+    o.add_argument("--sampling", default="uniform", choices=list(SAMPLINGS),
+                   help="batches: uniform (each row once an epoch) or balanced (each class of a task equally often)")
     o.add_argument("--seed", type=int, default=0, help="seeds init and data order")
     o.add_argument("--max-length", type=int, default=256, help="most source tokens (longer texts are cut)")
     o.add_argument("--max-target-length", type=int, default=64, help="most target tokens (generate)")
@@ -109,6 +115,9 @@ def _optimisation_flags(o) -> None:
 def _run_flags(e) -> None:
     e.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 5 times a run)")
     e.add_argument("--eval-batch-size", type=int, default=16, help="batch size of dev evaluation")
+    e.add_argument("--select-metric", default="auto", choices=list(SELECT_METRIC_CHOICES),
+                   help="dev metric that keeps the best prompt and drives early stopping (auto: macro_f1 when "
+                        "a task's labels are skewed beyond 3:1, else accuracy)")
     e.add_argument("--patience", type=_int_or_none, default=3, help="evaluations without improvement before stopping (none: off)")
     e.add_argument("--run-dir", default=None, help="metrics.jsonl + checkpoint.safetensors (default: <out>.run/)")
     e.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: 10 a run; 0: off)")
@@ -152,7 +161,8 @@ def config_from_args(args: argparse.Namespace):
         reparam=args.reparam, reparam_hidden=args.reparam_hidden, max_steps=args.max_steps,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
         schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-        classify_loss=args.classify_loss, precision=args.precision, seed=args.seed, max_length=args.max_length,
+        classify_loss=args.classify_loss, class_weights=args.class_weights, sampling=args.sampling,
+        select_metric=args.select_metric, precision=args.precision, seed=args.seed, max_length=args.max_length,
         max_target_length=args.max_target_length, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         patience=args.patience, run_dir=args.run_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
         quiet=args.quiet, prompt_dtype=args.prompt_dtype, report_to=args.report_to, run_name=args.run_name,

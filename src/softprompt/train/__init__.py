@@ -5,6 +5,7 @@
 - ``setup.py``      before the first step: launch checks, resume, model, prompts, rows
 - ``objective.py``  the loss of a mixed batch (one prompt per task, per row)
 - ``schedule.py``   data order and learning rate, pure functions of (seed, step)
+- ``balance.py``    imbalanced labels: class weights and the dev select metric, resolved per task
 - ``checkpoint.py`` the checkpoint file, and LoopState <-> checkpoint in one place
 - ``speed.py``      activation checkpointing, attention implementation, weights in the compute dtype
 - ``records.py``    metrics.jsonl and the TrainResult

@@ -15,6 +15,7 @@ from ..base import DTYPES
 from ..data import TASK_KINDS, TaskKind, parse_verbalizer
 from ..deep import METHODS, REPARAMS
 from ..errors import ConfigError
+from .balance import check as check_balance
 from .objective import CLASSIFY_LOSSES
 from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
@@ -226,6 +227,12 @@ class TrainConfig:
     """Clip each prompt's gradient norm (None: no clipping)."""
     classify_loss: str = "ce"
     """Classification loss: ce (cross-entropy over the labels' summed log-probs) or ce+lm (plus the gold label's LM loss)."""
+    class_weights: Literal["auto", "none", "balanced"] = "none"
+    """Per-row loss weight by class (balance.py): none, balanced (inverse class frequency, mean 1 over
+    the training rows), or auto (balanced for a task whose labels are skewed beyond 3:1). Default none:
+    balanced weights cost accuracy without raising macro-F1 in README "Imbalanced labels"."""
+    sampling: Literal["uniform", "balanced"] = "uniform"
+    """Batches: uniform (each row once per epoch) or balanced (every class of a task drawn equally often)."""
     precision: Precision = "auto"
     """Compute precision: auto (bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16 (CUDA)."""
     seed: int = 0
@@ -241,6 +248,9 @@ class TrainConfig:
     """Batch size for dev evaluation."""
     patience: int | None = 3
     """Stop after this many evaluations without improvement (None: never stop early)."""
+    select_metric: Literal["auto", "accuracy", "macro_f1", "log_loss"] = "auto"
+    """Dev metric that keeps the best prompt and drives early stopping (classification): auto is
+    macro_f1 for a task whose labels are skewed beyond 3:1, else accuracy."""
     # --- run management ---
     run_dir: str | None = None
     """Where metrics.jsonl and checkpoint.safetensors go (default: <out>.run/ next to --out)."""
@@ -336,6 +346,7 @@ class TrainConfig:
             need(self.reparam is None or REPARAMS[self.reparam].method == self.method_of(t), "reparam",
                  f"{self.reparam} applies to --method {REPARAMS[self.reparam].method if self.reparam else ''}, "
                  f"not {self.method_of(t)}" + (f" (task {t.name})" if self.multi else ""))
+        check_balance(self)
 
     def method_of(self, task: TaskConfig) -> str:
         """A task's prompt method: its own, else --method."""

@@ -32,14 +32,15 @@ from ..artifact import PromptMeta, atomic_write_bytes, save_prompt
 from ..base import BaseModel
 from ..deep import collapse, prompt_length
 from ..distributed import LocalRuntime, lockstep_micro_batches, runtime_from_env, shard
-from ..evaluate import PRIMARY_METRIC, evaluate_prompt
+from ..evaluate import evaluate_prompt
 from ..precision import autocast, precision_name
+from .balance import AUTO_RATIO
 from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
 from .prepare import data_fingerprint, prepare, total_steps
 from .objective import row_losses
 from .records import MetricsLog, TrainResult, peak_rss_mb
-from .schedule import batch_at, lr_at, warmup_steps
+from .schedule import SAMPLINGS, lr_at, warmup_steps
 from .setup import Run, check_launch, encode_rows, init_prompts, load_model, read_resume
 from .speed import attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention
 from .tracking import Trackers
@@ -112,6 +113,12 @@ def _start(run: Run, saved) -> LoopState:
         atomic_write_bytes(run.run_dir / "config.json", json.dumps(config.result_settings(), indent=2).encode())
     if getattr(rt, "note", None):
         _say(run.quiet, rt.note)
+    for t, b in zip(run.tasks, run.balance):  # what --class-weights / --select-metric auto decided
+        if b.ratio > AUTO_RATIO:
+            _say(run.quiet, f"{t.name}: labels skewed {b.ratio:.1f}:1 (most:least frequent); class weights "
+                            f"{b.class_weights}, sampling {b.sampling}, best prompt by dev {b.select_metric}"
+                            + ("" if b.sampling == "balanced" else " (--sampling balanced raises macro-F1 at a cost "
+                               "in accuracy: README, Imbalanced labels)"))
     m = run.model
     _say(run.quiet, f"training {len(run.tasks)} prompt(s) on {len(run.rows)} examples: {run.total} steps x "
                     f"{config.batch_size} on {m.device}"
@@ -168,8 +175,8 @@ def _train_step(run: Run, state: LoopState, step: int) -> dict:
     lr = lr_at(step, run.total, config.lr, run.warm, config.schedule)
     for g in run.opt.param_groups:
         g["lr"] = lr
-    batch = batch_at(step, run.lengths, config.batch_size, config.seed, run.order_cache)
-    loss_sum = _backward(run, batch)
+    batch = SAMPLINGS[config.sampling](step, run.lengths, run.row_keys, config.batch_size, config.seed, run.order_cache)
+    loss_sum = _backward(run, batch)  # unweighted: the logged loss means the same under every --class-weights
     _apply_gradients(run, {run.rows[i].task for i in batch}, loss_sum)
     state.examples += len(batch)
     dt = time.perf_counter() - t0
@@ -192,7 +199,9 @@ def _backward(run: Run, batch: list[int]) -> torch.Tensor:
             prompts = [p() if t in tasks else None for t, p in enumerate(run.params)]
             losses = row_losses(m.pm, prompts, [run.rows[i] for i in micro], run.label_ids,
                                 config.classify_loss)[:own]
-            loss = losses.sum() / config.batch_size  # rows of the whole global batch weigh equally
+            weighted = losses if run.row_weights is None else losses * torch.tensor(  # (own,) --class-weights
+                [run.row_weights[i] for i in micro[:own]], dtype=losses.dtype, device=losses.device)
+            loss = weighted.sum() / config.batch_size  # global batch: weights average 1 over the training rows
         run.scaler.scale(loss).backward()
         loss_sum += losses.detach().sum()
     if m.sharded:
@@ -230,26 +239,28 @@ def _evaluate(run: Run, state: LoopState) -> bool:
     for i, t in enumerate(run.tasks):
         if t.name not in metrics:
             continue
-        key = PRIMARY_METRIC[t.spec.kind]
-        rank = _rank(metrics[t.name], key)
+        key = run.balance[i].select_metric
+        rank = _rank(metrics[t.name], key, run.balance[i].direction)
         if t.name not in state.best or rank > tuple(state.best[t.name]["rank"]):
             state.best[t.name] = {"metric": key, "value": metrics[t.name][key], "step": step,
                                   "metrics": metrics[t.name], "rank": list(rank)}
             state.best_prompts[i] = current[i]
             improved = True
     state.bad_evals = 0 if improved else state.bad_evals + 1
-    run.log.append({"step": step, "eval": metrics, "improved": improved})
+    run.log.append({"step": step, "eval": metrics, "improved": improved,
+                    "select_metric": {t.name: b.select_metric for t, b in zip(run.tasks, run.balance)}})
     _say(run.quiet, f"step {step}: " + "; ".join(
-        f"{n} {PRIMARY_METRIC[t.spec.kind]} {metrics[n][PRIMARY_METRIC[t.spec.kind]]:.4f}"
-        for t in run.tasks for n in [t.name] if n in metrics)
+        f"{n} {b.select_metric} {metrics[n][b.select_metric]:.4f}"
+        for t, b in zip(run.tasks, run.balance) for n in [t.name] if n in metrics)
         + ("" if improved else f" (no improvement x{state.bad_evals})"))
     patience = run.config.patience
     return patience is not None and state.bad_evals >= patience and step < run.total
 
 
-def _rank(metrics: dict, key: str) -> tuple[float, float]:
-    """Order of dev results: the primary metric, ties broken by the lower log loss (classification)."""
-    return (float(metrics[key]), -float(metrics.get("log_loss", 0.0)))
+def _rank(metrics: dict, key: str, direction: int = 1) -> tuple[float, float]:
+    """Order of dev results: the select metric (``direction`` -1: lower is better), ties broken by
+    the lower log loss (classification)."""
+    return (direction * float(metrics[key]), -float(metrics.get("log_loss", 0.0)))
 
 
 def _checkpoint(run: Run, state: LoopState, finished: bool = False) -> None:
@@ -297,6 +308,7 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
             "best_metric": b.get("value"), "dev_metrics": b.get("metrics"), "stopped_early": state.stopped,
             "seconds": round(seconds, 2), "examples_per_s": round(ex_s, 3), "processes": rt.world_size,
             "precision": precision_name(m.amp), "tasks_in_run": len(run.tasks), "config": config.result_settings(),
+            "balance": run.balance[i].summary(),
         }
         if m.sharded:
             summary["sharded_base"] = {"layers": len(m.sharded.units), "bytes": m.sharded.full_bytes,

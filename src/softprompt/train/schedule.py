@@ -73,6 +73,48 @@ def batch_at(step: int, lengths: Sequence[int], batch_size: int, seed: int,
     return epoch_batches(lengths, batch_size, seed, epoch)[i]
 
 
+def balanced_batch_at(step: int, keys: Sequence[tuple[int, object]], batch_size: int, seed: int,
+                      _cache: dict | None = None) -> list[int]:
+    """Class-balanced batch of step ``step`` (``--sampling balanced``; pure, drawn with replacement).
+
+    ``keys[i]`` is row i's (task, class); generation rows carry one class per task. Each slot
+    picks a row at random (so tasks keep their share of the data), then a class of that row's task
+    uniformly, then a row of that class uniformly: every class of a task is seen equally often.
+    The draw is seeded by (seed, step) alone, so a resumed run sees the same batches.
+    """
+    groups = (_cache or {}).get("groups")
+    if groups is None:
+        by_key: dict[tuple[int, object], list[int]] = {}
+        for i, k in enumerate(keys):
+            by_key.setdefault(k, []).append(i)
+        classes: dict[int, list[tuple[int, object]]] = {}
+        for k in by_key:  # first-seen order: deterministic
+            classes.setdefault(k[0], []).append(k)
+        groups = (by_key, classes)
+        if _cache is not None:
+            _cache["groups"] = groups
+    by_key, classes = groups
+    rng = random.Random(f"{seed}:balanced:{step}")
+    out = []
+    for _ in range(batch_size):
+        task = keys[rng.randrange(len(keys))][0]
+        out.append(rng.choice(by_key[rng.choice(classes[task])]))
+    return out
+
+
+def _uniform(step: int, lengths: Sequence[int], keys: Sequence[tuple[int, object]], batch_size: int, seed: int,
+             cache: dict | None) -> list[int]:
+    return batch_at(step, lengths, batch_size, seed, cache)
+
+
+def _balanced(step: int, lengths: Sequence[int], keys: Sequence[tuple[int, object]], batch_size: int, seed: int,
+              cache: dict | None) -> list[int]:
+    return balanced_batch_at(step, keys, batch_size, seed, cache)
+
+
+SAMPLINGS: dict[str, Callable[..., list[int]]] = {"uniform": _uniform, "balanced": _balanced}
+"""``--sampling``: ``(step, lengths, keys, batch_size, seed, cache) -> the step's row indices``.
+uniform: every row once per epoch, length-grouped (:func:`batch_at`); balanced: :func:`balanced_batch_at`."""
 
 
 # ----------------------------------------------------------------------------- learning rate

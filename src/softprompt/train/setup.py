@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..model import PromptedModel
 from ..precision import resolve_precision
 from ..prompt import SoftPrompt
+from .balance import TaskBalance, resolve as resolve_balance
 from .checkpoint import TrainState, load_checkpoint
 from .config import TrainConfig, _flag
 from .prepare import PreparedTask
@@ -197,12 +198,22 @@ class Run:
     """Row -> its task (prompt) index."""
     label_ids: list = field(init=False)
     """Task -> its labels' token ids (classify), else None."""
+    balance: list[TaskBalance] = field(init=False)
+    """Task -> how its classes are handled (balance.py)."""
+    row_weights: list[float] | None = field(init=False)
+    """Row -> its loss weight (None: every row weighs 1, the unweighted path)."""
+    row_keys: list[tuple[int, Any]] = field(init=False)
+    """Row -> (task, class), what --sampling balanced balances."""
 
     def __post_init__(self) -> None:
         self.lengths = [len(r.source) + (0 if isinstance(r.target, int) else len(r.target)) for r in self.rows]
         self.task_of = [r.task for r in self.rows]
         tok = self.model.base.tokenizer
         self.label_ids = [t.spec.label_ids(tok) if t.spec.kind == "classify" else None for t in self.tasks]
+        self.balance = resolve_balance(self.config, self.tasks)
+        weights = [self.balance[r.task].weight_of(r.target) for r in self.rows]
+        self.row_weights = None if all(b.class_weights == "none" for b in self.balance) else weights
+        self.row_keys = [(r.task, r.target if isinstance(r.target, int) else None) for r in self.rows]
 
     @property
     def ckpt_path(self) -> Path:
