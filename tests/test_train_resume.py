@@ -103,3 +103,26 @@ def test_resume_refuses_other_settings_or_data(setup, tmp_path):
     changed.write_text(Path(train_file).read_text().replace("fell", "rose"))
     with pytest.raises(ConfigError, match="other training data"):
         train(TrainConfig(**{**kw, "data": str(changed)}, resume=True))
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(setup, tmp_path):
+    """Upgrading softprompt mid-run: settings the checkpoint lacks (options added since) count as
+    their defaults; given another value they still refuse."""
+    from softprompt.train.checkpoint import save_checkpoint
+
+    root, model, train_file, dev_file = setup
+    out = tmp_path / "p.safetensors"
+    kw = dict(data=str(train_file), model=str(model), out=str(out), max_steps=4, batch_size=4, prompt_length=4,
+              checkpoint_every=2, quiet=True)
+    train(TrainConfig(**kw))
+    ckpt = tmp_path / "p.run" / "checkpoint.safetensors"
+    state = load_checkpoint(ckpt)
+    added = ("method", "reparam", "reparam_hidden", "class_weights", "sampling", "select_metric")
+    for k in added:  # what a checkpoint written before #14 holds
+        state.info["settings"].pop(k)
+    for t in state.info["settings"]["tasks"]:
+        t.pop("method")
+    save_checkpoint(ckpt, state)
+    with pytest.raises(ConfigError, match=r"other settings \(--sampling 'uniform' -> 'balanced'"):
+        train(TrainConfig(**kw, sampling="balanced", resume=True))
+    train(TrainConfig(**kw, resume=True))

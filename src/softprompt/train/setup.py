@@ -6,7 +6,8 @@ Not here: the loop (loop.py), settings and data checks (config.py), the checkpoi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ..precision import resolve_precision
 from ..prompt import SoftPrompt
 from .balance import TaskBalance, resolve as resolve_balance
 from .checkpoint import TrainState, load_checkpoint
-from .config import TrainConfig, _flag
+from .config import TaskConfig, TrainConfig, _flag
 from .prepare import PreparedTask
 from .objective import Row
 from .records import MetricsLog
@@ -58,12 +59,30 @@ def _check_resume(state: TrainState, config: TrainConfig, fingerprint: str, path
     """Refuse a checkpoint written by a run with other data or settings."""
     if state.info.get("data") != fingerprint:
         raise ConfigError(f"--resume: {path} was written for other training data (data files changed)")
-    old, new = state.info.get("settings", {}), config.result_settings()
+    new = config.result_settings()
+    old = _with_new_defaults(state.info.get("settings", {}), new)
     paths = {"data", "eval"}  # files may move; their content is checked by the data fingerprint
     diff = sorted(k for k in set(old) | set(new) if k not in paths and old.get(k) != new.get(k))
     if diff:
         shown = ", ".join(f"{_flag(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
         raise ConfigError(f"--resume: {path} was written with other settings ({shown})")
+
+
+def _defaults(cls) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def _with_new_defaults(old: dict, new: dict) -> dict:
+    """A checkpoint's settings with the options added since it was written (absent from them) at
+    their defaults, so a run started by an older softprompt resumes after an upgrade; an option
+    given another value than its default still refuses."""
+    top, task = _defaults(TrainConfig), _defaults(TaskConfig)
+    out = {**{k: top[k] for k in new if k not in old and k in top}, **old}
+    if isinstance(old.get("tasks"), list) and new.get("tasks"):
+        keys = set(new["tasks"][0])
+        out["tasks"] = [{**{k: task[k] for k in keys if k not in t and k in task}, **t} if isinstance(t, dict) else t
+                        for t in old["tasks"]]
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
 def resolve_device(config: TrainConfig, base: BaseModel | None) -> torch.device:
