@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_vllm_serve import HEADLINES, LABELS, TEMPLATE, make_prompt
 
-from softprompt import PromptMeta
+from softprompt import PromptMeta, save_prompt
 from softprompt.cli import main
 from softprompt.errors import PromptFileError
 from softprompt.serve import create_engine
@@ -153,10 +153,16 @@ def test_upload_at_run_time_and_deep_prompts_refused(front, default_base, tmp_pa
     assert status == 201
     status, got = call(front, "/v1/classify", {"prompt": "sentiment", "text": "I loved this film"})
     assert status == 200 and set(got["probs"]) == {"positive", "negative"}
-    meta = PromptMeta.for_base(default_base, 2, task="classify", labels=["a", "b"])
-    meta.method = "prefix"  # what a deep prompt file carries
+    # a deep prompt file (format 2) for this very base, uploaded: refused in one line naming why
+    L, H, hd = default_base.kv_layout
+    meta = PromptMeta.for_base(default_base, 2, task="classify", labels=["a", "b"], method="prefix")
+    deep = save_prompt(tmp_path / "deep.safetensors", torch.zeros(L, 2, H, 2, hd), meta)
+    status, got = call(front, "/v1/prompts/deep", data=deep.read_bytes(), method="PUT")
+    assert status == 422, (status, got)
+    message = got["error"]["message"]
+    assert "deep prompt" in message and "--backend transformers" in message and "\n" not in message
     with pytest.raises(PromptFileError, match="deep prompt .* serve it with --backend transformers"):
-        front.engine.bank.add_tensor("deep", torch.zeros(2, default_base.dim), meta)
+        front.engine.bank.add_tensor("deep", torch.zeros(L, 2, H, 2, hd), meta)
 
 
 def test_bad_requests_auth_and_limits_as_the_native_server(front):
