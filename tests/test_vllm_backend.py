@@ -215,3 +215,23 @@ def test_a_client_that_disconnects_frees_its_row_on_vllm(front):
     assert not steps.generating_jobs
     assert front.engine.metrics.registry.get_sample_value("softprompt_requests_total", cancelled) >= 1
     assert steps.open_streams == 0  # its stream to vLLM was closed (which makes vLLM abort the request)
+
+
+def test_openai_api_on_the_vllm_backend(front, native):
+    """The OpenAI routes run on whichever backend the server has: the official client against a
+    vLLM-backed server gets our engine's greedy text, streams it, and gets a prompt's label."""
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=front.url + "/v1", api_key=KEY, max_retries=0)
+    assert {"topic", "topic2", "story"} <= {m.id for m in client.models.list()}
+    ours = native.generate("The old lighthouse", "story", max_new_tokens=12)
+    out = client.completions.create(model="story", prompt="The old lighthouse", max_tokens=12, temperature=0)
+    assert out.choices[0].text == ours.text and out.choices[0].finish_reason == ours.finish_reason
+    chunks = list(client.completions.create(model="story", prompt="The old lighthouse", max_tokens=12,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ours.text
+    ref = native.classify("Stocks rallied after the earnings report", "topic")
+    got = client.completions.create(model="topic", prompt="Stocks rallied after the earnings report", logprobs=2)
+    assert got.choices[0].text == ref.label
+    with pytest.raises(BadRequestError, match="n"):
+        client.completions.create(model="story", prompt="x", n=2)
