@@ -15,6 +15,7 @@ from typing import Callable, Literal
 import torch
 
 from ..prefix import PrefixKV
+from .batching import ensemble_probs
 from .errors import EngineStoppedError, RequestCancelledError, RequestTimeoutError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,14 @@ class ClassifyResult:
     scores: list[list[float]]
     """Summed log-probability of each label, per prompt (one list per ensemble member)."""
     prompts: list[str]
+
+    @classmethod
+    def of(cls, job: "Job", member: torch.Tensor) -> "ClassifyResult":
+        """The answer to a classification job from its members' label scores ``member`` (k, C),
+        whichever backend computed them: probabilities averaged over the ensemble."""
+        probs = ensemble_probs(member)  # (C,)
+        return cls(label=job.labels[int(probs.argmax())], probs={l: float(p) for l, p in zip(job.labels, probs)},
+                   scores=member.tolist(), prompts=list(job.request.prompts))
 
 
 @dataclass

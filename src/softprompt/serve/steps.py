@@ -31,7 +31,7 @@ from ..model import PromptedModel, cache_layers, make_cache
 from ..prefix import Prefix, prefill, stack_prefixes
 from ..scoring import SourceState, find_stop, label_logprobs, sample_next
 from .batching import (
-    KV, concat_rows, ensemble_probs, group_indices, label_chunks, select_rows, stream_safe_length, task_cost, trim_left,
+    KV, concat_rows, group_indices, label_chunks, select_rows, stream_safe_length, task_cost, trim_left,
 )
 from .config import EngineConfig
 from .errors import RequestTimeoutError
@@ -243,19 +243,10 @@ class TransformersSteps:
                 for job in task.jobs:
                     sc.pending[job] -= 1
                     if sc.pending[job] == 0:
-                        self._answer(job, sc.scores[sc.first[job] : sc.first[job] + len(job.rows)])
+                        member = torch.stack(sc.scores[sc.first[job] : sc.first[job] + len(job.rows)])  # (k, C)
+                        job.finish(ClassifyResult.of(job, member))
             if not sc.tasks:
                 self._scoring.remove(sc)
-
-    def _answer(self, job: Job, scores: list[torch.Tensor]) -> None:
-        member = torch.stack(scores)  # (k, C)
-        probs = ensemble_probs(member)  # (C,)
-        job.finish(ClassifyResult(
-            label=job.labels[int(probs.argmax())],
-            probs={l: float(p) for l, p in zip(job.labels, probs)},
-            scores=member.tolist(),
-            prompts=list(job.request.prompts),
-        ))
 
     @torch.no_grad()
     def _admit(self, gen: _GenBatch | None, jobs: list[Job]) -> _GenBatch:

@@ -35,7 +35,7 @@ from ..artifact import PromptMeta
 from ..errors import PromptFileError
 from ..prefix import PrefixKV
 from ..scoring import find_stop
-from ..serve.batching import ensemble_probs, stream_safe_length
+from ..serve.batching import stream_safe_length
 from ..serve.config import EngineConfig
 from ..serve.errors import RequestTimeoutError
 from ..serve.jobs import ClassifyResult, GenerateRequest, GenerateResult, Job, Row
@@ -191,13 +191,7 @@ class VLLMSteps:
                 log.warning("a classification failed on vLLM: %r", e)
                 job.fail(e)
                 continue
-            probs = ensemble_probs(member)  # (C,)
-            job.finish(ClassifyResult(
-                label=job.labels[int(probs.argmax())],
-                probs={l: float(p) for l, p in zip(job.labels, probs)},
-                scores=member.tolist(),
-                prompts=list(job.request.prompts),
-            ))
+            job.finish(ClassifyResult.of(job, member))
 
     # -- generation
 
