@@ -37,7 +37,7 @@ from softprompt import PromptMeta, SoftPrompt, load_base_model, save_prompt
 from softprompt.evaluate.baselines import cut_tokens
 from softprompt.data import TaskSpec
 from softprompt.examples import load_bbc_headlines, load_bbc_news, load_tweet_sentiment
-from softprompt.peft_io import export_peft
+from softprompt.artifact.peft import export_peft
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

@@ -29,7 +29,7 @@ from common import load_average, write_results
 from tasks import load_task, sample
 
 from softprompt.artifact import load_prompt
-from softprompt.distributed import _free_port
+from softprompt.distributed.launch import free_port
 from softprompt.examples import jsonl_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def run(config: Path, train_file: Path, data, out: Path, args) -> dict:
     """One two-process training run; its per-step seconds, the base bytes each process held and
     each process's peak host memory."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "softprompt", "train",
+           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "softprompt", "train",
            "--data", str(train_file), "--task", "classify", "--template", data.spec.template,
            "--labels", ",".join(data.spec.labels), "--out", str(out), "--max-steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--prompt-length", str(args.prompt_length),

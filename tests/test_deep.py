@@ -280,7 +280,7 @@ def test_two_data_parallel_processes_train_a_deep_prompt_like_one(learn, tmp_pat
     from pathlib import Path
 
     pytest.importorskip("accelerate")
-    from softprompt.distributed import _free_port
+    from softprompt.distributed.launch import free_port
 
     root, model, train_file, dev_file = learn
     repo = Path(__file__).resolve().parents[1]
@@ -291,7 +291,7 @@ def test_two_data_parallel_processes_train_a_deep_prompt_like_one(learn, tmp_pat
     two = tmp_path / "two.safetensors"
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                         str(repo / "configs" / "accelerate" / "data-parallel.yaml"), "--num_processes", "2",
-                        "--main_process_port", str(_free_port()), "-m", "softprompt", "train", *args, "--out", str(two)],
+                        "--main_process_port", str(free_port()), "-m", "softprompt", "train", *args, "--out", str(two)],
                        env=env, cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     one = train(_config(learn, tmp_path / "one.safetensors", method="prefix", reparam="mlp", lr=1e-3, max_steps=4,

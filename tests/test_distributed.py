@@ -19,8 +19,9 @@ import torch
 from softprompt import load_prompt
 from softprompt.train.checkpoint import load_checkpoint
 from softprompt.commands.train import strip_launcher_args
-from softprompt.distributed import (LocalRuntime, _free_port, accelerate_precision, default_config_sharding,
+from softprompt.distributed import (LocalRuntime, accelerate_precision, default_config_sharding,
                                     launch_command, runtime_from_env, sharding_config)
+from softprompt.distributed.launch import free_port
 from softprompt.errors import ConfigError
 from softprompt.distributed.sharding import ShardingConfig
 from softprompt.train import TrainConfig, train
@@ -59,7 +60,7 @@ def _resume(config: str | Path, train_args: list[str], env: dict) -> None:
     """``accelerate launch --config_file CONFIG -m softprompt train ARGS --resume`` (a name: one of
     configs/accelerate)."""
     resume = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs" / "accelerate" / config), "--main_process_port", str(_free_port()),
+              str(ROOT / "configs" / "accelerate" / config), "--main_process_port", str(free_port()),
               "-m", "softprompt", "train", *train_args, "--resume"]
     r = subprocess.run(resume, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

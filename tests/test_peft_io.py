@@ -19,16 +19,8 @@ import torch
 from softprompt import LoadedPrompt, PromptedModel, PromptFileError, PromptMeta, SoftPrompt, SoftpromptError
 from softprompt import load_prompt, save_prompt
 from softprompt.cli import main
-from softprompt.peft_io import (
-    CONFIG_NAME,
-    PROMPT_KEY,
-    WEIGHTS_NAME,
-    export_peft,
-    import_peft,
-    peft_base_name,
-    peft_config_dict,
-    save_imported,
-)
+from softprompt.artifact.peft import export_peft, import_peft, peft_base_name, peft_config_dict, save_imported
+from softprompt.artifact.peft_adapter import CONFIG_NAME, PROMPT_KEY, WEIGHTS_NAME
 
 peft = pytest.importorskip("peft")
 
@@ -236,9 +228,9 @@ def test_export_and_prompt_tuning_import_work_without_peft(tiny, tiny_dir, tmp_p
     code = textwrap.dedent(f"""
         import sys
         sys.modules["peft"] = None  # any "import peft" now fails
-        import softprompt, softprompt.cli, softprompt.peft_io
+        import softprompt, softprompt.cli, softprompt.artifact.peft
         from softprompt import load_base_model
-        from softprompt.peft_io import export_peft, import_peft
+        from softprompt.artifact.peft import export_peft, import_peft
         base = load_base_model({str(tiny_dir)!r})
         out = export_peft({str(path)!r}, {str(tmp_path / "adapter")!r}, base=base)
         assert import_peft(out, base).tensor.shape == (5, base.dim)

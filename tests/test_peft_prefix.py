@@ -12,9 +12,9 @@ import torch
 from softprompt import LoadedPrompt, PromptedModel, PromptFileError, PromptMeta, SoftPrompt, load_prompt, save_prompt
 from softprompt.cli import main
 from softprompt.model import cache_layers
-from softprompt.peft_io import (
-    CONFIG_NAME, PROMPT_KEY, WEIGHTS_NAME, export_peft, from_peft, import_peft, save_imported, to_peft,
-)
+from softprompt.artifact.peft import export_peft, import_peft, save_imported
+from softprompt.artifact.peft_adapter import CONFIG_NAME, PROMPT_KEY, WEIGHTS_NAME
+from softprompt.artifact.peft_prefix import from_peft, to_peft
 from softprompt.prefix import Prefix, PrefixKV, read_after, stack_prefixes
 from softprompt.testing import FAMILIES
 

@@ -71,13 +71,13 @@ def _worker(model_dirs: list[str]) -> None:
 @pytest.mark.parametrize("families", [("llama", "gpt2")])
 def test_zero3_partitioned_layers_give_the_unpartitioned_gradients(tiny_family, families, tmp_path):
     pytest.importorskip("deepspeed")
-    from softprompt.distributed import _free_port
+    from softprompt.distributed.launch import free_port
 
     dirs = [str(tiny_family(f).model.name_or_path) for f in families]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src")])}  # this checkout's softprompt
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), __file__, *dirs], env=env, capture_output=True, text=True, timeout=300)
+                        str(free_port()), __file__, *dirs], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count(" ok") == 2, (r.stdout + r.stderr)[-4000:]
 
 

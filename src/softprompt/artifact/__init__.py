@@ -3,7 +3,7 @@ conversion to and from Hugging Face PEFT adapters.
 
 - ``prompt_file.py``  the prompt file: PromptMeta, save/load, checks against a base model
 - ``peft_adapter.py`` reading a PEFT prompt-learning adapter directory
-- ``peft.py``         prompt files <-> PEFT adapters (``softprompt.peft_io`` re-exports it)
+- ``peft.py``         prompt files <-> PEFT adapters (import, export)
 - ``peft_prefix.py``  deep prompts <-> PEFT PREFIX_TUNING adapters: the tensor layout
 """
 

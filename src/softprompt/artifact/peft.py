@@ -43,10 +43,9 @@ from .prompt_file import (
     STORAGE_DTYPES, LoadedPrompt, PromptMeta, atomic_write_bytes, check_compatible, load_prompt, safetensors_bytes,
     save_prompt, tensor_shape,
 )
-from .peft_adapter import (  # noqa: F401  (the PEFT format, re-exported)
-    IMPORTERS, CONFIG_NAME, WEIGHTS_NAME, PROMPT_KEY, META_KEY, CAUSAL_LM, ENCODER_PARTS, UNSUPPORTED_REASONS,
-    PEFT_INIT_NAMES, PeftAdapter, read_adapter_config, read_adapter, prompt_tuning_embeddings,
-    p_tuning_embeddings, _check_shape_fields,
+from .peft_adapter import (
+    IMPORTERS, CONFIG_NAME, WEIGHTS_NAME, PROMPT_KEY, META_KEY, CAUSAL_LM, UNSUPPORTED_REASONS,
+    PEFT_INIT_NAMES, PeftAdapter, read_adapter_config, read_adapter, _check_shape_fields,
 )
 from .peft_prefix import DEEP_IMPORTERS, PREFIX_TUNING, prefix_config_dict, to_peft
 

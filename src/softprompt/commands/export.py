@@ -10,7 +10,7 @@ from ..artifact import LoadedPrompt, load_prompt, shape_words
 
 
 def _export_peft(loaded: LoadedPrompt, args: argparse.Namespace) -> Path:
-    from ..peft_io import export_peft
+    from ..artifact.peft import export_peft
 
     base = None
     if args.model:

@@ -47,7 +47,7 @@ def parse_labels(value: str | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from ..base import load_base_model
     from ..data import parse_verbalizer
-    from ..peft_io import import_peft, peft_base_name, save_imported
+    from ..artifact.peft import import_peft, peft_base_name, save_imported
 
     labels = parse_labels(args.labels)
     verbalizer = parse_verbalizer(args.verbalizer)

@@ -7,7 +7,7 @@
 """
 
 from .batches import lockstep_micro_batches, shard
-from .launch import (DEEPSPEED_USED, FSDP_SETTINGS, LAUNCH_FLAGS, _free_port, accelerate_precision,  # noqa: F401
+from .launch import (DEEPSPEED_USED, FSDP_SETTINGS, LAUNCH_FLAGS, accelerate_precision,  # noqa: F401
                      default_config_sharding, deepspeed_config, deepspeed_note, launch_command, launched, relaunch,
                      sharding_config)
 from .runtime import AccelerateRuntime, LocalRuntime, runtime_from_env, shutdown

@@ -152,7 +152,7 @@ def accelerate_precision(deepspeed: Mapping[str, Any] | None = None) -> str | No
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -191,7 +191,7 @@ def launch_command(train_args: Sequence[str], num_processes: int | None = None,
         if num_processes > 1:
             # "multi_gpu" is accelerate's torchrun launcher; on a machine without GPUs the
             # processes join a gloo group (AccelerateRuntime passes cpu=True).
-            cmd += [LAUNCH_FLAGS.get(sharding or "", "--multi_gpu"), "--main_process_port", str(port or _free_port())]
+            cmd += [LAUNCH_FLAGS.get(sharding or "", "--multi_gpu"), "--main_process_port", str(port or free_port())]
     return cmd + ["-m", "softprompt", "train", *train_args]
 
 
