@@ -1,23 +1,29 @@
-"""Peak host memory of training: softprompt vs PEFT prompt tuning at the same batch and length.
+"""Peak host memory of training by label-set shape: softprompt (input and deep prompt) vs PEFT
+prompt tuning and LoRA at the same batch and length.
 
 Each side runs in a fresh process (so one side's allocations cannot hide in the other's peak):
-load the default model, train N steps on bbc-news (batch 8, sources cut to --max-length tokens,
-20 virtual tokens), and report the process's peak resident memory as the OS counts it
-(``ru_maxrss``), next to the resident memory after loading the model (weights + libraries).
+load the default model, train N steps on bbc-news texts whose labels are renamed to a label set
+of the chosen shape (3, 8 or 50 labels of 1 token, or of 1-4 words), and report the process's peak
+resident memory as the OS counts it (``ru_maxrss``) next to the resident memory after loading the
+model (weights + libraries), and the mean step time.
 
-- softprompt: ``softprompt.train.train`` (the command's path), at --precision (default fp32, the
-  precision of CPUs without native bf16; ``auto`` runs bf16 where the CPU has it).
-- PEFT: the plain PEFT loop of bench/peft_side.py (float32, full logits at every position).
-- softprompt with ``--gradient-checkpointing``: the documented way to trade time for memory.
+- softprompt: ``softprompt.train.train`` (the command's path; rank classification scores every
+  label, so its memory could grow with the label set), input prompt (``prompt``) and deep prompt
+  (``prefix``), at --precision (default fp32: PEFT's).
+- PEFT prompt tuning and LoRA r=8: the plain PEFT loop of bench/peft_side.py (language-model loss
+  on the gold label only, so its memory does not depend on the label set).
+- ``--baseline-src DIR``: also run softprompt's sides with another checkout's ``src`` (e.g. a
+  worktree of an older commit), side by side in the same invocation.
 
-Run: .venv/bin/python bench/train_memory.py                  (default model, ~3 min on 2 cores)
-     .venv/bin/python bench/train_memory.py --model DIR --steps 2 --name smoke
+Run: .venv/bin/python bench/train_memory.py                      (default model, ~10 min on 2 cores)
+     .venv/bin/python bench/train_memory.py --model DIR --steps 2 --shapes 3x1 --name smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,7 +33,24 @@ from pathlib import Path
 
 from common import load_average, write_results
 
-SIDES = ("softprompt", "softprompt --gradient-checkpointing", "PEFT prompt tuning")
+WORDS = ("business finance economy sport match team politics election government technology phone software "
+         "health hospital doctor music film award travel flight hotel weather storm rain science space "
+         "research education school exam crime court police energy oil climate food recipe farm fashion "
+         "design art history war peace market bank loan insurance housing rent transport railway").split()
+SHAPES = ("3x1", "3x4", "8x1", "8x4", "50x4")
+"""Label sets: ``CxW`` = C labels of 1 word (W=1) or of 1..W words, cycling (W=4)."""
+SIDES = ("softprompt prompt", "softprompt prefix", "PEFT prompt tuning", "PEFT LoRA r=8")
+
+
+def label_set(shape: str) -> list[str]:
+    """The label names of a shape (pure): distinct, deterministic, 1 or 1..W words each."""
+    c, w = (int(x) for x in shape.split("x"))
+    names = []
+    for i in range(c):
+        k = 1 if w == 1 else 1 + i % w
+        names.append(" ".join(WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(k)))
+    assert len(set(names)) == c, names
+    return names
 
 
 def _rss_mb() -> float:
@@ -46,13 +69,16 @@ def run_side(args) -> dict:
     import torch
 
     import peft_side
-    from tasks import NAMES, load_task, sample
+    from tasks import load_task, sample
 
+    from softprompt.data import Example, TaskSpec
     from softprompt.examples import jsonl_bytes
 
     torch.set_num_threads(args.threads)
     data = load_task("bbc-news", args.max_length)
-    examples = sample(data, "train", args.train_n, seed=0)
+    names = label_set(args.shape)
+    examples = [Example(e.source, names[i % len(names)]) for i, e in enumerate(sample(data, "train", args.train_n, seed=0))]
+    spec = TaskSpec("classify", data.spec.template, labels=names, max_length=args.max_length)
     t0 = time.perf_counter()
     if args.side.startswith("softprompt"):
         from softprompt import load_base_model
@@ -60,55 +86,89 @@ def run_side(args) -> dict:
 
         base = load_base_model(args.model)
         loaded = _current_rss_mb()
+        label_tokens = [len(l) for l in spec.label_ids(base.tokenizer)]
         with tempfile.TemporaryDirectory() as d:
             f = Path(d) / "train.jsonl"
             f.write_bytes(jsonl_bytes(examples, "classify"))
-            r = train(TrainConfig(data=str(f), task="classify", template=data.spec.template, labels=data.spec.labels,
+            r = train(TrainConfig(data=str(f), task="classify", template=spec.template, labels=names,
                                   out=str(Path(d) / "p.safetensors"), max_steps=args.steps, batch_size=args.batch_size,
                                   max_length=args.max_length, quiet=True, checkpoint_every=0, model=args.model,
-                                  precision=args.precision,
-                                  gradient_checkpointing="gradient-checkpointing" in args.side), base=base)
-            from softprompt.artifact import load_prompt
-
-            precision = load_prompt(r.path).meta.training["precision"]
+                                  precision=args.precision, method=args.side.split()[1]), base=base)
+            step_s = [args.batch_size / h["examples_per_s"] for h in r.history if "examples_per_s" in h]
     else:
         lm, tok, path = peft_side.load_hf(args.model)
         loaded = _current_rss_mb()
-        model = peft_side.peft_prompt_tuning(lm, path, peft_side.init_text(data.spec, NAMES[data.name]), 20)
-        peft_side.train_peft(model, tok, data.spec, examples, args.steps, args.batch_size)
-        precision = "fp32"
-    return {"side": args.side, "precision": precision, "RSS after load MB": loaded, "peak RSS MB": _rss_mb(),
-            "training peak above load MB": round(_rss_mb() - loaded, 1), "wall s": round(time.perf_counter() - t0, 1)}
+        label_tokens = [len(tok(" " + n, add_special_tokens=False).input_ids) for n in names]
+        model = (peft_side.peft_prompt_tuning(lm, path, peft_side.init_text(spec, "news"), 20)
+                 if "prompt tuning" in args.side else peft_side.peft_lora(lm, 8))
+        step_s = peft_side.train_peft(model, tok, spec, examples, args.steps, args.batch_size).step_seconds
+    later = step_s[1:] or step_s  # the first step pays one-time costs
+    return {"side": args.side + (f" ({args.src_name})" if args.src_name else ""), "labels": args.shape,
+            "label tokens": f"{min(label_tokens)}-{max(label_tokens)}", "RSS after load MB": loaded,
+            "peak RSS MB": _rss_mb(), "training peak above load MB": round(_rss_mb() - loaded, 1),
+            "step s": round(sum(later) / len(later), 3), "wall s": round(time.perf_counter() - t0, 1)}
+
+
+def _child(side: str, shape: str, argv: list[str], src: str | None, src_name: str) -> dict:
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(src) / "src"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, __file__, "--side", side, "--shape", shape, "--src-name", src_name, *argv]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"{side} {shape} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=160, help="source tokens (template included)")
     ap.add_argument("--train-n", type=int, default=64)
     ap.add_argument("--precision", default="fp32", help="softprompt's --precision (default fp32: the same as PEFT's)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="label sets CxW, comma-separated")
+    ap.add_argument("--sides", default=",".join(SIDES), help="comma-separated")
+    ap.add_argument("--baseline-src", default=None, help="another checkout: its softprompt runs the softprompt sides too")
     ap.add_argument("--name", default="train_memory")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--src-name", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         print(json.dumps(run_side(args)))
         return
+    passed = [a for a in sys.argv[1:]]
+    if args.baseline_src:  # the children take the other fields; --baseline-src is not theirs
+        i = passed.index("--baseline-src")
+        passed = passed[:i] + passed[i + 2:]
     load0 = load_average()
     rows = []
-    for side in SIDES:
-        cmd = [sys.executable, __file__, "--side", side] + [a for a in sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
-    sp, pf = rows[0]["training peak above load MB"], rows[2]["training peak above load MB"]
-    summary = {"softprompt / PEFT, training peak above load": round(sp / pf, 3),
-               "softprompt / PEFT, process peak": round(rows[0]["peak RSS MB"] / rows[2]["peak RSS MB"], 3),
-               "load average start / end": f"{load0} / {load_average()}"}
-    notes = (f"bbc-news, batch {args.batch_size}, sources cut to {args.max_length} tokens, 20 virtual tokens, "
-             f"{args.steps} steps, {args.threads} torch thread(s); each side in a fresh process, peak RSS from the OS.")
+    for shape in args.shapes.split(","):
+        for side in args.sides.split(","):
+            rows.append(_child(side, shape, passed, None, ""))
+            print(rows[-1], flush=True)
+            if args.baseline_src and side.startswith("softprompt"):
+                rows.append(_child(side, shape, passed, args.baseline_src, "baseline"))
+                print(rows[-1], flush=True)
+    summary = {"load average start / end": f"{load0} / {load_average()}"}
+    peak = {(r["side"], r["labels"]): r["peak RSS MB"] for r in rows}
+    for shape in args.shapes.split(","):
+        for side in ("softprompt prompt", "softprompt prefix"):
+            if (side, shape) in peak and ("PEFT prompt tuning", shape) in peak:
+                summary[f"{side} / PEFT prompt tuning, peak RSS, {shape}"] = round(
+                    peak[side, shape] / peak["PEFT prompt tuning", shape], 3)
+    for c in ("3", "8"):
+        if ("softprompt prompt", f"{c}x4") in peak and ("softprompt prompt", f"{c}x1") in peak:
+            summary[f"softprompt prompt, {c} labels, long / one-word labels, peak RSS"] = round(
+                peak["softprompt prompt", f"{c}x4"] / peak["softprompt prompt", f"{c}x1"], 3)
+    notes = (f"bbc-news texts relabelled to each label set (CxW: C labels of 1 word, or 1..W words), batch "
+             f"{args.batch_size}, sources cut to {args.max_length} tokens, 20 virtual tokens, {args.steps} steps "
+             f"(step s: mean over steps 2+), {args.threads} torch thread(s), softprompt --precision {args.precision}; "
+             "each side in a fresh process, peak RSS from the OS."
+             + (f" '(baseline)': softprompt from {args.baseline_src}." if args.baseline_src else ""))
     write_results(args.name, rows, summary, notes=notes)
 
 

@@ -95,3 +95,85 @@ def test_padding_and_stops_pure():
     assert ids.tolist() == [[1, 2], [3, 0]] and mask.tolist() == [[1, 1], [1, 0]]
     assert find_stop("hello\nworld END", ["END", "\n"]) == 5
     assert find_stop("hello", ["x"]) == -1
+
+
+def copied_label_logprobs(pm, state, label_ids):
+    """The label scoring this project used before label branches shared the source's cache: the
+    cache repeated once per label (memory grew with labels x source x layers). Kept here only as
+    the reference the tree must equal."""
+    from softprompt.model import cache_layers, make_cache
+    from softprompt.scoring import pad_id
+
+    B, C = state.mask.shape[0], len(label_ids)
+    lab, lmask = right_pad(label_ids, pad_id(pm), state.last_hidden.device)  # (C, Lmax)
+    scores = pm.project(state.last_hidden).float().log_softmax(-1)[:, lab[:, 0]]  # (B, C)
+    if lab.shape[1] == 1:
+        return scores
+    layers = [(k.repeat_interleave(C, 0), v.repeat_interleave(C, 0)) for k, v in cache_layers(state.cache)]
+    cont = lab[:, :-1].repeat(B, 1)  # (B·C, L-1)
+    mask = torch.cat([state.mask.repeat_interleave(C, 0), lmask[:, :-1].repeat(B, 1)], 1)
+    pos = state.next_pos.repeat_interleave(C)[:, None] + torch.arange(cont.shape[1])  # (B·C, L-1)
+    hidden, _ = pm.decode(pm.embed(cont), mask, pos, past_key_values=make_cache(layers), use_cache=False)
+    sel = lmask[:, 1:].repeat(B, 1).bool()
+    lp = pm.project(hidden[sel]).float().log_softmax(-1)
+    tok_lp = lp.gather(1, lab[:, 1:].repeat(B, 1)[sel][:, None])[:, 0]
+    rest = torch.zeros(B * C, dtype=tok_lp.dtype).index_add(0, sel.nonzero(as_tuple=True)[0], tok_lp)
+    return scores + rest.view(B, C)
+
+
+LABEL_SETS = {
+    "one-token": ["a", "b", "c"],
+    "multi-token": ["sports", "business politics", "entertainment technology", "science"],
+    "ragged-many": [f"label {w}" for w in "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()]
+                   + ["x", "the quick brown fox jumps"],
+}
+
+
+@pytest.mark.parametrize("family,labels,deep", [
+    ("llama", "multi-token", False), ("llama", "ragged-many", True), ("llama", "one-token", False),
+    ("gpt2", "ragged-many", False), ("qwen2", "multi-token", True), ("gemma", "ragged-many", False),
+    ("mistral", "ragged-many", False), ("gemma2", "multi-token", True),
+])
+def test_label_tree_equals_the_cache_copied_per_label(tiny_family, family, labels, deep):
+    """Scores and prompt gradients of the shared-cache label tree == the per-label cache copies,
+    for padded batches (sources of different lengths), input and deep prompts, full and sliding
+    attention. Tolerance from the arithmetic: both compute the same sums in float32 over different
+    tensor shapes (masked keys add exact zeros), so they differ only in summation order; each
+    result is a reduction over at most n = max(hidden, keys, vocab) terms, bounded by
+    n * eps32 * (sum of magnitudes) (Higham's gamma_n), and |score| <= 40 here."""
+    from softprompt.prefix import source_state
+    from softprompt.scoring import label_logprobs
+
+    base = tiny_family(family)
+    pm = PromptedModel(base)
+    spec = TaskSpec("classify", labels=LABEL_SETS[labels])
+    label_ids = spec.label_ids(base.tokenizer)
+    sources = [spec.source_ids(base.tokenizer, t) for t in TEXTS]  # 3 lengths: left padding
+    g = torch.Generator().manual_seed(0)
+    if deep:
+        L, H, hd = base.kv_layout
+        prompt = (torch.randn(L, 2, H, 3, hd, generator=g) * 0.5).requires_grad_()
+    else:
+        prompt = (torch.randn(4, base.dim, generator=g) * 0.5).requires_grad_()
+    results = []
+    for fn in (label_logprobs, copied_label_logprobs):
+        scores = fn(pm, source_state(pm, prompt, sources), label_ids)  # (B, C)
+        weights = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1))
+        (grad,) = torch.autograd.grad((scores * weights).sum(), prompt)
+        results.append((scores.detach(), grad))
+    (tree, tree_grad), (copied, copied_grad) = results
+    n = max(base.dim, base.tokenizer.vocab_size, 64)
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(tree, copied, rtol=0, atol=n * eps * 40)
+    scale = copied_grad.abs().max().item()
+    torch.testing.assert_close(tree_grad, copied_grad, rtol=0, atol=n * eps * max(scale, 1.0) * 4)
+    assert copied_grad.abs().sum() > 0  # the gradient reaches the prompt
+
+
+def test_label_tree_pure():
+    from softprompt.scoring import label_tree
+
+    assert label_tree([[5], [6]]) is None
+    ids, group, offset, targets = label_tree([[5, 7, 9], [6], [8, 3]])
+    assert ids.tolist() == [5, 7, 8] and group.tolist() == [0, 0, 2]
+    assert offset.tolist() == [0, 1, 0] and targets.tolist() == [7, 9, 3]

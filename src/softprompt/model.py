@@ -98,7 +98,7 @@ def _apply_logit_quirks(config, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def position_masks(attention_mask: torch.Tensor, position_ids: torch.Tensor, window: int,
+def position_masks(attention_mask: torch.Tensor, position_ids: torch.Tensor, window: int | None,
                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Additive attention masks (B, 1, L, K) per layer type, by token position.
 
@@ -112,18 +112,39 @@ def position_masks(attention_mask: torch.Tensor, position_ids: torch.Tensor, win
     Args:
         attention_mask: (B, K) 1 for valid keys, cached ones included; queries are the last L.
         position_ids: (B, L) positions of the queries.
+        window: the sliding window (None: the sliding mask equals the full one).
     """
-    K, L = attention_mask.shape[1], position_ids.shape[1]
-    valid = attention_mask.bool()  # (B, K)
     key_pos = attention_mask.long().cumsum(-1) - 1  # (B, K)
-    dist = position_ids[:, :, None] - key_pos[:, None, :]  # (B, L, K)
-    causal = valid[:, None, :] & (dist >= 0)  # (B, L, K)
+    return tree_masks(attention_mask.bool(), key_pos, None, position_ids, None, window, dtype)
+
+
+def tree_masks(valid: torch.Tensor, key_pos: torch.Tensor, key_group: torch.Tensor | None, query_pos: torch.Tensor,
+               query_group: torch.Tensor | None, window: int | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Additive attention masks (B, 1, L, K) per layer type for queries that may sit on branches.
+
+    A query at position p in group g sees the valid keys at positions <= p (and > p - window on
+    sliding layers) whose group is -1 (the shared trunk, e.g. prompt + source) or g (its own
+    branch, e.g. one label's earlier tokens). Groups None: one sequence (every key is the trunk).
+    The queries are the last L keys; each sees itself.
+
+    Args:
+        valid: (B, K) bool, the keys that exist.
+        key_pos: (B, K) position of each key. key_group: (K,) branch of each key, -1 for the trunk.
+        query_pos: (B, L) position of each query. query_group: (L,) branch of each query.
+    """
+    K, L = valid.shape[1], query_pos.shape[1]
+    dist = query_pos[:, :, None] - key_pos[:, None, :]  # (B, L, K)
+    allowed = valid[:, None, :] & (dist >= 0)  # (B, L, K)
+    if key_group is not None:
+        same = (key_group[None, :] == -1) | (key_group[None, :] == query_group[:, None])  # (L, K)
+        allowed = allowed & same[None]
     own = torch.zeros(L, K, dtype=torch.bool, device=valid.device)
     own[torch.arange(L), torch.arange(K - L, K)] = True  # (L, K): each query's own key
     lowest = torch.finfo(dtype).min
-    add = lambda allowed: torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(
-        ~(allowed | own), lowest)[:, None]  # (B, 1, L, K)
-    return {"full_attention": add(causal), "sliding_attention": add(causal & (dist < window))}
+    add = lambda ok: torch.zeros(ok.shape, dtype=dtype, device=valid.device).masked_fill(
+        ~(ok | own), lowest)[:, None]  # (B, 1, L, K)
+    sliding = allowed if window is None else allowed & (dist < window)
+    return {"full_attention": add(allowed), "sliding_attention": add(sliding)}
 
 
 class PromptedModel(nn.Module):
@@ -164,17 +185,24 @@ class PromptedModel(nn.Module):
         position_ids: torch.Tensor,
         past_key_values=None,
         use_cache: bool = False,
+        masks: dict[str, torch.Tensor] | None = None,
     ):
         """Run the decoder (no lm head). Returns ``(hidden (B, L, d), cache or None)``.
 
-        ``attention_mask`` covers the cached positions too: (B, past + L).
+        ``attention_mask`` covers the cached positions too: (B, past + L). ``masks``: additive
+        (B, 1, L, past + L) masks per layer type (:func:`tree_masks`) that replace the causal mask
+        built from ``attention_mask``, e.g. for label branches that share one source.
         """
         inner = self.lm.base_model
         window = position_window(self.config)
-        if window is not None:  # HF's sliding mask counts padding; ours counts positions
+        if window is not None and masks is None:  # HF's sliding mask counts padding; ours counts positions
             masks = position_masks(attention_mask, position_ids, window, inputs_embeds.dtype)
-            per_layer = layer_kinds(self.config) is not None
-            attention_mask = masks if per_layer else masks["sliding_attention"]  # one window for all layers
+        if masks is not None:
+            if window is None:
+                attention_mask = masks["full_attention"]
+            else:
+                per_layer = layer_kinds(self.config) is not None
+                attention_mask = masks if per_layer else masks["sliding_attention"]  # one window for all layers
             if use_cache and past_key_values is None:
                 past_key_values = make_cache([])  # full layers: the window is in the mask, not the cache
         kw = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids,

@@ -1,8 +1,8 @@
 """One scoring path for training, evaluation, prediction and serving.
 
 - Rank classification: each label's full token sequence is scored as a continuation of the source
-  (summed log-probability), so a prediction is always a valid label. The source runs once; its KV
-  cache is expanded C times and only the label tokens run again.
+  (summed log-probability), so a prediction is always a valid label. The source runs once; the
+  labels' tokens run after it as branches of one tree that shares its KV cache.
 - Generation: batched greedy or nucleus sampling with a KV cache, stop strings, EOS.
 
 The serving engine builds :class:`SourceState` from precomputed prompt prefixes instead of
@@ -17,7 +17,10 @@ from typing import Sequence
 
 import torch
 
-from .model import Prompts, PromptedModel, cache_layers, make_cache
+import torch.nn.functional as F
+
+from .hf_compat import position_window
+from .model import Prompts, PromptedModel, cache_layers, make_cache, tree_masks
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,28 +80,46 @@ def label_logprobs(pm: PromptedModel, state: SourceState, label_ids: Sequence[Se
     """Summed log p(label tokens | prompt, source) for every row and label, (B, C).
 
     Differentiable with respect to the prompt (training uses it as the classification loss).
+    Every label's tokens after the first run as one branch of a tree that shares the source's
+    key/value cache (:func:`label_tree`): memory grows with the labels' total length, not with
+    labels x source length x layers.
     """
-    B, C = state.mask.shape[0], len(label_ids)
     dev = state.last_hidden.device
-    lab, lmask = right_pad(label_ids, pad_id(pm), dev)  # (C, Lmax)
+    first_ids = torch.tensor([l[0] for l in label_ids], device=dev)  # (C,)
     first = pm.project(state.last_hidden).float().log_softmax(-1)  # (B, V)
-    scores = first[:, lab[:, 0]]  # (B, C): log p(first label token)
-    if lab.shape[1] == 1:
+    scores = first[:, first_ids]  # (B, C): log p(first label token)
+    tree = label_tree(label_ids, dev)
+    if tree is None:  # every label is one token
         return scores
-    # Continue every row with every label: expand the cache C times, run label tokens 0..L-2.
-    layers = [(k.repeat_interleave(C, 0), v.repeat_interleave(C, 0)) for k, v in cache_layers(state.cache)]
-    cont = lab[:, :-1].repeat(B, 1)  # (B·C, L-1): row b·C + c holds label c
-    cont_mask = lmask[:, :-1].repeat(B, 1)  # (B·C, L-1)
-    mask = torch.cat([state.mask.repeat_interleave(C, 0), cont_mask], 1)  # (B·C, L_src + L-1)
-    pos = state.next_pos.repeat_interleave(C)[:, None] + torch.arange(cont.shape[1], device=dev)  # (B·C, L-1)
-    hidden, _ = pm.decode(pm.embed(cont), mask, pos, past_key_values=make_cache(layers), use_cache=False)
-    targets = lab[:, 1:].repeat(B, 1)  # (B·C, L-1)
-    sel = lmask[:, 1:].repeat(B, 1).bool()  # (B·C, L-1): a real next token
-    lp = pm.project(hidden[sel]).float().log_softmax(-1)  # (N, V)
-    tok_lp = lp.gather(1, targets[sel][:, None])[:, 0]  # (N,)
-    rows = sel.nonzero(as_tuple=True)[0]  # (N,)
-    rest = torch.zeros(B * C, device=dev, dtype=tok_lp.dtype).index_add(0, rows, tok_lp)  # (B·C,)
-    return scores + rest.view(B, C)
+    ids, group, offset, targets = tree  # (Q,) each
+    B, Q = scores.shape[0], ids.shape[0]
+    pos = state.next_pos[:, None] + offset[None]  # (B, Q): a branch continues where the source ends
+    valid = torch.cat([state.mask.bool(), torch.ones(B, Q, dtype=torch.bool, device=dev)], 1)  # (B, L_src + Q)
+    src_pos = state.mask.long().cumsum(-1) - 1  # (B, L_src)
+    key_pos = torch.cat([src_pos, pos], 1)  # (B, L_src + Q)
+    key_group = torch.cat([torch.full((state.mask.shape[1],), -1, device=dev), group])  # (L_src + Q,)
+    emb = pm.embed(ids[None]).expand(B, -1, -1)  # (B, Q, d)
+    masks = tree_masks(valid, key_pos, key_group, pos, group, position_window(pm.config), emb.dtype)
+    cache = make_cache(cache_layers(state.cache))  # a fresh cache object: decode appends to it, the source's stays
+    hidden, _ = pm.decode(emb, valid.long(), pos, past_key_values=cache, use_cache=False, masks=masks)  # (B, Q, d)
+    logits = pm.project(hidden).float()  # (B, Q, V)
+    tok_lp = -F.cross_entropy(logits.flatten(0, 1), targets.repeat(B), reduction="none").view(B, Q)  # (B, Q)
+    rest = torch.zeros_like(scores).index_add(1, group, tok_lp)  # (B, C)
+    return scores + rest
+
+
+def label_tree(label_ids: Sequence[Sequence[int]], device=None):
+    """The label tokens that run after the source, as one packed sequence of branches (pure).
+
+    Label c's tokens 0..L_c-2 form branch c: each predicts the label's next token. Returns
+    ``(ids, group, offset, targets)``, each (Q,) with Q = sum(L_c - 1): the token fed, its branch,
+    its offset after the source and the token it predicts; None when every label is one token.
+    """
+    feed = [(c, j, l[j], l[j + 1]) for c, l in enumerate(label_ids) for j in range(len(l) - 1)]
+    if not feed:
+        return None
+    group, offset, ids, targets = (torch.tensor(col, dtype=torch.long, device=device) for col in zip(*feed))
+    return ids, group, offset, targets
 
 
 def classify_scores(

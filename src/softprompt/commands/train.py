@@ -74,6 +74,9 @@ def _model_flags(m) -> None:
     m.add_argument("--device-map", default=None, help='spread a large base over devices ("auto"; one process)')
     m.add_argument("--quantize", default=None, choices=["4bit", "8bit"], help="bitsandbytes base weights (CUDA)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    m.add_argument("--memory-budget", default="auto", metavar="SIZE",
+                   help="switch gradient checkpointing on when a step's estimated activations pass SIZE: auto (half "
+                        "the memory free at start), none, or e.g. 6GB")
     m.add_argument("--attention", default="auto", choices=["auto", "eager", "sdpa", "model"],
                    help="attention implementation while training (auto: eager on CPU under bf16, measured faster; else the model's)")
 
@@ -156,6 +159,7 @@ def config_from_args(args: argparse.Namespace):
         source_field=args.text_field or args.input_field, target_field=args.label_field or args.output_field,
         task_file=args.task_file, model=args.model, dtype=args.dtype, device=args.device,
         device_map=args.device_map, quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
+        memory_budget=args.memory_budget,
         attention=args.attention,
         prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, method=args.method,
         reparam=args.reparam, reparam_hidden=args.reparam_hidden, max_steps=args.max_steps,

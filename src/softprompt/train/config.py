@@ -16,6 +16,7 @@ from ..data import TASK_KINDS, TaskKind, parse_verbalizer
 from ..deep import METHODS, REPARAMS
 from ..errors import ConfigError
 from .balance import check as check_balance
+from .memory import parse_budget
 from .objective import CLASSIFY_LOSSES
 from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
@@ -190,6 +191,9 @@ class TrainConfig:
     """Load the base with bitsandbytes 4-/8-bit weights (CUDA only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
+    memory_budget: str = "auto"
+    """Switch gradient checkpointing on when a step's estimated activations pass this size: auto (half the memory
+    free at start), none (never), or a size such as 6GB / 512MB."""
     attention: str = "auto"
     """Attention implementation while training: auto (eager on CPU under bf16, the model's own elsewhere), eager, sdpa, model."""
     # --- prompt ---
@@ -296,6 +300,10 @@ class TrainConfig:
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}")
         need(self.epochs is None or self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
         need(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        try:
+            parse_budget(self.memory_budget)
+        except ValueError as e:
+            need(False, "memory_budget", f"{self.memory_budget!r}: {e} (auto, none, or a size such as 6GB or 512MB)")
         need(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
         need(self.batch_size % self.grad_accum == 0, "grad_accum",
              f"{self.grad_accum} must divide --batch-size {self.batch_size} (the batch is split into micro-batches)")
@@ -371,7 +379,7 @@ class TrainConfig:
     def result_settings(self) -> dict[str, Any]:
         """The settings that decide the trained prompt (a resumed run must match them)."""
         skip = {"out", "run_dir", "resume", "quiet", "checkpoint_every", "device", "grad_accum", "eval_batch_size",
-                "tasks", "task_file", "prompt_dtype", "device_map", "attention", "gradient_checkpointing",
+                "tasks", "task_file", "prompt_dtype", "device_map", "attention", "gradient_checkpointing", "memory_budget",
                 "report_to", "run_name"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["tasks"] = [{k: v for k, v in asdict(t).items() if k not in ("out", "data", "eval")}

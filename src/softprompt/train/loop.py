@@ -41,7 +41,7 @@ from .prepare import data_fingerprint, prepare, total_steps
 from .objective import row_losses
 from .records import MetricsLog, TrainResult, peak_rss_mb
 from .schedule import SAMPLINGS, lr_at, warmup_steps
-from .setup import Run, check_launch, encode_rows, init_prompts, load_model, read_resume
+from .setup import Run, check_launch, encode_rows, init_prompts, load_model, pick_checkpointing, read_resume
 from .speed import attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention
 from .tracking import Trackers
 
@@ -138,7 +138,10 @@ def _model_switches(run: Run) -> contextlib.ExitStack:
     (CPU) and the sharded base's hooks, for the duration of the loop (all undone on exit)."""
     config, m = run.config, run.model
     stack = contextlib.ExitStack()
-    stack.enter_context(gradient_checkpointing(m.base.model, config.gradient_checkpointing))
+    run.checkpointing, why = pick_checkpointing(run)
+    if why:
+        _say(run.quiet, why)
+    stack.enter_context(gradient_checkpointing(m.base.model, run.checkpointing))
     stack.enter_context(attention_implementation(m.base.model, resolve_attention(config.attention, m.device, m.amp)))
     stack.enter_context(cast_linear_weights(m.base.model, m.amp if m.device.type == "cpu" and not m.sharded else None))
     if m.sharded:
@@ -308,7 +311,7 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
             "best_metric": b.get("value"), "dev_metrics": b.get("metrics"), "stopped_early": state.stopped,
             "seconds": round(seconds, 2), "examples_per_s": round(ex_s, 3), "processes": rt.world_size,
             "precision": precision_name(m.amp), "tasks_in_run": len(run.tasks), "config": config.result_settings(),
-            "balance": run.balance[i].summary(),
+            "balance": run.balance[i].summary(), "gradient_checkpointing": run.checkpointing,
         }
         if m.sharded:
             summary["sharded_base"] = {"layers": len(m.sharded.units), "bytes": m.sharded.full_bytes,

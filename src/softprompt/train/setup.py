@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..base import BaseModel, assert_frozen, load_base_model
-from ..deep import build_prompt
+from ..deep import build_prompt, prompt_length
+from ..hf_compat import text_config
 from ..distributed import accelerate_precision
 from ..distributed.sharding import Sharder, ShardingConfig, shard_base
 from ..errors import ConfigError
@@ -27,6 +28,7 @@ from .checkpoint import TrainState, load_checkpoint
 from .config import TaskConfig, TrainConfig, _flag
 from .prepare import PreparedTask
 from .objective import Row
+from .memory import StepShape, activation_bytes, choose_checkpointing, default_budget_bytes, parse_budget
 from .records import MetricsLog
 
 
@@ -210,6 +212,8 @@ class Run:
     """``perf_counter()`` at the (possibly resumed) run's start, minus the time already elapsed."""
     order_cache: dict = field(default_factory=dict)
     """The current epoch's batches (schedule.batch_at)."""
+    checkpointing: bool = False
+    """Gradient checkpointing on for this run (asked for, or picked by --memory-budget)."""
 
     lengths: list[int] = field(init=False)
     """Tokens per row, for length-grouped batches."""
@@ -241,3 +245,30 @@ class Run:
     @property
     def has_dev(self) -> bool:
         return any(t.dev for t in self.tasks)
+
+
+def step_shape(run: Run) -> StepShape:
+    """The largest micro-batch this run can meet: its rows, its longest row with prompt and label tree."""
+    micro = run.config.batch_size // (run.rt.world_size * run.config.grad_accum)
+    tree = max((sum(len(l) - 1 for l in ids) for ids in run.label_ids if ids), default=0)  # label-tree tokens
+    prompt = max(prompt_length(p()) for p in run.params)
+    loss = max([1 + tree] + [len(r.target) for r in run.rows if not isinstance(r.target, int)])
+    return StepShape(batch=max(1, micro), tokens=prompt + max(run.lengths) + tree, loss_tokens=loss)
+
+
+def pick_checkpointing(run: Run) -> tuple[bool, str | None]:
+    """--gradient-checkpointing, or on when a step's estimated activations pass --memory-budget."""
+    config, m = run.config, run.model
+    if config.gradient_checkpointing:
+        return True, None
+    budget = parse_budget(config.memory_budget)
+    if budget is None:
+        budget = default_budget_bytes(m.device)
+    tc = text_config(m.base.model.config)
+    hidden = tc.hidden_size
+    heads = getattr(tc, "num_attention_heads", None) or getattr(tc, "n_head", 1)
+    dtype = m.amp or m.base.model.dtype
+    estimate = activation_bytes(step_shape(run), tc.num_hidden_layers if hasattr(tc, "num_hidden_layers") else tc.n_layer,
+                                hidden, heads, getattr(tc, "intermediate_size", None) or 4 * hidden, tc.vocab_size,
+                                torch.empty((), dtype=dtype).element_size())
+    return choose_checkpointing(False, estimate, budget)
