@@ -16,7 +16,7 @@ from ..data import TASK_KINDS, TaskKind, parse_verbalizer
 from ..deep import METHODS, REPARAMS
 from ..errors import ConfigError
 from .balance import check as check_balance
-from .memory import parse_budget
+from .memory import budget_error
 from .objective import CLASSIFY_LOSSES
 from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
@@ -300,10 +300,7 @@ class TrainConfig:
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}")
         need(self.epochs is None or self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
         need(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
-        try:
-            parse_budget(self.memory_budget)
-        except ValueError as e:
-            need(False, "memory_budget", f"{self.memory_budget!r}: {e} (auto, none, or a size such as 6GB or 512MB)")
+        need(budget_error(self.memory_budget) is None, "memory_budget", str(budget_error(self.memory_budget)))
         need(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
         need(self.batch_size % self.grad_accum == 0, "grad_accum",
              f"{self.grad_accum} must divide --batch-size {self.batch_size} (the batch is split into micro-batches)")

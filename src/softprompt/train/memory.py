@@ -84,6 +84,15 @@ def parse_budget(text: str | None) -> float | None:
     return value * scale
 
 
+def budget_error(text: str | None) -> str | None:
+    """Why ``--memory-budget`` ``text`` is not valid, or None."""
+    try:
+        parse_budget(text)
+    except ValueError as e:
+        return f"{text!r}: {e} (auto, none, or a size such as 6GB or 512MB)"
+    return None
+
+
 def choose_checkpointing(explicit: bool, estimate: int, budget: float) -> tuple[bool, str | None]:
     """Whether to recompute activations (pure): always when asked, else when the estimate passes
     the budget. Returns ``(on, the line to say or None)``."""
