@@ -196,8 +196,8 @@ def test_missing_package_is_one_line(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
     (tmp_path / "x.parquet").write_bytes(b"")
-    with pytest.raises(DataError, match=r"x.parquet: reading Parquet needs the pyarrow package: "
-                                        r"pip install 'softprompt\[parquet\]'"):
+    with pytest.raises(DataError, match=r"x.parquet: reading Parquet needs the 'parquet' extra \(pyarrow not installed\): "
+                                        r"pip install 'softprompt\[parquet\]'$"):
         load_examples(tmp_path / "x.parquet", "classify")
 
 

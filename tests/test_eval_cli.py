@@ -138,9 +138,9 @@ def _readme_commands(section: str) -> list[str]:
     import re
     from pathlib import Path
 
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", body, re.S)
+    from docs_examples import page
+
+    blocks = re.findall(r"```bash\n(.*?)```", page(section), re.S)
     return [l.split("  #")[0].strip() for b in blocks for l in b.splitlines() if "softprompt " in l]
 
 

@@ -237,7 +237,9 @@ def test_overload_and_timeouts_map_to_openais_statuses():
 
 
 def test_readme_openai_example_runs(server, capsys):
-    section = README.read_text().split("\n## OpenAI-compatible API\n", 1)[1].split("\n## ", 1)[0]
+    from docs_examples import page
+
+    section = page("OpenAI-compatible API")
     (python,) = re.findall(r"```python\n(.*?)```", section, re.S)
     assert "http://localhost:8000/v1" in python
     exec(compile(python.replace("http://localhost:8000/v1", server.url + "/v1"), "README.md", "exec"), {})

@@ -368,9 +368,9 @@ def test_export_errors(tiny, tmp_path, capsys):
 def readme_blocks(lang: str) -> list[str]:
     import re
 
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text.split("## PEFT interoperability", 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+    from docs_examples import blocks, page
+
+    return blocks(page("PEFT interoperability"), lang)
 
 
 @pytest.mark.real_model

@@ -16,13 +16,12 @@ from softprompt.serve import Engine, EngineConfig, ServeConfig
 from softprompt.serve.http import start_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+from docs_examples import blocks, page  # noqa: E402
 DEMO_LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 
 
 def section_blocks(lang: str) -> list[str]:
-    text = README.read_text()
-    section = text.split("\n## Serving\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
+    return blocks(page("Serving"), lang)
 
 
 def commands(block: str) -> list[str]:

@@ -21,10 +21,11 @@ pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+from docs_examples import page  # noqa: E402
 
 
 def commands(section: str) -> list[str]:
-    body = README.read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    body = page(section)
     return [l.split("  #")[0].strip() for b in re.findall(r"```bash\n(.*?)```", body, re.S) for l in b.splitlines()
             if l.strip()]
 

@@ -242,7 +242,9 @@ def test_export_vllm_and_the_readme_client_example(server, topic_file, client, t
     assert main(["export", str(topic_file), "--format", "vllm", "--out", str(out)]) == 0
     info = json.loads((out / "prompt.json").read_text())
     assert info["labels"] == LABELS and info["label_words"][-1] == "world" and info["label_lead"] == " "
-    readme = (ROOT / "README.md").read_text().split("\n## Serving on vLLM\n", 1)[1].split("\n## ", 1)[0]
+    from docs_examples import page
+
+    readme = page("Serving on vLLM")
     example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "urllib" in b)
     script = tmp_path / "example.py"
     from softprompt.base import resolve_model

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import DataError
+from .extras import require
 
 HUB_PREFIX = "hf:"
 """Prefix of a Hugging Face dataset id in a data reference."""
@@ -75,7 +76,7 @@ def is_hub_ref(ref: str | Path) -> bool:
 def need(module: str, package: str, extra: str, what: str) -> None:
     """Raise a one-line DataError telling what to install when ``module`` is missing."""
     if importlib.util.find_spec(module) is None:
-        raise DataError(f"{what} needs the {package} package: pip install 'softprompt[{extra}]'")
+        require(extra, what, DataError)
 
 
 # ----------------------------------------------------------------------------- JSONL, CSV

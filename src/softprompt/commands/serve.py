@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 
+from ..extras import require
 from ..precision import SERVE_DTYPES
 from ..serve.config import BACKEND_NAMES, EngineConfig, ServeConfig
 
@@ -97,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("serve", "softprompt serve")
     from ..serve.http import run_server
     from ..serve.engine import create_engine
 

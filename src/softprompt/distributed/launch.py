@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ConfigError
+from ..extras import require
 from .sharding import ShardingConfig
 
 
@@ -197,9 +198,6 @@ def launch_command(train_args: Sequence[str], num_processes: int | None = None,
 
 def relaunch(train_args: Sequence[str], num_processes: int | None = None) -> int:
     """``softprompt train --launcher accelerate ...``: run the same command under accelerate."""
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        raise ConfigError("--launcher accelerate needs Hugging Face Accelerate: pip install 'softprompt[distributed]'")
+    require("distributed", "--launcher accelerate")
     proc = subprocess.run(launch_command(train_args, num_processes, sharding=default_config_sharding()))
     return 0 if proc.returncode == 0 else 2

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from ..artifact import atomic_write_bytes
 from ..errors import ConfigError, DataError
+from ..extras import require
 from ..sources import jsonl_objects
 from ..tasks import TASKS
 from .baselines import COLUMNS, PROMPT_ROW, Comparison, method_title
@@ -101,10 +102,9 @@ def curve_series(records: Sequence[dict], task: str | None = None) -> dict[str, 
 
 
 def _figure(w: float, h: float):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ConfigError("--report needs matplotlib: pip install 'softprompt[eval]'") from None
+    require("eval", "--report")
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(w, h), dpi=110, layout="constrained")
 
 

@@ -47,7 +47,7 @@ class TaskConfig:
     name: str
     """Short name: the prompt file's name and the key in logs."""
     data: str
-    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or hf:NAME[/CONFIG][:SPLIT]."""
+    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or ``hf:NAME[/CONFIG][:SPLIT]``."""
     task: TaskKind = "classify"
     """"classify" or "generate"."""
     template: str | None = None
@@ -152,7 +152,7 @@ class TrainConfig:
 
     # --- data and task (one task) ---
     data: str | None = None
-    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or hf:NAME[/CONFIG][:SPLIT]."""
+    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or ``hf:NAME[/CONFIG][:SPLIT]``."""
     task: TaskKind = "classify"
     """"classify" (rank classification over the labels) or "generate"."""
     out: str = "prompt.safetensors"
