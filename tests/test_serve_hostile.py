@@ -402,3 +402,35 @@ def test_the_new_limits_are_validated_flags(capsys, monkeypatch):
     for flag in ("--api-key-file", "--max-labels", "--max-label-tokens", "--max-scoring-tokens", "--max-stop",
                  "--max-stop-chars", "--max-batch-requests", "--max-step-label-tokens"):
         assert flag in out
+
+
+def test_accepted_connections_have_tcp_nodelay():
+    """The listening socket says TCP, so asyncio turns Nagle off on every accepted connection (a
+    kept-alive connection otherwise waits ~40 ms per request for the delayed ACK)."""
+    import asyncio
+    import socket as sk
+
+    from softprompt.serve.http.server import _bind
+
+    async def check() -> int:
+        sock = _bind("127.0.0.1", 0)
+        seen: list[int] = []
+
+        def factory():
+            class P(asyncio.Protocol):
+                def connection_made(self, transport):
+                    seen.append(transport.get_extra_info("socket").getsockopt(sk.IPPROTO_TCP, sk.TCP_NODELAY))
+                    transport.close()
+            return P()
+
+        server = await asyncio.get_running_loop().create_server(factory, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+        return seen[0]
+
+    assert asyncio.run(check()) != 0

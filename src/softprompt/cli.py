@@ -11,22 +11,22 @@ import argparse
 import importlib
 import sys
 
-from . import progress
+from . import cli_help, progress
 from .version import __version__
 from .errors import SoftpromptError
 
 COMMANDS: list[str] = [
-    "softprompt.commands.demo",
-    "softprompt.commands.inspect",
+    "softprompt.commands.example_data",
     "softprompt.commands.train",
     "softprompt.commands.eval",
     "softprompt.commands.predict",
-    "softprompt.commands.example_data",
+    "softprompt.commands.inspect",
     "softprompt.commands.export",
     "softprompt.commands.import_",
     "softprompt.commands.serve",
+    "softprompt.commands.demo",
 ]
-"""Modules that register a subcommand, in ``--help`` order."""
+"""Modules that register a subcommand, in ``--help`` order: the order of the workflow."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in COMMANDS:
         importlib.import_module(mod).register(sub)
     parser.set_defaults(subcommands=sub.choices)  # name -> parser, for parse()
+    cli_help.apply(parser)
     return parser
 
 

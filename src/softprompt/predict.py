@@ -51,6 +51,7 @@ class PredictConfig:
     stop: list[str] = field(default_factory=list)
     allow_other_base: bool = False
     precision: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("--precision", self.precision, PRECISIONS)
@@ -141,6 +142,7 @@ class Predictor:
     def __init__(self, config: PredictConfig, base=None):
         from .artifact import check_compatible, load_prompt
         from .base import load_base_model
+        from .devices import resolve_device
         from .model import PromptedModel
         from .precision import resolve_precision
         from .evaluate.run import trained_spec
@@ -149,7 +151,7 @@ class Predictor:
         self.meta = loaded.meta
         self.spec = trained_spec(self.meta, config.max_length)
         self.config = config
-        self.base = base if base is not None else load_base_model(config.model)
+        self.base = base if base is not None else load_base_model(config.model, device=resolve_device(config.device))
         check_compatible(self.meta, self.base, config.prompt, strict=not config.allow_other_base)
         self.pm = PromptedModel(self.base)
         self.prompt = loaded.tensor.to(self.base.device)  # (P, d), or deep (layers, 2, H, P, hd)

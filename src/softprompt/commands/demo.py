@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import progress
+from ..cli_help import add_device
 from ..artifact import atomic_write_bytes
 from ..errors import ConfigError, check_choice
 from ..precision import PRECISIONS
@@ -56,6 +57,7 @@ class DemoConfig:
     seed: int = 0
     threads: int | None = 1
     precision: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("--precision", self.precision, PRECISIONS)
@@ -75,7 +77,8 @@ def register(sub) -> None:
                                    "few-shot examples and TF-IDF + logistic regression, write an HTML report.")
     p.add_argument("--out", default=d.out, help=f"output folder (default: {d.out})")
     p.add_argument("--model", default=None, help="base model (hub id or folder); default: SmolLM2-135M-Instruct")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
+    p.add_argument("--max-steps", dest="steps", type=int, default=d.steps, help="training steps")
+    p.add_argument("--steps", dest="steps", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per step (default: {d.batch_size})")
     p.add_argument("--max-length", type=int, default=d.max_length,
                    help=f"tokens of template + text, training and scoring (default: {d.max_length})")
@@ -88,6 +91,7 @@ def register(sub) -> None:
                    help="CPU threads (default: 1, robust on a busy machine; 0: one per core)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="auto (default: bf16 where the CPU runs it natively, else fp32), fp32, bf16, fp16 (CUDA)")
+    add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -109,6 +113,7 @@ def _run(config: DemoConfig) -> dict:
     import torch
 
     from ..base import load_base_model
+    from ..devices import resolve_device
     from ..evaluate.baselines import BaselineConfig
     from ..data import load_examples
     from ..examples import jsonl_bytes, subsample, write_example_data
@@ -128,7 +133,7 @@ def _run(config: DemoConfig) -> dict:
     sizes = " / ".join(f"{n:,} {s}" for s, (_, n) in written.items())
     print(f"[1/4] BBC News topics: {sizes} articles in {data}/ (5 topics)")
 
-    base = load_base_model(config.model)
+    base = load_base_model(config.model, device=resolve_device(config.device))
     amp = precision_name(resolve_precision(config.precision, base.device))
     print(f"      base model {base.name} (width {base.dim}), {torch.get_num_threads()} CPU thread(s), "
           f"precision {amp}{' (this CPU runs bf16 natively)' if config.precision == 'auto' and amp != 'fp32' else ''}")
@@ -184,5 +189,5 @@ def run(args: argparse.Namespace) -> int:
     run_demo(DemoConfig(out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size,
                         max_length=args.max_length, prompt_length=args.prompt_length, dev_size=args.dev_size,
                         test_size=args.test_size, shots=args.shots, seed=args.seed, threads=args.threads or None,
-                        precision=args.precision))
+                        precision=args.precision, device=args.device))
     return 0

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from ..cli_help import add_device
 from ..errors import ConfigError
 from ..evaluate.baselines import BaselineConfig
 from ..evaluate.run import (TRAIN_FILE_KEYS, EvalConfig, check_labels, evaluate_file, format_details,  # noqa: F401
@@ -18,7 +19,7 @@ from ..precision import PRECISIONS
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="score a prompt file on labelled data, optionally against baselines",
-                       description="Score a prompt file on labelled data (JSONL/CSV). Classification: accuracy, "
+                       description="Score a prompt file on labelled data (JSONL, CSV, Parquet, a saved dataset or hf:NAME). Classification: accuracy, "
                                    "macro-F1, per-class precision/recall, confusion matrix. Generation: exact "
                                    "match, ROUGE-L, chrF. --baselines adds the bare model, an instruction (plain, and "
                                    "in the model's chat template when it has one), few-shot examples and "
@@ -46,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (default: bf16 autocast where the CPU/GPU runs bf16 natively, else fp32), fp32, bf16, fp16")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report", default=None, help="write an HTML report (plots as PNG next to it)")
     p.add_argument("--log", default=None, help="training metrics.jsonl for the report (default: found next to the prompt)")
@@ -58,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         baseline=BaselineConfig(shots=args.shots, seed=args.seed, instruction=args.instruction),
         max_length=args.max_length, batch_size=args.batch_size, limit=args.limit,
         source_field=args.source_field, target_field=args.target_field, max_new_tokens=args.max_new_tokens,
-        stop=args.stop, allow_other_base=args.allow_other_base, precision=args.precision,
+        stop=args.stop, allow_other_base=args.allow_other_base, precision=args.precision, device=args.device,
     )
 
 

@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--verbalizer", default=None, help="label=words,label=words, or a JSON object/file (classify)")
     p.add_argument("--name", default=None, help="a short name for the task")
     p.add_argument("--dtype", choices=["auto", *STORAGE_DTYPES], default="auto",
-                   help="storage dtype (default auto: the adapter's own, usually float32, so nothing is rounded)")
+                   help="storage dtype (default: auto, the adapter's own, usually float32, so nothing is rounded)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept an adapter exported by softprompt for another copy of the base model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

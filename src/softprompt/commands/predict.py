@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import TextIO
 
+from ..cli_help import add_device
 from ..data import DEFAULT_FIELDS
 from ..errors import ConfigError
 from ..precision import PRECISIONS
@@ -39,6 +40,7 @@ def register(sub) -> None:
                    help="accept a prompt trained on a differently quantized copy of the base model")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (default: bf16 autocast where the CPU/GPU runs bf16 natively, else fp32), fp32, bf16, fp16")
+    add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     config = PredictConfig(prompt=args.prompt, model=args.model, batch_size=args.batch_size,
                            max_length=args.max_length, source_field=args.field, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                           allow_other_base=args.allow_other_base, precision=args.precision)
+                           allow_other_base=args.allow_other_base, precision=args.precision,
+                           device=args.device)
     stdin = stdin or sys.stdin
     items = None
     if args.data:

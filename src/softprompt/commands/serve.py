@@ -22,48 +22,48 @@ def register(sub) -> None:
     p.add_argument("--prompts", metavar="DIR", default=None,
                    help="folder of .safetensors prompt files, loaded at start; names are file stems")
     p.add_argument("--model", default=None, help="base model (hub id or local folder); default: SmolLM2-135M-Instruct")
-    p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host}); another address needs --api-key")
-    p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 picks a free one)")
+    p.add_argument("--host", default=d.host, help=f"address to bind (default: {d.host}); another address needs --api-key")
+    p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default: {d.port}; 0 picks a free one)")
     p.add_argument("--api-key", default=None,
                    help="require this key on every request (Authorization: Bearer KEY); default $SOFTPROMPT_API_KEY. "
                    "Prefer --api-key-file or the variable: arguments show in the process list")
     p.add_argument("--api-key-file", metavar="FILE", default=None, help="read the API key from this file (one line)")
-    p.add_argument("--max-batch", type=int, default=e.max_batch, help=f"most rows per forward pass (default {e.max_batch})")
+    p.add_argument("--max-batch", type=int, default=e.max_batch, help=f"most rows per forward pass (default: {e.max_batch})")
     p.add_argument("--max-batch-tokens", type=int, default=e.max_batch_tokens,
-                   help=f"most input tokens read in one step (default {e.max_batch_tokens})")
+                   help=f"most input tokens read in one step (default: {e.max_batch_tokens})")
     p.add_argument("--max-wait-ms", type=float, default=e.max_wait_ms,
-                   help=f"how long a request waits for others to batch with (default {e.max_wait_ms:g})")
+                   help=f"how long a request waits for others to batch with (default: {e.max_wait_ms:g})")
     p.add_argument("--max-queue", type=int, default=e.max_queue,
-                   help=f"most waiting requests; more get HTTP 429 (default {e.max_queue})")
+                   help=f"most waiting requests; more get HTTP 429 (default: {e.max_queue})")
     p.add_argument("--request-timeout", type=float, default=e.request_timeout,
-                   help=f"seconds before a request fails with HTTP 503 (default {e.request_timeout:g})")
+                   help=f"seconds before a request fails with HTTP 503 (default: {e.request_timeout:g})")
     p.add_argument("--max-input-tokens", type=int, default=e.max_input_tokens,
-                   help=f"longest input with its template, in tokens (default {e.max_input_tokens})")
+                   help=f"longest input with its template, in tokens (default: {e.max_input_tokens})")
     p.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens,
-                   help=f"most tokens a generation may ask for (default {e.max_new_tokens})")
+                   help=f"most tokens a generation may ask for (default: {e.max_new_tokens})")
     p.add_argument("--max-ensemble", type=int, default=e.max_ensemble,
-                   help=f"most prompts in one ensemble request (default {e.max_ensemble})")
+                   help=f"most prompts in one ensemble request (default: {e.max_ensemble})")
     p.add_argument("--max-labels", type=int, default=e.max_labels,
-                   help=f"most labels of a classification, a request's or a prompt file's (default {e.max_labels})")
+                   help=f"most labels of a classification, a request's or a prompt file's (default: {e.max_labels})")
     p.add_argument("--max-label-tokens", type=int, default=e.max_label_tokens,
-                   help=f"most tokens of one label (default {e.max_label_tokens})")
+                   help=f"most tokens of one label (default: {e.max_label_tokens})")
     p.add_argument("--max-scoring-tokens", type=int, default=e.max_scoring_tokens,
                    help="most tokens one classification may hold to score its labels: labels x (prompt + input + "
-                   f"longest label), summed over an ensemble (default {e.max_scoring_tokens})")
+                   f"longest label), summed over an ensemble (default: {e.max_scoring_tokens})")
     p.add_argument("--max-step-label-tokens", type=int, default=e.max_step_label_tokens,
                    help="label tokens one classification scores per step; more run over several steps, with "
-                   f"other requests answered in between (default {e.max_step_label_tokens})")
+                   f"other requests answered in between (default: {e.max_step_label_tokens})")
     p.add_argument("--max-stop", type=int, default=e.max_stop,
-                   help=f"most stop strings of a generation (default {e.max_stop})")
+                   help=f"most stop strings of a generation (default: {e.max_stop})")
     p.add_argument("--max-stop-chars", type=int, default=e.max_stop_chars,
-                   help=f"longest stop string, in characters (default {e.max_stop_chars})")
+                   help=f"longest stop string, in characters (default: {e.max_stop_chars})")
     p.add_argument("--max-batch-requests", type=int, default=e.max_batch_requests,
-                   help=f"most requests in one /batch call, at most --max-queue (default {e.max_batch_requests})")
+                   help=f"most requests in one /batch call, at most --max-queue (default: {e.max_batch_requests})")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes,
-                   help=f"largest request body / prompt upload (default {d.max_upload_bytes})")
+                   help=f"largest request body / prompt upload (default: {d.max_upload_bytes})")
     p.add_argument("--dtype", default=d.dtype, choices=SERVE_DTYPES,
-                   help="base model weight dtype (default auto: bfloat16 on GPUs and on CPUs with native bf16, else float32)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: CPU)")
+                   help="base model weight dtype (default: auto, bfloat16 on GPUs and on CPUs with native bf16, else float32)")
+    p.add_argument("--device", default="auto", help="torch device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="accept prompts made for a differently quantized copy of the base model")
@@ -75,7 +75,7 @@ def register(sub) -> None:
     p.add_argument("--vllm-python", metavar="PYTHON", default=None,
                    help="--backend vllm without --vllm-url: launch vLLM with this venv's Python "
                    "(default: $SOFTPROMPT_VLLM_VENV, else .venv-vllm)")
-    p.add_argument("--log-level", default=d.log_level, help=f"server log level (default {d.log_level})")
+    p.add_argument("--log-level", default=d.log_level, help=f"server log level (default: {d.log_level})")
     p.set_defaults(func=run)
 
 

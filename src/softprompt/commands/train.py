@@ -70,7 +70,7 @@ def _model_flags(m) -> None:
                    help="weight dtype of the base (the prompt stays float32)")
     m.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="compute precision: auto = bf16 autocast where the CPU/GPU has fast bf16, else fp32")
-    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     m.add_argument("--device-map", default=None, help='spread a large base over devices ("auto"; one process)')
     m.add_argument("--quantize", default=None, choices=["4bit", "8bit"], help="bitsandbytes base weights (CUDA)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")

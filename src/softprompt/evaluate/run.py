@@ -66,6 +66,7 @@ class EvalConfig:
     stop: list[str] = field(default_factory=list)
     allow_other_base: bool = False
     precision: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("--precision", self.precision, PRECISIONS)
@@ -127,6 +128,7 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
         base: an already loaded BaseModel; default: load ``config.model``.
     """
     from ..base import load_base_model
+    from ..devices import resolve_device
     from ..examples import subsample
     from ..model import PromptedModel
 
@@ -145,7 +147,7 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
         if spec.kind == "classify":
             check_labels(train, spec.labels, train_path)
     if base is None:
-        base = load_base_model(config.model)
+        base = load_base_model(config.model, device=resolve_device(config.device))
     check_compatible(meta, base, config.prompt, strict=not config.allow_other_base)
     pm = PromptedModel(base)
     gen_kw = {"max_new_tokens": config.max_new_tokens or spec.max_target_length}

@@ -150,7 +150,7 @@ class ServeConfig:
     and on CPUs with native bf16 instructions, float32 elsewhere; see precision.py), float32,
     bfloat16 or float16."""
     device: str | None = None
-    """``--device``: torch device, e.g. cuda (default: CPU)."""
+    """``--device``: auto (None: CUDA when present, else CPU), cpu, cuda or cuda:N."""
     threads: int | None = None
     """``--threads``: torch CPU threads (default: torch's choice, one per core)."""
     allow_other_base: bool = False

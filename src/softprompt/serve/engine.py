@@ -143,10 +143,12 @@ class Engine:
 
 def _transformers(config, base: BaseModel | None) -> Backend:
     from ..base import load_base_model
+    from ..devices import resolve_device
     from ..precision import fast_weight_dtype
 
     if base is None:
-        base = load_base_model(config.model, dtype=fast_weight_dtype(config.dtype, config.device), device=config.device)
+        device = resolve_device(config.device)
+        base = load_base_model(config.model, dtype=fast_weight_dtype(config.dtype, device), device=device)
     return in_process(base)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import devices
 from ..base import BaseModel, assert_frozen, load_base_model
 from ..deep import build_prompt, prompt_length
 from ..hf_compat import text_config
@@ -91,15 +92,7 @@ def resolve_device(config: TrainConfig, base: BaseModel | None) -> torch.device:
     """``--device`` (checked), else the given base's, else CUDA when there is one."""
     if base is not None:
         return base.device
-    if config.device:
-        try:
-            dev = torch.device(config.device)
-        except RuntimeError as e:
-            raise ConfigError(f"--device {config.device!r}: {e}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {config.device}: no CUDA GPU is available")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return devices.resolve_device(config.device)
 
 
 @dataclass
