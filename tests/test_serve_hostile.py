@@ -434,3 +434,24 @@ def test_accepted_connections_have_tcp_nodelay():
         return seen[0]
 
     assert asyncio.run(check()) != 0
+
+
+def test_malformed_prompt_files_are_a_one_line_422(server, tmp_path, base):
+    """Uploads (and loads from the folder) of malformed files: 422 invalid_prompt_file, never a 500;
+    an F8 file in --prompts stops start-up with one line naming it."""
+    from test_prompt_file_fuzz import HOSTILE
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for i, (what, data) in enumerate(sorted(HOSTILE.items())):
+            r = c.put(f"/v1/prompts/bad{i}", content=data)
+            assert r.status_code == 422 and error_of(r)["type"] == "invalid_prompt_file", (what, r.text)
+            assert "\n" not in error_of(r)["message"]
+        assert c.post("/v1/classify", json={"prompt": "topic", "text": "still serving"}).status_code == 200
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "f8.safetensors").write_bytes(HOSTILE["an F8 tensor"])
+    engine = Engine(base, EngineConfig(), prompts_dir=folder)
+    from softprompt.errors import PromptFileError
+
+    with pytest.raises(PromptFileError, match=r"f8.safetensors.*float8_e4m3fn"):
+        engine.bank.load_all()

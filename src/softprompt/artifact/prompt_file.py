@@ -229,6 +229,53 @@ def save_prompt(path: str | os.PathLike, tensor: torch.Tensor, meta: PromptMeta,
     return Path(path)
 
 
+MAX_META_DEPTH = 32
+"""Deepest nesting of lists/objects a prompt file's metadata may have (a training summary needs 4)."""
+_STR, _INT = (str,), (int,)
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # field -> (types, None allowed)
+    "base_model": (_STR, False), "fingerprint": (_STR, False), "length": (_INT, False), "dim": (_INT, False),
+    "task": (_STR, True), "template": (_STR, True), "labels": ((list,), True), "verbalizer": ((dict,), True),
+    "name": (_STR, True), "sketch": ((list,), False), "dtype": (_STR, False), "training": ((dict,), False),
+    "extra": ((dict,), False), "method": (_STR, False), "kv_layout": ((list,), True), "created": (_STR, False),
+    "softprompt_version": (_STR, False), "format_version": (_INT, False),
+}
+"""The JSON type of every metadata field, checked before anything reads them."""
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of JSON lists/objects (iterative: a hostile file cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            if deepest > MAX_META_DEPTH:
+                return deepest
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _check_fields(raw: dict, where: str) -> None:
+    """Every known metadata field of the right JSON type and range; raises PromptFileError (one line)."""
+    for key, (types, nullable) in _FIELD_TYPES.items():
+        if key not in raw or (raw[key] is None and nullable):
+            continue
+        v = raw[key]
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise PromptFileError(f"{where}: metadata field {key!r} must be {' or '.join(t.__name__ for t in types)}"
+                                  f"{' or null' if nullable else ''}, got {type(v).__name__}")
+    if raw["length"] < 1 or raw["dim"] < 1:
+        raise PromptFileError(f"{where}: metadata says {raw['length']} virtual tokens x {raw['dim']} dims; both must be at least 1")
+    if raw.get("labels") is not None and not all(isinstance(l, str) and l.strip() for l in raw["labels"]):
+        raise PromptFileError(f"{where}: metadata field 'labels' must be a list of non-empty strings")
+    if raw.get("verbalizer") is not None and not all(isinstance(v, str) for v in raw["verbalizer"].values()):
+        raise PromptFileError(f"{where}: metadata field 'verbalizer' must map labels to strings")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw.get("sketch", [])):
+        raise PromptFileError(f"{where}: metadata field 'sketch' must be a list of numbers")
+    if raw.get("dtype", "float16") not in STORAGE_DTYPES:
+        raise PromptFileError(f"{where}: metadata dtype {raw['dtype']!r} is not one of {', '.join(STORAGE_DTYPES)}")
+
+
 def _meta_from_header(header: dict[str, str], where: str) -> PromptMeta:
     if "format_version" not in header or "softprompt" not in header:
         raise PromptFileError(f"{where}: not a softprompt prompt file (no softprompt metadata)")
@@ -247,12 +294,17 @@ def _meta_from_header(header: dict[str, str], where: str) -> PromptMeta:
         raw = json.loads(header["softprompt"])
     except json.JSONDecodeError as e:
         raise PromptFileError(f"{where}: corrupt metadata ({e.msg})") from None
+    except RecursionError:
+        raise PromptFileError(f"{where}: metadata nested deeper than {MAX_META_DEPTH} levels") from None
     if not isinstance(raw, dict):
         raise PromptFileError(f"{where}: corrupt metadata (not a JSON object)")
+    if _depth(raw) > MAX_META_DEPTH:
+        raise PromptFileError(f"{where}: metadata nested deeper than {MAX_META_DEPTH} levels")
     known = {f.name for f in fields(PromptMeta)}
     missing = [k for k in ("base_model", "fingerprint", "length", "dim") if k not in raw]
     if missing:
         raise PromptFileError(f"{where}: metadata lacks {', '.join(missing)}")
+    _check_fields(raw, where)
     try:
         meta = PromptMeta(**{k: v for k, v in raw.items() if k in known})
     except TypeError as e:
@@ -281,7 +333,11 @@ def read_safetensors(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], 
         raise PromptFileError(f"{where}: truncated or corrupt file (header says {header_len} bytes, file has {len(data)})")
     try:
         header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        if not isinstance(header, dict) or not all(isinstance(v, str) for v in header.values()):
+            raise ValueError("__metadata__ must map names to strings")
         tensors = load(data)
+    except RecursionError:
+        raise PromptFileError(f"{where}: not a valid safetensors file (header nested too deep)") from None
     except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PromptFileError(f"{where}: not a valid safetensors file ({msg})") from None
@@ -305,7 +361,10 @@ def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
         want = (layout[0], 2, layout[1], meta.length, layout[2])
     if tuple(t.shape) != want:
         raise PromptFileError(f"{where}: {name} tensor has shape {tuple(t.shape)} but metadata says {want}")
-    if not t.is_floating_point() or not torch.isfinite(t).all():
+    if t.dtype not in STORAGE_DTYPES.values():
+        raise PromptFileError(f"{where}: {name} tensor is {str(t.dtype).removeprefix('torch.')}; a prompt file holds "
+                              f"{', '.join(STORAGE_DTYPES)}")
+    if not torch.isfinite(t).all():
         raise PromptFileError(f"{where}: prompt tensor holds non-finite or non-float values")
     return LoadedPrompt(t.to(torch.float32), meta)
 
