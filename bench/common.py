@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# this checkout's softprompt, unless SOFTPROMPT_SRC names another checkout's src (a side-by-side run of an older commit)
+sys.path.insert(0, os.environ.get("SOFTPROMPT_SRC") or str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def machine() -> dict[str, Any]:

@@ -103,7 +103,10 @@ def run_side(args) -> dict:
                  if "prompt tuning" in args.side else peft_side.peft_lora(lm, 8))
         step_s = peft_side.train_peft(model, tok, spec, examples, args.steps, args.batch_size).step_seconds
     later = step_s[1:] or step_s  # the first step pays one-time costs
+    import softprompt
+
     return {"side": args.side + (f" ({args.src_name})" if args.src_name else ""), "labels": args.shape,
+            "softprompt from": str(Path(softprompt.__file__).parents[2]),
             "label tokens": f"{min(label_tokens)}-{max(label_tokens)}", "RSS after load MB": loaded,
             "peak RSS MB": _rss_mb(), "training peak above load MB": round(_rss_mb() - loaded, 1),
             "step s": round(sum(later) / len(later), 3), "wall s": round(time.perf_counter() - t0, 1)}
@@ -111,10 +114,12 @@ def run_side(args) -> dict:
 
 def _child(side: str, shape: str, argv: list[str], src: str | None, src_name: str) -> dict:
     env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(src) / "src"), env.get("PYTHONPATH", "")])
+    if src:  # bench/common.py puts this checkout's src first unless told otherwise
+        env["SOFTPROMPT_SRC"] = str(Path(src).resolve() / "src")
     cmd = [sys.executable, __file__, "--side", side, "--shape", shape, "--src-name", src_name, *argv]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode and "MemoryError" in r.stderr or r.returncode in (-9, 137):
+        return {"side": side + (f" ({src_name})" if src_name else ""), "labels": shape, "peak RSS MB": "out of memory"}
     if r.returncode:
         raise SystemExit(f"{side} {shape} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -154,12 +159,16 @@ def main() -> None:
                 rows.append(_child(side, shape, passed, args.baseline_src, "baseline"))
                 print(rows[-1], flush=True)
     summary = {"load average start / end": f"{load0} / {load_average()}"}
-    peak = {(r["side"], r["labels"]): r["peak RSS MB"] for r in rows}
+    peak = {(r["side"], r["labels"]): r["peak RSS MB"] for r in rows if isinstance(r["peak RSS MB"], float)}
     for shape in args.shapes.split(","):
         for side in ("softprompt prompt", "softprompt prefix"):
             if (side, shape) in peak and ("PEFT prompt tuning", shape) in peak:
                 summary[f"{side} / PEFT prompt tuning, peak RSS, {shape}"] = round(
                     peak[side, shape] / peak["PEFT prompt tuning", shape], 3)
+    for shape in args.shapes.split(","):
+        for side in ("softprompt prompt", "softprompt prefix"):
+            if (side, shape) in peak and (f"{side} (baseline)", shape) in peak:
+                summary[f"{side} / its baseline, peak RSS, {shape}"] = round(peak[side, shape] / peak[f"{side} (baseline)", shape], 3)
     for c in ("3", "8"):
         if ("softprompt prompt", f"{c}x4") in peak and ("softprompt prompt", f"{c}x1") in peak:
             summary[f"softprompt prompt, {c} labels, long / one-word labels, peak RSS"] = round(

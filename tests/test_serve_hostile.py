@@ -455,3 +455,31 @@ def test_malformed_prompt_files_are_a_one_line_422(server, tmp_path, base):
 
     with pytest.raises(PromptFileError, match=r"f8.safetensors.*float8_e4m3fn"):
         engine.bank.load_all()
+
+
+@pytest.mark.parametrize("route", ["/v1/generate", "/v1/completions"])
+def test_wire_types_are_strict_and_bodies_that_do_not_parse_are_malformed_json(server, route):
+    """Types as the OpenAPI document says, no coercion; invalid UTF-8, JSON nested 10,000 deep and
+    a 5,000-digit integer are malformed JSON; a too-long stop string names --max-stop-chars in
+    both its forms."""
+    native = route == "/v1/generate"
+    base = {"text": "hello"} if native else {"model": "gen", "prompt": "hello"}
+    tokens = "max_new_tokens" if native else "max_tokens"
+
+    def err(r):
+        body = r.json()["error"]
+        return body.get("code") or body["type"], body["message"]
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for field, value in ((tokens, True), (tokens, "3"), ("stream", "yes"), ("temperature", "0.5"), ("seed", "1")):
+            r = c.post(route, json={**base, field: value})
+            assert r.status_code in (400, 422), (field, value, r.text)
+            assert field in err(r)[1], r.text
+        assert c.post(route, json={**base, tokens: 2, "temperature": 0}).status_code == 200  # an int is a number
+        for body in (b'{"text": "\xff\xfe"}', b"[" * 10000 + b"]" * 10000,
+                     b'{"text": "a", "seed": ' + b"9" * 5000 + b"}"):
+            r = c.post(route, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and err(r)[0] == "malformed_json", r.text
+        for stop in ("x" * 100000, ["x" * 100000]):
+            r = c.post(route, json={**base, "stop": stop})
+            assert r.status_code == 413 and "--max-stop-chars" in err(r)[1], (type(stop), r.text)

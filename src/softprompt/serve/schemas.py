@@ -100,7 +100,7 @@ def request_bodies(limits: EngineConfig) -> Bodies:
     """Request bodies whose JSON schema carries ``limits``."""
     text_chars = CHARS_PER_TOKEN_LIMIT * limits.max_input_tokens
     label_chars = CHARS_PER_TOKEN_LIMIT * limits.max_label_tokens
-    strict = ConfigDict(extra="forbid")
+    strict = ConfigDict(extra="forbid", strict=True)
     Stop = Annotated[str, Field(min_length=1, max_length=limits.max_stop_chars)]  # noqa: N806
     NameT = Annotated[str, prompt_name()]  # noqa: N806
     Label = Annotated[str, Field(min_length=1, max_length=label_chars)]  # noqa: N806
@@ -161,7 +161,7 @@ def request_bodies(limits: EngineConfig) -> Bodies:
 _LIMIT_KINDS = {"too_long", "string_too_long", "less_than_equal", "less_than", "greater_than_equal", "greater_than"}
 """Pydantic error types of a broken range or length (the message then names the flag)."""
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "none", "function-after", "function-plain"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "function-after", "function-plain", "constrained-str"}
 
 
 def _flag(loc: list, kind: str, limits: EngineConfig) -> str | None:

@@ -75,6 +75,19 @@ def documented(*codes: int) -> dict:
     return {c: {"model": ErrorOut, "description": what[c]} for c in codes}
 
 
+BODY_PARSE_ERROR = "There was an error parsing the body"
+"""FastAPI's detail when the body is JSON it could not decode past the JSON syntax check: invalid
+UTF-8, nesting past Python's recursion limit, an integer past Python's 4,300-digit limit."""
+
+
+def http_exception_error(exc: StarletteHTTPException) -> tuple[int, str, str]:
+    """(status, type, message) of an HTTP-level refusal (no route, wrong method, a body that does not parse)."""
+    if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+        return 400, "malformed_json", "malformed JSON: the body is not valid UTF-8 JSON within the parser's limits"
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return exc.status_code, kind, str(exc.detail)
+
+
 COMMON = (401, 413)
 """Statuses every route can answer (the guard in front of the app)."""
 
@@ -93,8 +106,8 @@ def install_handlers(app: FastAPI, limits: EngineConfig) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code)
+        status, kind, message = http_exception_error(exc)
+        return JSONResponse(error_body(kind, message), status_code=status)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception):

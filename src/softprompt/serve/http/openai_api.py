@@ -31,6 +31,7 @@ from ..engine import Engine
 from ..errors import RequestTimeoutError, UnknownPromptError
 from ..jobs import ClassifyRequest, ClassifyResult, GenerateRequest, Job
 from .bridge import run_jobs
+from .errors import http_exception_error
 from .openai_schemas import (
     OPENAI_SSE, ChatCompletionOut, CompletionOut, FieldError, ModelCard, ModelList, OpenAIErrorOut, check_supported,
     chat_body, completion_body, is_openai_path, openai_error, openai_error_body, openai_validation_error,
@@ -351,9 +352,8 @@ def _dispatch(native: Callable, limits: EngineConfig) -> Callable:
             status, code, message, param = openai_validation_error(exc.errors(), limits)
             body = openai_error_body(status, code, message, param)
         elif isinstance(exc, StarletteHTTPException):
-            status = exc.status_code
-            code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-            body = openai_error_body(status, code, str(exc.detail))
+            status, code, message = http_exception_error(exc)
+            body = openai_error_body(status, code, message)
         else:
             status, body = openai_error(exc, path)
             if status == 500:

@@ -77,7 +77,7 @@ def openai_validation_error(errors: list[dict], limits: EngineConfig) -> tuple[i
     kind = str(first.get("type", ""))
     if kind == "extra_forbidden":
         where = ".".join(str(x) for x in loc)
-        return 400, "unsupported_field", f"{where}: not supported by this server (see the README's field table)", param
+        return 400, "unsupported_field", f"{where}: not supported by this server (see the OpenAI API guide's field table)", param
     if param in FLAGS and "(--" not in message and kind in ("too_long", "string_too_long", "less_than_equal"):
         flag = FLAGS[param]
         message += f" ({flag} {limits.max_input_tokens if flag == '--max-input-tokens' else limits.max_new_tokens})"
@@ -122,12 +122,12 @@ def check_supported(body: BaseModel) -> None:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool | None = Field(None, description="A last chunk with the usage (and no choices).")
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
@@ -158,7 +158,7 @@ def completion_body(limits: EngineConfig, base: str) -> type[BaseModel]:
     """``POST /v1/completions``'s body, with ``limits`` in its schema."""
     Text = Annotated[str, Field(max_length=CHARS_PER_TOKEN_LIMIT * limits.max_input_tokens)]  # noqa: N806
     return create_model(
-        "CompletionBody", __config__=ConfigDict(extra="forbid"),
+        "CompletionBody", __config__=ConfigDict(extra="forbid", strict=True),
         __doc__="An OpenAI completion request; fields not listed are refused (400 naming the field).",
         **_common(limits, base),
         prompt=(Text | list[Text], Field(description="The input (a list of one string is accepted too).")),
@@ -176,7 +176,7 @@ def chat_body(limits: EngineConfig, base: str) -> type[BaseModel]:
     """``POST /v1/chat/completions``'s body, with ``limits`` in its schema."""
     Text = Annotated[str, Field(max_length=CHARS_PER_TOKEN_LIMIT * limits.max_input_tokens)]  # noqa: N806
     message = create_model(
-        "ChatMessage", __config__=ConfigDict(extra="forbid"),
+        "ChatMessage", __config__=ConfigDict(extra="forbid", strict=True),
         role=(Literal["system", "developer", "user", "assistant"], ...),
         content=(Text | list[TextPart], Field(description="Text, or a list of text parts.")),
         name=(str | None, Field(None, max_length=256)),
@@ -184,7 +184,7 @@ def chat_body(limits: EngineConfig, base: str) -> type[BaseModel]:
     tokens = Field(None, ge=1, le=limits.max_new_tokens, description=f"Most tokens to generate (default "
                    f"{limits.default_new_tokens}, at most --max-new-tokens); max_completion_tokens wins.")
     return create_model(
-        "ChatCompletionBody", __config__=ConfigDict(extra="forbid"),
+        "ChatCompletionBody", __config__=ConfigDict(extra="forbid", strict=True),
         __doc__="An OpenAI chat completion request; fields not listed are refused (400 naming the field).",
         **_common(limits, base),
         messages=(Annotated[list[message], Field(min_length=1)], Field(description="The conversation, rendered "
