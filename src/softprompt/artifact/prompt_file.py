@@ -32,6 +32,7 @@ from ..version import __version__
 from ..base import BaseModel, sketch_similarity
 from ..errors import PromptFileError
 from ..tasks import TASK_KINDS, TaskKind
+from .metadata_checks import MAX_META_DEPTH, STORAGE_DTYPE_NAMES, check_fields as _check_fields, depth as _depth
 
 FORMAT_VERSION = 2
 """The newest prompt-file format this version reads and writes."""
@@ -44,7 +45,7 @@ TENSOR_NAMES = {"prompt": "prompt", "prefix": "prefix"}
 METHOD_FORMAT = {"prompt": 1, "prefix": 2}
 """The format version a prompt of each method is written as (the oldest that holds it)."""
 MAX_PROMPT_FILE_BYTES = 256 * 1024 * 1024
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORAGE_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPE_NAMES}
 TaskType = TaskKind
 TASK_TYPES = TASK_KINDS
 
@@ -227,53 +228,6 @@ def save_prompt(path: str | os.PathLike, tensor: torch.Tensor, meta: PromptMeta,
     """
     atomic_write_bytes(path, prompt_bytes(tensor, meta, dtype))
     return Path(path)
-
-
-MAX_META_DEPTH = 32
-"""Deepest nesting of lists/objects a prompt file's metadata may have (a training summary needs 4)."""
-_STR, _INT = (str,), (int,)
-_FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # field -> (types, None allowed)
-    "base_model": (_STR, False), "fingerprint": (_STR, False), "length": (_INT, False), "dim": (_INT, False),
-    "task": (_STR, True), "template": (_STR, True), "labels": ((list,), True), "verbalizer": ((dict,), True),
-    "name": (_STR, True), "sketch": ((list,), False), "dtype": (_STR, False), "training": ((dict,), False),
-    "extra": ((dict,), False), "method": (_STR, False), "kv_layout": ((list,), True), "created": (_STR, False),
-    "softprompt_version": (_STR, False), "format_version": (_INT, False),
-}
-"""The JSON type of every metadata field, checked before anything reads them."""
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of JSON lists/objects (iterative: a hostile file cannot exhaust the stack)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (list, dict)):
-            deepest = max(deepest, d)
-            if deepest > MAX_META_DEPTH:
-                return deepest
-            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
-
-
-def _check_fields(raw: dict, where: str) -> None:
-    """Every known metadata field of the right JSON type and range; raises PromptFileError (one line)."""
-    for key, (types, nullable) in _FIELD_TYPES.items():
-        if key not in raw or (raw[key] is None and nullable):
-            continue
-        v = raw[key]
-        if not isinstance(v, types) or isinstance(v, bool):
-            raise PromptFileError(f"{where}: metadata field {key!r} must be {' or '.join(t.__name__ for t in types)}"
-                                  f"{' or null' if nullable else ''}, got {type(v).__name__}")
-    if raw["length"] < 1 or raw["dim"] < 1:
-        raise PromptFileError(f"{where}: metadata says {raw['length']} virtual tokens x {raw['dim']} dims; both must be at least 1")
-    if raw.get("labels") is not None and not all(isinstance(l, str) and l.strip() for l in raw["labels"]):
-        raise PromptFileError(f"{where}: metadata field 'labels' must be a list of non-empty strings")
-    if raw.get("verbalizer") is not None and not all(isinstance(v, str) for v in raw["verbalizer"].values()):
-        raise PromptFileError(f"{where}: metadata field 'verbalizer' must map labels to strings")
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw.get("sketch", [])):
-        raise PromptFileError(f"{where}: metadata field 'sketch' must be a list of numbers")
-    if raw.get("dtype", "float16") not in STORAGE_DTYPES:
-        raise PromptFileError(f"{where}: metadata dtype {raw['dtype']!r} is not one of {', '.join(STORAGE_DTYPES)}")
 
 
 def _meta_from_header(header: dict[str, str], where: str) -> PromptMeta:
