@@ -483,3 +483,53 @@ def test_wire_types_are_strict_and_bodies_that_do_not_parse_are_malformed_json(s
         for stop in ("x" * 100000, ["x" * 100000]):
             r = c.post(route, json={**base, "stop": stop})
             assert r.status_code == 413 and "--max-stop-chars" in err(r)[1], (type(stop), r.text)
+
+
+def test_a_gather_that_fails_after_its_call_ended_logs_nothing():
+    """The jobs of a disconnected call fail after the call has returned; their gather's exception
+    is retrieved, so asyncio never logs "_GatheringFuture exception was never retrieved"."""
+    import asyncio
+    import gc
+    import logging
+
+    from softprompt.serve.http.bridge import _retrieve
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("asyncio").addHandler(handler)
+
+    async def call_then_fail():
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in range(12)]
+        results = asyncio.ensure_future(asyncio.gather(*futs))
+        results.add_done_callback(_retrieve)
+        for f in futs:  # the call is gone; the engine cancels its jobs afterwards
+            f.set_exception(RuntimeError("cancelled after the call ended"))
+        await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(call_then_fail())
+        gc.collect()
+    finally:
+        logging.getLogger("asyncio").removeHandler(handler)
+    assert not [r for r in records if "never retrieved" in r.getMessage()]
+
+
+def test_a_prompt_longer_than_max_prompt_tokens_is_refused_before_its_prefill(server, base):
+    """A 10,000-token upload held the model thread for a minute; now it is a 413 naming the flag
+    (the limit is checked before any model pass), and the server answers as before."""
+    import io
+
+    from softprompt.artifact import prompt_bytes
+
+    limit = server.engine.config.max_prompt_tokens
+    meta = PromptMeta.for_base(base, limit + 1, task="classify", template="T: {text}\nA:", labels=["a", "b"])
+    data = prompt_bytes(torch.zeros(limit + 1, base.dim), meta)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.put("/v1/prompts/long", content=data)
+        assert r.status_code == 413 and f"--max-prompt-tokens {limit}" in error_of(r)["message"], r.text
+        assert c.get("/v1/prompts/long").status_code == 404
+        meta = PromptMeta.for_base(base, limit, task="classify", template="T: {text}\nA:", labels=["a", "b"])
+        assert c.put("/v1/prompts/long", content=prompt_bytes(torch.zeros(limit, base.dim), meta)).status_code == 201
+        assert c.delete("/v1/prompts/long").status_code in (200, 204)

@@ -59,6 +59,8 @@ def register(sub) -> None:
                    help=f"longest stop string, in characters (default: {e.max_stop_chars})")
     p.add_argument("--max-batch-requests", type=int, default=e.max_batch_requests,
                    help=f"most requests in one /batch call, at most --max-queue (default: {e.max_batch_requests})")
+    p.add_argument("--max-prompt-tokens", type=int, default=e.max_prompt_tokens,
+                   help="most virtual tokens of a loaded or uploaded prompt (its prefill holds the model thread)")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes,
                    help=f"largest request body / prompt upload (default: {d.max_upload_bytes})")
     p.add_argument("--dtype", default=d.dtype, choices=SERVE_DTYPES,
@@ -88,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_label_tokens=args.max_label_tokens, max_scoring_tokens=args.max_scoring_tokens, max_stop=args.max_stop,
         max_step_label_tokens=args.max_step_label_tokens,
         max_stop_chars=args.max_stop_chars, max_batch_requests=args.max_batch_requests,
+        max_prompt_tokens=args.max_prompt_tokens,
     )
     return ServeConfig(
         prompts_dir=args.prompts, model=args.model, host=args.host, port=args.port, api_key=args.api_key,

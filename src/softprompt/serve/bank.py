@@ -186,6 +186,9 @@ class PromptBank:
     def _add(self, name: str, loaded: LoadedPrompt, source: str) -> PromptEntry:
         meta = loaded.meta
         tok = self.pm.base.tokenizer
+        if self.limits is not None and meta.length > self.limits.max_prompt_tokens:
+            raise UploadTooLargeError(f"prompt {name!r} has {meta.length} virtual tokens, more than --max-prompt-tokens "
+                                      f"{self.limits.max_prompt_tokens}")
         try:
             spec = TaskSpec.from_meta(meta, max_length=self.max_spec_length)
             # the file's own strings go to the tokenizer: refuse what it cannot take, and labels

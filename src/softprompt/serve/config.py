@@ -91,11 +91,15 @@ class EngineConfig:
     max_batch_requests: int = 64
     """``--max-batch-requests``: most requests in one ``/batch`` call (and never more than
     ``--max-queue``)."""
+    max_prompt_tokens: int = 512
+    """``--max-prompt-tokens``: most virtual tokens of a prompt the server loads. An input prompt's
+    keys/values are computed with the model thread held, so a 10,000-token upload would stall every
+    request for a minute on a CPU; such a prompt is refused (413)."""
 
     def __post_init__(self) -> None:
         positive = {
             "--max-batch": self.max_batch, "--max-batch-tokens": self.max_batch_tokens, "--max-queue": self.max_queue,
-            "--max-input-tokens": self.max_input_tokens, "--max-new-tokens": self.max_new_tokens,
+            "--max-input-tokens": self.max_input_tokens, "--max-prompt-tokens": self.max_prompt_tokens, "--max-new-tokens": self.max_new_tokens,
             "--max-ensemble": self.max_ensemble, "--max-labels": self.max_labels,
             "--max-label-tokens": self.max_label_tokens, "--max-scoring-tokens": self.max_scoring_tokens,
             "--max-step-label-tokens": self.max_step_label_tokens, "--max-stop": self.max_stop, "--max-stop-chars": self.max_stop_chars,

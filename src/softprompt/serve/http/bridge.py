@@ -36,6 +36,9 @@ async def run_jobs(engine: Engine, request: Request, jobs: list[Job], timeout: f
         job.listener = _resolver(loop, fut)
     engine.enqueue(jobs)
     results = asyncio.ensure_future(asyncio.gather(*futures))
+    # a call that ends early (disconnect, timeout) leaves the gather to fail later with the jobs'
+    # cancellation: retrieve that, or asyncio logs "exception was never retrieved"
+    results.add_done_callback(_retrieve)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({results, gone}, timeout=timeout + 5, return_when=asyncio.FIRST_COMPLETED)
@@ -56,6 +59,11 @@ async def run_jobs(engine: Engine, request: Request, jobs: list[Job], timeout: f
         for job in jobs:  # one request of a batch call failed: the call is answered, drop the rest
             if not job.done:
                 job.cancel(RequestCancelledError("another request of the same call failed"))
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _disconnected(request: Request) -> None:
