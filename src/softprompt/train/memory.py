@@ -5,7 +5,7 @@ A step keeps every decoder layer's activations for the backward pass. Korthikant
 bytes per layer and token for a GPT block in 16 bits (d the hidden size, a the attention heads, s
 the keys each token attends to). Here the count is in values of the compute dtype, with the
 gated MLP's real width i: ``10 d + 2 i + 2 a s``, which matched the measured training peak of
-SmolLM2-135M at batch 8 x 180 positions in float32 within 5% (12.1k values per layer and token;
+SmolLM2-135M at batch 8 x 180 positions in float32 within 10% (12.1k estimated, 12.9k measured values per layer and token;
 bench/results/train_memory_amd.md).
 The lm head adds logits and their gradient for every token that carries loss. The estimate is a
 bound to compare with a budget, not a prediction of the process's size (the weights, the
