@@ -19,7 +19,7 @@ from .balance import check as check_balance
 from .objective import CLASSIFY_LOSSES
 from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
-from .schedule import SCHEDULES
+from .schedule import SCHEDULES, parse_duration
 from ..sources import is_hub_ref
 from .tracking import parse_report_to
 
@@ -141,6 +141,19 @@ def load_task_file(path: str | Path) -> list[TaskConfig]:
     return out
 
 
+def _check_budget(c: "TrainConfig") -> None:
+    """--max-time (a duration, made seconds) and --max-steps (a count, or auto with --max-time)."""
+    if c.max_time is not None:
+        try:
+            c.max_time = parse_duration(c.max_time)
+        except ValueError as e:
+            raise ConfigError(f"--max-time {e}") from None
+    if c.max_steps == "auto" and c.max_time is None:
+        raise ConfigError("--max-steps auto needs --max-time")
+    if not (c.max_steps in (None, "auto") or isinstance(c.max_steps, int) and c.max_steps >= 1):
+        raise ConfigError(f"--max-steps must be at least 1 or auto, got {c.max_steps}")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Validated on creation; errors name the CLI flag.
@@ -207,8 +220,12 @@ class TrainConfig:
     reparam_hidden: int | None = None
     """Hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)."""
     # --- optimisation ---
-    max_steps: int | None = None
-    """Optimizer steps (default: 100, or --epochs)."""
+    max_steps: int | Literal["auto"] | None = None
+    """Optimizer steps (default: 100, or --epochs); "auto" (needs --max-time): planned from the data size
+    and the budget (schedule.auto_steps), the budget stopping the run where it ends first."""
+    max_time: float | str | None = None
+    """Stop training after this much wall-clock time (seconds, or "90s", "15m", "1h"), keeping the best
+    prompt on dev; None: no limit. A resumed run counts the time already spent."""
     epochs: float | None = None
     """Passes over the training data (instead of --max-steps)."""
     batch_size: int = 8
@@ -293,7 +310,7 @@ class TrainConfig:
              or self.task_file is not None, "init_text", "is required with --init text")
         if self.max_steps is not None and self.epochs is not None:
             raise ConfigError("give either --max-steps or --epochs, not both")
-        need(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}")
+        _check_budget(self)
         need(self.epochs is None or self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
         need(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         need(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
@@ -372,7 +389,7 @@ class TrainConfig:
         """The settings that decide the trained prompt (a resumed run must match them)."""
         skip = {"out", "run_dir", "resume", "quiet", "checkpoint_every", "device", "grad_accum", "eval_batch_size",
                 "tasks", "task_file", "prompt_dtype", "device_map", "attention", "gradient_checkpointing",
-                "report_to", "run_name"}
+                "report_to", "run_name", "max_time"}  # a resumed run may get a longer budget
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["tasks"] = [{k: v for k, v in asdict(t).items() if k not in ("out", "data", "eval")}
                       for t in self.tasks_resolved]

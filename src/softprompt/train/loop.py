@@ -147,25 +147,40 @@ def _model_switches(run: Run) -> contextlib.ExitStack:
 
 
 def _loop(run: Run, state: LoopState, bar) -> None:
-    """The loop: step -> log -> evaluate -> checkpoint, until the planned steps or early stopping."""
+    """The loop: step -> log -> evaluate -> checkpoint, until the planned steps, early stopping or
+    the --max-time budget (checked after each step; a run out of time is evaluated once more)."""
+    if state.step < run.total and _out_of_time(run, state):  # resumed with the budget already spent
+        state.out_of_time = True
+        return
     for step in range(state.step, run.total):
         rec = _train_step(run, state, step)
         run.log.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", ex_s=f"{rec['examples_per_s']:.1f}")
         done = state.step
-        if run.has_dev and (done % run.eval_every == 0 or done == run.total):
+        state.out_of_time = done != run.total and _out_of_time(run, state)
+        if run.has_dev and (done % run.eval_every == 0 or done == run.total or state.out_of_time):
             # the main process evaluates (with a sharded base, every process: its layers are shared)
             sharded = run.model.sharded
             state.stopped = run.rt.broadcast(_evaluate(run, state) if run.rt.is_main or sharded else None)
             if sharded:
                 sharded.end_step()
             state.elapsed = time.perf_counter() - run.t_start
-        if run.ckpt_every and (done % run.ckpt_every == 0 or state.stopped) and done != run.total:
+        if run.ckpt_every and (done % run.ckpt_every == 0 or state.stopped or state.out_of_time) and done != run.total:
             _checkpoint(run, state)
         if state.stopped:
             _say(run.quiet, f"early stopping after step {done}: no improvement in {run.config.patience} evaluations")
             break
+        if state.out_of_time:
+            _say(run.quiet, f"--max-time {run.config.max_time:g}s spent after step {done} of {run.total}")
+            break
+
+
+def _out_of_time(run: Run, state: LoopState) -> bool:
+    """The --max-time budget is spent (the main process's clock decides for every process)."""
+    if run.config.max_time is None:
+        return False
+    return bool(run.rt.broadcast(state.elapsed >= run.config.max_time if run.rt.is_main else None))
 
 
 def _train_step(run: Run, state: LoopState, step: int) -> dict:
@@ -291,7 +306,7 @@ def _finish(run: Run, state: LoopState) -> TrainResult:
     return TrainResult(paths=paths, run_dir=run.run_dir, steps=state.step, examples=state.examples, seconds=seconds,
                        examples_per_s=ex_s, metrics={k: v["metrics"] for k, v in best.items()},
                        best_step={k: v["step"] for k, v in best.items()}, history=run.log.records,
-                       stopped_early=state.stopped)
+                       stopped_early=state.stopped, out_of_time=state.out_of_time)
 
 
 def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> dict[str, Path]:
@@ -306,6 +321,8 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
             "train_examples": len(t.train), "dev_examples": len(t.dev or []), "train_file": str(t.config.data),
             "dev_file": t.config.eval, "best_step": b.get("step", state.step), "metric": b.get("metric"),
             "best_metric": b.get("value"), "dev_metrics": b.get("metrics"), "stopped_early": state.stopped,
+            "stopped_by": "early_stopping" if state.stopped else "time" if state.out_of_time else None,
+            "max_time": config.max_time,
             "seconds": round(seconds, 2), "examples_per_s": round(ex_s, 3), "processes": rt.world_size,
             "precision": precision_name(m.amp), "tasks_in_run": len(run.tasks), "config": config.result_settings(),
             "balance": run.balance[i].summary(),
