@@ -125,6 +125,9 @@ def _run_flags(e) -> None:
     e.add_argument("--select-metric", default="auto", choices=list(SELECT_METRIC_CHOICES),
                    help="dev metric that keeps the best prompt and drives early stopping (auto: macro_f1 when "
                         "a task's labels are skewed beyond 3:1, else accuracy)")
+    e.add_argument("--calibrate", default="none", choices=["auto", "none"],
+                   help="label-score calibration fitted on dev at the end (classification): auto keeps per-label "
+                        "biases when they raise the dev metric; stored in the prompt file, used by eval/predict/serve")
     e.add_argument("--patience", type=_int_or_none, default=3, help="evaluations without improvement before stopping (none: off)")
     e.add_argument("--run-dir", default=None, help="metrics.jsonl + checkpoint.safetensors (default: <out>.run/)")
     e.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: 10 a run; 0: off)")
@@ -165,7 +168,7 @@ def config_from_args(args: argparse.Namespace):
         device_map=args.device_map, quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
         attention=args.attention,
         prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, method=args.method,
-        reparam=args.reparam, reparam_hidden=args.reparam_hidden, max_steps=args.max_steps, max_time=args.max_time,
+        reparam=args.reparam, reparam_hidden=args.reparam_hidden, max_steps=args.max_steps, max_time=args.max_time, calibrate=args.calibrate,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
         schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         classify_loss=args.classify_loss, class_weights=args.class_weights, sampling=args.sampling,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..base import DTYPES
+from ..calibration import CALIBRATE_CHOICES
 from ..data import TASK_KINDS, TaskKind, parse_verbalizer
 from ..deep import METHODS, REPARAMS
 from ..errors import ConfigError
@@ -142,7 +143,7 @@ def load_task_file(path: str | Path) -> list[TaskConfig]:
 
 
 def _check_budget(c: "TrainConfig") -> None:
-    """--max-time (a duration, made seconds) and --max-steps (a count, or auto with --max-time)."""
+    """--max-time (a duration, made seconds), --max-steps (a count, or auto with --max-time), --calibrate."""
     if c.max_time is not None:
         try:
             c.max_time = parse_duration(c.max_time)
@@ -152,6 +153,8 @@ def _check_budget(c: "TrainConfig") -> None:
         raise ConfigError("--max-steps auto needs --max-time")
     if not (c.max_steps in (None, "auto") or isinstance(c.max_steps, int) and c.max_steps >= 1):
         raise ConfigError(f"--max-steps must be at least 1 or auto, got {c.max_steps}")
+    if c.calibrate not in CALIBRATE_CHOICES:
+        raise ConfigError(f"--calibrate {c.calibrate!r}: choose one of {', '.join(CALIBRATE_CHOICES)}")
 
 
 @dataclass
@@ -221,8 +224,7 @@ class TrainConfig:
     """Hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)."""
     # --- optimisation ---
     max_steps: int | Literal["auto"] | None = None
-    """Optimizer steps (default: 100, or --epochs); "auto" (needs --max-time): planned from the data size
-    and the budget (schedule.auto_steps), the budget stopping the run where it ends first."""
+    """Optimizer steps (default: 100, or --epochs); auto (needs --max-time): from data size and budget (auto_steps)."""
     max_time: float | str | None = None
     """Stop training after this much wall-clock time (seconds, or "90s", "15m", "1h"), keeping the best
     prompt on dev; None: no limit. A resumed run counts the time already spent."""
@@ -258,6 +260,8 @@ class TrainConfig:
     """Most source tokens (template included); longer texts are cut."""
     max_target_length: int = 64
     """Most target tokens for generation."""
+    calibrate: Literal["auto", "none"] = "none"
+    """auto: fit per-label biases on the dev label log-probs for the --select-metric at the end, kept if they raise it."""
     # --- evaluation and early stopping ---
     eval_every: int | None = None
     """Evaluate on the dev set every N steps (default: 5 times per run)."""

@@ -35,6 +35,7 @@ from ..distributed import LocalRuntime, lockstep_micro_batches, runtime_from_env
 from ..evaluate import evaluate_prompt
 from ..precision import autocast, precision_name
 from .balance import AUTO_RATIO
+from .calibrate import fit_calibrations
 from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
 from .prepare import data_fingerprint, prepare, total_steps
@@ -313,6 +314,7 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
     """Each task's best prompt as a prompt file, its training summary in the metadata (main process writes)."""
     config, rt, m = run.config, run.rt, run.model
     rss = rt.gather(peak_rss_mb()) if m.sharded else None  # every process, in step
+    cals = fit_calibrations(run, state) if run.rt.is_main or m.sharded else [None] * len(run.tasks)
     paths: dict[str, Path] = {}
     for i, t in enumerate(run.tasks):
         b = state.best.get(t.name, {})
@@ -326,6 +328,7 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
             "seconds": round(seconds, 2), "examples_per_s": round(ex_s, 3), "processes": rt.world_size,
             "precision": precision_name(m.amp), "tasks_in_run": len(run.tasks), "config": config.result_settings(),
             "balance": run.balance[i].summary(),
+            "calibrated": cals[i] is not None,
         }
         if m.sharded:
             summary["sharded_base"] = {"layers": len(m.sharded.units), "bytes": m.sharded.full_bytes,
@@ -333,7 +336,8 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
                                        "peak_host_rss_mb_per_process": rss,
                                        "loaded_by": "process 0" if m.sharding.efficient_loading else "every process"}
         meta = PromptMeta.for_base(m.base, prompt_length(state.best_prompts[i]), name=t.name, training=summary,
-                                   method=config.method_of(t.config), **t.spec.to_meta())
+                                   method=config.method_of(t.config),
+                                   calibration=cals[i].to_meta() if cals[i] else None, **t.spec.to_meta())
         if rt.is_main:
             save_prompt(t.out, state.best_prompts[i].float(), meta, dtype=config.prompt_dtype)
         paths[t.name] = t.out
