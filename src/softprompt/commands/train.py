@@ -87,6 +87,8 @@ def _optimisation_flags(o) -> None:
     o.add_argument("--init", default="auto", choices=list(INITS),
                    help="prompt init (auto: labels for classification, text with --init-text, else vocab)")
     o.add_argument("--init-text", default=None, help="text for --init text")
+    o.add_argument("--init-from", default=None,
+                   help="start from this trained prompt file of the same base model (prompt transfer)")
     o.add_argument("--method", default="prompt", choices=list(METHODS),
                    help="prompt: P trained input embeddings; prefix: P trained keys/values at every layer "
                         "(a deep prompt, prefix tuning; starts at the keys/values of the --init tokens)")
@@ -167,7 +169,7 @@ def config_from_args(args: argparse.Namespace):
         task_file=args.task_file, model=args.model, dtype=args.dtype, device=args.device,
         device_map=args.device_map, quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
         attention=args.attention,
-        prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, method=args.method,
+        prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, init_from=args.init_from, method=args.method,
         reparam=args.reparam, reparam_hidden=args.reparam_hidden, max_steps=args.max_steps, max_time=args.max_time, calibrate=args.calibrate,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
         schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,

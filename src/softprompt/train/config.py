@@ -153,6 +153,8 @@ def _check_budget(c: "TrainConfig") -> None:
         raise ConfigError("--max-steps auto needs --max-time")
     if not (c.max_steps in (None, "auto") or isinstance(c.max_steps, int) and c.max_steps >= 1):
         raise ConfigError(f"--max-steps must be at least 1 or auto, got {c.max_steps}")
+    if c.init_from is not None and not Path(c.init_from).is_file():
+        raise ConfigError(f"--init-from: no such prompt file {c.init_from}")
     if c.calibrate not in CALIBRATE_CHOICES:
         raise ConfigError(f"--calibrate {c.calibrate!r}: choose one of {', '.join(CALIBRATE_CHOICES)}")
 
@@ -215,6 +217,8 @@ class TrainConfig:
     """Init strategy: auto (labels for classification, text if --init-text, else vocab), random, vocab, text, labels."""
     init_text: str | None = None
     """Text for --init text."""
+    init_from: str | None = None
+    """Start from this trained prompt file of the same base model (prompt transfer) instead of --init."""
     method: Literal["prompt", "prefix"] = "prompt"
     """prompt: P trained input embeddings; prefix: P trained keys/values at every layer (a deep prompt, prefix tuning)."""
     reparam: Literal["mlp", "residual"] | None = None
