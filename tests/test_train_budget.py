@@ -11,7 +11,7 @@ from softprompt.errors import ConfigError
 from softprompt.train import TrainConfig, train
 from softprompt.train.checkpoint import load_checkpoint
 from softprompt.train.prepare import total_steps
-from softprompt.train.schedule import AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps, parse_duration
+from softprompt.train.budget import AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps, parse_duration
 from trainkit import easy_classification, learnable_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..base import DTYPES
-from ..calibration import CALIBRATE_CHOICES
 from ..data import TASK_KINDS, TaskKind, parse_verbalizer
 from ..deep import METHODS, REPARAMS
 from ..errors import ConfigError
@@ -20,7 +19,8 @@ from .balance import check as check_balance
 from .objective import CLASSIFY_LOSSES
 from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
-from .schedule import SCHEDULES, parse_duration
+from .budget import check_budget
+from .schedule import SCHEDULES
 from ..sources import is_hub_ref
 from .tracking import parse_report_to
 
@@ -140,23 +140,6 @@ def load_task_file(path: str | Path) -> list[TaskConfig]:
     if dup:
         raise ConfigError(f"--task-file {p}: duplicate task name(s) {dup}")
     return out
-
-
-def _check_budget(c: "TrainConfig") -> None:
-    """--max-time (a duration, made seconds), --max-steps (a count, or auto with --max-time), --calibrate."""
-    if c.max_time is not None:
-        try:
-            c.max_time = parse_duration(c.max_time)
-        except ValueError as e:
-            raise ConfigError(f"--max-time {e}") from None
-    if c.max_steps == "auto" and c.max_time is None:
-        raise ConfigError("--max-steps auto needs --max-time")
-    if not (c.max_steps in (None, "auto") or isinstance(c.max_steps, int) and c.max_steps >= 1):
-        raise ConfigError(f"--max-steps must be at least 1 or auto, got {c.max_steps}")
-    if c.init_from is not None and not Path(c.init_from).is_file():
-        raise ConfigError(f"--init-from: no such prompt file {c.init_from}")
-    if c.calibrate not in CALIBRATE_CHOICES:
-        raise ConfigError(f"--calibrate {c.calibrate!r}: choose one of {', '.join(CALIBRATE_CHOICES)}")
 
 
 @dataclass
@@ -318,7 +301,7 @@ class TrainConfig:
              or self.task_file is not None, "init_text", "is required with --init text")
         if self.max_steps is not None and self.epochs is not None:
             raise ConfigError("give either --max-steps or --epochs, not both")
-        _check_budget(self)
+        check_budget(self)
         need(self.epochs is None or self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
         need(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         need(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
