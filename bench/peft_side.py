@@ -116,8 +116,9 @@ class PeftRun:
 
 
 def train_peft(model, tok, spec: TaskSpec, examples: Sequence[Example], steps: int, batch_size: int = 8,
-               lr: float = 3e-2, seed: int = 0, log_every: int = 0) -> PeftRun:
-    """A plain PEFT training loop: shuffle, pad, ``model(**batch).loss``, AdamW, linear decay."""
+               lr: float = 3e-2, seed: int = 0, log_every: int = 0, on_step=None) -> PeftRun:
+    """A plain PEFT training loop: shuffle, pad, ``model(**batch).loss``, AdamW, linear decay.
+    ``on_step(step, run)``, if given, is called after each step outside the timed part (learning curves)."""
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
@@ -147,6 +148,10 @@ def train_peft(model, tok, spec: TaskSpec, examples: Sequence[Example], steps: i
         run.tokens.append(int(batch["input_ids"].numel()))
         if log_every and (step + 1) % log_every == 0:
             print(f"  peft step {step + 1}/{steps} loss {run.losses[-1]:.3f} ({run.step_seconds[-1]:.2f} s)", flush=True)
+        if on_step is not None:
+            model.eval()
+            on_step(step + 1, run)
+            model.train()
     model.eval()
     return run
 

@@ -48,6 +48,9 @@ VARIANTS: dict[str, dict] = {
     "softprompt-sampled-f1": {"class_weights": "none", "sampling": "balanced", "select_metric": "macro_f1"},
     "softprompt-prefix": {"method": "prefix"},
     "softprompt-residual": {"reparam": "residual"},
+    "softprompt-calibrated": {"calibrate": "auto"},
+    "softprompt-prefix-lr01": {"method": "prefix", "lr": 0.01},
+    "softprompt-prefix-lr01-calibrated": {"method": "prefix", "lr": 0.01, "calibrate": "auto"},
 }
 """softprompt's recipes: TrainConfig fields over the defaults (``softprompt``: the defaults as they are)."""
 METHODS = (*VARIANTS, "peft-pt", "peft-prefix", "lora", "baselines")
@@ -61,6 +64,9 @@ TITLES = {
     "softprompt-sampled-f1": "softprompt --sampling balanced --select-metric macro_f1",
     "softprompt-prefix": "softprompt --method prefix (deep prompt)",
     "softprompt-residual": "softprompt --reparam residual",
+    "softprompt-calibrated": "softprompt --calibrate auto",
+    "softprompt-prefix-lr01": "softprompt --method prefix --lr 0.01",
+    "softprompt-prefix-lr01-calibrated": "softprompt --method prefix --lr 0.01 --calibrate auto",
     "peft-prefix": "PEFT prefix tuning (20 virtual tokens)",
     "peft-pt": "PEFT prompt tuning",
     "lora": "PEFT LoRA r=8 (q,v)",
@@ -105,6 +111,7 @@ def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "s
     (``softprompt.train.train``: dev-set evaluation 5 times, best prompt kept, early stopping), then
     the shared scorer on the saved prompt file, as a user would load it."""
     from softprompt.artifact import load_prompt  # noqa: PLC0415
+    from softprompt.calibration import biases_of  # noqa: PLC0415
     from softprompt.examples import jsonl_bytes  # noqa: PLC0415
     from softprompt.train import TrainConfig, train  # noqa: PLC0415
 
@@ -124,8 +131,15 @@ def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "s
         secs = time.perf_counter() - t0
         loaded = load_prompt(result.path, base)
         prompt, training = loaded.tensor, loaded.meta.training or {}  # (P, d), as stored (float16)
-    m = evaluate_prompt(PromptedModel(base), prompt, data.spec, test, args.eval_batch, **gen_kw(data, args.max_new_tokens))
-    return {**scores_only(m), "train_seconds": round(secs, 1), "steps_done": result.steps,
+        biases = biases_of(loaded.meta)  # --calibrate: scored as eval/predict/serve score it
+    m = evaluate_prompt(PromptedModel(base), prompt, data.spec, test, args.eval_batch, biases=biases,
+                        **gen_kw(data, args.max_new_tokens))
+    if biases is not None:  # the same prompt without its calibration, side by side
+        raw = evaluate_prompt(PromptedModel(base), prompt, data.spec, test, args.eval_batch)
+        m["uncalibrated"] = scores_only(raw)
+    elif extra.get("calibrate") == "auto":
+        m["uncalibrated"] = "no gain on dev: no calibration stored"
+    return {**scores_only(m), "uncalibrated": m.get("uncalibrated"), "train_seconds": round(secs, 1), "steps_done": result.steps,
             "best_step": next(iter(result.best_step.values()), result.steps),
             "balance": training.get("balance"),
             "train_examples_per_s": round(result.examples_per_s, 2)}

@@ -46,8 +46,11 @@ def test_env_overrides_the_flags(monkeypatch):
 
 
 def _cpu(monkeypatch, flags):
+    """Pose as a CPU with these flags: oneDNN's own answer is the real CPU's (on a CPU without
+    AVX-512 it says no bf16 at all), so it poses too, as such a CPU's oneDNN answers."""
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     monkeypatch.setattr(precision, "_machine", lambda: "x86_64")
+    monkeypatch.setattr(precision, "onednn_bf16", lambda: torch.backends.mkldnn.is_available() and "avx512f" in flags)
 
 
 def test_auto_is_fp32_where_bf16_is_emulated(monkeypatch):

@@ -78,8 +78,12 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None, machine: str | None
 def cpu_has_fast_bf16() -> bool:
     """True when bf16 autocast is faster than fp32 on this CPU: native bf16 instructions and a
     torch build whose oneDNN uses them."""
-    if not cpu_has_native_bf16():
-        return False
+    return cpu_has_native_bf16() and onednn_bf16()
+
+
+def onednn_bf16() -> bool:
+    """True when this torch build's oneDNN runs bf16 kernels on this CPU (it also says so where it
+    only emulates them, which is why :func:`cpu_has_native_bf16` is asked first)."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -141,6 +141,7 @@ class Predictor:
 
     def __init__(self, config: PredictConfig, base=None):
         from .artifact import check_compatible, load_prompt
+        from .calibration import biases_of
         from .base import load_base_model
         from .devices import resolve_device
         from .model import PromptedModel
@@ -156,6 +157,7 @@ class Predictor:
         self.pm = PromptedModel(self.base)
         self.prompt = loaded.tensor.to(self.base.device)  # (P, d), or deep (layers, 2, H, P, hd)
         self.amp = resolve_precision(config.precision, self.base.device)  # None: fp32
+        self.biases = biases_of(self.meta)  # (C,) label calibration, or None
         self.done = 0  # inputs predicted so far (offsets the per-input seeds)
 
     @property
@@ -170,13 +172,17 @@ class Predictor:
             return self._predict(texts)
 
     def _predict(self, texts: list[str]) -> list[dict]:
+        from .calibration import apply as calibrate
         from .evaluate import score_classification
         from .prefix import source_state
         from .scoring import generate_after
 
         c = self.config
         if self.spec.kind == "classify":
-            probs = score_classification(self.pm, self.prompt, self.spec, texts, c.batch_size).exp()  # (N, C)
+            logp = score_classification(self.pm, self.prompt, self.spec, texts, c.batch_size)  # (N, C)
+            if self.biases is not None:  # --calibrate: the prompt file's label biases
+                logp = calibrate(logp, self.biases)  # (N, C)
+            probs = logp.exp()  # (N, C)
             out = [{"label": self.spec.labels[int(row.argmax())],
                     "probs": {l: round(float(p), 6) for l, p in zip(self.spec.labels, row.tolist())}}
                    for row in probs]

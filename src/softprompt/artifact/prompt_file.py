@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..calibration import Calibration, CalibrationError
+
 from ..version import __version__
 from ..base import BaseModel, sketch_similarity
 from ..errors import PromptFileError
@@ -84,6 +86,8 @@ class PromptMeta:
     """A key of :data:`PROMPT_METHODS`: "prompt" (input prompt) or "prefix" (deep prompt)."""
     kv_layout: list[int] | None = None
     """Deep prompts: [layers, kv_heads, head_dim] of the base model's attention cache."""
+    calibration: dict[str, Any] | None = None
+    """Label-score calibration fitted on dev (``softprompt.calibration``); None: none."""
     created: str = ""
     softprompt_version: str = __version__
     format_version: int = FORMAT_VERSION
@@ -211,6 +215,8 @@ def prompt_bytes(tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16")
     fields_ = asdict(meta)
     if meta.format_version == 1:  # byte for byte the format-1 file older versions read
         del fields_["method"], fields_["kv_layout"]
+    if meta.calibration is None:  # byte for byte the file a version without calibration writes
+        del fields_["calibration"]
     header = {"format_version": str(meta.format_version), "softprompt": json.dumps(fields_, sort_keys=True)}
     data = tensor.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
     return safetensors_bytes({TENSOR_NAMES[meta.method]: data}, header)
@@ -269,6 +275,11 @@ def _meta_from_header(header: dict[str, str], where: str) -> PromptMeta:
         raise PromptFileError(f"{where}: unknown prompt method {meta.method!r}")
     if version == 1 and meta.method != "prompt":
         raise PromptFileError(f"{where}: a format-1 file can only hold an input prompt, metadata says {meta.method!r}")
+    if meta.calibration is not None:
+        try:
+            Calibration.from_meta(meta.calibration, meta.labels)
+        except CalibrationError as e:
+            raise PromptFileError(f"{where}: {e}") from None
     meta.format_version = version
     return meta
 

@@ -28,6 +28,8 @@ def describe(path: str) -> dict:
     info["shape"] = list(t.shape)
     info["shape_words"] = shape_words(loaded.meta)
     info["norm_mean"] = round(float(t.norm(dim=-1).mean()), 4)
+    if info.get("calibration") is None:  # the output of files without calibration is unchanged
+        info.pop("calibration", None)
     return info
 
 
@@ -48,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if info.get("labels"):
         verb = info.get("verbalizer") or {}
         rows.append(("labels", ", ".join(f"{l} -> {verb[l]!r}" if l in verb and verb[l] != l else l for l in info["labels"])))
+    if info.get("calibration"):
+        c = info["calibration"]
+        rows.append(("calibration", ", ".join(f"{l} {b:+.2f}" for l, b in zip(info["labels"], c["biases"]))
+                     + f" (label biases; dev {c['metric']} {c['dev_before']:.4f} -> {c['dev_after']:.4f})"))
     for k, v in (info.get("training") or {}).items():
         rows.append((f"training.{k}", json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
     for k, v in (info.get("extra") or {}).items():

@@ -26,6 +26,10 @@ def _int_or_none(v: str):
     return None if v.lower() in ("none", "off") else int(v)
 
 
+def _int_or_auto(v: str):
+    return "auto" if v.lower() == "auto" else int(v)
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train a soft prompt (or one per task) on a frozen base model",
@@ -86,6 +90,8 @@ def _optimisation_flags(o) -> None:
     o.add_argument("--init", default="auto", choices=list(INITS),
                    help="prompt init (auto: labels for classification, text with --init-text, else vocab)")
     o.add_argument("--init-text", default=None, help="text for --init text")
+    o.add_argument("--init-from", default=None,
+                   help="start from this trained prompt file of the same base model (prompt transfer)")
     o.add_argument("--method", default="prompt", choices=list(METHODS),
                    help="prompt: P trained input embeddings; prefix: P trained keys/values at every layer "
                         "(a deep prompt, prefix tuning; starts at the keys/values of the --init tokens)")
@@ -94,7 +100,10 @@ def _optimisation_flags(o) -> None:
                         "mlp (--method prefix, Li & Liang) or residual (--method prompt, Razdaibiedina et al.)")
     o.add_argument("--reparam-hidden", type=int, default=None,
                    help="hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)")
-    o.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 100)")
+    o.add_argument("--max-steps", type=_int_or_auto, default=None,
+                   help="optimizer steps (default: 100); auto (with --max-time): planned from the data size and budget")
+    o.add_argument("--max-time", default=None,
+                   help="wall-clock budget: seconds or 90s, 15m, 1h; stops there keeping the best prompt on dev")
     o.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --max-steps)")
     o.add_argument("--batch-size", type=int, default=8, help="examples per step, all processes together")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same result, less memory)")
@@ -121,6 +130,9 @@ def _run_flags(e) -> None:
     e.add_argument("--select-metric", default="auto", choices=list(SELECT_METRIC_CHOICES),
                    help="dev metric that keeps the best prompt and drives early stopping (auto: macro_f1 when "
                         "a task's labels are skewed beyond 3:1, else accuracy)")
+    e.add_argument("--calibrate", default="none", choices=["auto", "none"],
+                   help="label-score calibration fitted on dev at the end (classification): auto keeps per-label "
+                        "biases when they raise the dev metric; stored in the prompt file, used by eval/predict/serve")
     e.add_argument("--patience", type=_int_or_none, default=3, help="evaluations without improvement before stopping (none: off)")
     e.add_argument("--run-dir", default=None, help="metrics.jsonl + checkpoint.safetensors (default: <out>.run/)")
     e.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: 10 a run; 0: off)")
@@ -161,8 +173,8 @@ def config_from_args(args: argparse.Namespace):
         device_map=args.device_map, quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
         memory_budget=args.memory_budget,
         attention=args.attention,
-        prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, method=args.method,
-        reparam=args.reparam, reparam_hidden=args.reparam_hidden, max_steps=args.max_steps,
+        prompt_length=args.prompt_length, init=args.init, init_text=args.init_text, init_from=args.init_from, method=args.method,
+        reparam=args.reparam, reparam_hidden=args.reparam_hidden, max_steps=args.max_steps, max_time=args.max_time, calibrate=args.calibrate,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
         schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         classify_loss=args.classify_loss, class_weights=args.class_weights, sampling=args.sampling,

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from ..calibration import apply as calibrate
 from ..data import Example, TaskSpec
 from .. import progress
 from ..model import PromptedModel
@@ -121,13 +122,17 @@ def evaluate_prompt(
     spec: TaskSpec,
     examples: Sequence[Example],
     batch_size: int = 16,
+    biases: torch.Tensor | None = None,
     **gen_kw,
 ) -> dict:
-    """Metrics of ``prompt`` (or the bare model) on labelled examples, plus the predictions."""
+    """Metrics of ``prompt`` (or the bare model) on labelled examples, plus the predictions;
+    ``biases`` (C,): the prompt file's label calibration (softprompt.calibration)."""
     texts = [e.source for e in examples]
     gold = [e.target for e in examples]
     if spec.kind == "classify":
         logp = score_classification(pm, prompt, spec, texts, batch_size)  # (N, C)
+        if biases is not None:
+            logp = calibrate(logp, biases)  # (N, C)
         pred = [spec.labels[i] for i in logp.argmax(-1).tolist()]
         m = classification_metrics(gold, pred, spec.labels)
         m["log_loss"] = float(-logp[torch.arange(len(gold)), [spec.labels.index(g) for g in gold]].mean())

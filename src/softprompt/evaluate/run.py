@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..calibration import biases_of
 from .. import progress
 from ..artifact import PromptMeta, check_compatible, load_prompt
 from .baselines import (PROMPT_ROW, BaselineConfig, BaselineContext, Comparison, format_table, method_title,
@@ -159,10 +160,13 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
     with autocast(base.device, amp):
         t0 = time.perf_counter()
         with progress.stage("soft prompt"):
-            prompt_m = evaluate_prompt(pm, loaded.tensor.to(base.device), spec, examples, config.batch_size, **gen_kw)
+            prompt_m = evaluate_prompt(pm, loaded.tensor.to(base.device), spec, examples, config.batch_size,
+                                       biases=biases_of(meta), **gen_kw)
         prompt_m["seconds"] = round(time.perf_counter() - t0, 2)
         deep = " at every layer (deep prompt)" if meta.method == "prefix" else ""
         prompt_m["setup"] = f"{meta.length} virtual tokens{deep}, template {spec.template!r}"
+        if meta.calibration is not None:
+            prompt_m["setup"] += ", calibrated label scores"
         results = {PROMPT_ROW: prompt_m}
         skipped: dict[str, str] = {}
         if config.baselines:

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..calibration import member_biases
 from ..data import TaskSpec
 from ..errors import DataError
 from ..prefix import PrefixKV
@@ -115,7 +116,9 @@ class Admission:
         lens = [[len(x) for x in r.label_ids] for r in rows]
         check_scoring(sum(scoring_tokens(r.prefix.length, len(r.source_ids), n) for r, n in zip(rows, lens)), self.config)
         cost = sum(classify_cost(len(r.source_ids), n) for r, n in zip(rows, lens))
-        return Job("classify", req, rows, labels, listener, cost=cost)
+        job = Job("classify", req, rows, labels, listener, cost=cost)
+        job.biases = member_biases([e.meta for e in entries]) if names else None  # --calibrate
+        return job
 
     def _prepare_generate(self, req: GenerateRequest, listener) -> Job:
         cap = self.config.max_new_tokens

@@ -14,6 +14,7 @@ from typing import Callable, Literal
 
 import torch
 
+from ..calibration import apply as calibrate
 from ..prefix import PrefixKV
 from .batching import ensemble_probs
 from .errors import EngineStoppedError, RequestCancelledError, RequestTimeoutError
@@ -71,7 +72,8 @@ class ClassifyResult:
     def of(cls, job: "Job", member: torch.Tensor) -> "ClassifyResult":
         """The answer to a classification job from its members' label scores ``member`` (k, C),
         whichever backend computed them: probabilities averaged over the ensemble."""
-        probs = ensemble_probs(member)  # (C,)
+        # --calibrate: each member's label biases (softprompt.calibration); scores stay raw
+        probs = ensemble_probs(member if job.biases is None else calibrate(member, job.biases))  # (C,)
         return cls(label=job.labels[int(probs.argmax())], probs={l: float(p) for l, p in zip(job.labels, probs)},
                    scores=member.tolist(), prompts=list(job.request.prompts))
 
@@ -126,6 +128,8 @@ class Job:
         self.cost = self.tokens if cost is None else cost
         """Share of ``--max-batch-tokens``: input tokens plus label tokens run (limits.classify_cost)."""
         self.labels = labels
+        self.biases: torch.Tensor | None = None
+        """(k, C) label-score calibration of a classification's members (None: none; set at admission)."""
         self.listener = listener
         self.generator: torch.Generator | None = None
         """Sampling generator of a generation job, seeded at admission."""

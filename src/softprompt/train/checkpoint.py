@@ -169,6 +169,8 @@ class LoopState:
     """Evaluations in a row without improvement (early stopping)."""
     stopped: bool = False
     """Early stopping said stop (never saved: a stopped run is finished)."""
+    out_of_time: bool = False
+    """The --max-time budget stopped the run (not saved: a resumed run asks its own budget)."""
 
     @classmethod
     def fresh(cls, params: list[torch.Tensor]) -> "LoopState":

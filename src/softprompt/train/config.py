@@ -20,6 +20,7 @@ from .memory import budget_error
 from .objective import CLASSIFY_LOSSES
 from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
+from .budget import check_budget
 from .schedule import SCHEDULES
 from ..sources import is_hub_ref
 from .tracking import parse_report_to
@@ -203,6 +204,8 @@ class TrainConfig:
     """Init strategy: auto (labels for classification, text if --init-text, else vocab), random, vocab, text, labels."""
     init_text: str | None = None
     """Text for --init text."""
+    init_from: str | None = None
+    """Start from this trained prompt file of the same base model (prompt transfer) instead of --init."""
     method: Literal["prompt", "prefix"] = "prompt"
     """prompt: P trained input embeddings; prefix: P trained keys/values at every layer (a deep prompt, prefix tuning)."""
     reparam: Literal["mlp", "residual"] | None = None
@@ -211,8 +214,11 @@ class TrainConfig:
     reparam_hidden: int | None = None
     """Hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)."""
     # --- optimisation ---
-    max_steps: int | None = None
-    """Optimizer steps (default: 100, or --epochs)."""
+    max_steps: int | Literal["auto"] | None = None
+    """Optimizer steps (default: 100, or --epochs); auto (needs --max-time): from data size and budget (auto_steps)."""
+    max_time: float | str | None = None
+    """Stop training after this much wall-clock time (seconds, or "90s", "15m", "1h"), keeping the best
+    prompt on dev; None: no limit. A resumed run counts the time already spent."""
     epochs: float | None = None
     """Passes over the training data (instead of --max-steps)."""
     batch_size: int = 8
@@ -245,6 +251,8 @@ class TrainConfig:
     """Most source tokens (template included); longer texts are cut."""
     max_target_length: int = 64
     """Most target tokens for generation."""
+    calibrate: Literal["auto", "none"] = "none"
+    """auto: fit per-label biases on the dev label log-probs for the --select-metric at the end, kept if they raise it."""
     # --- evaluation and early stopping ---
     eval_every: int | None = None
     """Evaluate on the dev set every N steps (default: 5 times per run)."""
@@ -297,7 +305,7 @@ class TrainConfig:
              or self.task_file is not None, "init_text", "is required with --init text")
         if self.max_steps is not None and self.epochs is not None:
             raise ConfigError("give either --max-steps or --epochs, not both")
-        need(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}")
+        check_budget(self)
         need(self.epochs is None or self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
         need(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         need(budget_error(self.memory_budget) is None, "memory_budget", str(budget_error(self.memory_budget)))
@@ -377,7 +385,7 @@ class TrainConfig:
         """The settings that decide the trained prompt (a resumed run must match them)."""
         skip = {"out", "run_dir", "resume", "quiet", "checkpoint_every", "device", "grad_accum", "eval_batch_size",
                 "tasks", "task_file", "prompt_dtype", "device_map", "attention", "gradient_checkpointing", "memory_budget",
-                "report_to", "run_name"}
+                "report_to", "run_name", "max_time"}  # a resumed run may get a longer budget
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["tasks"] = [{k: v for k, v in asdict(t).items() if k not in ("out", "data", "eval")}
                       for t in self.tasks_resolved]

@@ -35,6 +35,7 @@ from ..distributed import LocalRuntime, lockstep_micro_batches, runtime_from_env
 from ..evaluate import evaluate_prompt
 from ..precision import autocast, precision_name
 from .balance import AUTO_RATIO
+from .calibrate import fit_calibrations
 from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
 from .prepare import data_fingerprint, prepare, total_steps
@@ -150,25 +151,40 @@ def _model_switches(run: Run) -> contextlib.ExitStack:
 
 
 def _loop(run: Run, state: LoopState, bar) -> None:
-    """The loop: step -> log -> evaluate -> checkpoint, until the planned steps or early stopping."""
+    """The loop: step -> log -> evaluate -> checkpoint, until the planned steps, early stopping or
+    the --max-time budget (checked after each step; a run out of time is evaluated once more)."""
+    if state.step < run.total and _out_of_time(run, state):  # resumed with the budget already spent
+        state.out_of_time = True
+        return
     for step in range(state.step, run.total):
         rec = _train_step(run, state, step)
         run.log.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", ex_s=f"{rec['examples_per_s']:.1f}")
         done = state.step
-        if run.has_dev and (done % run.eval_every == 0 or done == run.total):
+        state.out_of_time = done != run.total and _out_of_time(run, state)
+        if run.has_dev and (done % run.eval_every == 0 or done == run.total or state.out_of_time):
             # the main process evaluates (with a sharded base, every process: its layers are shared)
             sharded = run.model.sharded
             state.stopped = run.rt.broadcast(_evaluate(run, state) if run.rt.is_main or sharded else None)
             if sharded:
                 sharded.end_step()
             state.elapsed = time.perf_counter() - run.t_start
-        if run.ckpt_every and (done % run.ckpt_every == 0 or state.stopped) and done != run.total:
+        if run.ckpt_every and (done % run.ckpt_every == 0 or state.stopped or state.out_of_time) and done != run.total:
             _checkpoint(run, state)
         if state.stopped:
             _say(run.quiet, f"early stopping after step {done}: no improvement in {run.config.patience} evaluations")
             break
+        if state.out_of_time:
+            _say(run.quiet, f"--max-time {run.config.max_time:g}s spent after step {done} of {run.total}")
+            break
+
+
+def _out_of_time(run: Run, state: LoopState) -> bool:
+    """The --max-time budget is spent (the main process's clock decides for every process)."""
+    if run.config.max_time is None:
+        return False
+    return bool(run.rt.broadcast(state.elapsed >= run.config.max_time if run.rt.is_main else None))
 
 
 def _train_step(run: Run, state: LoopState, step: int) -> dict:
@@ -294,13 +310,14 @@ def _finish(run: Run, state: LoopState) -> TrainResult:
     return TrainResult(paths=paths, run_dir=run.run_dir, steps=state.step, examples=state.examples, seconds=seconds,
                        examples_per_s=ex_s, metrics={k: v["metrics"] for k, v in best.items()},
                        best_step={k: v["step"] for k, v in best.items()}, history=run.log.records,
-                       stopped_early=state.stopped)
+                       stopped_early=state.stopped, out_of_time=state.out_of_time)
 
 
 def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> dict[str, Path]:
     """Each task's best prompt as a prompt file, its training summary in the metadata (main process writes)."""
     config, rt, m = run.config, run.rt, run.model
     rss = rt.gather(peak_rss_mb()) if m.sharded else None  # every process, in step
+    cals = fit_calibrations(run, state) if run.rt.is_main or m.sharded else [None] * len(run.tasks)
     paths: dict[str, Path] = {}
     for i, t in enumerate(run.tasks):
         b = state.best.get(t.name, {})
@@ -309,9 +326,12 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
             "train_examples": len(t.train), "dev_examples": len(t.dev or []), "train_file": str(t.config.data),
             "dev_file": t.config.eval, "best_step": b.get("step", state.step), "metric": b.get("metric"),
             "best_metric": b.get("value"), "dev_metrics": b.get("metrics"), "stopped_early": state.stopped,
+            "stopped_by": "early_stopping" if state.stopped else "time" if state.out_of_time else None,
+            "max_time": config.max_time,
             "seconds": round(seconds, 2), "examples_per_s": round(ex_s, 3), "processes": rt.world_size,
             "precision": precision_name(m.amp), "tasks_in_run": len(run.tasks), "config": config.result_settings(),
             "balance": run.balance[i].summary(), "gradient_checkpointing": run.checkpointing,
+            "calibrated": cals[i] is not None,
         }
         if m.sharded:
             summary["sharded_base"] = {"layers": len(m.sharded.units), "bytes": m.sharded.full_bytes,
@@ -319,7 +339,8 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
                                        "peak_host_rss_mb_per_process": rss,
                                        "loaded_by": "process 0" if m.sharding.efficient_loading else "every process"}
         meta = PromptMeta.for_base(m.base, prompt_length(state.best_prompts[i]), name=t.name, training=summary,
-                                   method=config.method_of(t.config), **t.spec.to_meta())
+                                   method=config.method_of(t.config),
+                                   calibration=cals[i].to_meta() if cals[i] else None, **t.spec.to_meta())
         if rt.is_main:
             save_prompt(t.out, state.best_prompts[i].float(), meta, dtype=config.prompt_dtype)
         paths[t.name] = t.out

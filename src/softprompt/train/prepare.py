@@ -17,6 +17,7 @@ from typing import Sequence
 from ..data import Example, TaskSpec, check_classification, labels_of, load_examples, split_examples
 from ..errors import ConfigError, DataError
 from .config import DEFAULT_MAX_STEPS, TaskConfig, TrainConfig
+from .budget import auto_steps
 from .schedule import steps_per_epoch
 
 
@@ -75,6 +76,8 @@ def data_fingerprint(tasks: Sequence[PreparedTask]) -> str:
 
 
 def total_steps(config: TrainConfig, n_examples: int) -> int:
+    if config.max_steps == "auto":
+        return auto_steps(n_examples, config.batch_size, config.max_time)
     if config.max_steps is not None:
         return config.max_steps
     if config.epochs is not None:

@@ -46,6 +46,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     """Every record of metrics.jsonl."""
     stopped_early: bool = False
+    out_of_time: bool = False
+    """The --max-time budget stopped the run before its planned steps."""
 
     @property
     def path(self) -> Path:

@@ -154,6 +154,9 @@ def init_prompts(config: TrainConfig, tasks: list[PreparedTask], pm: PromptedMod
     embeddings); a deep prompt starts at the keys/values of that init."""
     base, prompts = pm.base, []
     for i, t in enumerate(tasks):
+        if config.init_from:
+            prompts.append(_transferred(config, t, pm, seed=config.seed + i))
+            continue
         strategy = config.init
         if strategy == "auto":
             strategy = "labels" if t.spec.kind == "classify" else ("text" if (t.config.init_text or config.init_text) else "vocab")
@@ -163,6 +166,32 @@ def init_prompts(config: TrainConfig, tasks: list[PreparedTask], pm: PromptedMod
         prompts.append(build_prompt(pm, init.detach(), config.method_of(t.config), config.reparam,
                                     config.reparam_hidden, seed=config.seed + i))
     return prompts
+
+
+def _transferred(config: TrainConfig, t: PreparedTask, pm: PromptedModel, seed: int) -> nn.Module:
+    """``--init-from``: the trainable prompt starts as another trained prompt of the same base model
+    (prompt transfer, SPoT: Vu et al. 2022); a one-line ConfigError when it cannot."""
+    from ..artifact import check_compatible, load_prompt
+    from ..deep import DeepPrompt, prompt_length
+    from ..errors import PromptFileError
+
+    where = f"--init-from {config.init_from}"
+    try:
+        loaded = load_prompt(config.init_from)
+        check_compatible(loaded.meta, pm.base, where)
+    except PromptFileError as e:
+        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    method, length = config.method_of(t.config), t.config.prompt_length or config.prompt_length
+    if loaded.meta.method != method:
+        raise ConfigError(f"{where} holds a {loaded.meta.method} prompt; this run trains --method {method}")
+    if prompt_length(loaded.tensor) != length:
+        raise ConfigError(f"{where} holds {prompt_length(loaded.tensor)} virtual tokens; --prompt-length is {length}")
+    tensor = loaded.tensor.to(pm.base.device, torch.float32)  # (P, d) or (L, 2, H, P, hd)
+    if method == "prefix":
+        if config.reparam is not None:
+            raise ConfigError(f"{where}: a deep prompt starts from its keys/values, without --reparam")
+        return DeepPrompt(tensor)
+    return build_prompt(pm, tensor, method, config.reparam, config.reparam_hidden, seed=seed)
 
 
 def encode_rows(tasks: list[PreparedTask], tok) -> list[Row]:

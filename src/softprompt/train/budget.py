@@ -1,0 +1,74 @@
+"""The run's budget: ``--max-time`` durations, the ``--max-steps auto`` plan (pure functions), and
+the checks of those flags (and ``--calibrate``) that TrainConfig runs on creation.
+
+Not here: stopping the loop when the time is spent (loop.py), the learning-rate schedule (schedule.py).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..calibration import CALIBRATE_CHOICES
+from ..errors import ConfigError
+
+
+DURATION_UNITS: dict[str, float] = {"s": 1.0, "m": 60.0, "h": 3600.0}
+"""``--max-time`` suffixes: seconds, minutes, hours (no suffix: seconds)."""
+
+AUTO_EPOCHS = 10
+"""``--max-steps auto`` plans at most this many passes over the training data."""
+AUTO_MIN_STEPS, AUTO_MAX_STEPS = 50, 5000
+"""Bounds of the ``--max-steps auto`` plan."""
+AUTO_STEP_SECONDS = 0.25
+"""The fastest step ``--max-steps auto`` plans for (s; a 135M base in bf16 on a fast CPU core at batch
+8 takes about 1 s): the plan never holds more steps than the budget could run at this speed."""
+
+
+def parse_duration(value: float | int | str) -> float:
+    """``--max-time``: seconds as a number, or "90", "90s", "15m", "1.5h" -> seconds (pure).
+
+    Raises ValueError (one sentence) when the value is not a positive duration."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        scale = DURATION_UNITS.get(text[-1], None)
+        try:
+            seconds = float(text[:-1] if scale else text) * (scale or 1.0)
+        except ValueError:
+            raise ValueError(f"{value!r}: give seconds or a number with s, m or h (90s, 15m, 1h)") from None
+    else:
+        raise ValueError(f"{value!r}: give seconds or a number with s, m or h (90s, 15m, 1h)")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be a positive duration, got {value!r}")
+    return seconds
+
+
+def auto_steps(n_examples: int, batch_size: int, max_time: float) -> int:
+    """``--max-steps auto``: the planned step count (pure), which the learning-rate schedule spans.
+
+    At most ``AUTO_EPOCHS`` passes over the data (a small set is not worth more) and at most what
+    the budget could run at ``AUTO_STEP_SECONDS`` a step, bounded to [AUTO_MIN_STEPS, AUTO_MAX_STEPS].
+    The budget stops the run where the plan is longer than the machine allows; the best prompt on
+    dev is kept either way."""
+    by_data = AUTO_EPOCHS * max(1, n_examples // batch_size)
+    by_time = int(max_time / AUTO_STEP_SECONDS)
+    return max(AUTO_MIN_STEPS, min(AUTO_MAX_STEPS, by_data, by_time))
+
+
+def check_budget(c) -> None:
+    """--max-time (a duration, made seconds), --max-steps (a count, or auto with --max-time), --calibrate."""
+    if c.max_time is not None:
+        try:
+            c.max_time = parse_duration(c.max_time)
+        except ValueError as e:
+            raise ConfigError(f"--max-time {e}") from None
+    if c.max_steps == "auto" and c.max_time is None:
+        raise ConfigError("--max-steps auto needs --max-time")
+    if not (c.max_steps in (None, "auto") or isinstance(c.max_steps, int) and c.max_steps >= 1):
+        raise ConfigError(f"--max-steps must be at least 1 or auto, got {c.max_steps}")
+    if c.init_from is not None and not Path(c.init_from).is_file():
+        raise ConfigError(f"--init-from: no such prompt file {c.init_from}")
+    if c.calibrate not in CALIBRATE_CHOICES:
+        raise ConfigError(f"--calibrate {c.calibrate!r}: choose one of {', '.join(CALIBRATE_CHOICES)}")

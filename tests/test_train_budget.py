@@ -1,0 +1,111 @@
+"""--max-time and --max-steps auto: the budget stops the run, keeps the best dev prompt, says so in
+the prompt file, and a resumed run goes on where it stopped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import load_base_model, load_prompt
+from softprompt.errors import ConfigError
+from softprompt.train import TrainConfig, train
+from softprompt.train.checkpoint import load_checkpoint
+from softprompt.train.prepare import total_steps
+from softprompt.train.budget import AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps, parse_duration
+from trainkit import easy_classification, learnable_model_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def learn(model_root):
+    return load_base_model(str(learnable_model_dir(model_root / "learnable")))
+
+
+@pytest.fixture()
+def easy(tmp_path):
+    return easy_classification(tmp_path / "data")
+
+
+def cfg(tmp_path, data, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(tmp_path / "out" / "p.safetensors"), max_steps=12, batch_size=8,
+                prompt_length=4, lr=0.3, quiet=True, precision="fp32", patience=None, eval_every=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("text, seconds", [(90, 90.0), ("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("1.5h", 5400.0),
+                                           (" 2M ", 120.0), (0.5, 0.5)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10d", "-5", "0", "0s", "nan", True, None])
+def test_parse_duration_refuses(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_auto_steps_grows_with_data_and_budget_and_stays_bounded():
+    assert auto_steps(80, 8, 3600) == max(AUTO_MIN_STEPS, 100)  # 10 epochs of 10 batches
+    assert auto_steps(8000, 8, 3600) > auto_steps(800, 8, 3600)  # more data, more steps
+    assert auto_steps(8000, 8, 60) < auto_steps(8000, 8, 600)  # a short budget plans fewer
+    assert auto_steps(8, 8, 1) == AUTO_MIN_STEPS
+    assert auto_steps(10**7, 8, 10**7) == AUTO_MAX_STEPS
+
+
+def test_config_checks_the_budget_flags(tmp_path, easy):
+    train_file, _ = easy
+    assert cfg(tmp_path, train_file, max_time="15m").max_time == 900.0
+    with pytest.raises(ConfigError, match="--max-time"):
+        cfg(tmp_path, train_file, max_time="soon")
+    with pytest.raises(ConfigError, match="--max-steps auto needs --max-time"):
+        cfg(tmp_path, train_file, max_steps="auto")
+    with pytest.raises(ConfigError, match="--max-steps"):
+        cfg(tmp_path, train_file, max_steps="many")
+    c = cfg(tmp_path, train_file, max_steps="auto", max_time=3600)
+    assert total_steps(c, 48) == auto_steps(48, 8, 3600)
+
+
+def test_budget_stops_the_run_and_keeps_the_best_dev_prompt(tmp_path, learn, easy):
+    train_file, dev_file = easy
+    r = train(cfg(tmp_path, train_file, eval=str(dev_file), max_time=1e-6), base=learn)
+    assert r.steps == 1 and r.out_of_time and not r.stopped_early
+    evals = [h for h in r.history if "eval" in h]
+    assert [e["step"] for e in evals] == [1]  # the last step before the budget ran out is evaluated
+    t = load_prompt(r.path, learn).meta.training
+    assert t["stopped_by"] == "time" and t["max_time"] == 1e-6 and t["steps"] == 1 and t["planned_steps"] == 12
+    assert t["best_step"] == 1
+
+
+def test_no_budget_runs_all_steps(tmp_path, learn, easy):
+    train_file, dev_file = easy
+    r = train(cfg(tmp_path, train_file, eval=str(dev_file), max_time="1h"), base=learn)
+    assert r.steps == 12 and not r.out_of_time
+    assert load_prompt(r.path, learn).meta.training["stopped_by"] is None
+
+
+def test_resume_after_the_budget_ends_where_an_uninterrupted_run_ends(tmp_path, learn, easy):
+    train_file, dev_file = easy
+    full = train(cfg(tmp_path / "full", train_file, eval=str(dev_file), checkpoint_every=1), base=learn)
+    cut_cfg = dict(eval=str(dev_file), checkpoint_every=1)
+    cut = train(cfg(tmp_path / "cut", train_file, max_time=1e-6, **cut_cfg), base=learn)
+    assert cut.steps == 1
+    again = train(cfg(tmp_path / "cut", train_file, max_time=1e-6, resume=True, **cut_cfg), base=learn)
+    assert again.steps == 1 and again.out_of_time  # the budget is spent: nothing more is trained
+    done = train(cfg(tmp_path / "cut", train_file, max_time="1h", resume=True, **cut_cfg), base=learn)
+    assert done.steps == 12 and not done.out_of_time
+    a = load_checkpoint(full.run_dir / "checkpoint.safetensors").prompts
+    b = load_checkpoint(done.run_dir / "checkpoint.safetensors").prompts
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_cli_flags(tmp_path, easy):
+    from softprompt.cli import build_parser
+    from softprompt.commands.train import config_from_args
+
+    train_file, _ = easy
+    args = build_parser().parse_args(["train", "--data", str(train_file), "--out", str(tmp_path / "p.safetensors"),
+                                      "--max-steps", "auto", "--max-time", "90s"])
+    c = config_from_args(args)
+    assert c.max_steps == "auto" and c.max_time == 90.0
