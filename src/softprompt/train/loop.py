@@ -139,7 +139,9 @@ def _model_switches(run: Run) -> contextlib.ExitStack:
     (CPU) and the sharded base's hooks, for the duration of the loop (all undone on exit)."""
     config, m = run.config, run.model
     stack = contextlib.ExitStack()
-    run.checkpointing, why = pick_checkpointing(run)
+    # the main process's free memory decides for every process: ranks that recompute and ranks that
+    # do not would run different collectives under a sharded base
+    run.checkpointing, why = run.rt.broadcast(pick_checkpointing(run) if run.rt.is_main else None)
     if why:
         _say(run.quiet, why)
     stack.enter_context(gradient_checkpointing(m.base.model, run.checkpointing))
