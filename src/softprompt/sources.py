@@ -22,7 +22,6 @@ Not here: turning records into examples and checking their values (data.py).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,12 +70,6 @@ class Table:
 def is_hub_ref(ref: str | Path) -> bool:
     """True for ``hf:NAME...`` references (not paths: never made relative to a task file)."""
     return str(ref).startswith(HUB_PREFIX)
-
-
-def need(module: str, package: str, extra: str, what: str) -> None:
-    """Raise a one-line DataError telling what to install when ``module`` is missing."""
-    if importlib.util.find_spec(module) is None:
-        require(extra, what, DataError)
 
 
 # ----------------------------------------------------------------------------- JSONL, CSV
@@ -144,7 +137,7 @@ def _hf_class_names(metadata: dict | None) -> dict[str, list[str]]:
 
 
 def _parquet(path: Path) -> Table:
-    need("pyarrow", "pyarrow", "parquet", f"{path}: reading Parquet")
+    require("parquet", f"{path}: reading Parquet", DataError)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -206,7 +199,7 @@ def _saved(folder: Path, split: str | None, default_split: str | None) -> Table:
                         "(no dataset_dict.json or state.json)")
     if split is not None and not is_dict:
         raise DataError(f"{folder}: a single saved dataset has no splits; drop ':{split}'")
-    need("datasets", "datasets", "datasets", f"{folder}: reading a saved dataset")
+    require("datasets", f"{folder}: reading a saved dataset", DataError)
     import datasets
 
     try:
@@ -258,7 +251,7 @@ def _load_hub(dataset: str, config: str | None):
 
 
 def _hub(ref: str, default_split: str | None) -> Table:
-    need("datasets", "datasets", "datasets", f"{ref}: loading a Hugging Face dataset")
+    require("datasets", f"{ref}: loading a Hugging Face dataset", DataError)
     hub = parse_hub_ref(ref)
     errors = []
     for dataset, config in hub.candidates:
