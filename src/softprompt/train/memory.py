@@ -80,7 +80,10 @@ def parse_budget(text: str | None) -> float | None:
             break
     else:
         scale = GB
-    value = float(t)
+    try:
+        value = float(t)
+    except ValueError:
+        raise ValueError("not a size") from None
     if not value > 0:
         raise ValueError(f"must be positive, got {text!r}")
     return value * scale
