@@ -139,9 +139,9 @@ def _model_switches(run: Run) -> contextlib.ExitStack:
     (CPU) and the sharded base's hooks, for the duration of the loop (all undone on exit)."""
     config, m = run.config, run.model
     stack = contextlib.ExitStack()
-    # the main process's free memory decides for every process: ranks that recompute and ranks that
-    # do not would run different collectives under a sharded base
-    run.checkpointing, why = run.rt.broadcast(pick_checkpointing(run) if run.rt.is_main else None)
+    # every process decides (cheap), then the main process's decision holds for all: ranks that
+    # recompute and ranks that do not would run different collectives under a sharded base
+    run.checkpointing, why = run.rt.broadcast(pick_checkpointing(run))
     if why:
         _say(run.quiet, why)
     stack.enter_context(gradient_checkpointing(m.base.model, run.checkpointing))
