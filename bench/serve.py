@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from common import set_threads, write_results
 
 from softprompt import PromptMeta, SoftPrompt, load_base_model, save_prompt
+from softprompt.distributed.launch import free_port
 from softprompt.evaluate.baselines import cut_tokens
 from softprompt.data import TaskSpec
 from softprompt.examples import load_bbc_headlines, load_bbc_news, load_tweet_sentiment
@@ -51,12 +51,6 @@ PROMPTS: dict[str, TaskSpec] = {
 }
 """The 4 served prompts: name -> task."""
 VLLM, VLLM_BARE = "softprompt --backend vllm", "vLLM bare model (limit)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_prompts(base, out: Path, length: int) -> None:

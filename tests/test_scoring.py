@@ -7,7 +7,7 @@ import torch
 
 from softprompt import PromptedModel, SoftPrompt
 from softprompt.data import TaskSpec
-from softprompt.scoring import classify_scores, find_stop, generate, left_pad, right_pad, sample_next
+from softprompt.scoring import classify_scores, generate, left_pad, right_pad, sample_next
 
 TEXTS = ["the match was won by the home team", "shares fell", "a new phone with a faster chip was announced today"]
 
@@ -86,15 +86,6 @@ def test_sample_next_pure():
     assert sample_next(logits, 1.0, 1e-6, [g, g]).tolist() == [1, 0]
     # ... and a top_p below float32's smallest number (it rounds to 0 against the probabilities)
     assert sample_next(logits, 32.5, 5e-324, [g, g]).tolist() == [1, 0]
-
-
-def test_padding_and_stops_pure():
-    ids, mask = left_pad([[1, 2], [3]], 0)
-    assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
-    ids, mask = right_pad([[1, 2], [3]], 0)
-    assert ids.tolist() == [[1, 2], [3, 0]] and mask.tolist() == [[1, 1], [1, 0]]
-    assert find_stop("hello\nworld END", ["END", "\n"]) == 5
-    assert find_stop("hello", ["x"]) == -1
 
 
 def copied_label_logprobs(pm, state, label_ids):
@@ -177,3 +168,10 @@ def test_label_tree_pure():
     ids, group, offset, targets = label_tree([[5, 7, 9], [6], [8, 3]])
     assert ids.tolist() == [5, 7, 8] and group.tolist() == [0, 0, 2]
     assert offset.tolist() == [0, 1, 0] and targets.tolist() == [7, 9, 3]
+
+
+def test_padding_pure():
+    ids, mask = left_pad([[1, 2], [3]], 0)
+    assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+    ids, mask = right_pad([[1, 2], [3]], 0)
+    assert ids.tolist() == [[1, 2], [3, 0]] and mask.tolist() == [[1, 1], [1, 0]]

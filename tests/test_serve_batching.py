@@ -8,7 +8,7 @@ import torch
 from softprompt.prefix import PrefixKV, source_positions, stack_prefixes
 from softprompt.serve.batching import (
     concat_rows, ensemble_probs, group_indices, label_chunks, select_jobs, select_rows, split_rows,
-    stream_safe_length, task_cost, trim_left,
+    task_cost, trim_left,
 )
 
 
@@ -100,14 +100,6 @@ def test_ensemble_probs_average_member_probabilities():
     scores = torch.log(torch.tensor([[0.9, 0.1], [0.5, 0.5]]))
     torch.testing.assert_close(ensemble_probs(scores), torch.tensor([0.7, 0.3]))
     torch.testing.assert_close(ensemble_probs(scores[:1]), torch.tensor([0.9, 0.1]))
-
-
-def test_stream_safe_length_holds_back_what_may_change():
-    assert stream_safe_length("hello world", []) == 11
-    assert stream_safe_length("hello wor", ["world"]) == 5  # "wor" + one more could still become a stop string
-    assert stream_safe_length("hello ", []) == 5  # trailing space: the final text is stripped
-    assert stream_safe_length("caf\ufffd", []) == 3  # incomplete UTF-8 character
-    assert stream_safe_length("", ["x"]) == 0
 
 
 def test_label_chunks_bound_each_step_of_label_scoring():

@@ -6,8 +6,8 @@
 - Generation: batched greedy or nucleus sampling with a KV cache, stop strings, EOS.
 
 The serving engine builds :class:`SourceState` from precomputed prompt prefixes instead of
-:func:`source_forward` and then calls the same :func:`label_logprobs`, :func:`sample_next` and
-:func:`find_stop`.
+:func:`source_forward` and then calls the same :func:`label_logprobs` and :func:`sample_next`; every
+generation path turns tokens into text with :class:`~softprompt.textgen.TextStepper`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .hf_compat import position_window
 from .model import Prompts, PromptedModel, cache_layers, make_cache, tree_masks
+from .textgen import TextStepper
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,12 +161,6 @@ def sample_next(
     return out
 
 
-def find_stop(text: str, stops: Sequence[str]) -> int:
-    """Index where the earliest stop string starts in ``text``, or -1 (pure)."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
-
-
 @dataclass
 class Generation:
     """One generated continuation."""
@@ -208,38 +203,21 @@ def generate_after(
 ) -> list[Generation]:
     """:func:`generate` continuing from a state already read (e.g. after a deep prompt's prefix)."""
     tok = pm.base.tokenizer
-    eos = tok.eos_token_id
     B = state.mask.shape[0]
     gens = [torch.Generator().manual_seed(seed + i) for i in range(B)] if seed is not None else None
     cache, mask, pos = state.cache, state.mask, state.next_pos
     logits = pm.project(state.last_hidden)  # (B, V)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done: list[str | None] = [None] * B
-    texts = [""] * B
+    rows = [TextStepper(lambda ids: tok.decode(ids, skip_special_tokens=True), tok.eos_token_id, max_new_tokens, stop)
+            for _ in range(B)]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, gens)  # (B,)
-        for i in range(B):
-            if done[i]:
-                continue
-            t = int(nxt[i])
-            if t == eos:
-                done[i] = "eos"
-                continue
-            out[i].append(t)
-            texts[i] = tok.decode(out[i], skip_special_tokens=True)
-            if stop and find_stop(texts[i], stop) >= 0:
-                done[i] = "stop"
-        if all(done):
+        for i, row in enumerate(rows):
+            if row.reason is None:
+                row.push(int(nxt[i]))
+        if all(row.reason for row in rows):
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)  # (B, L + 1)
         hidden, cache = pm.decode(pm.embed(nxt[:, None]), mask, pos[:, None], past_key_values=cache, use_cache=True)
         pos = pos + 1
         logits = pm.project(hidden[:, -1])  # (B, V)
-    result = []
-    for i in range(B):
-        text = texts[i]
-        cut = find_stop(text, stop) if stop else -1
-        if cut >= 0:
-            text = text[:cut]
-        result.append(Generation(text.strip(), out[i], done[i] or "length"))
-    return result
+    return [Generation(row.final, row.out, row.reason or "length") for row in rows]

@@ -154,6 +154,7 @@ def accelerate_precision(deepspeed: Mapping[str, Any] | None = None) -> str | No
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a child process to take)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -145,20 +145,3 @@ def split_rows(items: Sequence[T], counts: Sequence[int]) -> list[list[T]]:
 def ensemble_probs(scores: torch.Tensor) -> torch.Tensor:
     """Average class probabilities over an ensemble's members, (k, C) scores -> (C,) (pure)."""
     return scores.float().softmax(-1).mean(0)
-
-
-def stream_safe_length(text: str, stops: Sequence[str]) -> int:
-    """How much of a partial generation can be streamed without ever being taken back (pure).
-
-    Holds back what could still become the start of a stop string (the last ``len(stop) - 1``
-    characters), a trailing incomplete UTF-8 character (decoded as U+FFFD), and trailing
-    whitespace (the final text is stripped).
-    """
-    n = len(text)
-    hold = max((len(s) for s in stops if s), default=1) - 1
-    n = max(0, n - hold)
-    while n and text[n - 1] == "\ufffd":
-        n -= 1
-    while n and text[n - 1].isspace():
-        n -= 1
-    return n

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -29,9 +29,10 @@ from ..errors import ModelLoadError
 from ..hf_compat import attn_implementation, layer_kinds, position_window, sliding_window
 from ..model import PromptedModel, cache_layers, make_cache
 from ..prefix import Prefix, prefill, stack_prefixes
-from ..scoring import SourceState, find_stop, label_logprobs, sample_next
+from ..scoring import SourceState, label_logprobs, sample_next
+from ..textgen import TextStepper
 from .batching import (
-    KV, concat_rows, group_indices, label_chunks, select_rows, stream_safe_length, task_cost, trim_left,
+    KV, concat_rows, group_indices, label_chunks, select_rows, task_cost, trim_left,
 )
 from .config import EngineConfig
 from .errors import RequestTimeoutError
@@ -104,11 +105,7 @@ class _GenRow:
     generator: torch.Generator | None
     temperature: float
     top_p: float
-    max_new: int
-    stops: list[str]
-    out: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: str = ""
+    text: TextStepper
 
 
 @dataclass
@@ -261,7 +258,7 @@ class TransformersSteps:
         new_rows = []
         for job in jobs:
             req: GenerateRequest = job.request
-            new_rows.append(_GenRow(job, job.generator, req.temperature, req.top_p, req.max_new_tokens, list(req.stop)))
+            new_rows.append(_GenRow(job, job.generator, req.temperature, req.top_p, self._stepper(req)))
         layers = cache_layers(state.cache)
         if gen is None:
             return _GenBatch(new_rows, layers, state.mask, state.next_pos, logits)
@@ -286,25 +283,15 @@ class TransformersSteps:
             if now > job.deadline:
                 job.fail(RequestTimeoutError(f"generation took more than --request-timeout {self.config.request_timeout} s"))
                 continue
-            t = int(nxt[i])
-            if t == self._eos:
-                self._end(row, "eos")
-                continue
-            row.out.append(t)
-            self.metrics.tokens.inc()
-            row.text = self.tokenizer.decode(row.out, skip_special_tokens=True)
-            if row.stops and find_stop(row.text, row.stops) >= 0:
-                self._end(row, "stop")
-                continue
-            if len(row.out) >= row.max_new:
-                self._end(row, "length")
-                continue
-            visible = row.text.lstrip()
-            safe = visible[: stream_safe_length(visible, row.stops)]
-            if len(safe) > len(row.emitted) and safe.startswith(row.emitted):
-                job.emit(safe[len(row.emitted):])
-                row.emitted = safe
-            keep.append(i)
+            reason = row.text.push(int(nxt[i]))
+            if reason != "eos":
+                self.metrics.tokens.inc()
+            if piece := row.text.delta():
+                job.emit(piece)
+            if reason:
+                self._end(row)
+            else:
+                keep.append(i)
         if not keep:
             return None
         layers, mask, pos = gen.layers, gen.mask, gen.pos
@@ -333,11 +320,13 @@ class TransformersSteps:
                     errors[i] = e
         return out, errors
 
-    def _end(self, row: _GenRow, reason: str) -> None:
+    def _stepper(self, req: GenerateRequest) -> TextStepper:
+        return TextStepper(self._decode, self._eos, req.max_new_tokens, list(req.stop))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _end(self, row: _GenRow) -> None:
         text = row.text
-        cut = find_stop(text, row.stops) if row.stops else -1
-        final = (text[:cut] if cut >= 0 else text).strip()
-        if final.startswith(row.emitted):
-            row.job.emit(final[len(row.emitted):])
         req: GenerateRequest = row.job.request
-        row.job.finish(GenerateResult(final, list(row.out), reason, req.prompt))
+        row.job.finish(GenerateResult(text.final, list(text.out), text.reason, req.prompt))

@@ -10,13 +10,14 @@ Not here: talking to it (client.py).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from ..distributed.launch import free_port
 
 VLLM_VENV_ENV = "SOFTPROMPT_VLLM_VENV"
 """Environment variable naming the vLLM venv (default: ``.venv-vllm`` in the repository root)."""
@@ -26,13 +27,6 @@ def vllm_venv() -> Path:
     """The venv whose ``bin/vllm`` runs the server."""
     env = os.environ.get(VLLM_VENV_ENV)
     return Path(env) if env else Path(__file__).resolve().parents[3] / ".venv-vllm"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

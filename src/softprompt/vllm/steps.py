@@ -34,12 +34,11 @@ import torch
 from ..artifact import PromptMeta
 from ..errors import PromptFileError
 from ..prefix import PrefixKV
-from ..scoring import find_stop
-from ..serve.batching import stream_safe_length
 from ..serve.config import EngineConfig
 from ..serve.errors import RequestTimeoutError
 from ..serve.jobs import ClassifyResult, GenerateRequest, GenerateResult, Job, Row
 from ..serve.metrics import Metrics
+from ..textgen import FinishReason, TextStepper
 from .client import VLLMClient, VLLMError
 from .embeds import request_embeds
 
@@ -79,15 +78,11 @@ class _Stream:
     """One generation row: filled by its reading thread, advanced by the worker thread."""
 
     job: Job
-    max_new: int
-    stops: list[str]
+    text: TextStepper
     lock: threading.Lock = field(default_factory=threading.Lock)
     arrived: list[int] = field(default_factory=list)  # token ids not yet seen by the worker
     ended: str | None = None  # the server's finish_reason, once the stream has ended
     error: BaseException | None = None
-    out: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: str = ""
 
 
 class VLLMSteps:
@@ -200,7 +195,7 @@ class VLLMSteps:
         jobs = [j for j in jobs if not j.done]
         for job in jobs:
             req: GenerateRequest = job.request
-            s = _Stream(job, req.max_new_tokens, list(req.stop))
+            s = _Stream(job, TextStepper(self._decode, self._eos, req.max_new_tokens, list(req.stop)))
             self._gen.append(s)
             self._submit(self._read, s)
         self.metrics.batch_rows.labels("generate").observe(len(self._gen))
@@ -273,30 +268,24 @@ class VLLMSteps:
     def _advance(self, s: _Stream, tokens: list[int]) -> bool:
         """Take new tokens one by one, as TransformersSteps._step does; True if the row ended."""
         for t in tokens:
-            if t == self._eos:
-                self._end(s, "eos")
+            reason = s.text.push(t)
+            if reason != "eos":
+                self.metrics.tokens.inc()
+            if reason:
+                self._end(s, reason)
                 return True
-            s.out.append(t)
-            self.metrics.tokens.inc()
-            s.text = self.tokenizer.decode(s.out, skip_special_tokens=True)
-            if s.stops and find_stop(s.text, s.stops) >= 0:
-                self._end(s, "stop")
-                return True
-            if len(s.out) >= s.max_new:
-                self._end(s, "length")
-                return True
-        visible = s.text.lstrip()
-        safe = visible[: stream_safe_length(visible, s.stops)]
-        if len(safe) > len(s.emitted) and safe.startswith(s.emitted):
-            s.job.emit(safe[len(s.emitted):])
-            s.emitted = safe
+        if piece := s.text.delta():
+            s.job.emit(piece)
         return False
 
-    def _end(self, s: _Stream, reason: str) -> None:
-        cut = find_stop(s.text, s.stops) if s.stops else -1
-        final = (s.text[:cut] if cut >= 0 else s.text).strip()
-        if final.startswith(s.emitted):
-            s.job.emit(final[len(s.emitted):])
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _end(self, s: _Stream, reason: FinishReason) -> None:
+        text = s.text
+        text.end(reason)
+        if piece := text.delta():
+            s.job.emit(piece)
         req: GenerateRequest = s.job.request
-        s.job.finish(GenerateResult(final, list(s.out), reason, req.prompt))
+        s.job.finish(GenerateResult(text.final, list(text.out), text.reason, req.prompt))
 
