@@ -30,6 +30,7 @@ from softprompt import load_base_model
 from softprompt.evaluate import classification_metrics
 
 SOFTPROMPT_METHODS = {"prompt": {}, "prefix": {"method": "prefix"}, "prefix-lr01": {"method": "prefix", "lr": 0.01},
+                    "prefix-scaled": {"method": "prefix", "reparam": "scaled"},
                       "residual": {"reparam": "residual"}}
 """Method -> TrainConfig fields over the defaults."""
 METHODS = (*SOFTPROMPT_METHODS, "lora")

@@ -13,7 +13,7 @@ import torch
 
 from softprompt import load_prompt
 from softprompt.artifact import PromptMeta, save_prompt
-from softprompt.deep import REPARAMS, DeepPrompt, MLPPrefix, build_prompt, collapse, deep_init
+from softprompt.deep import REPARAMS, DeepPrompt, MLPPrefix, ScaledPrefix, build_prompt, collapse, deep_init
 from softprompt.errors import ConfigError
 from softprompt.model import PromptedModel
 from softprompt.prefix import prefix_forward, source_state
@@ -161,6 +161,27 @@ def test_reparams_start_at_the_init(tiny):
     assert isinstance(module, MLPPrefix)
     torch.testing.assert_close(collapse(module), deep_init(pm, init), atol=1e-4, rtol=1e-3)
     assert torch.equal(collapse(build_prompt(pm, init, "prompt", "residual", seed=0)), init)
+    scaled = build_prompt(pm, init, "prefix", "scaled")
+    assert isinstance(scaled, ScaledPrefix)
+    # kv / s * s: two float32 roundings, each within half an ulp (2^-24 relative)
+    torch.testing.assert_close(collapse(scaled), deep_init(pm, init), atol=0, rtol=2 ** -22)
+
+
+def test_scaled_prefix_steps_each_layer_by_lr_of_its_own_size():
+    """Adam's first step moves theta by lr * g / (|g| + eps) per element, so the prefix moves by
+    lr times its layer's (and side's) RMS: the same relative step in layers of any size."""
+    sizes = torch.tensor([[0.04, 2.0], [0.5, 1.0], [1.4, 3.0]])  # (L, 2): like SmolLM2's values / keys
+    module = ScaledPrefix(torch.randn(3, 2, 2, 5, 4) * sizes[:, :, None, None, None])  # (L, 2, H, P, hd)
+    before = collapse(module)
+    lr = 0.01
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0, eps=1e-12)
+    module().mul(torch.randn_like(before).sign()).sum().backward()  # |g| of theta = its scale, >= 0.01
+    opt.step()
+    step = (collapse(module) - before) / module.scale  # (L, 2, H, P, hd)
+    torch.testing.assert_close(step.abs(), torch.full_like(step, lr), atol=0, rtol=1e-4)
+    moved = (collapse(module) - before).pow(2).mean(dim=(2, 3, 4)).sqrt()  # (L, 2)
+    torch.testing.assert_close(moved / before.pow(2).mean(dim=(2, 3, 4)).sqrt(), torch.full_like(moved, lr),
+                               atol=0, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kw, says", [
@@ -217,7 +238,8 @@ def _config(learn, out, **kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("kw", [{"method": "prefix"}, {"method": "prefix", "reparam": "mlp", "lr": 1e-3},
-                                {"reparam": "residual"}], ids=["prefix", "prefix-mlp", "residual"])
+                                {"method": "prefix", "reparam": "scaled", "lr": 0.01}, {"reparam": "residual"}],
+                         ids=["prefix", "prefix-mlp", "prefix-scaled", "residual"])
 def test_resume_is_bit_exact(learn, monkeypatch, kw):
     from softprompt.train import loop
 

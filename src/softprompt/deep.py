@@ -7,7 +7,8 @@ reads, and :func:`collapse` turns it into the plain tensor a prompt file holds:
   :class:`ResidualPrompt` (``--reparam residual``, Razdaibiedina et al. 2023);
 - method ``prefix``: a deep prompt (layers, 2, kv_heads, P, head_dim), per layer the keys ([:, 0],
   post-rotary) and values ([:, 1]) of P virtual tokens, as the HF cache holds them:
-  :class:`DeepPrompt`, or :class:`MLPPrefix` (``--reparam mlp``, Li & Liang 2021).
+  :class:`DeepPrompt`, :class:`MLPPrefix` (``--reparam mlp``, Li & Liang 2021) or
+  :class:`ScaledPrefix` (``--reparam scaled``: steps relative to each layer's key/value size).
 
 A deep prompt starts from the keys/values of real tokens: the input-prompt init (any ``--init``)
 runs through the model once (``PrefixKV.compute``). A reparameterisation only changes how the
@@ -116,6 +117,28 @@ class ResidualPrompt(nn.Module):
         return self.norm(self.up(torch.relu(self.down(self.weight)))) + self.weight  # (P, d)
 
 
+class ScaledPrefix(nn.Module):
+    """A deep prompt trained in units of each layer's own key/value size: prefix = theta * s, with
+    s (layers, 2, 1, 1, 1) the RMS of each layer's initial keys and values (fixed) and theta trained.
+
+    Adam moves every element by about lr per step whatever its size. The keys/values of a deep
+    prompt differ in size by layer and side by ~30x (SmolLM2-135M: values RMS 0.04 at layer 0,
+    1.4 at layer 29; keys ~2), so one lr is a huge relative step for some layers and a negligible
+    one for others. Here a step moves each layer's keys and values by about lr of their own RMS.
+    """
+
+    def __init__(self, kv: torch.Tensor):
+        super().__init__()
+        kv = kv.detach().to(torch.float32)  # (L, 2, H, P, hd)
+        scale = kv.pow(2).mean(dim=(2, 3, 4), keepdim=True).sqrt().clamp_min(1e-6)  # (L, 2, 1, 1, 1)
+        self.register_buffer("scale", scale)
+        self.theta = nn.Parameter(kv / scale)  # (L, 2, H, P, hd), RMS 1 per layer and side
+
+    @_fp32
+    def forward(self) -> torch.Tensor:
+        return self.theta * self.scale  # (L, 2, H, P, hd)
+
+
 @dataclass(frozen=True)
 class Reparam:
     """A reparameterisation: the method it applies to, its default hidden width and learning rate, its builder."""
@@ -131,11 +154,13 @@ class Reparam:
 REPARAMS: dict[str, Reparam] = {
     "mlp": Reparam("prefix", 512, 1e-3, lambda emb, kv, h: MLPPrefix(emb, kv, h)),
     "residual": Reparam("prompt", 400, None, lambda emb, kv, h: ResidualPrompt(emb, h)),
+    "scaled": Reparam("prefix", 0, 0.01, lambda emb, kv, h: ScaledPrefix(kv)),
 }
 """``--reparam`` choices by name (Li & Liang use 512 for the prefix MLP; Razdaibiedina et al. a
 bottleneck of a few hundred). One Adam step moves each of the prefix MLP's outputs by up to ~lr·h
 (h weights of the last layer each move by ~lr), a plain prefix element by ~lr, hence the MLP's own
-small default lr (at 0.1 it diverged)."""
+small default lr (at 0.1 it diverged). ``scaled`` has no hidden layer: its lr is a step relative to
+each layer's key/value RMS."""
 
 
 def build_prompt(pm: PromptedModel, init: torch.Tensor, method: str = "prompt", reparam: str | None = None,

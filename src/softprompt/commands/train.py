@@ -97,7 +97,8 @@ def _optimisation_flags(o) -> None:
                         "(a deep prompt, prefix tuning; starts at the keys/values of the --init tokens)")
     o.add_argument("--reparam", default=None, choices=list(REPARAMS),
                    help="train through a reparameterisation, collapsed to a plain prompt at save: "
-                        "mlp (--method prefix, Li & Liang) or residual (--method prompt, Razdaibiedina et al.)")
+                        "mlp (--method prefix, Li & Liang), scaled (--method prefix: steps relative to each layer's "
+                        "key/value size) or residual (--method prompt, Razdaibiedina et al.)")
     o.add_argument("--reparam-hidden", type=int, default=None,
                    help="hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)")
     o.add_argument("--max-steps", type=_int_or_auto, default=None,
@@ -107,7 +108,7 @@ def _optimisation_flags(o) -> None:
     o.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --max-steps)")
     o.add_argument("--batch-size", type=int, default=8, help="examples per step, all processes together")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same result, less memory)")
-    o.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW) (default: 0.1; 0.001 with --reparam mlp)")
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW) (default: 0.1; 0.001 with --reparam mlp, 0.01 with scaled)")
     o.add_argument("--warmup", type=float, default=0.1, help="warmup: fraction of steps (<1) or steps")
     o.add_argument("--schedule", default="cosine", choices=list(SCHEDULES), help="lr decay")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")

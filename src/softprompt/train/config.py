@@ -208,9 +208,10 @@ class TrainConfig:
     """Start from this trained prompt file of the same base model (prompt transfer) instead of --init."""
     method: Literal["prompt", "prefix"] = "prompt"
     """prompt: P trained input embeddings; prefix: P trained keys/values at every layer (a deep prompt, prefix tuning)."""
-    reparam: Literal["mlp", "residual"] | None = None
-    """Train through a reparameterisation, collapsed to a plain prompt at save: mlp (--method prefix, Li & Liang)
-    or residual (--method prompt, Razdaibiedina et al.)."""
+    reparam: Literal["mlp", "residual", "scaled"] | None = None
+    """Train through a reparameterisation, collapsed to a plain prompt at save: mlp (--method prefix, Li & Liang),
+    scaled (--method prefix, steps relative to each layer's key/value size) or residual (--method prompt,
+    Razdaibiedina et al.)."""
     reparam_hidden: int | None = None
     """Hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)."""
     # --- optimisation ---
@@ -226,7 +227,7 @@ class TrainConfig:
     grad_accum: int = 1
     """Split each step's batch into this many micro-batches (same result, less memory)."""
     lr: float | None = None
-    """Peak learning rate (AdamW) (default: 0.1, or the --reparam's own: 0.001 for mlp)."""
+    """Peak learning rate (AdamW) (default: 0.1, or the --reparam's own: 0.001 for mlp, 0.01 for scaled)."""
     warmup: float = 0.1
     """Warmup: a fraction of all steps (< 1) or a number of steps."""
     schedule: str = "cosine"
