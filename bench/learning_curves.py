@@ -149,16 +149,16 @@ def main() -> None:
     name = args.name or f"learning_curves_{args.task.replace('-', '_')}"
     data = load_task(args.task, args.max_length)
     path = RESULTS / f"{name}.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    curves: dict[str, list[dict]] = old.get("curves", {})
-    runs: dict[str, dict] = old.get("runs", {})
     base = load_base_model(args.model) if any(m != "lora" for m in methods) else None
     for m in methods:
         t0 = time.perf_counter()
-        curves[m] = lora_curve(data, args) if m == "lora" else softprompt_curve(data, args, m, base)
-        runs[m] = {"machine": machine(), "steps": args.steps, "eval_every": args.eval_every, "seed": args.seed,
-                   "wall_s": round(time.perf_counter() - t0, 1)}
-        print(m, curves[m][-1], flush=True)
+        curve = lora_curve(data, args) if m == "lora" else softprompt_curve(data, args, m, base)
+        run = {"machine": machine(), "steps": args.steps, "eval_every": args.eval_every, "seed": args.seed,
+               "wall_s": round(time.perf_counter() - t0, 1)}
+        print(m, curve[-1], flush=True)
+        # re-read before writing: another process may have added a method to the same file meanwhile
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        curves, runs = {**old.get("curves", {}), m: curve}, {**old.get("runs", {}), m: run}
         path.write_text(json.dumps({"task": args.task, "curves": curves, "runs": runs,
                                     "equal_wall_clock": equal_wall_clock(curves)}, indent=2) + "\n")
     eq = equal_wall_clock(curves)
