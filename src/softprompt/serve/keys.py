@@ -263,7 +263,7 @@ class KeyRing:
             try:
                 table = self._admin | load_keys(self.path, frozenset(self._admin))
             except ConfigError as e:
-                log.error("%s; keeping the %d key(s) loaded before", e, len(self._table))
+                log.error("%s; keeping the %d key(s) loaded before", e, len(self._table) - len(self._admin))
                 return False
             self._table = table
         log.info("--api-keys %s: %d key(s) loaded", self.path, len(table) - len(self._admin))
