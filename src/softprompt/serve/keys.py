@@ -241,14 +241,6 @@ class KeyRing:
         self._seen = _signature(self.path) if self.path is not None else None
         self._table = self._admin | (load_keys(self.path, frozenset(self._admin)) if self.path is not None else {})
 
-    def __len__(self) -> int:
-        return len(self._table)
-
-    @property
-    def scoped(self) -> bool:
-        """Whether any key is not an admin key."""
-        return any(not g.admin for g in self._table.values())
-
     def grant(self, key: str) -> Grant | None:
         """The grant of ``key`` (None: no such key)."""
         self._poll()
@@ -281,10 +273,15 @@ class KeyRing:
         """Re-read the key file on SIGHUP (from the main thread; the reading runs in a thread of
         its own, so that it never waits on a lock the interrupted code holds). Returns the
         previous handler; no-op (None) where there is no SIGHUP."""
-        if self.path is None or not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        if self.path is None or not hasattr(signal, "SIGHUP"):
             return None
-        handler = lambda *_: threading.Thread(target=self.reload, name="softprompt-keys", daemon=True).start()  # noqa: E731
-        return signal.signal(signal.SIGHUP, handler)
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sighup(*_) -> None:
+            threading.Thread(target=self.reload, name="softprompt-keys", daemon=True).start()
+
+        return signal.signal(signal.SIGHUP, on_sighup)
 
 
 def key_ring(api_key: str | None, path: str | os.PathLike | None) -> KeyRing | None:
