@@ -28,6 +28,9 @@ def register(sub) -> None:
                    help="require this key on every request (Authorization: Bearer KEY); default $SOFTPROMPT_API_KEY. "
                    "Prefer --api-key-file or the variable: arguments show in the process list")
     p.add_argument("--api-key-file", metavar="FILE", default=None, help="read the API key from this file (one line)")
+    p.add_argument("--api-keys", metavar="FILE", default=None,
+                   help="scoped keys: a TOML (or .json) file mapping each key to the prompt namespaces it may use and "
+                   "write, or admin; re-read on SIGHUP and when it changes. --api-key stays an admin key")
     p.add_argument("--max-batch", type=int, default=e.max_batch, help=f"most rows per forward pass (default: {e.max_batch})")
     p.add_argument("--max-batch-tokens", type=int, default=e.max_batch_tokens,
                    help=f"most input tokens read in one step (default: {e.max_batch_tokens})")
@@ -94,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     )
     return ServeConfig(
         prompts_dir=args.prompts, model=args.model, host=args.host, port=args.port, api_key=args.api_key,
-        api_key_file=args.api_key_file, max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device, threads=args.threads,
+        api_key_file=args.api_key_file, api_keys=args.api_keys, max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device, threads=args.threads,
         allow_other_base=args.allow_other_base, log_level=args.log_level, engine=engine,
         backend=args.backend, vllm_url=args.vllm_url, vllm_python=args.vllm_python,
     )

@@ -14,6 +14,7 @@ from typing import Literal, get_args
 
 from ..errors import ConfigError
 from ..precision import SERVE_DTYPES
+from .keys import digest, load_keys
 
 API_KEY_ENV = "SOFTPROMPT_API_KEY"
 """Environment variable read when neither ``--api-key`` nor ``--api-key-file`` is given."""
@@ -147,6 +148,10 @@ class ServeConfig:
     command-line argument shows in the process list."""
     api_key_file: str | None = None
     """``--api-key-file``: read the API key from this file (one line)."""
+    api_keys: str | None = None
+    """``--api-keys``: TOML (or ``.json``) file of scoped keys, each with the namespaces it may use
+    and write, or admin (see keys.py); re-read on SIGHUP and when it changes. Works with or without
+    ``--api-key``, which stays an admin key."""
     max_upload_bytes: int = 16 * 1024 * 1024
     """``--max-upload-bytes``: largest accepted prompt upload."""
     dtype: str = "auto"
@@ -182,13 +187,15 @@ class ServeConfig:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key must not be empty")
+        if self.api_keys is not None:  # checked now, read again by the server (keys.KeyRing)
+            load_keys(self.api_keys, frozenset([digest(self.api_key)]) if self.api_key else frozenset())
         if self.prompts_dir is not None and not Path(self.prompts_dir).is_dir():
             raise ConfigError(f"--prompts {self.prompts_dir}: no such folder")
         if not self.host:
             raise ConfigError("--host must not be empty")
-        if not is_loopback(self.host) and not self.api_key:
+        if not is_loopback(self.host) and not self.api_key and not self.api_keys:
             raise ConfigError(
-                f"--host {self.host} is not a loopback address: set --api-key (or ${API_KEY_ENV}) to serve on it"
+                f"--host {self.host} is not a loopback address: set --api-key (or ${API_KEY_ENV}) or --api-keys to serve on it"
             )
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port!r}")

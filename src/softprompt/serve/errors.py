@@ -35,6 +35,10 @@ class WrongTaskError(InvalidRequestError):
     """The prompt's task type does not match the endpoint (a generation prompt sent to classify)."""
 
 
+class ForbiddenError(RequestError):
+    """The request's API key may not do this (write that namespace, read the metrics)."""
+
+
 class QueueFullError(RequestError):
     """The queue holds ``--max-queue`` requests already; retry later."""
 

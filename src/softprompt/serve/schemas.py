@@ -13,9 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .bank import NAME_MAX, NAME_PATTERN
+from .bank import NAME_MAX
 from .config import EngineConfig
 from .jobs import ClassifyRequest, GenerateRequest
+from .keys import PROMPT_MAX, PROMPT_PATTERN
 from .limits import CHARS_PER_TOKEN_LIMIT, SEED_MAX, SEED_MIN
 
 
@@ -93,7 +94,8 @@ class Bodies:
 
 
 def prompt_name(**kw) -> Any:
-    return Field(pattern=NAME_PATTERN, min_length=1, max_length=NAME_MAX, **kw)
+    """A prompt name, optionally in a namespace (``acme/ticket-routing``)."""
+    return Field(pattern=PROMPT_PATTERN, min_length=1, max_length=PROMPT_MAX, **kw)
 
 
 def request_bodies(limits: EngineConfig) -> Bodies:

@@ -14,7 +14,7 @@ import logging
 from ...errors import PromptFileError, SoftpromptError
 from ..config import EngineConfig
 from ..errors import (
-    BadPromptNameError, EngineStoppedError, InputTooLongError, InvalidRequestError, QueueFullError,
+    BadPromptNameError, EngineStoppedError, ForbiddenError, InputTooLongError, InvalidRequestError, QueueFullError,
     RequestCancelledError, RequestError, RequestTimeoutError, RequestTooLargeError, UnknownPromptError,
     UploadTooLargeError, WrongTaskError,
 )
@@ -24,6 +24,7 @@ log = logging.getLogger("softprompt.serve.app")
 
 STATUS: dict[type, tuple[int, str]] = {
     UnknownPromptError: (404, "unknown_prompt"),
+    ForbiddenError: (403, "forbidden"),
     WrongTaskError: (422, "wrong_task"),
     InputTooLongError: (413, "input_too_long"),
     RequestTooLargeError: (413, "limit_exceeded"),
@@ -65,7 +66,8 @@ def documented(*codes: int) -> dict:
     what = {
         400: "Malformed JSON, or a prompt name that is not a plain file stem.",
         401: "Missing or wrong API key (only when the server has one).",
-        404: "Unknown prompt.",
+        403: "The API key may not do this (write this namespace, read the metrics).",
+        404: "Unknown prompt, or one the API key may not use.",
         413: "Request body over --max-upload-bytes, or a request over a limit (input, labels, scoring tokens, "
              "stop strings, requests per batch call); the message names the flag.",
         422: "An invalid field (type, range), a prompt of the wrong task, or an invalid prompt file.",

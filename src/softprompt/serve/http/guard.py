@@ -1,10 +1,11 @@
 """The ASGI guard in front of every route: API key, body size limit, HTTP metrics."""
 
-import hmac
 import time
 
 from fastapi.responses import JSONResponse
 
+from ..keys import ADMIN, KeyRing
+from .access import GRANT
 from .errors import error_body
 from .openai_schemas import is_openai_path, openai_error_body
 
@@ -13,13 +14,14 @@ class Guard:
     """ASGI middleware in front of every route: API key, body size limit, HTTP metrics.
 
     The body is read (up to ``max_body`` bytes) before the app sees it, so an oversized request
-    is answered 413 whether or not it declares its length; a request without the key is refused
-    before its body is read.
+    is answered 413 whether or not it declares its length; a request without a known key is
+    refused before its body is read. The key's grant goes into the scope (``access.GRANT``) for
+    the routes; without ``keys`` every request is an admin's.
     """
 
-    def __init__(self, app, api_key: str | None, max_body: int, metrics):
+    def __init__(self, app, keys: KeyRing | None, max_body: int, metrics):
         self.app = app
-        self.key = api_key.encode() if api_key else None
+        self.keys = keys
         self.max_body = max_body
         self.metrics = metrics
 
@@ -58,12 +60,15 @@ class Guard:
 
     def _refusal(self, scope) -> JSONResponse | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.key is not None:
+        grant = ADMIN
+        if self.keys is not None:
             auth = headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), self.key):
+            grant = self.keys.grant(given)
+            if grant is None:
                 return _refuse(scope, 401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)",
                                {"WWW-Authenticate": "Bearer"})
+        scope[GRANT] = grant
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return self._too_large(scope)

@@ -30,6 +30,8 @@ from ..config import EngineConfig, ServeConfig
 from ..engine import Engine
 from ..errors import RequestTimeoutError, UnknownPromptError
 from ..jobs import ClassifyRequest, ClassifyResult, GenerateRequest, Job
+from ..keys import Grant
+from . import access
 from .bridge import run_jobs
 from .errors import http_exception_error
 from .openai_schemas import (
@@ -51,7 +53,7 @@ def documented(*codes: int) -> dict:
         400: "An invalid or unsupported field (named in error.param), malformed JSON, or a chat request on a model "
              "without a chat template.",
         401: "Missing or wrong API key (only when the server has one).",
-        404: "Unknown model (error.code model_not_found).",
+        404: "Unknown model, or one the API key may not use (error.code model_not_found).",
         413: "Request body over --max-upload-bytes, or a request over a limit; the message names the flag.",
         429: "The queue is full (--max-queue); retry later (Retry-After).",
         503: "Not answered within --request-timeout, or the server is shutting down (Retry-After).",
@@ -70,11 +72,12 @@ def mount_openai(app: FastAPI, engine: Engine, config: ServeConfig) -> None:
 
 # ----------------------------------------------------------------------------- models
 
-def _cards(engine: Engine, created: int) -> list[ModelCard]:
+def _cards(engine: Engine, created: int, grant: Grant) -> list[ModelCard]:
+    """The base model and every loaded prompt ``grant`` may use."""
     base = engine.pm.base.name
     cards = [ModelCard(id=base, created=created, owned_by="softprompt", root=base, parent=None)]
     for e in engine.bank.entries():
-        if e.name != base:  # the base model's id wins over a prompt of the same name
+        if e.name != base and grant.may_use(e.name):  # the base model's id wins over a prompt of the same name
             info = {"task": e.spec.kind, "length": e.length, "labels": e.spec.labels}
             cards.append(ModelCard(id=e.name, created=created, owned_by="softprompt", root=e.name, parent=base,
                                    softprompt=info))
@@ -85,18 +88,19 @@ def _model_routes(app: FastAPI, engine: Engine, created: int) -> None:
     """GET /v1/models, /v1/models/{model}."""
 
     @app.get("/v1/models", response_model=ModelList, tags=["openai"], responses=documented(401, 413))
-    async def list_models():
-        """The base model and every loaded prompt, as OpenAI models (a prompt's parent is the base)."""
-        return ModelList(data=_cards(engine, created))
+    async def list_models(request: Request):
+        """The base model and every loaded prompt (that the API key may use), as OpenAI models (a
+        prompt's parent is the base)."""
+        return ModelList(data=_cards(engine, created, access.grant_of(request)))
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, tags=["openai"],
              responses=documented(400, 401, 404, 413))
-    async def get_model(model: str = Path(min_length=1, max_length=1024, description="A model id.")):
+    async def get_model(request: Request, model: str = Path(min_length=1, max_length=1024, description="A model id.")):
         """One model: the base model or a loaded prompt."""
-        for card in _cards(engine, created):
+        for card in _cards(engine, created, access.grant_of(request)):
             if card.id == model:
                 return card
-        raise UnknownPromptError(f"the model {model!r} does not exist; see GET /v1/models")
+        raise access.unknown_model(model)
 
 
 # ----------------------------------------------------------------------------- completions
@@ -164,14 +168,17 @@ class Call:
                                b.seed, stop)
 
 
-def resolve(engine: Engine, model: str) -> PromptEntry | None:
-    """The prompt a ``model`` names (None: the base model); 404 model_not_found if none."""
+def resolve(engine: Engine, model: str, grant: Grant) -> PromptEntry | None:
+    """The prompt a ``model`` names (None: the base model); 404 model_not_found if none, or if
+    ``grant`` may not use it (the same answer)."""
     if model == engine.pm.base.name:
         return None
+    if not grant.may_use(model):
+        raise access.unknown_model(model)
     try:
         return engine.bank.get(model)
     except UnknownPromptError:
-        raise UnknownPromptError(f"the model {model!r} does not exist; see GET /v1/models") from None
+        raise access.unknown_model(model) from None
 
 
 def render_chat(engine: Engine, messages: list, classify: bool) -> str:
@@ -213,7 +220,7 @@ def _completion_routes(app: FastAPI, engine: Engine, limits: EngineConfig) -> No
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise FieldError("prompt", f"one prompt per request (got {len(prompts)})")
-        call = Call(body, COMPLETION, prompts[0], resolve(engine, body.model), body.logprobs)
+        call = Call(body, COMPLETION, prompts[0], resolve(engine, body.model, access.grant_of(request)), body.logprobs)
         return await answer(engine, request, call, body.max_tokens, limits)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionOut, tags=["openai"], responses=responses)
@@ -221,7 +228,7 @@ def _completion_routes(app: FastAPI, engine: Engine, limits: EngineConfig) -> No
         """OpenAI chat completion: the messages in the tokenizer's chat template behind the soft
         prompt; a classification prompt answers its label for one user message."""
         check_supported(body)
-        entry = resolve(engine, body.model)
+        entry = resolve(engine, body.model, access.grant_of(request))
         if body.top_logprobs is not None and not body.logprobs:
             raise FieldError("top_logprobs", "only with logprobs: true")
         call = Call(body, CHAT, "", entry, (body.top_logprobs or 0) if body.logprobs else None)

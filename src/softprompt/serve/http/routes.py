@@ -8,7 +8,7 @@ Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
     POST   /v1/generate            generate (``"stream": true`` for server-sent events)
     POST   /v1/generate/batch      several generate requests at once
     GET    /v1/prompts             loaded prompts, and prompt files available in --prompts
-    GET    /v1/prompts/{name}      one prompt
+    GET    /v1/prompts/{name}      one prompt (a name may hold a namespace: acme/ticket-routing)
     PUT    /v1/prompts/{name}      upload a prompt file (raw bytes), replacing any of that name
     POST   /v1/prompts/{name}/load load (or reload) <name>.safetensors from --prompts
     DELETE /v1/prompts/{name}      unload
@@ -20,6 +20,7 @@ OpenAI-compatible (openai_api.py; errors in OpenAI's shape there):
     POST   /v1/completions, /v1/chat/completions
 
 Errors are ``{"error": {"type": ..., "message": ...}}`` with the status from :data:`STATUS`.
+With scoped keys (``--api-keys``) each route shows a key only its namespaces' prompts (access.py).
 """
 
 # No `from __future__ import annotations`: the routes' body types are built per server (schemas.py)
@@ -28,50 +29,64 @@ Errors are ``{"error": {"type": ..., "message": ...}}`` with the status from :da
 import asyncio
 from typing import Annotated
 
-from fastapi import FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ...version import __version__
 from ...errors import SoftpromptError
-from ..bank import NAME_MAX, NAME_PATTERN, NAME_RE, SUFFIX
+from ..bank import NAME_RE, SUFFIX
 from ..config import EngineConfig, ServeConfig
 from ..engine import Engine
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, UnknownPromptError
 from ..jobs import Job
+from ..keys import PROMPT_MAX, PROMPT_PATTERN, KeyRing, key_ring
 from ..limits import SEED_MAX, SEED_MIN, check_batch_size
 from ..schemas import (
     ClassifyBatchOut, ClassifyOut, GenerateBatchOut, GenerateOut, HealthOut, PromptListOut, PromptOut, UnloadedOut,
     request_bodies,
 )
+from . import access
 from .bridge import SSE_EVENT, classify_out, generate_out, run_jobs, sse
 from .errors import COMMON, documented, install_handlers
 from .guard import Guard
 from .openai_api import mount_openai
 
 
-def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    """The FastAPI app over a started ``engine`` (the caller starts and stops the engine)."""
+def build_app(engine: Engine, config: ServeConfig, keys: KeyRing | None = None) -> FastAPI:
+    """The FastAPI app over a started ``engine`` (the caller starts and stops the engine).
+
+    Args:
+        keys: the keys it accepts (default: ``config``'s ``--api-key`` and ``--api-keys``); kept
+            as ``app.state.keys`` (None: no keys, every request may do everything).
+    """
+    keys = keys or key_ring(config.api_key, config.api_keys)
     app = FastAPI(title="softprompt", version=__version__,
                   description="Many soft prompts on one frozen base model: mixed-task batching, cached prompt prefixes. "
-                  "Every error is `{\"error\": {\"type\", \"message\"}}`.")
-    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_upload_bytes, metrics=engine.metrics)
+                  "Every error is `{\"error\": {\"type\", \"message\"}}`.",
+                  dependencies=[Depends(access.path_access(engine.bank, engine.pm.base.name))])
+    app.state.keys = keys
+    app.add_middleware(Guard, keys=keys, max_body=config.max_upload_bytes, metrics=engine.metrics)
     install_handlers(app, config.engine)
     _inference_routes(app, engine, config)
     _prompt_routes(app, engine, config)
     _ops_routes(app, engine)
     mount_openai(app, engine, config)  # /v1/models, /v1/completions, /v1/chat/completions
+    access.hide_unknown_prompts(app)
     _fix_openapi(app)
     return app
 
 
-def prepare(engine: Engine, limits: EngineConfig, bodies, index: bool) -> list[Job]:
-    """Request bodies -> jobs (not queued); a batch call names the failing request's index."""
+def prepare(engine: Engine, limits: EngineConfig, bodies, index: bool, request: Request) -> list[Job]:
+    """Request bodies -> jobs (not queued); a batch call names the failing request's index. Every
+    prompt named must be one the request's key may use."""
     if index:
         check_batch_size(len(bodies), limits)
     jobs = []
     for i, body in enumerate(bodies):
         try:
-            jobs.append(engine.prepare(body.to_request()))
+            job_request = body.to_request()
+            access.check_use(request, engine.bank, access.prompts_of(job_request))
+            jobs.append(engine.prepare(job_request))
         except SoftpromptError as e:
             if index:
                 raise type(e)(f"requests[{i}]: {e}") from None
@@ -91,7 +106,7 @@ def _inference_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None
     @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"], responses=inference)
     async def classify(body: ClassifyBody, request: Request):
         """Classify one text; returns the label and class probabilities."""
-        (result,) = await run_jobs(engine, request, prepare(engine, limits, [body], False), timeout)
+        (result,) = await run_jobs(engine, request, prepare(engine, limits, [body], False, request), timeout)
         return classify_out(result)
 
     @app.post("/v1/classify/batch", response_model=ClassifyBatchOut, tags=["inference"], responses=inference)
@@ -99,7 +114,7 @@ def _inference_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None
         """Several classify requests (any prompts); results in request order."""
         if not body.requests:
             return {"results": []}
-        results = await run_jobs(engine, request, prepare(engine, limits, body.requests, True), timeout)
+        results = await run_jobs(engine, request, prepare(engine, limits, body.requests, True, request), timeout)
         return {"results": [classify_out(r) for r in results]}
 
     @app.post("/v1/generate", response_model=GenerateOut, tags=["inference"],
@@ -108,7 +123,7 @@ def _inference_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None
                                             "when stream is true"}})
     async def generate(body: GenerateBody, request: Request):
         """Generate a continuation; with ``"stream": true`` tokens arrive as server-sent events."""
-        (job,) = prepare(engine, limits, [body], False)
+        (job,) = prepare(engine, limits, [body], False, request)
         if not body.stream:
             (result,) = await run_jobs(engine, request, [job], timeout)
             return generate_out(result)
@@ -126,31 +141,35 @@ def _inference_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None
             raise InvalidRequestError("streaming is not available in batch requests")
         if not body.requests:
             return {"results": []}
-        results = await run_jobs(engine, request, prepare(engine, limits, body.requests, True), timeout)
+        results = await run_jobs(engine, request, prepare(engine, limits, body.requests, True, request), timeout)
         return {"results": [generate_out(r) for r in results]}
 
 
 def _prompt_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None:
     """GET/PUT/DELETE /v1/prompts/{name}, POST /v1/prompts/{name}/load, GET /v1/prompts."""
-    Name = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX, description="Prompt name (file stem).")]  # noqa: N806
+    Name = Annotated[str, Path(pattern=PROMPT_PATTERN, max_length=PROMPT_MAX,  # noqa: N806
+                               description="Prompt name (file stem), optionally in a namespace: acme/ticket-routing.")]
 
     @app.get("/v1/prompts", response_model=PromptListOut, tags=["prompts"], responses=documented(*COMMON))
-    async def list_prompts():
-        """Loaded prompts, and prompt files in --prompts that are not loaded."""
-        loaded = [e.describe() for e in engine.bank.entries()]
+    async def list_prompts(request: Request):
+        """Loaded prompts, and prompt files in --prompts that are not loaded (those the API key may use)."""
+        grant = access.grant_of(request)
+        loaded = [e.describe() for e in engine.bank.entries() if grant.may_use(e.name)]
         available = []
         if engine.bank.directory is not None:
             names = {e["name"] for e in loaded}
             available = sorted(n for p in engine.bank.directory.glob(f"*{SUFFIX}")
-                               if NAME_RE.fullmatch(n := p.name[: -len(SUFFIX)]) and n not in names)
+                               if NAME_RE.fullmatch(n := p.name[: -len(SUFFIX)]) and n not in names and grant.may_use(n))
         return {"prompts": loaded, "available": available}
 
-    @app.get("/v1/prompts/{name}", response_model=PromptOut, tags=["prompts"], responses=documented(*COMMON, 400, 404))
-    async def get_prompt(name: Name):
+    @app.get("/v1/prompts/{name:path}", response_model=PromptOut, tags=["prompts"],
+             responses=documented(*COMMON, 400, 404))
+    async def get_prompt(name: Name, request: Request):
+        access.check_use(request, engine.bank, [name])
         return engine.bank.get(name).describe()
 
-    @app.put("/v1/prompts/{name}", status_code=201, response_model=PromptOut, tags=["prompts"],
-             responses=documented(*COMMON, 400, 422),
+    @app.put("/v1/prompts/{name:path}", status_code=201, response_model=PromptOut, tags=["prompts"],
+             responses=documented(*COMMON, 400, 403, 422),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
                  "schema": {"type": "string", "format": "binary"}}}}})
     async def upload_prompt(name: Name, request: Request):
@@ -161,16 +180,21 @@ def _prompt_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None:
         entry = await asyncio.to_thread(engine.bank.load_bytes, name, data, config.max_upload_bytes)
         return entry.describe()
 
-    @app.post("/v1/prompts/{name}/load", response_model=PromptOut, tags=["prompts"],
-              responses=documented(*COMMON, 400, 404, 422))
+    @app.post("/v1/prompts/{name:path}/load", response_model=PromptOut, tags=["prompts"],
+              responses=documented(*COMMON, 400, 403, 404, 422))
     async def load_prompt(name: Name):
         """Load (or reload) ``<name>.safetensors`` from the prompts folder."""
-        entry = await asyncio.to_thread(engine.bank.load_file, name)
+        try:
+            entry = await asyncio.to_thread(engine.bank.load_file, name)
+        except UnknownPromptError as e:  # no such file: the message names only this name's file
+            raise access.HiddenPromptError(str(e)) from None
         return entry.describe()
 
-    @app.delete("/v1/prompts/{name}", response_model=UnloadedOut, tags=["prompts"], responses=documented(*COMMON, 400, 404))
-    async def unload_prompt(name: Name):
+    @app.delete("/v1/prompts/{name:path}", response_model=UnloadedOut, tags=["prompts"],
+                responses=documented(*COMMON, 400, 403, 404))
+    async def unload_prompt(name: Name, request: Request):
         """Unload a prompt; requests already accepted for it still complete."""
+        access.check_use(request, engine.bank, [name])
         engine.bank.unload(name)
         return {"unloaded": name}
 
@@ -181,14 +205,16 @@ def _ops_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.get("/healthz", response_model=HealthOut, tags=["ops"],
              responses={**documented(*COMMON), 503: {"model": HealthOut, "description": "The engine is not running."}})
-    async def healthz():
+    async def healthz(request: Request):
         ok = engine.running
-        body = {"status": "ok" if ok else "stopped", "model": engine.pm.base.name, "prompts": len(engine.bank),
+        grant = access.grant_of(request)
+        prompts = len(engine.bank) if grant.admin else len(access.usable(grant, engine.bank.names()))
+        body = {"status": "ok" if ok else "stopped", "model": engine.pm.base.name, "prompts": prompts,
                 "queue_depth": engine.queue_depth}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
-             responses={**documented(*COMMON), 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=[Depends(access.admin_only)],
+             responses={**documented(*COMMON, 403), 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                                   "description": "Prometheus text exposition format."}})
     async def metrics_endpoint():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

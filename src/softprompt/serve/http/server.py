@@ -90,8 +90,11 @@ def run_server(config: ServeConfig, engine: Engine | None = None, on_ready=None)
         sock = _bind(config.host, config.port)
         port = sock.getsockname()[1]
         host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+        app = build_app(engine, config)
+        if app.state.keys is not None:
+            app.state.keys.reload_on_sighup()  # kill -HUP re-reads --api-keys
         if on_ready is not None:
             on_ready(f"http://{host}:{port}")
-        _uvicorn_server(build_app(engine, config), config).run(sockets=[sock])
+        _uvicorn_server(app, config).run(sockets=[sock])
     finally:
         engine.stop()
