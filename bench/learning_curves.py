@@ -92,12 +92,21 @@ def at_seconds(curve: list[dict], budget: float) -> dict | None:
     return max(inside, key=lambda p: (p["macro_f1"], p["accuracy"])) if inside else None
 
 
+def seconds_at_step(curve: list[dict], step: int) -> float | None:
+    """Training seconds a run took for ``step`` steps, interpolated between its evaluated steps
+    (a step's cost is about constant); None if the run stopped before ``step`` (pure)."""
+    pts = [(0, 0.0)] + [(p["step"], p["seconds"]) for p in curve]
+    for (s0, t0), (s1, t1) in zip(pts, pts[1:]):
+        if s0 <= step <= s1 and s1 > s0:
+            return round(t0 + (t1 - t0) * (step - s0) / (s1 - s0), 2)
+    return None
+
+
 def equal_wall_clock(curves: dict[str, list[dict]]) -> list[dict]:
     """Each method's best dev point within the seconds LoRA r=8 took for LORA_STEPS_REF steps (pure)."""
-    lora = [p for p in curves.get("lora", []) if p["step"] <= LORA_STEPS_REF]
-    if not lora or lora[-1]["step"] != LORA_STEPS_REF:
+    budget = seconds_at_step(curves.get("lora", []), LORA_STEPS_REF)
+    if budget is None:
         return []
-    budget = lora[-1]["seconds"]
     rows = []
     for method, curve in curves.items():
         p = at_seconds(curve, budget)
