@@ -1,0 +1,183 @@
+"""``tune()``: an Optuna study over prompt recipes within a wall-clock budget, on one task's dev data.
+
+Read top to bottom: check the data and load the base once -> a study (TPE sampler seeded by --seed,
+the chosen pruner; the known-good recipe of each method queued first) -> trials, each one
+:func:`softprompt.train.train` run with its share of the time left, reporting every dev evaluation
+to the pruner -> the best trial's prompt written to --out with the search in its metadata.
+
+Study storage is Optuna's in-memory one: a search is not resumable (a trial is minutes; its record,
+prompt and metrics stay in the run folder either way).
+
+Not here: the search space and settings (config.py), the records (trials.py), training (train/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+from .. import devices
+from ..artifact import load_prompt, save_prompt
+from ..base import BaseModel, load_base_model
+from ..extras import require
+from ..train import train
+from ..train.balance import resolve as resolve_balance
+from ..train.budget import auto_steps
+from ..train.prepare import prepare
+from ..train.records import DevResult
+from .config import PRUNERS, SEARCH_METHODS, TuneConfig
+from .trials import TrialLog, TrialRecord, TuneResult, best_trial
+
+__all__ = ["tune"]
+
+FIRST_STEP_SECONDS = 1.0
+"""Seconds a step is assumed to take before a trial has measured it (a 135M base at batch 8 on a CPU
+core is about that). Too slow a guess is cheap: the trial ends before its share and the time left goes
+to the next trials; too fast a guess would cut its learning-rate schedule short."""
+MIN_SHARE = 0.25
+"""A new trial starts only while the time left is at least this fraction of an equal share
+(budget / trials): a shorter one could not be compared with the others."""
+
+
+def tune(config: TuneConfig, base: BaseModel | None = None, pruner=None) -> TuneResult:
+    """Search recipes for one task within ``config.budget``; write the best trial's prompt to ``config.train.out``.
+
+    Args:
+        config: the search (validated on creation).
+        base: an already-loaded base model (default: load ``config.train.model``), shared by every trial.
+        pruner: an Optuna pruner instead of ``config.pruner``'s (Python API, tests).
+    Returns:
+        :class:`~.trials.TuneResult`: the winner's file, every trial, what stopped the search.
+    Raises:
+        ConfigError / DataError on bad settings or data, before any model loads.
+    """
+    require("tune", "softprompt tune")
+    import optuna
+
+    t0 = time.perf_counter()
+    tc = config.train
+    task = prepare(tc)[0]  # bad data fails before the model loads
+    balance = resolve_balance(tc, [task])[0]
+    metric, direction = balance.select_metric, balance.direction
+    if base is None:
+        _say(tc.quiet, f"loading {tc.model or 'the default model'} ...")
+        base = load_base_model(tc.model, dtype=tc.dtype, device=None if tc.device_map else devices.resolve_device(tc.device),
+                               device_map=tc.device_map, quantization=tc.quantize)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if direction > 0 else "minimize",
+                                sampler=optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=_startup(config)),
+                                pruner=pruner or PRUNERS[config.pruner]())
+    for m in config.methods:  # each method's known-good recipe first; the sampler explores after
+        study.enqueue_trial({"method": m, f"lr.{m}": SEARCH_METHODS[m].first_lr}
+                            | ({"prompt_length": _first_length(config)} if len(config.prompt_lengths) > 1 else {}))
+    run_dir = config.run_path()
+    log = TrialLog(run_dir / "trials.jsonl")
+    records: list[TrialRecord] = []
+    speed: dict[str, float] = {}  # method -> measured seconds per step (evaluation included)
+    stopped_by = "trials"
+    _say(tc.quiet, f"searching {', '.join(config.methods)} for {config.budget:g}s, at most {config.trials} trials, "
+                   f"by dev {metric} ({len(task.train)} train / {len(task.dev)} dev examples)")
+    for number in range(config.trials):
+        left = config.budget - (time.perf_counter() - t0)
+        if number and left < MIN_SHARE * config.budget / config.trials:
+            stopped_by = "budget"
+            break
+        trial = study.ask()
+        params = _suggest(trial, config)
+        share = max(left, 1e-3) / (config.trials - number)
+        step_s = speed.get(params["method"]) or max(speed.values(), default=FIRST_STEP_SECONDS)
+        plan = auto_steps(len(task.train), tc.batch_size, share, step_seconds=step_s)
+        rec = _run_trial(config, trial, number, params, share, plan, base, metric)
+        study.tell(trial, rec.value if rec.state == "complete" else None,
+                   state=optuna.trial.TrialState.COMPLETE if rec.state == "complete" else optuna.trial.TrialState.PRUNED)
+        speed[params["method"]] = rec.seconds / max(1, rec.steps)
+        records.append(rec)
+        log.append(rec)
+    best = best_trial(records, direction)
+    seconds = time.perf_counter() - t0
+    search = _summary(config, records, best, metric, seconds, stopped_by, log.path)
+    path = _write_winner(config, best, search)
+    _say(tc.quiet, f"best: trial {best.number} ({_recipe(best.params)}), dev {metric} {best.value:.4f}; "
+                   f"{len(records)} trials in {seconds:.0f}s ({stopped_by} spent); saved {path}; trials in {log.path}")
+    return TuneResult(path=path, run_dir=run_dir, best=best, trials=records, seconds=seconds, stopped_by=stopped_by,
+                      search=search)
+
+
+def _startup(config: TuneConfig) -> int:
+    """Trials the TPE sampler draws at random before it models the results: the queued known-good
+    recipes plus one, or half the trials, at most 10 (Optuna's default)."""
+    return min(10, max(len(config.methods) + 1, config.trials // 2))
+
+
+def _first_length(config: TuneConfig) -> int:
+    lengths = config.prompt_lengths
+    return config.train.prompt_length if config.train.prompt_length in lengths else lengths[0]
+
+
+def _suggest(trial, config: TuneConfig) -> dict:
+    """The trial's recipe: method, then a learning rate from that method's own range (a parameter per
+    method, so the sampler models each range apart), then the prompt length when there is a choice."""
+    method = trial.suggest_categorical("method", config.methods)
+    lo, hi = SEARCH_METHODS[method].lr_range
+    lr = trial.suggest_float(f"lr.{method}", lo, hi, log=True)
+    lengths = config.prompt_lengths
+    length = trial.suggest_categorical("prompt_length", lengths) if len(lengths) > 1 else lengths[0]
+    return {"method": method, "lr": lr, "prompt_length": int(length)}
+
+
+def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: float, plan: int, base,
+               metric: str) -> TrialRecord:
+    """Train one trial, reporting each dev evaluation to the pruner (its k-th is Optuna step k)."""
+    evals: list[dict] = []
+    pruned = False
+
+    def on_eval(dev: DevResult) -> bool:
+        nonlocal pruned
+        value = dev.score(config.name)
+        evals.append({"step": dev.step, "value": value})
+        trial.report(value, len(evals))
+        pruned = trial.should_prune()
+        return pruned
+
+    tc = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], share, plan)
+    _say(config.train.quiet, f"trial {number}: {_recipe(params)}, {share:.0f}s, {tc.max_steps or 'epochs'} steps planned")
+    t = time.perf_counter()
+    result = train(tc, base=base, on_eval=on_eval)
+    seconds = time.perf_counter() - t
+    summary = load_prompt(result.path).meta.training
+    rec = TrialRecord(number=number, state="pruned" if pruned else "complete", params=params, metric=metric,
+                      value=float(result.metrics[config.name][metric]), best_step=result.best_step[config.name],
+                      evals=evals, steps=result.steps, planned_steps=summary["planned_steps"], max_time=round(share, 3),
+                      seconds=round(seconds, 3), stopped_by=summary["stopped_by"], prompt=str(result.path))
+    _say(config.train.quiet, f"  dev {metric} {rec.value:.4f} at step {rec.best_step} of {rec.steps}"
+                             f"{' (pruned)' if pruned else ''}, {seconds:.0f}s")
+    return rec
+
+
+def _summary(config: TuneConfig, records: list[TrialRecord], best: TrialRecord, metric: str, seconds: float,
+             stopped_by: str, trials_file) -> dict:
+    """``training.search`` of the winner's prompt file."""
+    return {"budget": config.budget, "seconds": round(seconds, 2), "stopped_by": stopped_by,
+            "trials": len(records), "max_trials": config.trials,
+            "completed": sum(r.state == "complete" for r in records), "pruned": sum(r.state == "pruned" for r in records),
+            "metric": metric, "best_trial": best.number, "best_value": best.value, "best": best.params,
+            "methods": list(config.methods), "prompt_lengths": list(config.prompt_lengths), "pruner": config.pruner,
+            "sampler": "tpe", "seed": config.train.seed, "trials_file": str(trials_file)}
+
+
+def _write_winner(config: TuneConfig, best: TrialRecord, search: dict):
+    """The best trial's prompt (with its calibration, if fitted) to --out, atomically, the search
+    recorded in its training metadata."""
+    loaded = load_prompt(best.prompt)
+    meta = dataclasses.replace(loaded.meta, training={**loaded.meta.training, "search": search})
+    return save_prompt(config.train.out, loaded.tensor, meta, dtype=config.train.prompt_dtype)
+
+
+def _recipe(params: dict) -> str:
+    return f"{params['method']} lr {params['lr']:.3g} length {params['prompt_length']}"
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
