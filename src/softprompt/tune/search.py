@@ -31,10 +31,11 @@ from .trials import TrialLog, TrialRecord, TuneResult, best_trial
 
 __all__ = ["tune"]
 
-FIRST_STEP_SECONDS = 1.0
-"""Seconds a step is assumed to take before a trial has measured it (a 135M base at batch 8 on a CPU
-core is about that). Too slow a guess is cheap: the trial ends before its share and the time left goes
-to the next trials; too fast a guess would cut its learning-rate schedule short."""
+FIRST_STEP_SECONDS = 2.0
+"""Seconds a step (with its share of dev evaluations) is assumed to take before a trial has measured
+it (a 135M base at batch 8 on a loaded CPU core, fp32). Too slow a guess is cheap: the trial ends before
+its share and the time left goes to the next trials; too fast a guess would cut its learning-rate
+schedule short."""
 MIN_SHARE = 0.25
 """A new trial starts only while the time left is at least this fraction of an equal share
 (budget / trials): a shorter one could not be compared with the others."""
@@ -75,6 +76,7 @@ def tune(config: TuneConfig, base: BaseModel | None = None, pruner=None) -> Tune
     log = TrialLog(run_dir / "trials.jsonl")
     records: list[TrialRecord] = []
     speed: dict[str, float] = {}  # method -> measured seconds per step (evaluation included)
+    setup = 0.0  # most seconds a trial spent outside its loop (reading and tokenizing data): not in --max-time
     stopped_by = "trials"
     _say(tc.quiet, f"searching {', '.join(config.methods)} for {config.budget:g}s, at most {config.trials} trials, "
                    f"by dev {metric} ({len(task.train)} train / {len(task.dev)} dev examples)")
@@ -85,13 +87,14 @@ def tune(config: TuneConfig, base: BaseModel | None = None, pruner=None) -> Tune
             break
         trial = study.ask()
         params = _suggest(trial, config)
-        share = max(left, 1e-3) / (config.trials - number)
+        share = max(left / (config.trials - number) - setup, 1e-3)
         step_s = speed.get(params["method"]) or max(speed.values(), default=FIRST_STEP_SECONDS)
         plan = auto_steps(len(task.train), tc.batch_size, share, step_seconds=step_s)
         rec = _run_trial(config, trial, number, params, share, plan, base, metric)
         study.tell(trial, rec.value if rec.state == "complete" else None,
                    state=optuna.trial.TrialState.COMPLETE if rec.state == "complete" else optuna.trial.TrialState.PRUNED)
-        speed[params["method"]] = rec.seconds / max(1, rec.steps)
+        speed[params["method"]] = rec.loop_seconds / max(1, rec.steps)
+        setup = max(setup, rec.seconds - rec.loop_seconds)
         records.append(rec)
         log.append(rec)
     best = best_trial(records, direction)
@@ -138,6 +141,7 @@ def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: floa
         evals.append({"step": dev.step, "value": value})
         trial.report(value, len(evals))
         pruned = trial.should_prune()
+        _say(config.train.quiet, f"  step {dev.step}: dev {metric} {value:.4f}{' -> pruned' if pruned else ''}")
         return pruned
 
     tc = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], share, plan)
@@ -149,8 +153,8 @@ def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: floa
     rec = TrialRecord(number=number, state="pruned" if pruned else "complete", params=params, metric=metric,
                       value=float(result.metrics[config.name][metric]), best_step=result.best_step[config.name],
                       evals=evals, steps=result.steps, planned_steps=summary["planned_steps"], max_time=round(share, 3),
-                      seconds=round(seconds, 3), stopped_by=summary["stopped_by"], prompt=str(result.path))
-    _say(config.train.quiet, f"  dev {metric} {rec.value:.4f} at step {rec.best_step} of {rec.steps}"
+                      seconds=round(seconds, 3), loop_seconds=round(result.seconds, 3), stopped_by=summary["stopped_by"], prompt=str(result.path))
+    _say(config.train.quiet, f"  best dev {metric} {rec.value:.4f} at step {rec.best_step} of {rec.steps}"
                              f"{' (pruned)' if pruned else ''}, {seconds:.0f}s")
     return rec
 

@@ -37,6 +37,9 @@ class TrialRecord:
     """The trial's share of the budget (s)."""
     seconds: float = 0.0
     """Wall time of the trial (s)."""
+    loop_seconds: float = 0.0
+    """Of which in the training loop, evaluations included (what its share limits; the rest is reading
+    and tokenizing the data, and writing its prompt)."""
     stopped_by: str | None = None
     """None (ran its planned steps), "time" (its share), "early_stopping" (--patience) or "on_eval" (pruned)."""
     prompt: str = ""
