@@ -175,3 +175,37 @@ def test_cli_runs_a_search(tmp_path, easy, model_root, capsys):
     meta = load_prompt(tmp_path / "p.safetensors").meta
     assert meta.method == "prefix" and meta.training["search"]["trials"] == 2
     assert meta.training["config"]["calibrate"] == "auto"
+
+
+def test_an_interrupted_search_still_writes_the_best_finished_trial(tmp_path, learn, easy):
+    import optuna
+
+    class InterruptSecondTrial(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            if trial.number == 1:
+                raise KeyboardInterrupt
+            return False
+
+    train_file, dev_file = easy
+    c = TuneConfig(train=train_cfg(tmp_path, train_file, eval=str(dev_file)), budget="1h", trials=3, methods="prompt")
+    with pytest.raises(KeyboardInterrupt):
+        tune(c, base=learn, pruner=InterruptSecondTrial())
+    s = load_prompt(c.train.out, learn).meta.training["search"]
+    assert s["stopped_by"] == "interrupted" and s["trials"] == 1
+    assert len(read_trials(c.run_path() / "trials.jsonl")) == 1
+
+
+def test_init_from_must_fit_every_searched_recipe(tmp_path, learn, easy):
+    import torch
+
+    from softprompt.artifact import PromptMeta, save_prompt
+
+    train_file, dev_file = easy
+    src = save_prompt(tmp_path / "src.safetensors", torch.randn(4, learn.dim) * 0.01,
+                      PromptMeta.for_base(learn, 4, task="classify"))
+    c = train_cfg(tmp_path, train_file, eval=str(dev_file), init_from=str(src))
+    assert TuneConfig(train=c, budget="1m", methods="prompt,residual").methods == ["prompt", "residual"]
+    with pytest.raises(ConfigError, match=r"holds a prompt prompt: search only --methods prompt,residual"):
+        TuneConfig(train=c, budget="1m")
+    with pytest.raises(ConfigError, match="holds 4 virtual tokens: give --prompt-length 4"):
+        TuneConfig(train=c, budget="1m", methods="prompt", prompt_lengths=[4, 8])

@@ -121,6 +121,27 @@ class TuneConfig:
             raise ConfigError("--resume: a search cannot be resumed; start it again")
         if t.reparam is not None:
             raise ConfigError("--reparam: tune picks it through --methods (residual)")
+        if t.init_from is not None:
+            self._check_init_from(t.init_from)
+
+    def _check_init_from(self, path: str) -> None:
+        """--init-from: every recipe searched must be able to start from the file (its method and length),
+        said now rather than when a trial of another method starts."""
+        from ..artifact import load_prompt
+        from ..errors import PromptFileError
+
+        try:
+            meta = load_prompt(path).meta
+        except PromptFileError as e:
+            raise ConfigError(f"--init-from: {e}") from None
+        fit = [m for m in self.methods if SEARCH_METHODS[m].method == meta.method
+               and not (meta.method == "prefix" and SEARCH_METHODS[m].reparam)]
+        if fit != self.methods:
+            raise ConfigError(f"--init-from {path} holds a {meta.method} prompt: search only --methods "
+                              f"{','.join(fit) or 'prefix'} with it")
+        if self.prompt_lengths != [meta.length]:
+            raise ConfigError(f"--init-from {path} holds {meta.length} virtual tokens: give --prompt-length "
+                              f"{meta.length} and no other --prompt-lengths")
 
     @property
     def name(self) -> str:

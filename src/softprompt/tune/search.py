@@ -54,8 +54,6 @@ def tune(config: TuneConfig, base: BaseModel | None = None, pruner=None) -> Tune
         ConfigError / DataError on bad settings or data, before any model loads.
     """
     require("tune", "softprompt tune")
-    import optuna
-
     t0 = time.perf_counter()
     tc = config.train
     task = prepare(tc)[0]  # bad data fails before the model loads
@@ -65,46 +63,68 @@ def tune(config: TuneConfig, base: BaseModel | None = None, pruner=None) -> Tune
         _say(tc.quiet, f"loading {tc.model or 'the default model'} ...")
         base = load_base_model(tc.model, dtype=tc.dtype, device=None if tc.device_map else devices.resolve_device(tc.device),
                                device_map=tc.device_map, quantization=tc.quantize)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if direction > 0 else "minimize",
-                                sampler=optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=_startup(config)),
-                                pruner=pruner or PRUNERS[config.pruner]())
-    for m in config.methods:  # each method's known-good recipe first; the sampler explores after
-        study.enqueue_trial({"method": m, f"lr.{m}": SEARCH_METHODS[m].first_lr}
-                            | ({"prompt_length": _first_length(config)} if len(config.prompt_lengths) > 1 else {}))
-    run_dir = config.run_path()
-    log = TrialLog(run_dir / "trials.jsonl")
-    records: list[TrialRecord] = []
-    speed: dict[str, float] = {}  # method -> measured seconds per step (evaluation included)
-    setup = 0.0  # most seconds a trial spent outside its loop (reading and tokenizing data): not in --max-time
-    stopped_by = "trials"
+    study = _study(config, direction, pruner)
+    log = TrialLog(config.run_path() / "trials.jsonl")
     _say(tc.quiet, f"searching {', '.join(config.methods)} for {config.budget:g}s, at most {config.trials} trials, "
                    f"by dev {metric} ({len(task.train)} train / {len(task.dev)} dev examples)")
-    for number in range(config.trials):
-        left = config.budget - (time.perf_counter() - t0)
-        if number and left < MIN_SHARE * config.budget / config.trials:
-            stopped_by = "budget"
-            break
-        trial = study.ask()
-        params = _suggest(trial, config)
-        share = max(left / (config.trials - number) - setup, 1e-3)
-        step_s = speed.get(params["method"]) or max(speed.values(), default=FIRST_STEP_SECONDS)
-        plan = auto_steps(len(task.train), tc.batch_size, share, step_seconds=step_s)
-        rec = _run_trial(config, trial, number, params, share, plan, base, metric)
-        study.tell(trial, rec.value if rec.state == "complete" else None,
-                   state=optuna.trial.TrialState.COMPLETE if rec.state == "complete" else optuna.trial.TrialState.PRUNED)
-        speed[params["method"]] = rec.loop_seconds / max(1, rec.steps)
-        setup = max(setup, rec.seconds - rec.loop_seconds)
-        records.append(rec)
-        log.append(rec)
+    records: list[TrialRecord] = []
+    try:
+        stopped_by = _run_trials(config, study, len(task.train), base, metric, t0, log, records)
+    except KeyboardInterrupt:  # Ctrl-C: the finished trials' best is still written, then the interrupt goes on
+        if not records:
+            raise
+        stopped_by = "interrupted"
     best = best_trial(records, direction)
     seconds = time.perf_counter() - t0
     search = _summary(config, records, best, metric, seconds, stopped_by, log.path)
     path = _write_winner(config, best, search)
     _say(tc.quiet, f"best: trial {best.number} ({_recipe(best.params)}), dev {metric} {best.value:.4f}; "
-                   f"{len(records)} trials in {seconds:.0f}s ({stopped_by} spent); saved {path}; trials in {log.path}")
-    return TuneResult(path=path, run_dir=run_dir, best=best, trials=records, seconds=seconds, stopped_by=stopped_by,
-                      search=search)
+                   f"{len(records)} trials in {seconds:.0f}s (stopped by {stopped_by}); saved {path}; trials in {log.path}")
+    if stopped_by == "interrupted":
+        raise KeyboardInterrupt
+    return TuneResult(path=path, run_dir=config.run_path(), best=best, trials=records, seconds=seconds,
+                      stopped_by=stopped_by, search=search)
+
+
+def _study(config: TuneConfig, direction: int, pruner):
+    """The Optuna study: TPE seeded by --seed, the pruner, each method's known-good recipe queued first."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if direction > 0 else "minimize",
+                                sampler=optuna.samplers.TPESampler(seed=config.train.seed, n_startup_trials=_startup(config)),
+                                pruner=pruner or PRUNERS[config.pruner]())
+    for m in config.methods:
+        study.enqueue_trial({"method": m, f"lr.{m}": SEARCH_METHODS[m].first_lr}
+                            | ({"prompt_length": _first_length(config)} if len(config.prompt_lengths) > 1 else {}))
+    return study
+
+
+def _run_trials(config: TuneConfig, study, n_train: int, base, metric: str, t0: float, log: TrialLog,
+                records: list[TrialRecord]) -> str:
+    """Trials until --trials ran ("trials") or the budget is spent ("budget"); each finished trial is
+    told to the study, appended to ``records`` and to trials.jsonl."""
+    from optuna.trial import TrialState
+
+    speed: dict[str, float] = {}  # method -> measured seconds per step in the loop (evaluations included)
+    setup = 0.0  # most seconds a trial spent outside its loop (reading and tokenizing data): not in --max-time
+    for number in range(config.trials):
+        left = config.budget - (time.perf_counter() - t0)
+        if number and left < MIN_SHARE * config.budget / config.trials:
+            return "budget"
+        trial = study.ask()
+        params = _suggest(trial, config)
+        share = max(left / (config.trials - number) - setup, 1e-3)
+        step_s = speed.get(params["method"]) or max(speed.values(), default=FIRST_STEP_SECONDS)
+        plan = auto_steps(n_train, config.train.batch_size, share, step_seconds=step_s)
+        rec = _run_trial(config, trial, number, params, share, plan, base, metric)
+        done = rec.state == "complete"
+        study.tell(trial, rec.value if done else None, state=TrialState.COMPLETE if done else TrialState.PRUNED)
+        speed[params["method"]] = rec.loop_seconds / max(1, rec.steps)
+        setup = max(setup, rec.seconds - rec.loop_seconds)
+        records.append(rec)
+        log.append(rec)
+    return "trials"
 
 
 def _startup(config: TuneConfig) -> int:

@@ -88,6 +88,7 @@ class TuneResult:
     seconds: float
     """Wall time of the search, model loading included."""
     stopped_by: Literal["trials", "budget"]
-    """What ended the search: every trial ran, or the budget was spent."""
+    """What ended the search: every trial ran, or the budget was spent (an interrupted search raises
+    KeyboardInterrupt after writing its winner, ``training.search.stopped_by`` "interrupted")."""
     search: dict = field(default_factory=dict)
     """The summary written into the prompt file's training metadata (``training.search``)."""
