@@ -115,7 +115,7 @@ def test_the_budget_stops_the_search(tmp_path, learn, easy):
                    trials=5, methods="prompt", pruner="none")
     r = tune(c, base=learn)
     assert r.stopped_by == "budget" and len(r.trials) == 1  # the first trial always runs
-    assert r.trials[0].stopped_by == "time" and r.trials[0].steps == 1
+    assert r.trials[0].steps == r.trials[0].planned_steps == 1  # planned to fit its share: nothing else does
     assert load_prompt(r.path, learn).meta.training["search"]["stopped_by"] == "budget"
 
 
@@ -209,3 +209,15 @@ def test_init_from_must_fit_every_searched_recipe(tmp_path, learn, easy):
         TuneConfig(train=c, budget="1m")
     with pytest.raises(ConfigError, match="holds 4 virtual tokens: give --prompt-length 4"):
         TuneConfig(train=c, budget="1m", methods="prompt", prompt_lengths=[4, 8])
+
+
+def test_plan_steps_fits_training_and_evaluations_in_the_share():
+    from softprompt.tune.search import plan_steps
+
+    assert plan_steps(100, 1.0, 0.0, 10**6, 8, None) == 100  # no evaluation cost: share / step time
+    n = plan_steps(100, 1.0, 4.0, 10**6, 8, None)  # 5 evaluations of 4 s (train's default) take 20 s
+    assert n == 80 and n + 5 * 4 <= 100
+    assert plan_steps(100, 1.0, 4.0, 10**6, 8, 10) == 70  # one every 10 steps: 70 + 7 x 4 <= 100 < 71 + 8 x 4
+    assert plan_steps(100, 1.0, 0.0, 80, 8, None) == 100  # 10 passes over 80 rows = 100 steps
+    assert plan_steps(100, 1.0, 0.0, 40, 8, None) == 50
+    assert plan_steps(5, 1.0, 60.0, 10**6, 8, None) == 1  # nothing fits: one step

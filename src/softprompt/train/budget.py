@@ -45,16 +45,15 @@ def parse_duration(value: float | int | str) -> float:
     return seconds
 
 
-def auto_steps(n_examples: int, batch_size: int, max_time: float, step_seconds: float = AUTO_STEP_SECONDS) -> int:
+def auto_steps(n_examples: int, batch_size: int, max_time: float) -> int:
     """``--max-steps auto``: the planned step count (pure), which the learning-rate schedule spans.
 
     At most ``AUTO_EPOCHS`` passes over the data (a small set is not worth more) and at most what
-    the budget could run at ``step_seconds`` a step (default ``AUTO_STEP_SECONDS``; ``softprompt
-    tune`` passes the speed it measured), bounded to [AUTO_MIN_STEPS, AUTO_MAX_STEPS].
+    the budget could run at ``AUTO_STEP_SECONDS`` a step, bounded to [AUTO_MIN_STEPS, AUTO_MAX_STEPS].
     The budget stops the run where the plan is longer than the machine allows; the best prompt on
     dev is kept either way."""
     by_data = AUTO_EPOCHS * max(1, n_examples // batch_size)
-    by_time = int(max_time / step_seconds)
+    by_time = int(max_time / AUTO_STEP_SECONDS)
     return max(AUTO_MIN_STEPS, min(AUTO_MAX_STEPS, by_data, by_time))
 
 

@@ -14,6 +14,7 @@ Not here: the search space and settings (config.py), the records (trials.py), tr
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 
@@ -23,7 +24,7 @@ from ..base import BaseModel, load_base_model
 from ..extras import require
 from ..train import train
 from ..train.balance import resolve as resolve_balance
-from ..train.budget import auto_steps
+from ..train.budget import AUTO_EPOCHS, AUTO_MAX_STEPS
 from ..train.prepare import prepare
 from ..train.records import DevResult
 from .config import PRUNERS, SEARCH_METHODS, TuneConfig
@@ -32,10 +33,14 @@ from .trials import TrialLog, TrialRecord, TuneResult, best_trial
 __all__ = ["tune"]
 
 FIRST_STEP_SECONDS = 2.0
-"""Seconds a step (with its share of dev evaluations) is assumed to take before a trial has measured
-it (a 135M base at batch 8 on a loaded CPU core, fp32). Too slow a guess is cheap: the trial ends before
-its share and the time left goes to the next trials; too fast a guess would cut its learning-rate
-schedule short."""
+"""Seconds a training step is assumed to take before a trial has measured it (a 135M base at batch 8
+on a loaded CPU core, fp32). Too slow a guess is cheap: the trial ends before its share and the time
+left goes to the next trials; too fast a guess would cut its learning-rate schedule short."""
+FORWARD_SHARE = 1 / 3
+"""Before a dev evaluation has been measured, a dev row is assumed to cost this fraction of a training
+row (a forward pass without the backward)."""
+TRAIN_EVALS = 5
+"""Without --eval-every, train evaluates every ``steps // 5`` steps (and at the last)."""
 MIN_SHARE = 0.25
 """A new trial starts only while the time left is at least this fraction of an equal share
 (budget / trials): a shorter one could not be compared with the others."""
@@ -69,7 +74,7 @@ def tune(config: TuneConfig, base: BaseModel | None = None, pruner=None) -> Tune
                    f"by dev {metric} ({len(task.train)} train / {len(task.dev)} dev examples)")
     records: list[TrialRecord] = []
     try:
-        stopped_by = _run_trials(config, study, len(task.train), base, metric, t0, log, records)
+        stopped_by = _run_trials(config, study, len(task.train), len(task.dev), base, metric, t0, log, records)
     except KeyboardInterrupt:  # Ctrl-C: the finished trials' best is still written, then the interrupt goes on
         if not records:
             raise
@@ -100,13 +105,15 @@ def _study(config: TuneConfig, direction: int, pruner):
     return study
 
 
-def _run_trials(config: TuneConfig, study, n_train: int, base, metric: str, t0: float, log: TrialLog,
+def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metric: str, t0: float, log: TrialLog,
                 records: list[TrialRecord]) -> str:
     """Trials until --trials ran ("trials") or the budget is spent ("budget"); each finished trial is
     told to the study, appended to ``records`` and to trials.jsonl."""
     from optuna.trial import TrialState
 
-    speed: dict[str, float] = {}  # method -> measured seconds per step in the loop (evaluations included)
+    tc = config.train
+    step_s: dict[str, float] = {}  # method -> measured seconds of a training step
+    eval_s: dict[str, float] = {}  # method -> measured seconds of a dev evaluation
     setup = 0.0  # most seconds a trial spent outside its loop (reading and tokenizing data): not in --max-time
     for number in range(config.trials):
         left = config.budget - (time.perf_counter() - t0)
@@ -115,16 +122,33 @@ def _run_trials(config: TuneConfig, study, n_train: int, base, metric: str, t0: 
         trial = study.ask()
         params = _suggest(trial, config)
         share = max(left / (config.trials - number) - setup, 1e-3)
-        step_s = speed.get(params["method"]) or max(speed.values(), default=FIRST_STEP_SECONDS)
-        plan = auto_steps(n_train, config.train.batch_size, share, step_seconds=step_s)
+        step = step_s.get(params["method"]) or max(step_s.values(), default=FIRST_STEP_SECONDS)
+        dev = eval_s.get(params["method"]) or max(eval_s.values(), default=n_dev / tc.batch_size * step * FORWARD_SHARE)
+        plan = plan_steps(share, step, dev, n_train, tc.batch_size, tc.eval_every)
         rec = _run_trial(config, trial, number, params, share, plan, base, metric)
         done = rec.state == "complete"
         study.tell(trial, rec.value if done else None, state=TrialState.COMPLETE if done else TrialState.PRUNED)
-        speed[params["method"]] = rec.loop_seconds / max(1, rec.steps)
+        step_s[params["method"]], eval_s[params["method"]] = rec.step_seconds, rec.eval_seconds
         setup = max(setup, rec.seconds - rec.loop_seconds)
         records.append(rec)
         log.append(rec)
     return "trials"
+
+
+def plan_steps(share: float, step_s: float, eval_s: float, n_train: int, batch_size: int,
+               eval_every: int | None) -> int:
+    """A trial's steps (the span of its learning-rate schedule), pure: the most whose training
+    (``step_s`` a step) and dev evaluations (``eval_s`` each, as many as train runs for that many
+    steps) fit its ``share`` of the budget (s); at most ``AUTO_EPOCHS`` passes over the data and
+    ``AUTO_MAX_STEPS``; at least 1."""
+    def cost(n: int) -> float:
+        every = eval_every or max(1, n // TRAIN_EVALS)  # train's default: 5 evaluations a run
+        return n * step_s + math.ceil(n / every) * eval_s
+
+    n = max(1, min(AUTO_MAX_STEPS, AUTO_EPOCHS * max(1, n_train // batch_size), int(share / step_s)))
+    while n > 1 and cost(n) > share:
+        n -= 1
+    return n
 
 
 def _startup(config: TuneConfig) -> int:
@@ -170,10 +194,13 @@ def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: floa
     result = train(tc, base=base, on_eval=on_eval)
     seconds = time.perf_counter() - t
     summary = load_prompt(result.path).meta.training
+    train_s = result.examples / result.examples_per_s if result.examples_per_s else 0.0  # the steps alone
     rec = TrialRecord(number=number, state="pruned" if pruned else "complete", params=params, metric=metric,
                       value=float(result.metrics[config.name][metric]), best_step=result.best_step[config.name],
                       evals=evals, steps=result.steps, planned_steps=summary["planned_steps"], max_time=round(share, 3),
-                      seconds=round(seconds, 3), loop_seconds=round(result.seconds, 3), stopped_by=summary["stopped_by"], prompt=str(result.path))
+                      seconds=round(seconds, 3), loop_seconds=round(result.seconds, 3),
+                      step_seconds=round(train_s / max(1, result.steps), 4),
+                      eval_seconds=round((result.seconds - train_s) / max(1, len(evals)), 4), stopped_by=summary["stopped_by"], prompt=str(result.path))
     _say(config.train.quiet, f"  best dev {metric} {rec.value:.4f} at step {rec.best_step} of {rec.steps}"
                              f"{' (pruned)' if pruned else ''}, {seconds:.0f}s")
     return rec

@@ -40,6 +40,10 @@ class TrialRecord:
     loop_seconds: float = 0.0
     """Of which in the training loop, evaluations included (what its share limits; the rest is reading
     and tokenizing the data, and writing its prompt)."""
+    step_seconds: float = 0.0
+    """Measured seconds of one training step (the next trials of this method are planned with it)."""
+    eval_seconds: float = 0.0
+    """Measured seconds of one dev evaluation (likewise)."""
     stopped_by: str | None = None
     """None (ran its planned steps), "time" (its share), "early_stopping" (--patience) or "on_eval" (pruned)."""
     prompt: str = ""
