@@ -214,10 +214,11 @@ def test_init_from_must_fit_every_searched_recipe(tmp_path, learn, easy):
 def test_plan_steps_fits_training_and_evaluations_in_the_share():
     from softprompt.tune.search import plan_steps
 
-    assert plan_steps(100, 1.0, 0.0, 10**6, 8, None) == 100  # no evaluation cost: share / step time
-    n = plan_steps(100, 1.0, 4.0, 10**6, 8, None)  # 5 evaluations of 4 s (train's default) take 20 s
-    assert n == 80 and n + 5 * 4 <= 100
-    assert plan_steps(100, 1.0, 4.0, 10**6, 8, 10) == 70  # one every 10 steps: 70 + 7 x 4 <= 100 < 71 + 8 x 4
-    assert plan_steps(100, 1.0, 0.0, 80, 8, None) == 100  # 10 passes over 80 rows = 100 steps
-    assert plan_steps(100, 1.0, 0.0, 40, 8, None) == 50
-    assert plan_steps(5, 1.0, 60.0, 10**6, 8, None) == 1  # nothing fits: one step
+    assert plan_steps(100, 1.0, 0.0, 10**6, 8, None) == (100, 20)  # evaluations for free: 5 of them
+    assert plan_steps(100, 1.0, 4.0, 10**6, 8, None) == (80, 16)  # 5 evaluations of 4 s: 80 + 5 x 4 = 100
+    assert plan_steps(100, 1.0, 10.0, 10**6, 8, None) == (80, 40)  # 2 evaluations fit a quarter of the share
+    assert plan_steps(100, 1.0, 60.0, 10**6, 8, None) == (40, 40)  # even one is dearer: one, at the end
+    assert plan_steps(100, 1.0, 4.0, 10**6, 8, 10) == (70, 10)  # --eval-every 10: 70 + 7 x 4 <= 100 < 71 + 8 x 4
+    assert plan_steps(100, 1.0, 0.0, 80, 8, None) == (100, 20)  # 10 passes over 80 rows = 100 steps
+    assert plan_steps(100, 1.0, 0.0, 40, 8, None) == (50, 10)
+    assert plan_steps(5, 1.0, 60.0, 10**6, 8, None) == (1, 1)  # nothing fits: one step

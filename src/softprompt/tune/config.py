@@ -153,13 +153,14 @@ class TuneConfig:
         return self.train.run_path()
 
     def trial_config(self, number: int, method: str, lr: float, prompt_length: int, max_time: float,
-                     max_steps: int | None) -> TrainConfig:
+                     max_steps: int | None, eval_every: int | None = None) -> TrainConfig:
         """Trial ``number``'s training settings: the shared ones with this trial's recipe and share of
         the budget; its prompt and metrics go to ``<run>/trial-NNN/``."""
         t, m = self.train, SEARCH_METHODS[method]
         folder = self.run_path() / f"trial-{number:03d}"
-        steps = t.max_steps if t.max_steps is not None or t.epochs is not None else max_steps
+        fixed = t.max_steps is not None or t.epochs is not None  # --max-steps / --epochs: the user's length
+        steps = t.max_steps if fixed else max_steps
         return dataclasses.replace(
             t, method=m.method, reparam=m.reparam, lr=lr, prompt_length=prompt_length, max_time=max_time,
-            max_steps=steps, out=str(folder / "prompt.safetensors"), run_dir=str(folder), name=self.name,
+            max_steps=steps, eval_every=t.eval_every or (None if fixed else eval_every), out=str(folder / "prompt.safetensors"), run_dir=str(folder), name=self.name,
             checkpoint_every=0, quiet=True, run_name=f"{t.tracker_run_name()}-trial-{number:03d}")

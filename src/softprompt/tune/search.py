@@ -36,11 +36,15 @@ FIRST_STEP_SECONDS = 2.0
 """Seconds a training step is assumed to take before a trial has measured it (a 135M base at batch 8
 on a loaded CPU core, fp32). Too slow a guess is cheap: the trial ends before its share and the time
 left goes to the next trials; too fast a guess would cut its learning-rate schedule short."""
-FORWARD_SHARE = 1 / 3
+FORWARD_SHARE = 0.6
 """Before a dev evaluation has been measured, a dev row is assumed to cost this fraction of a training
-row (a forward pass without the backward)."""
+row (measured: tweet-sentiment, 3 labels, 100 dev rows took 30.5 s where a step of 8 rows took 4.0 s,
+SmolLM2-135M fp32 on a loaded AMD EPYC core, bench/results/tune_tweet_sentiment.json)."""
 TRAIN_EVALS = 5
-"""Without --eval-every, train evaluates every ``steps // 5`` steps (and at the last)."""
+"""Dev evaluations of a trial without --eval-every (as train's default: 5 a run) ..."""
+EVAL_SHARE = 0.25
+"""... fewer where they would take more than this fraction of its share (a 100-row dev evaluation
+took as long as 8 training steps on a loaded CPU core: 5 of them ate most of a short trial)."""
 MIN_SHARE = 0.25
 """A new trial starts only while the time left is at least this fraction of an equal share
 (budget / trials): a shorter one could not be compared with the others."""
@@ -124,8 +128,8 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
         share = max(left / (config.trials - number) - setup, 1e-3)
         step = step_s.get(params["method"]) or max(step_s.values(), default=FIRST_STEP_SECONDS)
         dev = eval_s.get(params["method"]) or max(eval_s.values(), default=n_dev / tc.batch_size * step * FORWARD_SHARE)
-        plan = plan_steps(share, step, dev, n_train, tc.batch_size, tc.eval_every)
-        rec = _run_trial(config, trial, number, params, share, plan, base, metric)
+        plan, every = plan_steps(share, step, dev, n_train, tc.batch_size, tc.eval_every)
+        rec = _run_trial(config, trial, number, params, share, plan, every, base, metric)
         done = rec.state == "complete"
         study.tell(trial, rec.value if done else None, state=TrialState.COMPLETE if done else TrialState.PRUNED)
         step_s[params["method"]], eval_s[params["method"]] = rec.step_seconds, rec.eval_seconds
@@ -136,19 +140,22 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
 
 
 def plan_steps(share: float, step_s: float, eval_s: float, n_train: int, batch_size: int,
-               eval_every: int | None) -> int:
-    """A trial's steps (the span of its learning-rate schedule), pure: the most whose training
-    (``step_s`` a step) and dev evaluations (``eval_s`` each, as many as train runs for that many
-    steps) fit its ``share`` of the budget (s); at most ``AUTO_EPOCHS`` passes over the data and
-    ``AUTO_MAX_STEPS``; at least 1."""
-    def cost(n: int) -> float:
-        every = eval_every or max(1, n // TRAIN_EVALS)  # train's default: 5 evaluations a run
-        return n * step_s + math.ceil(n / every) * eval_s
-
-    n = max(1, min(AUTO_MAX_STEPS, AUTO_EPOCHS * max(1, n_train // batch_size), int(share / step_s)))
-    while n > 1 and cost(n) > share:
-        n -= 1
-    return n
+               eval_every: int | None) -> tuple[int, int]:
+    """A trial's steps (the span of its learning-rate schedule) and its --eval-every, pure: the most
+    steps whose training (``step_s`` a step) and dev evaluations (``eval_s`` each) fit its ``share`` of
+    the budget (s), at most ``AUTO_EPOCHS`` passes over the data and ``AUTO_MAX_STEPS``, at least 1.
+    Given no ``eval_every``, up to ``TRAIN_EVALS`` evaluations spread over the steps, fewer where
+    they would take more than ``EVAL_SHARE`` of the share (at least one, at the end)."""
+    cap = max(1, min(AUTO_MAX_STEPS, AUTO_EPOCHS * max(1, n_train // batch_size)))
+    if eval_every:
+        n = min(cap, max(1, int(share / step_s)))
+        while n > 1 and n * step_s + math.ceil(n / eval_every) * eval_s > share:
+            n -= 1
+        return n, eval_every
+    k = max(1, min(TRAIN_EVALS, int(EVAL_SHARE * share / eval_s))) if eval_s > 0 else TRAIN_EVALS
+    n = max(1, min(cap, int((share - k * eval_s) / step_s)))
+    k = min(k, n)
+    return n, math.ceil(n / k)
 
 
 def _startup(config: TuneConfig) -> int:
@@ -173,7 +180,7 @@ def _suggest(trial, config: TuneConfig) -> dict:
     return {"method": method, "lr": lr, "prompt_length": int(length)}
 
 
-def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: float, plan: int, base,
+def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: float, plan: int, every: int, base,
                metric: str) -> TrialRecord:
     """Train one trial, reporting each dev evaluation to the pruner (its k-th is Optuna step k)."""
     evals: list[dict] = []
@@ -188,8 +195,9 @@ def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: floa
         _say(config.train.quiet, f"  step {dev.step}: dev {metric} {value:.4f}{' -> pruned' if pruned else ''}")
         return pruned
 
-    tc = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], share, plan)
-    _say(config.train.quiet, f"trial {number}: {_recipe(params)}, {share:.0f}s, {tc.max_steps or 'epochs'} steps planned")
+    tc = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], share, plan, every)
+    _say(config.train.quiet, f"trial {number}: {_recipe(params)}, {share:.0f}s, {tc.max_steps or 'epochs'} steps planned, "
+                             f"dev every {tc.eval_every}")
     t = time.perf_counter()
     result = train(tc, base=base, on_eval=on_eval)
     seconds = time.perf_counter() - t
