@@ -36,15 +36,16 @@ FIRST_STEP_SECONDS = 2.0
 """Seconds a training step is assumed to take before a trial has measured it (a 135M base at batch 8
 on a loaded CPU core, fp32). Too slow a guess is cheap: the trial ends before its share and the time
 left goes to the next trials; too fast a guess would cut its learning-rate schedule short."""
-FORWARD_SHARE = 0.6
+FORWARD_SHARE = 0.5
 """Before a dev evaluation has been measured, a dev row is assumed to cost this fraction of a training
-row (measured: tweet-sentiment, 3 labels, 100 dev rows took 30.5 s where a step of 8 rows took 4.0 s,
-SmolLM2-135M fp32 on a loaded AMD EPYC core, bench/results/tune_tweet_sentiment.json)."""
+row (measured 0.45-0.51: tweet-sentiment, 3 labels, 100 dev rows in 24-30 s where a step of 8 rows took
+4.0-4.6 s; SmolLM2-135M fp32 on a loaded AMD EPYC core, bench/results/tune_tweet_sentiment.json)."""
 TRAIN_EVALS = 5
 """Dev evaluations of a trial without --eval-every (as train's default: 5 a run) ..."""
 EVAL_SHARE = 0.25
 """... fewer where they would take more than this fraction of its share (a 100-row dev evaluation
-took as long as 8 training steps on a loaded CPU core: 5 of them ate most of a short trial)."""
+took as long as 6 training steps on a loaded CPU core, bench/results/tune_tweet_sentiment.json: 5 of
+them would eat most of a short trial)."""
 MIN_SHARE = 0.25
 """A new trial starts only while the time left is at least this fraction of an equal share
 (budget / trials): a shorter one could not be compared with the others."""
