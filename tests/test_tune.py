@@ -222,3 +222,16 @@ def test_plan_steps_fits_training_and_evaluations_in_the_share():
     assert plan_steps(100, 1.0, 0.0, 80, 8, None) == (100, 20)  # 10 passes over 80 rows = 100 steps
     assert plan_steps(100, 1.0, 0.0, 40, 8, None) == (50, 10)
     assert plan_steps(5, 1.0, 60.0, 10**6, 8, None) == (1, 1)  # nothing fits: one step
+
+
+def test_generation_is_searched_by_rouge_l(tmp_path, learn):
+    from trainkit import easy_generation
+
+    data = easy_generation(tmp_path / "data", n=24)
+    c = TuneConfig(train=TrainConfig(data=str(data), task="generate", eval_split=0.25, out=str(tmp_path / "g.safetensors"),
+                                     max_steps=2, batch_size=4, prompt_length=2, quiet=True, precision="fp32",
+                                     max_target_length=4, eval_every=1), budget="1h", trials=2, methods="prompt,prefix")
+    r = tune(c, base=learn)
+    assert [t.metric for t in r.trials] == ["rouge_l", "rouge_l"]
+    assert r.best.value == max(t.value for t in r.trials)
+    assert load_prompt(r.path, learn).meta.training["search"]["metric"] == "rouge_l"
