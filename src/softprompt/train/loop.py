@@ -280,7 +280,7 @@ def _evaluate(run: Run, state: LoopState) -> bool:
         f"{n} {b.select_metric} {metrics[n][b.select_metric]:.4f}"
         for t, b in zip(run.tasks, run.balance) for n in [t.name] if n in metrics)
         + ("" if improved else f" (no improvement x{state.bad_evals})"))
-    if run.on_eval is not None and run.on_eval(DevResult(step, metrics, {
+    if run.on_eval is not None and run.rt.is_main and run.on_eval(DevResult(step, metrics, {  # main decides for all
             t.name: b.select_metric for t, b in zip(run.tasks, run.balance) if t.name in metrics})):
         state.halted = True
         return True
