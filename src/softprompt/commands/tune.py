@@ -19,6 +19,8 @@ HELP = {
     "run_dir": "trials.jsonl and one folder per trial (default: <out>.run/)",
     "prompt_length": "virtual tokens (the only length tried unless --prompt-lengths lists more)",
     "patience": "evaluations without improvement before a trial stops (none: off)",
+    "eval_every": "evaluate every N steps (default: up to 5 times a trial, fewer where they would take over a "
+                  "quarter of its time)",
 }
 """train flags whose help says something else here."""
 
