@@ -21,7 +21,7 @@ def _helps() -> dict[str, str]:
 
 def test_every_command_has_examples_and_no_default_twice():
     helps = _helps()
-    assert list(helps) == ["example-data", "train", "eval", "predict", "inspect", "export", "import", "serve", "demo"]
+    assert list(helps) == ["example-data", "train", "tune", "eval", "predict", "inspect", "export", "import", "serve", "demo"]
     for name, text in helps.items():
         flat = " ".join(text.split())
         assert "examples:" in text and EXAMPLES[name].split("\n")[0] in text, name

@@ -27,6 +27,7 @@ def test_require_names_the_extra(monkeypatch):
 @pytest.mark.parametrize("blocked,argv,extra", [
     ("fastapi", ["serve", "--prompts", "."], "serve"),
     ("accelerate", ["train", "--launcher", "accelerate", "--data", "x.jsonl", "--out", "p.safetensors"], "distributed"),
+    ("optuna", ["tune", "--data", "x.jsonl", "--eval-split", "0.1", "--budget", "1m", "--out", "p.safetensors"], "tune"),
 ])
 def test_a_missing_extra_is_one_line_not_a_traceback(tmp_path, blocked, argv, extra):
     code = textwrap.dedent(f"""

@@ -18,6 +18,7 @@ from .errors import SoftpromptError
 COMMANDS: list[str] = [
     "softprompt.commands.example_data",
     "softprompt.commands.train",
+    "softprompt.commands.tune",
     "softprompt.commands.eval",
     "softprompt.commands.predict",
     "softprompt.commands.inspect",

@@ -18,6 +18,8 @@ EXAMPLES: dict[str, str] = {
     "example-data": "softprompt example-data bbc-news --out data/bbc",
     "train": "softprompt train --data tickets.csv --out prompts/tickets.safetensors\n"
              "  softprompt train --data train.jsonl --eval dev.jsonl --method prefix --max-steps 300 --out topic.safetensors",
+    "tune": "softprompt tune --data train.jsonl --eval-split 0.1 --budget 20m --out prompts/tickets.safetensors\n"
+            "  softprompt tune --data train.jsonl --eval dev.jsonl --budget 1h --trials 12 --methods prompt,prefix --out topic.safetensors",
     "eval": "softprompt eval prompts/tickets.safetensors --data test.csv --baselines\n"
             "  softprompt eval topic.safetensors --data hf:ag_news:test --limit 500 --report report.html",
     "predict": "softprompt predict prompts/tickets.safetensors \"I was charged twice\"\n"

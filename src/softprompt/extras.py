@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("matplotlib",),
     "parquet": ("pyarrow",),
     "datasets": ("datasets", "pyarrow"),
+    "tune": ("optuna",),
 }
 """Extra -> the modules it installs that softprompt imports."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Collection
 
 from ..artifact import STORAGE_DTYPES
 from ..base import DTYPES
@@ -38,11 +39,36 @@ def register(sub) -> None:
                     "label's full token sequence. Writes the prompt file(s) plus metrics.jsonl and periodic "
                     "checkpoints in the run directory (default: <out>.run/ next to --out).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _data_flags(p.add_argument_group("data and task"))
-    _model_flags(p.add_argument_group("model"))
-    _optimisation_flags(p.add_argument_group("prompt and optimisation"))
-    _run_flags(p.add_argument_group("evaluation and run"))
+    add_flags(p)
     p.set_defaults(func=run)
+
+
+def add_flags(p: argparse.ArgumentParser, leave_out: Collection[str] = (), between=None) -> None:
+    """The train command's flags, in their groups, on ``p`` (``softprompt tune`` shares them): those
+    in ``leave_out`` (e.g. ``"--resume"``) are not added and parse as their train defaults, so
+    :func:`config_from_args` reads ``p``'s arguments as it reads train's. ``between(p)`` adds the
+    caller's own groups before the run flags."""
+    left: dict[str, object] = {}
+    for title, add in (("data and task", _data_flags), ("model", _model_flags),
+                       ("prompt and optimisation", _optimisation_flags), ("evaluation and run", _run_flags)):
+        if add is _run_flags and between is not None:
+            between(p)
+        add(_Without(p.add_argument_group(title), set(leave_out), left))
+    p.set_defaults(**left)
+
+
+class _Without:
+    """An argument group that leaves out some flags, recording their defaults in ``left`` (dest -> default)."""
+
+    def __init__(self, group, leave_out: set[str], left: dict[str, object]):
+        self.group, self.leave_out, self.left = group, leave_out, left
+
+    def add_argument(self, *names: str, **kw):
+        if names[0] not in self.leave_out:
+            return self.group.add_argument(*names, **kw)
+        dest = kw.get("dest") or names[0].lstrip("-").replace("-", "_")
+        self.left[dest] = False if kw.get("action") == "store_true" else kw.get("default")
+        return None
 
 
 def _data_flags(d) -> None:

@@ -171,6 +171,8 @@ class LoopState:
     """Early stopping said stop (never saved: a stopped run is finished)."""
     out_of_time: bool = False
     """The --max-time budget stopped the run (not saved: a resumed run asks its own budget)."""
+    halted: bool = False
+    """``train(on_eval=...)`` said stop (never saved, like ``stopped``)."""
 
     @classmethod
     def fresh(cls, params: list[torch.Tensor]) -> "LoopState":

@@ -40,7 +40,7 @@ from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
 from .prepare import data_fingerprint, prepare, total_steps
 from .objective import row_losses
-from .records import MetricsLog, TrainResult, peak_rss_mb
+from .records import DevResult, EvalHook, MetricsLog, TrainResult, peak_rss_mb
 from .schedule import SAMPLINGS, lr_at, warmup_steps
 from .setup import Run, check_launch, encode_rows, init_prompts, load_model, pick_checkpointing, read_resume
 from .speed import attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention
@@ -49,7 +49,8 @@ from .tracking import Trackers
 __all__ = ["train"]
 
 
-def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> TrainResult:
+def train(config: TrainConfig, base: BaseModel | None = None, runtime=None,
+          on_eval: EvalHook | None = None) -> TrainResult:
     """Train one prompt per task and write the prompt files.
 
     Args:
@@ -60,6 +61,9 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
             started by ``accelerate launch`` with several processes, else this process alone; see
             ``softprompt.distributed``). With several processes the main process writes the files
             and its result holds the dev metrics.
+        on_eval: called on the main process after every dev evaluation with a
+            :class:`~.records.DevResult`; returning True stops the run there like early stopping
+            (``softprompt tune`` prunes trials with it).
     Returns:
         :class:`TrainResult` with the prompt files, metrics and history.
     Raises:
@@ -84,7 +88,8 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None) -> T
               opt=opt, scaler=scaler, log=MetricsLog(run_dir / "metrics.jsonl", enabled=rt.is_main),
               fingerprint=fingerprint, quiet=quiet, warm=warmup_steps(config.warmup, total),
               eval_every=config.eval_every or max(1, total // 5),
-              ckpt_every=config.checkpoint_every if config.checkpoint_every is not None else max(1, total // 10))
+              ckpt_every=config.checkpoint_every if config.checkpoint_every is not None else max(1, total // 10),
+              on_eval=on_eval)
     state = _start(run, saved)
     bar = _progress(total, state.step, enabled=not quiet)
     try:
@@ -175,7 +180,8 @@ def _loop(run: Run, state: LoopState, bar) -> None:
         if run.ckpt_every and (done % run.ckpt_every == 0 or state.stopped or state.out_of_time) and done != run.total:
             _checkpoint(run, state)
         if state.stopped:
-            _say(run.quiet, f"early stopping after step {done}: no improvement in {run.config.patience} evaluations")
+            _say(run.quiet, f"stopped by on_eval after step {done}" if state.halted else
+                 f"early stopping after step {done}: no improvement in {run.config.patience} evaluations")
             break
         if state.out_of_time:
             _say(run.quiet, f"--max-time {run.config.max_time:g}s spent after step {done} of {run.total}")
@@ -274,6 +280,10 @@ def _evaluate(run: Run, state: LoopState) -> bool:
         f"{n} {b.select_metric} {metrics[n][b.select_metric]:.4f}"
         for t, b in zip(run.tasks, run.balance) for n in [t.name] if n in metrics)
         + ("" if improved else f" (no improvement x{state.bad_evals})"))
+    if run.on_eval is not None and run.rt.is_main and run.on_eval(DevResult(step, metrics, {  # main decides for all
+            t.name: b.select_metric for t, b in zip(run.tasks, run.balance) if t.name in metrics})):
+        state.halted = True
+        return True
     patience = run.config.patience
     return patience is not None and state.bad_evals >= patience and step < run.total
 
@@ -312,7 +322,7 @@ def _finish(run: Run, state: LoopState) -> TrainResult:
     return TrainResult(paths=paths, run_dir=run.run_dir, steps=state.step, examples=state.examples, seconds=seconds,
                        examples_per_s=ex_s, metrics={k: v["metrics"] for k, v in best.items()},
                        best_step={k: v["step"] for k, v in best.items()}, history=run.log.records,
-                       stopped_early=state.stopped, out_of_time=state.out_of_time)
+                       stopped_early=state.stopped and not state.halted, out_of_time=state.out_of_time)
 
 
 def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> dict[str, Path]:
@@ -327,8 +337,8 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
             "steps": state.step, "planned_steps": run.total, "examples": state.examples,
             "train_examples": len(t.train), "dev_examples": len(t.dev or []), "train_file": str(t.config.data),
             "dev_file": t.config.eval, "best_step": b.get("step", state.step), "metric": b.get("metric"),
-            "best_metric": b.get("value"), "dev_metrics": b.get("metrics"), "stopped_early": state.stopped,
-            "stopped_by": "early_stopping" if state.stopped else "time" if state.out_of_time else None,
+            "best_metric": b.get("value"), "dev_metrics": b.get("metrics"), "stopped_early": state.stopped and not state.halted,
+            "stopped_by": "on_eval" if state.halted else "early_stopping" if state.stopped else "time" if state.out_of_time else None,
             "max_time": config.max_time,
             "seconds": round(seconds, 2), "examples_per_s": round(ex_s, 3), "processes": rt.world_size,
             "precision": precision_name(m.amp), "tasks_in_run": len(run.tasks), "config": config.result_settings(),

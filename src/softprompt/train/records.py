@@ -10,6 +10,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..artifact import atomic_write_bytes
 from .tracking import Trackers
@@ -53,6 +54,27 @@ class TrainResult:
     def path(self) -> Path:
         """The prompt file (the first task's, for several tasks)."""
         return next(iter(self.paths.values()))
+
+
+@dataclass(frozen=True)
+class DevResult:
+    """One dev evaluation during training, as ``train(on_eval=...)`` sees it (main process)."""
+
+    step: int
+    """Optimizer steps done when it was evaluated."""
+    metrics: dict[str, dict]
+    """Task name -> its dev metrics at this step (tasks with a dev set)."""
+    select_metric: dict[str, str]
+    """Task name -> the dev metric that keeps its best prompt (--select-metric, resolved)."""
+
+    def score(self, task: str) -> float:
+        """``task``'s value of its select metric at this step."""
+        return float(self.metrics[task][self.select_metric[task]])
+
+
+EvalHook = Callable[[DevResult], bool]
+"""``train(on_eval=...)``: called after every dev evaluation; returning True stops the run there, as
+early stopping would (the best dev prompt so far is written; ``stopped_by`` is ``"on_eval"``)."""
 
 
 class MetricsLog:

@@ -30,7 +30,7 @@ from .config import TaskConfig, TrainConfig, _flag
 from .prepare import PreparedTask
 from .objective import Row
 from .memory import StepShape, activation_bytes, choose_checkpointing, default_budget_bytes, parse_budget
-from .records import MetricsLog
+from .records import EvalHook, MetricsLog
 
 
 def check_launch(config: TrainConfig, rt) -> None:
@@ -236,6 +236,8 @@ class Run:
     """The current epoch's batches (schedule.batch_at)."""
     checkpointing: bool = False
     """Gradient checkpointing on for this run (asked for, or picked by --memory-budget)."""
+    on_eval: EvalHook | None = None
+    """Called after every dev evaluation; True stops the run (train()'s ``on_eval``)."""
 
     lengths: list[int] = field(init=False)
     """Tokens per row, for length-grouped batches."""
