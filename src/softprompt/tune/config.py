@@ -22,7 +22,7 @@ class SearchMethod:
 
     method: Literal["prompt", "prefix"]
     """--method of the trials that pick it."""
-    reparam: Literal["mlp", "residual"] | None
+    reparam: Literal["mlp", "residual", "scaled"] | None
     """--reparam of those trials."""
     lr_range: tuple[float, float]
     """Learning rates drawn log-uniformly between these."""
@@ -34,10 +34,12 @@ SEARCH_METHODS: dict[str, SearchMethod] = {
     "prompt": SearchMethod("prompt", None, (0.01, 0.5), 0.1),
     "prefix": SearchMethod("prefix", None, (0.001, 0.3), 0.01),
     "residual": SearchMethod("prompt", "residual", (0.01, 0.5), 0.1),
+    "prefix-scaled": SearchMethod("prefix", "scaled", (0.001, 0.1), 0.01),
 }
 """``--methods``: input prompt (train's default recipe, lr 0.1), deep prompt (the held-out sentiment
 task of issue 26 wanted lr 0.01 and more steps: its first trial), residual reparameterisation of the
-input prompt (README › Deep prompts: best early on tweets at lr 0.1)."""
+input prompt (README › Deep prompts: best early on tweets at lr 0.1), deep prompt with steps relative to
+each layer's key/value size (``--reparam scaled``; its lr is relative)."""
 DEFAULT_METHODS: tuple[str, ...] = ("prompt", "prefix", "residual")
 
 MEDIAN_STARTUP_TRIALS = 2
