@@ -15,6 +15,7 @@ evicted, unloaded or replaced meanwhile.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from contextlib import nullcontext
@@ -35,7 +36,14 @@ from .jobs import Row
 from .limits import check_label_ids, check_label_names, check_unicode
 from .prefill import PrefixSlot, fill_slots
 from .prefix_cache import MB, ByteLRU, default_limit_bytes, free_memory, tensor_bytes
-from .store import NAME_MAX, NAME_PATTERN, NAME_RE, SUFFIX, PromptFolder, check_name, namespace_of  # noqa: F401
+from .store import NAME_MAX, SEGMENT, SUFFIX, PromptFolder, check_name, namespace_of  # noqa: F401
+
+NAME_PATTERN = rf"^{SEGMENT}$"
+"""The pattern of http/routes.py's ``/v1/prompts/{name}`` path parameter, imported from here:
+one segment, since a '/' never reaches a plain ``{name}`` parameter (a namespaced name would be
+documented but answered 404). Request bodies take namespaced names (``store.NAME_PATTERN``); the
+routes take them once they match ``{name:path}`` against ``store.NAME_PATTERN`` (#24, scoped keys)."""
+NAME_RE = re.compile(NAME_PATTERN.strip("^$"))
 
 WARM_AT_START = 64
 """Prompt files loaded at start-up (the rest are read on first use): a small folder behaves as

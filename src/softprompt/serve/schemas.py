@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .bank import NAME_MAX, NAME_PATTERN
+from .store import NAME_MAX, NAME_PATTERN
 from .config import EngineConfig
 from .jobs import ClassifyRequest, GenerateRequest
 from .limits import CHARS_PER_TOKEN_LIMIT, SEED_MAX, SEED_MIN
