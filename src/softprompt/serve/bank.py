@@ -46,8 +46,9 @@ routes take them once they match ``{name:path}`` against ``store.NAME_PATTERN`` 
 NAME_RE = re.compile(NAME_PATTERN.strip("^$"))
 
 WARM_AT_START = 64
-"""Prompt files loaded at start-up (the rest are read on first use): a small folder behaves as
-before (every prompt resident, a broken file a start-up error); a large one starts in seconds."""
+"""Prompt files read and checked at start-up (their prefixes still computed on first use; the
+rest read on first use): a small folder behaves as before (every prompt listed as loaded, a broken
+file a start-up error) and a large one starts in a second."""
 SHOWN_NAMES = 20
 """An unknown-prompt error lists the known names when there are at most this many."""
 
@@ -99,6 +100,15 @@ class StoreStats:
     prefills: int  # prefixes computed
 
 
+def token_kv_bytes(pm, prefixer) -> int:
+    """Bytes of one virtual token's key/value prefix (0 on the vLLM front end, which holds a
+    prompt's rows only: ``prefixer`` set)."""
+    if prefixer is not None or getattr(pm, "lm", None) is None:
+        return 0
+    layers, heads, head_dim = pm.base.kv_layout
+    return layers * 2 * heads * head_dim * torch.empty((), dtype=pm.lm.dtype).element_size()
+
+
 def _model_bytes(pm) -> int:
     """Bytes of the weights this process holds (the vLLM front end: its embedding table)."""
     lm = getattr(pm, "lm", None)
@@ -106,6 +116,28 @@ def _model_bytes(pm) -> int:
         return sum(t.numel() * t.element_size() for t in lm.parameters())
     weight = getattr(pm.base, "weight", None)
     return 0 if weight is None else weight.numel() * weight.element_size()
+
+
+def task_of(name: str, meta: PromptMeta, tokenizer, limits: EngineConfig | None,
+            max_spec_length: int) -> tuple[TaskSpec, tuple[tuple[int, ...], ...] | None]:
+    """A prompt's task spec and (classify) label tokens, its own strings checked against the
+    server's limits; raises :class:`PromptFileError` naming the prompt."""
+    try:
+        spec = TaskSpec.from_meta(meta, max_length=max_spec_length)
+        # the file's own strings go to the tokenizer: refuse what it cannot take, and labels
+        # beyond the server's limits, now rather than on every request
+        check_unicode(spec.template, "its template")
+        for what, words in (("its labels", spec.labels or []), ("its verbalized labels", spec.words)):
+            if limits is not None:
+                check_label_names(words, limits, what)
+            for i, w in enumerate(words):
+                check_unicode(w, f"{what}[{i}]")
+        label_ids = tuple(tuple(ids) for ids in spec.label_ids(tokenizer)) if spec.kind == "classify" else None
+        if label_ids is not None and limits is not None:
+            check_label_ids(label_ids, limits, "its labels")
+    except (DataError, InvalidRequestError) as e:
+        raise PromptFileError(f"prompt {name!r}: {e}") from None
+    return spec, label_ids
 
 
 class PromptBank:
@@ -146,9 +178,10 @@ class PromptBank:
         self._version: dict[str, int] = {}  # bumped by every explicit change of a name
         self._load_s = self._prefill_s = 0.0
         self._prefills = 0
-        if self.prefix_bytes(1) > limit:
+        self.token_bytes = token_kv_bytes(pm, prefixer)
+        if self.token_bytes > limit:
             raise ConfigError(f"--prefix-cache-mb {limit / MB:g} is smaller than the key/value prefix of a single "
-                              f"virtual token ({self.prefix_bytes(1) / MB:.3f} MB)")
+                              f"virtual token ({self.token_bytes / MB:.3f} MB)")
 
     # -- reading
 
@@ -194,14 +227,6 @@ class PromptBank:
         with self._lock:
             return name in self._index or name in self._cache
 
-    def prefix_bytes(self, length: int) -> int:
-        """Bytes of the key/value prefix of ``length`` virtual tokens (0 on the vLLM front end,
-        which holds a prompt's rows only)."""
-        if self.prefixer is not None or getattr(self.pm, "lm", None) is None:
-            return 0
-        layers, heads, head_dim = self.pm.base.kv_layout
-        return layers * 2 * heads * length * head_dim * torch.empty((), dtype=self.pm.lm.dtype).element_size()
-
     def _known_names(self) -> str:
         with self._lock:
             n = len(self._index.union(self._cache.keys()))
@@ -236,7 +261,8 @@ class PromptBank:
 
     def load_all(self, warm: int = WARM_AT_START) -> list[str]:
         """Index every prompt file of the folder (nested folders are namespaces) without reading
-        it, and load the first ``warm`` of them now (while they fit the cache); returns the names.
+        it, and read and check the first ``warm`` of them now (while they fit the cache; their
+        prefixes are computed by the worker on first use); returns the names.
         Raises :class:`PromptFileError` for a file name that is no prompt name or a symlink out of
         the folder, :class:`ConfigError` when the cache cannot hold the first prompt's prefix."""
         if self.folder is None:
@@ -246,7 +272,7 @@ class PromptBank:
             self._index.update(names)
         for name in names[:warm]:
             try:
-                self._read(name, lazy=False)
+                self._read(name, lazy=True)
             except CacheTooSmallError as e:
                 raise ConfigError(f"--prefix-cache-mb is too small for the prompts folder: {e}") from None
             if self._cache.stats.evictions:
@@ -313,7 +339,7 @@ class PromptBank:
         limit = self.limits.max_prompt_tokens if self.limits is not None else None
         if limit is not None and meta.length > limit:
             raise UploadTooLargeError(f"prompt {name!r} has {meta.length} virtual tokens, more than --max-prompt-tokens {limit}")
-        spec, label_ids = self._task(name, meta)
+        spec, label_ids = task_of(name, meta, self.pm.base.tokenizer, self.limits, self.max_spec_length)
         with self._lock:
             self._load_s += time.perf_counter() - start
         if self.prefixer is not None:  # the model runs elsewhere (vLLM): it checks (deep prompts: refused) and wraps the rows
@@ -334,29 +360,10 @@ class PromptBank:
                     self._prefills += 1
         return PromptEntry(name, tensor, meta, spec, slot, label_ids, source)
 
-    def _task(self, name: str, meta: PromptMeta) -> tuple[TaskSpec, tuple[tuple[int, ...], ...] | None]:
-        """The prompt's task spec and label tokens; its own strings checked against the server's limits."""
-        try:
-            spec = TaskSpec.from_meta(meta, max_length=self.max_spec_length)
-            # the file's own strings go to the tokenizer: refuse what it cannot take, and labels
-            # beyond the server's limits, now rather than on every request
-            check_unicode(spec.template, "its template")
-            for what, words in (("its labels", spec.labels or []), ("its verbalized labels", spec.words)):
-                if self.limits is not None:
-                    check_label_names(words, self.limits, what)
-                for i, w in enumerate(words):
-                    check_unicode(w, f"{what}[{i}]")
-            label_ids = tuple(tuple(ids) for ids in spec.label_ids(self.pm.base.tokenizer)) if spec.kind == "classify" else None
-            if label_ids is not None and self.limits is not None:
-                check_label_ids(label_ids, self.limits, "its labels")
-        except (DataError, InvalidRequestError) as e:
-            raise PromptFileError(f"prompt {name!r}: {e}") from None
-        return spec, label_ids
-
     def _bytes(self, entry: PromptEntry) -> int:
         if entry.slot.filled:
             return tensor_bytes(entry.tensor, *(t for kv in entry.prefix.layers for t in kv))
-        return tensor_bytes(entry.tensor) + self.prefix_bytes(entry.length)
+        return tensor_bytes(entry.tensor) + self.token_bytes * entry.length
 
     def _put(self, entry: PromptEntry, *, pinned: bool, indexed: bool, version: int | None = None) -> PromptEntry:
         """Cache ``entry`` (an explicit change: ``version`` None) and return it."""
