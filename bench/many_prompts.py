@@ -158,7 +158,7 @@ def main() -> None:
                 row["start-up minus model load s"] = round(seconds - model_s, 2) if model_s is not None else None
                 print(row, flush=True)
                 rows.append(row)
-                if kind == "nested" and who == "this branch":
+                if kind == "nested" and who == "this branch" and len(names[kind]) >= args.distinct:
                     rng = random.Random(args.seed)
                     for label, pool in (("one prompt", names[kind][:1]), (f"Zipf(1.1) over {args.distinct}",
                                                                           rng.sample(names[kind], args.distinct))):
@@ -185,7 +185,7 @@ def summarize(rows: list[dict], args) -> None:
         summary["Zipf / one-prompt throughput"] = round(many["requests/s"] / one["requests/s"], 3)
         summary["Zipf / one-prompt p99"] = round(many["p99 ms"] / one["p99 ms"], 3)
     notes = (f"Prompts: {args.length} virtual tokens, 5 labels, float16 files; servers `--dtype float32 --threads 1 "
-             f"--max-batch 16 --prefix-cache-mb {args.prefix_cache_mb:g}` (the baseline server: its defaults), "
+             f"--max-batch 16 --prefix-cache-mb {args.prefix_cache_mb:g}` (the baseline server the same without `--prefix-cache-mb`, which it lacks), "
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {args.requests} classifications per "
              f"traffic row, {args.concurrency} in flight. Start-up: spawn to first /healthz 200 (0.1 s poll); "
              "'minus model load' subtracts the empty-folder server's start-up. The store reads and checks the first 64 "

