@@ -331,3 +331,35 @@ def test_metrics_show_the_store(base, tmp_path):
         for name in ("softprompt_prefix_cache_limit_bytes", "softprompt_prefix_cache_evictions_total",
                      "softprompt_prompt_load_seconds_total"):
             assert name in text
+
+
+def test_over_http_a_corrupt_file_is_one_line_422_and_uploads_are_durable(base, tmp_path):
+    """The store behind the HTTP routes: a namespaced name in a request body, a corrupt file found
+    on first use (422 invalid_prompt_file, one line, the server still serving), an upload written
+    to the folder (the same 201 answer as before) and removed by DELETE."""
+    import httpx
+
+    from softprompt.serve.config import ServeConfig
+    from softprompt.serve.http import start_server
+
+    write(base, tmp_path, "acme/good")
+    (tmp_path / "acme" / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    config = ServeConfig(prompts_dir=str(tmp_path), port=0, engine=EngineConfig(max_wait_ms=0))
+    eng = Engine(base, config.engine, prompts_dir=tmp_path, durable_uploads=not config.ephemeral_uploads)
+    eng.bank.load_all(warm=0)
+    srv = start_server(config, eng)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/v1/classify", json={"prompt": "acme/bad", "text": "x"})
+            assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_prompt_file"
+            assert "bad.safetensors" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
+            r = c.post("/v1/classify", json={"prompt": "acme/good", "text": "x"})
+            assert r.status_code == 200 and r.json()["prompts"] == ["acme/good"]
+            data = prompt_bytes(weight(base, 3, seed=5), meta(base, 3), "float32")
+            r = c.put("/v1/prompts/uploaded", content=data)
+            assert r.status_code == 201 and r.json()["source"] == "upload"
+            assert (tmp_path / "uploaded.safetensors").read_bytes() == data
+            assert c.delete("/v1/prompts/uploaded").status_code == 200
+            assert not (tmp_path / "uploaded.safetensors").exists()
+    finally:
+        srv.stop()
