@@ -19,7 +19,7 @@ from softprompt.serve.bank import namespace_of
 from softprompt.serve.errors import BadPromptNameError, UnknownPromptError, UploadTooLargeError
 from softprompt.serve.prefill import compute_prefixes, length_groups
 from softprompt.serve.prefix_cache import MB, ByteLRU, default_limit_bytes, tensor_bytes
-from softprompt.serve.store import NAME_PATTERN, PromptFolder
+from softprompt.serve.store import PROMPT_PATTERN, PromptFolder
 from test_serve_engine import TOPICS, soft_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,10 +83,12 @@ def test_tensor_bytes_counts_shared_storage_once_and_default_limit():
 def test_names_and_namespaces():
     import re
 
-    assert "(?=" not in NAME_PATTERN and "(?!" not in NAME_PATTERN and "(?<" not in NAME_PATTERN  # JSON-schema portable
-    ok = ["t", "acme/ticket-routing", "a/b/c/d", "v1.2/x_y-z"]
-    bad = ["", "/a", "a/", "a//b", "a/../b", "..", "a/b/c/d/e", ".hidden", "a/.b", "a\\b", "x" * 129]
-    assert all(re.fullmatch(NAME_PATTERN.strip("^$"), n) for n in ok)
+    assert "(?=" not in PROMPT_PATTERN and "(?!" not in PROMPT_PATTERN and "(?<" not in PROMPT_PATTERN  # JSON-schema portable
+    ok = ["t", "acme/ticket-routing", "a/b/c/d", "v1.2/x_y-z", "/".join(["x" * 128] * 4)]
+    bad = ["", "/a", "a/", "a//b", "a/../b", "..", "a/b/c/d/e", ".hidden", "a/.b", "a\\b", "x" * 129, "a/" + "x" * 129]
+    assert all(re.fullmatch(PROMPT_PATTERN.strip("^$"), n) for n in ok)
+    for name in ok:
+        PromptFolder("/tmp").path_of(name)
     folder = PromptFolder("/tmp")
     for name in bad:
         with pytest.raises(BadPromptNameError):

@@ -39,10 +39,10 @@ from .prefix_cache import MB, ByteLRU, default_limit_bytes, free_memory, tensor_
 from .store import NAME_MAX, SEGMENT, SUFFIX, PromptFolder, check_name, namespace_of  # noqa: F401
 
 NAME_PATTERN = rf"^{SEGMENT}$"
-"""The pattern of http/routes.py's ``/v1/prompts/{name}`` path parameter, imported from here:
-one segment, since a '/' never reaches a plain ``{name}`` parameter (a namespaced name would be
-documented but answered 404). Request bodies take namespaced names (``store.NAME_PATTERN``); the
-routes take them once they match ``{name:path}`` against ``store.NAME_PATTERN`` (#24, scoped keys)."""
+"""One segment of a prompt name, i.e. a top-level name (namespaced names: ``store.PROMPT_PATTERN``).
+http/routes.py's ``/v1/prompts/{name}`` path parameter takes this today, since a '/' never reaches
+a plain ``{name}`` parameter; with ``{name:path}`` routes (#24, scoped keys) it takes
+``store.PROMPT_PATTERN``."""
 NAME_RE = re.compile(NAME_PATTERN.strip("^$"))
 
 WARM_AT_START = 64

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .store import NAME_MAX, NAME_PATTERN
+from .store import NAME_MAX, PROMPT_MAX, PROMPT_PATTERN
 from .config import EngineConfig
 from .jobs import ClassifyRequest, GenerateRequest
 from .limits import CHARS_PER_TOKEN_LIMIT, SEED_MAX, SEED_MIN
@@ -93,7 +93,7 @@ class Bodies:
 
 
 def prompt_name(**kw) -> Any:
-    return Field(pattern=NAME_PATTERN, min_length=1, max_length=NAME_MAX, **kw)
+    return Field(pattern=PROMPT_PATTERN, min_length=1, max_length=PROMPT_MAX, **kw)
 
 
 def request_bodies(limits: EngineConfig) -> Bodies:

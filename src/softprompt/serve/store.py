@@ -24,11 +24,14 @@ SEGMENT = r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?"
 """One segment: letters, digits, '_', '-' or '.', starting with a letter or digit, never two dots
 in a row (so never ``..``)."""
 MAX_SEGMENTS = 4
-NAME_PATTERN = rf"^{SEGMENT}(?:/{SEGMENT}){{0,{MAX_SEGMENTS - 1}}}$"
-"""Prompt names: 1-4 segments joined by '/' (namespaces, then the prompt), 1-128 characters in
-all. Written without look-arounds so that it is a portable JSON-schema ``pattern`` too."""
 NAME_MAX = 128
-NAME_RE = re.compile(NAME_PATTERN.strip("^$"))
+"""Longest segment."""
+PROMPT_PATTERN = rf"^{SEGMENT}(?:/{SEGMENT}){{0,{MAX_SEGMENTS - 1}}}$"
+"""Prompt names: 1-4 segments joined by '/' (namespaces, then the prompt). Written without
+look-arounds so that it is a portable JSON-schema ``pattern`` too (the same rule as keys.py's)."""
+PROMPT_MAX = MAX_SEGMENTS * (NAME_MAX + 1) - 1
+"""Longest prompt name: four segments of ``NAME_MAX`` characters and their '/'."""
+PROMPT_RE = re.compile(PROMPT_PATTERN.strip("^$"))
 
 SUFFIX = ".safetensors"
 READ_TRIES = 3
@@ -37,10 +40,11 @@ READ_TRIES = 3
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid prompt name, else raise :class:`BadPromptNameError`."""
-    if not isinstance(name, str) or len(name) > NAME_MAX or not NAME_RE.fullmatch(name) or ".." in name:
+    if (not isinstance(name, str) or len(name) > PROMPT_MAX or not PROMPT_RE.fullmatch(name) or ".." in name
+            or any(len(s) > NAME_MAX for s in name.split("/"))):
         raise BadPromptNameError(
-            f"invalid prompt name {name!r}: use 1-{MAX_SEGMENTS} segments joined by '/', each of letters, digits, "
-            f"'_', '-' or '.' starting with a letter or digit, {NAME_MAX} characters in all"
+            f"invalid prompt name {name!r}: use 1-{MAX_SEGMENTS} segments joined by '/', each of 1-{NAME_MAX} "
+            "letters, digits, '_', '-' or '.' starting with a letter or digit"
         )
     return name
 
