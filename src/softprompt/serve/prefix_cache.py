@@ -54,7 +54,7 @@ def default_limit_bytes(model_bytes: int, free: int) -> int:
     but at most a quarter of the memory free at start-up, and at least 64 MB.
 
     The weights are a natural yardstick: a server that can hold the model once can hold as much
-    again in prompts (SmolLM2-135M in float32: 540 MB, ~580 prefixes of 20 tokens), while the
+    again in prompts (SmolLM2-135M in float32: 513 MiB, ~555 prompts of 20 tokens), while the
     quarter of free memory keeps a small machine (or a GPU nearly filled by the model) from being
     overcommitted."""
     return max(MIN_DEFAULT, min(model_bytes, free // 4))
