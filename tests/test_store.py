@@ -133,6 +133,10 @@ def test_folder_is_indexed_without_reading_and_read_on_first_use(base, tmp_path)
         assert (s.resident, s.misses, s.prefills) == (1, 1, 1) and r.label in TOPICS
         eng.classify("again", "p1")
         assert eng.bank.stats().hits >= 1 and eng.bank.stats().prefills == 1
+        (tmp_path / "p2.safetensors").unlink()  # removed behind the server's back
+        with pytest.raises(UnknownPromptError, match="no prompt file p2.safetensors"):
+            eng.classify("x", "p2")
+        assert "p2" not in eng.bank and len(eng.bank) == 4
 
 
 def test_several_missing_prefixes_are_prefilled_in_one_pass(base, tmp_path, monkeypatch):

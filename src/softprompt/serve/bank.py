@@ -35,7 +35,7 @@ from .errors import CacheTooSmallError, InvalidRequestError, UnknownPromptError,
 from .jobs import Row
 from .limits import check_label_ids, check_label_names, check_unicode
 from .prefill import PrefixSlot, fill_slots
-from .prefix_cache import MB, ByteLRU, default_limit_bytes, free_memory, tensor_bytes
+from .prefix_cache import MB, ByteLRU, default_limit_bytes, free_memory, model_bytes, tensor_bytes, token_kv_bytes
 from .store import NAME_MAX, SEGMENT, SUFFIX, PromptFolder, check_name, namespace_of  # noqa: F401
 
 NAME_PATTERN = rf"^{SEGMENT}$"
@@ -100,22 +100,12 @@ class StoreStats:
     prefills: int  # prefixes computed
 
 
-def token_kv_bytes(pm, prefixer) -> int:
-    """Bytes of one virtual token's key/value prefix (0 on the vLLM front end, which holds a
-    prompt's rows only: ``prefixer`` set)."""
-    if prefixer is not None or getattr(pm, "lm", None) is None:
-        return 0
-    layers, heads, head_dim = pm.base.kv_layout
-    return layers * 2 * heads * head_dim * torch.empty((), dtype=pm.lm.dtype).element_size()
-
-
-def _model_bytes(pm) -> int:
-    """Bytes of the weights this process holds (the vLLM front end: its embedding table)."""
-    lm = getattr(pm, "lm", None)
-    if lm is not None:
-        return sum(t.numel() * t.element_size() for t in lm.parameters())
-    weight = getattr(pm.base, "weight", None)
-    return 0 if weight is None else weight.numel() * weight.element_size()
+def entry_bytes(entry: PromptEntry, token_bytes: int) -> int:
+    """Bytes an entry holds: its tensor and prefix (storages counted once), the prefix reckoned
+    from its length while it is not computed yet."""
+    if entry.slot.filled:
+        return tensor_bytes(entry.tensor, *(t for kv in entry.prefix.layers for t in kv))
+    return tensor_bytes(entry.tensor) + token_bytes * entry.length
 
 
 def task_of(name: str, meta: PromptMeta, tokenizer, limits: EngineConfig | None,
@@ -172,7 +162,7 @@ class PromptBank:
         self.prefixer = prefixer
         self.durable = durable and self.folder is not None
         mb = limits.prefix_cache_mb if limits is not None else None
-        limit = int(mb * MB) if mb else default_limit_bytes(_model_bytes(pm), free_memory(pm.base.device))
+        limit = int(mb * MB) if mb else default_limit_bytes(model_bytes(pm), free_memory(pm.base.device))
         self._cache: ByteLRU[PromptEntry] = ByteLRU(limit)
         self._index: set[str] = set()  # names of the folder's files, usable without a load
         self._version: dict[str, int] = {}  # bumped by every explicit change of a name
@@ -196,7 +186,13 @@ class PromptBank:
             return entry
         if not indexed:
             raise UnknownPromptError(f"unknown prompt {name!r}; loaded: {self._known_names()}")
-        return self._read(name, lazy=True, version=version)
+        try:
+            return self._read(name, lazy=True, version=version)
+        except UnknownPromptError:  # its file was removed behind the server's back: forget the name
+            with self._lock:
+                if self._version.get(name, 0) == version:
+                    self._index.discard(name)
+            raise
 
     def names(self) -> list[str]:
         """Every usable prompt name: resident, or indexed in the folder."""
@@ -360,14 +356,9 @@ class PromptBank:
                     self._prefills += 1
         return PromptEntry(name, tensor, meta, spec, slot, label_ids, source)
 
-    def _bytes(self, entry: PromptEntry) -> int:
-        if entry.slot.filled:
-            return tensor_bytes(entry.tensor, *(t for kv in entry.prefix.layers for t in kv))
-        return tensor_bytes(entry.tensor) + self.token_bytes * entry.length
-
     def _put(self, entry: PromptEntry, *, pinned: bool, indexed: bool, version: int | None = None) -> PromptEntry:
         """Cache ``entry`` (an explicit change: ``version`` None) and return it."""
-        nbytes, name = self._bytes(entry), entry.name
+        nbytes, name = entry_bytes(entry, self.token_bytes), entry.name
         with self._lock:
             limit = self._cache.limit
             if nbytes > limit:

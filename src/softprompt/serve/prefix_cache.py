@@ -49,7 +49,7 @@ def free_memory(device: torch.device) -> int:
         return 1 << 32
 
 
-def default_limit_bytes(model_bytes: int, free: int) -> int:
+def default_limit_bytes(weights: int, free: int) -> int:
     """``--prefix-cache-mb``'s default (pure): as many bytes of prefixes as the model's own weights,
     but at most a quarter of the memory free at start-up, and at least 64 MB.
 
@@ -57,7 +57,25 @@ def default_limit_bytes(model_bytes: int, free: int) -> int:
     again in prompts (SmolLM2-135M in float32: 513 MiB, ~555 prompts of 20 tokens), while the
     quarter of free memory keeps a small machine (or a GPU nearly filled by the model) from being
     overcommitted."""
-    return max(MIN_DEFAULT, min(model_bytes, free // 4))
+    return max(MIN_DEFAULT, min(weights, free // 4))
+
+
+def token_kv_bytes(pm, prefixer) -> int:
+    """Bytes of one virtual token's key/value prefix (0 on the vLLM front end, which holds a
+    prompt's rows only: ``prefixer`` set)."""
+    if prefixer is not None or getattr(pm, "lm", None) is None:
+        return 0
+    layers, heads, head_dim = pm.base.kv_layout
+    return layers * 2 * heads * head_dim * torch.empty((), dtype=pm.lm.dtype).element_size()
+
+
+def model_bytes(pm) -> int:
+    """Bytes of the weights this process holds (the vLLM front end: its embedding table)."""
+    lm = getattr(pm, "lm", None)
+    if lm is not None:
+        return sum(t.numel() * t.element_size() for t in lm.parameters())
+    weight = getattr(pm.base, "weight", None)
+    return 0 if weight is None else weight.numel() * weight.element_size()
 
 
 @dataclass
