@@ -102,7 +102,7 @@ def make_requests(tokenizer, n: int, seed: int, max_text_tokens: int, max_new_to
 class Server:
     """A server subprocess on 127.0.0.1, killed (its whole process group) on exit."""
 
-    def __init__(self, cmd: list[str], port: int, log: Path, ready_timeout: float = 300):
+    def __init__(self, cmd: list[str], port: int, log: Path, ready_timeout: float = 300, poll: float = 0.5):
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
@@ -118,7 +118,7 @@ class Server:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(poll)
         self.stop()
         raise SystemExit(f"server did not start within {ready_timeout:.0f} s: {log.read_text()[-2000:]}")
 

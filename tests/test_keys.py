@@ -18,10 +18,10 @@ from softprompt import PromptMeta, SoftPrompt, save_prompt
 from softprompt.artifact import prompt_bytes
 from softprompt.cli import main
 from softprompt.errors import ConfigError
-from softprompt.serve import ServeConfig, bank
-from softprompt.serve.errors import BadPromptNameError
-from softprompt.serve.keys import KeyRing, Scope, digest, load_keys, namespace_of
-from softprompt.serve import keys as keys_module
+from softprompt.serve import ServeConfig
+from softprompt.serve.store import SUFFIX
+from softprompt.serve.keys import KeyRing, Scope, digest, load_keys
+from softprompt.serve.store import namespace_of
 
 from test_serve_engine import PROMPTS, soft_base
 from test_serve_http import serve, write_prompts
@@ -135,12 +135,6 @@ def test_scopes_and_grants(tmp_path):
     assert keys[digest(KEYS["globex"])].may_write("globex/team/x")
 
 
-def test_the_segment_rule_is_the_banks():
-    """keys.py keeps its own copy (bank.py imports config.py, which checks --api-keys)."""
-    assert keys_module.SEGMENT_PATTERN == bank.NAME_PATTERN.strip("^$")
-    assert keys_module.NAME_MAX == bank.NAME_MAX
-
-
 def test_api_keys_alone_may_serve_beyond_loopback_and_the_cli_refuses_a_bad_file(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SOFTPROMPT_API_KEY", raising=False)
     path = write(tmp_path, KEY_FILE)
@@ -194,39 +188,16 @@ def test_sighup_reloads(tmp_path):
 # ----------------------------------------------------------------------------- a live server
 
 @pytest.fixture(scope="module")
-def namespaced_names():
-    """Names with a namespace in the bank and nested prompt files: what the prompt store (#24's
-    other half) gives bank.py, patched in here so that these tests run on this branch alone."""
-    one = bank.check_name
-
-    def check_name(name):
-        parts = name.split("/") if isinstance(name, str) else [name]
-        if len(parts) > keys_module.MAX_SEGMENTS:
-            raise BadPromptNameError(f"invalid prompt name {name!r}: at most {keys_module.MAX_SEGMENTS} segments")
-        for part in parts:
-            one(part)
-        return name
-
-    def path_of(self, name):
-        return self.directory / f"{check_name(name)}{bank.SUFFIX}"
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bank, "check_name", check_name)
-        mp.setattr(bank.PromptBank, "path_of", path_of)
-        yield
-
-
-@pytest.fixture(scope="module")
 def base(model_root):
     return soft_base(model_root / "llama", "llama")
 
 
 @pytest.fixture(scope="module")
-def server(base, namespaced_names, tmp_path_factory):
+def server(base, tmp_path_factory):
     folder = write_prompts(base, tmp_path_factory.mktemp("prompts"))  # top-level: topic, gen, ...
     for name, like in NAMESPACED.items():  # files too, for POST /v1/prompts/{name}/load
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        save_prompt(folder / f"{name}{bank.SUFFIX}", *prompt_of(base, like))
+        save_prompt(folder / f"{name}{SUFFIX}", *prompt_of(base, like))
     key_file = write(tmp_path_factory.mktemp("keys"), KEY_FILE)
     srv = serve(base, folder, api_key=ADMIN_KEY, api_keys=str(key_file), max_wait_ms=2, max_upload_bytes=64 * 1024)
     restore(srv, base)

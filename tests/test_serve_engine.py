@@ -336,7 +336,7 @@ def test_prompts_are_checked_against_the_base_model(engine, tiny_family, tmp_pat
     untyped = save_prompt(tmp_path / "untyped.safetensors", engine.bank.get("topic").tensor, PromptMeta.for_base(engine.pm.base, 3))
     with pytest.raises(PromptFileError, match="task type"):
         engine.bank.load_bytes("untyped", untyped.read_bytes())
-    for bad in ("../etc/passwd", "a/b", ".hidden", "", "x" * 200):
+    for bad in ("../etc/passwd", "a//b", "/a", "a/../b", "a/b/c/d/e", ".hidden", "", "x" * 200):
         with pytest.raises(BadPromptNameError):
             engine.bank.load_bytes(bad, path.read_bytes())
     assert "other" not in engine.bank and "junk" not in engine.bank

@@ -20,7 +20,8 @@ def register(sub) -> None:
         "cached prompt prefixes, classify/generate endpoints, run-time prompt loading.",
     )
     p.add_argument("--prompts", metavar="DIR", default=None,
-                   help="folder of .safetensors prompt files, loaded at start; names are file stems")
+                   help="folder of .safetensors prompt files, indexed at start and read on first use; names are "
+                   "paths without the suffix (nested folders are namespaces: acme/triage); uploads are written here")
     p.add_argument("--model", default=None, help="base model (hub id or local folder); default: SmolLM2-135M-Instruct")
     p.add_argument("--host", default=d.host, help=f"address to bind (default: {d.host}); another address needs --api-key")
     p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default: {d.port}; 0 picks a free one)")
@@ -64,6 +65,11 @@ def register(sub) -> None:
                    help=f"most requests in one /batch call, at most --max-queue (default: {e.max_batch_requests})")
     p.add_argument("--max-prompt-tokens", type=int, default=e.max_prompt_tokens,
                    help="most virtual tokens of a loaded or uploaded prompt (its prefill holds the model thread)")
+    p.add_argument("--prefix-cache-mb", type=float, default=e.prefix_cache_mb,
+                   help="megabytes of prompts (tensor + key/value prefix) kept resident, least recently used dropped "
+                   "first (default: the model's size, at most a quarter of free memory, at least 64)")
+    p.add_argument("--ephemeral-uploads", action="store_true",
+                   help="keep uploaded prompts in memory only (lost on restart); default: written to --prompts durably")
     p.add_argument("--max-upload-bytes", type=int, default=d.max_upload_bytes,
                    help=f"largest request body / prompt upload (default: {d.max_upload_bytes})")
     p.add_argument("--dtype", default=d.dtype, choices=SERVE_DTYPES,
@@ -93,13 +99,14 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_label_tokens=args.max_label_tokens, max_scoring_tokens=args.max_scoring_tokens, max_stop=args.max_stop,
         max_step_label_tokens=args.max_step_label_tokens,
         max_stop_chars=args.max_stop_chars, max_batch_requests=args.max_batch_requests,
-        max_prompt_tokens=args.max_prompt_tokens,
+        max_prompt_tokens=args.max_prompt_tokens, prefix_cache_mb=args.prefix_cache_mb,
     )
     return ServeConfig(
         prompts_dir=args.prompts, model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         api_key_file=args.api_key_file, api_keys=args.api_keys, max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device, threads=args.threads,
         allow_other_base=args.allow_other_base, log_level=args.log_level, engine=engine,
         backend=args.backend, vllm_url=args.vllm_url, vllm_python=args.vllm_python,
+        ephemeral_uploads=args.ephemeral_uploads,
     )
 
 
@@ -115,10 +122,12 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     engine = create_engine(config)
     names = engine.bank.names()
+    shown = f" ({', '.join(names)})" if 0 < len(names) <= 20 else ""
+    cache = f"; prefix cache {engine.bank.stats().limit / (1 << 20):.0f} MB"
 
     def ready(url: str) -> None:
-        print(f"serving {len(names)} prompt(s) on {engine.backend.describe} at {url}"
-              f"{' (' + ', '.join(names) + ')' if names else ''}; docs at {url}/docs", file=sys.stderr)
+        print(f"serving {len(names)} prompt(s) on {engine.backend.describe} at {url}{shown}{cache}; "
+              f"docs at {url}/docs", file=sys.stderr)
 
     run_server(config, engine, on_ready=ready)
     return 0

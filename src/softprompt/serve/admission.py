@@ -19,6 +19,7 @@ from .bank import PromptBank, PromptEntry
 from .config import EngineConfig
 from .errors import InputTooLongError, InvalidRequestError, WrongTaskError
 from .jobs import ClassifyRequest, GenerateRequest, Job, Listener, Row
+from .prefill import PrefixSlot
 from .limits import (
     CHARS_PER_TOKEN_LIMIT, MIN_TEMPERATURE, check_label_ids, check_label_names, check_scoring, check_seed, check_stop,
     check_unicode, classify_cost, scoring_tokens,
@@ -26,6 +27,14 @@ from .limits import (
 
 BARE_GENERATE = TaskSpec("generate", template="{input}", max_length=1 << 30)
 """Bare-model generation: the text is the whole input (no template)."""
+
+
+def _row(slot: PrefixSlot | None, source_ids: list[int], label_ids=None) -> Row:
+    """A row of a prompt's slot (None: the bare model); its prefix is set now if computed, else
+    by the worker (the bank's ``fill``) before the row is read."""
+    if slot is None:
+        return Row(PrefixKV.empty(), source_ids, label_ids)
+    return Row(slot.get() if slot.filled else None, source_ids, label_ids, slot)
 
 
 class Admission:
@@ -97,7 +106,7 @@ class Admission:
                 raise InvalidRequestError("name a prompt, or give labels to classify with the bare model")
             spec = self._bare_spec(req.labels, req.template)
             lab = tuple(tuple(x) for x in spec.label_ids(self.tokenizer))
-            pairs = [(PrefixKV.empty(), spec, lab)]
+            pairs = [(None, spec, lab)]
             labels = list(spec.labels)
         else:
             if req.labels is not None or req.template is not None:
@@ -110,11 +119,11 @@ class Admission:
                         f"an ensemble needs prompts with the same labels: {entries[0].name!r} has {labels}, "
                         f"{e.name!r} has {e.spec.labels}"
                     )
-            pairs = [(e.prefix, e.spec, e.label_ids) for e in entries]
+            pairs = [(e.slot, e.spec, e.label_ids) for e in entries]
             labels = list(labels)
-        rows = [Row(prefix, self._source_ids(spec, req.text), lab) for prefix, spec, lab in pairs]
+        rows = [_row(slot, self._source_ids(spec, req.text), lab) for slot, spec, lab in pairs]
         lens = [[len(x) for x in r.label_ids] for r in rows]
-        check_scoring(sum(scoring_tokens(r.prefix.length, len(r.source_ids), n) for r, n in zip(rows, lens)), self.config)
+        check_scoring(sum(scoring_tokens(r.prefix_length, len(r.source_ids), n) for r, n in zip(rows, lens)), self.config)
         cost = sum(classify_cost(len(r.source_ids), n) for r, n in zip(rows, lens))
         job = Job("classify", req, rows, labels, listener, cost=cost)
         job.biases = member_biases([e.meta for e in entries]) if names else None  # --calibrate
@@ -135,11 +144,11 @@ class Admission:
         check_seed(req.seed)
         check_stop(req.stop, self.config)
         if req.prompt is None:
-            prefix, spec = PrefixKV.empty(), BARE_GENERATE
+            slot, spec = None, BARE_GENERATE
         else:
             entry = self._entry(req.prompt, "generate")
-            prefix, spec = entry.prefix, entry.spec
-        job = Job("generate", req, [Row(prefix, self._source_ids(spec, req.text))], None, listener)
+            slot, spec = entry.slot, entry.spec
+        job = Job("generate", req, [_row(slot, self._source_ids(spec, req.text))], None, listener)
         if req.temperature > 0:  # seeded here, so a bad seed fails this request alone, before it is queued
             seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             job.generator = torch.Generator().manual_seed(seed)

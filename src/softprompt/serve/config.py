@@ -96,6 +96,11 @@ class EngineConfig:
     """``--max-prompt-tokens``: most virtual tokens of a prompt the server loads. An input prompt's
     keys/values are computed with the model thread held, so a 10,000-token upload would stall every
     request for a minute on a CPU; such a prompt is refused (413)."""
+    prefix_cache_mb: float | None = None
+    """``--prefix-cache-mb``: megabytes (MiB) of prompts kept resident (each prompt's tensor and
+    key/value prefix); the least recently used are dropped and read again on their next use. None:
+    as much as the model's weights, at most a quarter of the memory free at start-up, at least 64
+    (prefix_cache.default_limit_bytes). Smaller than one prompt's prefix: a start-up error."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -115,6 +120,10 @@ class EngineConfig:
             raise ConfigError(f"--request-timeout must be more than 0 and at most 3600 seconds, got {self.request_timeout}")
         if self.max_ensemble > self.max_batch:
             raise ConfigError(f"--max-ensemble ({self.max_ensemble}) must not exceed --max-batch ({self.max_batch})")
+        if self.prefix_cache_mb is not None and (isinstance(self.prefix_cache_mb, bool)
+                                                 or not isinstance(self.prefix_cache_mb, (int, float))
+                                                 or not 0 < self.prefix_cache_mb < 1 << 30):
+            raise ConfigError(f"--prefix-cache-mb must be a number of megabytes above 0, got {self.prefix_cache_mb!r}")
         if self.max_labels < 2:
             raise ConfigError(f"--max-labels must be at least 2 (a classification has 2 labels or more), got {self.max_labels}")
 
@@ -134,8 +143,13 @@ class ServeConfig:
     """Settings of the prompt server: model, prompts, network, security, and the engine's."""
 
     prompts_dir: str | None = None
-    """``--prompts``: folder of ``.safetensors`` prompt files, all loaded at start (names are file
-    stems); prompts can also be loaded from it by name at run time. None: no folder (uploads only)."""
+    """``--prompts``: folder of ``.safetensors`` prompt files, indexed at start and read on first use
+    (names are paths without the suffix: ``acme/triage`` is ``acme/triage.safetensors``, nested
+    folders being namespaces); uploads are written to it. None: no folder (uploads in memory only)."""
+    ephemeral_uploads: bool = False
+    """``--ephemeral-uploads``: keep uploaded prompts in memory only (they vanish on restart, and
+    DELETE forgets a prompt without deleting its file); default: an upload is written to
+    ``--prompts`` atomically and durably, and DELETE removes the file."""
     model: str | None = None
     """``--model``: base model (hub id or local folder); None for the embedded default."""
     host: str = "127.0.0.1"

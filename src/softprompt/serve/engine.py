@@ -45,13 +45,16 @@ class Engine:
         strict: refuse prompts trained on another copy of the model (see ``check_compatible``).
         metrics: where to count (default: a fresh registry).
         backend: what runs the model (default: ``base`` in this process; then ``base`` may be None).
+        durable_uploads: uploads are written to ``prompts_dir`` and deletions remove the file
+            (``softprompt serve`` without ``--ephemeral-uploads``); default: uploads in memory only.
 
     Use as a context manager (or ``start()`` / ``stop()``); ``classify``, ``generate`` and
     ``stream`` block, ``submit`` returns a :class:`Job`.
     """
 
     def __init__(self, base: BaseModel | None, config: EngineConfig | None = None, *, prompts_dir=None,
-                 strict: bool = True, metrics: Metrics | None = None, backend: Backend | None = None):
+                 strict: bool = True, metrics: Metrics | None = None, backend: Backend | None = None,
+                 durable_uploads: bool = False):
         self.config = config or EngineConfig()
         self.backend = backend or in_process(base)
         self.pm: PromptedModel = self.backend.pm
@@ -59,12 +62,14 @@ class Engine:
         self.device = self.pm.base.device
         self.model_lock = threading.Lock()
         self.bank = PromptBank(self.pm, prompts_dir, strict=strict, max_spec_length=1 << 30,
-                               model_lock=self.model_lock, limits=self.config, prefixer=self.backend.prefixer)
+                               model_lock=self.model_lock, limits=self.config, prefixer=self.backend.prefixer,
+                               durable=durable_uploads)
         self.metrics = metrics or Metrics()
         self.metrics.prompts.set_function(lambda: len(self.bank))
+        self.metrics.watch_store(self.bank.stats)
         self.admission = Admission(self.bank, self.tokenizer, self.config)
         self.steps: ModelSteps = self.backend.steps(self.config, self.metrics, self.model_lock)
-        self.scheduler = Scheduler(self.config, self.metrics, self.steps)
+        self.scheduler = Scheduler(self.config, self.metrics, self.steps, prefill=self.bank.fill)
 
     # -- lifecycle
 
@@ -164,14 +169,14 @@ BACKENDS: dict[str, Callable[..., Backend]] = {"transformers": _transformers, "v
 
 def create_engine(config, base: BaseModel | None = None) -> Engine:
     """Build the backend named by a :class:`~softprompt.serve.config.ServeConfig` (``base``: an
-    already loaded model for the in-process one), the engine on it, and load every prompt of
-    ``config.prompts_dir``. Not started."""
+    already loaded model for the in-process one), the engine on it, and index the prompts of
+    ``config.prompts_dir`` (a few loaded now, the rest on first use). Not started."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     backend = BACKENDS[config.backend](config, base)
     try:
         engine = Engine(None, config.engine, prompts_dir=config.prompts_dir, strict=not config.allow_other_base,
-                        backend=backend)
+                        backend=backend, durable_uploads=not config.ephemeral_uploads)
         engine.bank.load_all()
     except BaseException:
         backend.close()

@@ -57,3 +57,7 @@ class EngineStoppedError(RequestError):
 
 class UploadTooLargeError(PromptFileError):
     """An uploaded prompt file is larger than ``--max-upload-bytes``."""
+
+
+class CacheTooSmallError(PromptFileError):
+    """A prompt's entry (its key/value prefix) is larger than the whole ``--prefix-cache-mb``."""

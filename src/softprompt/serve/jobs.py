@@ -17,6 +17,7 @@ import torch
 from ..calibration import apply as calibrate
 from ..prefix import PrefixKV
 from .batching import ensemble_probs
+from .prefill import PrefixSlot
 from .errors import EngineStoppedError, RequestCancelledError, RequestTimeoutError
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,18 @@ def outcome_of(error: BaseException) -> str:
 class Row:
     """One model row: a prompt prefix and a tokenized source (a job has one, an ensemble k)."""
 
-    prefix: PrefixKV
+    prefix: PrefixKV | None
+    """None while the prompt's prefix is not computed yet: the worker fills ``slot`` (with the
+    other missing prefixes of its step, in one batched pass) and sets it before the row is read."""
     source_ids: list[int]
     label_ids: tuple[tuple[int, ...], ...] | None = None
+    slot: PrefixSlot | None = None
+    """The prompt's prefix slot (prefill.py), shared by every row of that prompt's entry; None: the bare model."""
+
+    @property
+    def prefix_length(self) -> int:
+        """P, known before the prefix is computed."""
+        return self.slot.length if self.slot is not None else self.prefix.length
 
 
 class Job:

@@ -2,7 +2,7 @@
 key ring that re-reads the file when it changes (or on SIGHUP).
 
 A prompt name is 1-4 segments joined by '/' (``acme/ticket-routing``), each segment a name as
-``bank.NAME_PATTERN`` has it; its namespace is all segments but the last (``acme``; '' for a
+``store.SEGMENT`` has it; its namespace is all segments but the last (``acme``; '' for a
 top-level name). A key's ``use`` and ``write`` list namespace patterns:
 
     "acme"      the prompts directly in acme (acme/x), not those below it (acme/team/x)
@@ -36,32 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .store import MAX_SEGMENTS, NAME_MAX, SEGMENT, namespace_of
 
 log = logging.getLogger("softprompt.serve.keys")
 
-# Not imported from bank.py: config.py validates --api-keys with this module, and bank.py imports
-# config.py. tests/test_keys.py checks that the two rules are the same.
-SEGMENT_PATTERN = r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?"
-"""One segment of a prompt name: the top-level name rule (``bank.NAME_PATTERN``)."""
-NAME_MAX = 128
-"""Longest segment (``bank.NAME_MAX``)."""
-MAX_SEGMENTS = 4
-"""Most segments of a prompt name: up to three namespace levels and the prompt's own."""
-PROMPT_PATTERN = rf"^{SEGMENT_PATTERN}(?:/{SEGMENT_PATTERN}){{0,{MAX_SEGMENTS - 1}}}$"
-"""A prompt name with its namespace (``acme/ticket-routing``); a portable JSON-schema ``pattern``."""
-PROMPT_MAX = MAX_SEGMENTS * (NAME_MAX + 1) - 1
-"""Longest prompt name: four segments of at most ``NAME_MAX`` characters and their '/'."""
-SEGMENT_RE = re.compile(SEGMENT_PATTERN)
+SEGMENT_RE = re.compile(SEGMENT)
 
 SUBTREE = "**"
 """The last segment of a pattern that covers a namespace and everything below it."""
 FIELDS = ("name", "key", "sha256", "admin", "use", "write")
 """The fields of one ``[[keys]]`` entry."""
-
-
-def namespace_of(name: str) -> str:
-    """The namespace of a prompt name: every segment but the last ('' for a top-level name)."""
-    return name.rpartition("/")[0]
 
 
 def digest(key: str) -> bytes:

@@ -17,12 +17,12 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .batching import select_jobs
 from .config import EngineConfig
 from .errors import EngineStoppedError, QueueFullError, RequestTimeoutError
-from .jobs import Job
+from .jobs import Job, Row
 from .limits import check_batch_size
 from .metrics import Metrics
 from .steps import ModelSteps
@@ -31,12 +31,15 @@ log = logging.getLogger("softprompt.serve.engine")
 
 
 class Scheduler:
-    """Queue jobs and run them through ``steps`` on a worker thread, batched."""
+    """Queue jobs and run them through ``steps`` on a worker thread, batched. ``prefill`` (the
+    bank's ``fill``) computes the rows' missing prompt prefixes before a step reads them."""
 
-    def __init__(self, config: EngineConfig, metrics: Metrics, steps: ModelSteps):
+    def __init__(self, config: EngineConfig, metrics: Metrics, steps: ModelSteps,
+                 prefill: Callable[[Sequence[Row]], None] | None = None):
         self.config = config
         self.metrics = metrics
         self.steps = steps
+        self.prefill = prefill
         self._queue: deque[Job] = deque()
         self._live: set[Job] = set()  # queued or running, not ended: the reaper's watch list
         self._cond = threading.Condition()  # re-entrant: a job ended under it may leave the queue
@@ -176,11 +179,11 @@ class Scheduler:
                 classify = [j for j in jobs if j.kind == "classify"]
                 generate = [j for j in jobs if j.kind == "generate"]
                 if classify:
-                    self._each(steps.classify, classify)
+                    self._each(self._filled(steps.classify), classify)
                 if steps.scoring_jobs:
                     self._guard(steps.scoring_jobs, steps.score)
                 if generate:
-                    self._each(steps.admit, generate)
+                    self._each(self._filled(steps.admit), generate)
                 if steps.generating_jobs:
                     self._guard(steps.generating_jobs, steps.step)
                 self.metrics.generation_rows.set(len(steps.generating_jobs))
@@ -191,6 +194,19 @@ class Scheduler:
                 self.metrics.queue_depth.set(0)
             for job in left + steps.abort():
                 job.fail(EngineStoppedError("the server is shutting down"))
+
+    def _filled(self, start):
+        """``start`` preceded by the prefill of the jobs' missing prompt prefixes (one batched
+        pass for all of them; if it fails, ``_each`` retries job by job, so a failure stays with
+        the job whose prompt caused it)."""
+        if self.prefill is None:
+            return start
+
+        def run(jobs: list[Job]) -> None:
+            self.prefill([r for j in jobs if not j.done for r in j.rows])
+            start(jobs)
+
+        return run
 
     def _each(self, start, jobs: list[Job]) -> None:
         """``start(jobs)`` (``steps.classify`` or ``steps.admit``) in one pass; if the pass fails,

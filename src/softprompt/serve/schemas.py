@@ -13,10 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .bank import NAME_MAX
+from .store import NAME_MAX, PROMPT_MAX, PROMPT_PATTERN
 from .config import EngineConfig
 from .jobs import ClassifyRequest, GenerateRequest
-from .keys import PROMPT_MAX, PROMPT_PATTERN
 from .limits import CHARS_PER_TOKEN_LIMIT, SEED_MAX, SEED_MIN
 
 

@@ -26,7 +26,8 @@ from fastapi import FastAPI, Request
 from ..bank import PromptBank
 from ..errors import ForbiddenError, UnknownPromptError
 from ..jobs import ClassifyRequest, GenerateRequest
-from ..keys import ADMIN, PROMPT_MAX, PROMPT_PATTERN, Grant, namespace_of
+from ..keys import ADMIN, Grant
+from ..store import PROMPT_MAX, PROMPT_PATTERN, namespace_of
 
 GRANT = "softprompt.grant"
 """Where the guard keeps a request's grant in the ASGI scope."""

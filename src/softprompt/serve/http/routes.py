@@ -34,12 +34,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from ...version import __version__
 from ...errors import SoftpromptError
-from ..bank import NAME_RE, SUFFIX
 from ..config import EngineConfig, ServeConfig
 from ..engine import Engine
 from ..errors import InvalidRequestError, UnknownPromptError
 from ..jobs import Job
-from ..keys import PROMPT_MAX, PROMPT_PATTERN, KeyRing, key_ring
+from ..keys import KeyRing, key_ring
+from ..store import PROMPT_MAX, PROMPT_PATTERN
 from ..limits import SEED_MAX, SEED_MIN, check_batch_size
 from ..schemas import (
     ClassifyBatchOut, ClassifyOut, GenerateBatchOut, GenerateOut, HealthOut, PromptListOut, PromptOut, UnloadedOut,
@@ -155,11 +155,7 @@ def _prompt_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None:
         """Loaded prompts, and prompt files in --prompts that are not loaded (those the API key may use)."""
         grant = access.grant_of(request)
         loaded = [e.describe() for e in engine.bank.entries() if grant.may_use(e.name)]
-        available = []
-        if engine.bank.directory is not None:
-            names = {e["name"] for e in loaded}
-            available = sorted(n for p in engine.bank.directory.glob(f"*{SUFFIX}")
-                               if NAME_RE.fullmatch(n := p.name[: -len(SUFFIX)]) and n not in names and grant.may_use(n))
+        available = [n for n in engine.bank.available() if grant.may_use(n)]
         return {"prompts": loaded, "available": available}
 
     @app.get("/v1/prompts/{name:path}", response_model=PromptOut, tags=["prompts"],
@@ -174,8 +170,8 @@ def _prompt_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None:
                  "schema": {"type": "string", "format": "binary"}}}}})
     async def upload_prompt(name: Name, request: Request):
         """Upload a prompt file (the raw ``.safetensors`` bytes); replaces a prompt of that name.
-        Kept in memory: copy the file into --prompts to keep it across restarts. Its labels must keep
-        --max-labels and --max-label-tokens."""
+        Written to --prompts (atomically, fsynced) so it survives restarts; in memory only with
+        --ephemeral-uploads or without --prompts. Its labels must keep --max-labels and --max-label-tokens."""
         data = await request.body()  # at most --max-upload-bytes (checked by Guard)
         entry = await asyncio.to_thread(engine.bank.load_bytes, name, data, config.max_upload_bytes)
         return entry.describe()
