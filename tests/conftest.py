@@ -82,3 +82,20 @@ def vllm_server(tmp_path_factory):
     srv = start_vllm(model_dir, log=tmp_path_factory.mktemp("vllm") / "serve.log")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def learn(model_root):
+    """A tiny base model that can learn the easy classification task (tests/trainkit.py), per module."""
+    from softprompt import load_base_model
+    from trainkit import learnable_model_dir
+
+    return load_base_model(str(learnable_model_dir(model_root / "learnable")))
+
+
+@pytest.fixture()
+def easy(tmp_path):
+    """The easy classification task's files (trainkit.easy_classification) under tmp_path/data."""
+    from trainkit import easy_classification
+
+    return easy_classification(tmp_path / "data")

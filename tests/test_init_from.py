@@ -6,17 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import PromptMeta, load_base_model, load_prompt, save_prompt
+from softprompt import PromptMeta, load_prompt, save_prompt
 from softprompt.errors import ConfigError
 from softprompt.train import TrainConfig, train
-from trainkit import easy_classification, learnable_model_dir
+from trainkit import easy_classification
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def learn(model_root):
-    return load_base_model(str(learnable_model_dir(model_root / "learnable")))
 
 
 def cfg(tmp_path, data, name, **kw) -> TrainConfig:

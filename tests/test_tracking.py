@@ -16,20 +16,13 @@ from softprompt.errors import ConfigError
 from softprompt.distributed import LocalRuntime
 from softprompt.train.tracking import flat_config, parse_report_to, scalars
 from softprompt.train import TrainConfig, train
-from trainkit import easy_classification, learnable_model_dir
+from trainkit import easy_classification
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
-
-
-@pytest.fixture(scope="module")
-def learn(model_root):
-    from softprompt import load_base_model
-
-    return load_base_model(str(learnable_model_dir(model_root / "learnable")))
 
 
 @pytest.fixture

@@ -39,11 +39,6 @@ def learn(learn_dir):
     return load_base_model(str(learn_dir))
 
 
-@pytest.fixture()
-def easy(tmp_path):
-    return easy_classification(tmp_path / "data")
-
-
 def cfg(tmp_path, data, **kw) -> TrainConfig:
     base = dict(data=None if data is None else str(data), out=str(tmp_path / "out" / "p.safetensors"), max_steps=6, batch_size=8,
                 prompt_length=4, lr=0.3, quiet=True, precision="fp32")

@@ -6,25 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import load_base_model, load_prompt
+from softprompt import load_prompt
 from softprompt.errors import ConfigError
 from softprompt.train import TrainConfig, train
 from softprompt.train.checkpoint import load_checkpoint
 from softprompt.train.prepare import total_steps
 from softprompt.train.budget import AUTO_MAX_STEPS, AUTO_MIN_STEPS, auto_steps, parse_duration
-from trainkit import easy_classification, learnable_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def learn(model_root):
-    return load_base_model(str(learnable_model_dir(model_root / "learnable")))
-
-
-@pytest.fixture()
-def easy(tmp_path):
-    return easy_classification(tmp_path / "data")
 
 
 def cfg(tmp_path, data, **kw) -> TrainConfig:

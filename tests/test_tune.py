@@ -8,26 +8,16 @@ import json
 
 import pytest
 
-from softprompt import load_base_model, load_prompt
+from softprompt import load_prompt
 from softprompt.cli import main
 from softprompt.errors import ConfigError
 from softprompt.train import TrainConfig, train
 from softprompt.tune import TuneConfig, best_trial, read_trials, tune
 from softprompt.tune.trials import TrialRecord
-from trainkit import easy_classification, learnable_model_dir
+from trainkit import learnable_model_dir
 
 pytest.importorskip("optuna")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def learn(model_root):
-    return load_base_model(str(learnable_model_dir(model_root / "learnable")))
-
-
-@pytest.fixture()
-def easy(tmp_path):
-    return easy_classification(tmp_path / "data")
 
 
 def train_cfg(tmp_path, data, **kw) -> TrainConfig:
