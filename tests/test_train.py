@@ -21,6 +21,7 @@ from softprompt.train.objective import Row, row_losses
 from softprompt.train.schedule import epoch_batches, lr_at, shard
 from softprompt.train import TaskConfig, TrainConfig, train
 from softprompt.train import gradient_checkpointing
+from softprompt.train.summary import TrainingSummary
 from trainkit import easy_classification, easy_generation, learnable_model_dir, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,13 @@ def test_training_learns_an_easy_task(tmp_path, learn, easy):
     t = meta.training
     assert t["steps"] == 20 and t["examples"] == 160 and t["metric"] == "accuracy" and t["best_metric"] == 1.0
     assert t["config"]["lr"] == 0.3 and t["seconds"] > 0 and t["train_examples"] == 48
+    # the stored format: these keys (TrainingSummary writes them; files of older versions have them)
+    assert sorted(t) == sorted(["steps", "planned_steps", "examples", "train_examples", "dev_examples", "train_file",
+                       "dev_file", "best_step", "metric", "best_metric", "dev_metrics", "stopped_early", "stopped_by",
+                       "max_time", "seconds", "examples_per_s", "processes", "precision", "tasks_in_run", "config",
+                       "balance", "gradient_checkpointing", "calibrated"])
+    summary = TrainingSummary.from_meta(t)
+    assert summary.to_meta() == t and summary.best_step == t["best_step"] and summary.stopped_by is None
 
 
 def test_generation_training_lowers_target_loss(tmp_path, learn):

@@ -44,6 +44,7 @@ from .records import DevResult, EvalHook, MetricsLog, TrainResult, peak_rss_mb
 from .schedule import SAMPLINGS, lr_at, warmup_steps
 from .setup import Run, check_launch, encode_rows, init_prompts, load_model, pick_checkpointing, read_resume
 from .speed import attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention
+from .summary import TrainingSummary
 from .tracking import Trackers
 
 __all__ = ["train"]
@@ -333,24 +334,20 @@ def _write_prompts(run: Run, state: LoopState, seconds: float, ex_s: float) -> d
     paths: dict[str, Path] = {}
     for i, t in enumerate(run.tasks):
         b = state.best.get(t.name, {})
-        summary = {
-            "steps": state.step, "planned_steps": run.total, "examples": state.examples,
-            "train_examples": len(t.train), "dev_examples": len(t.dev or []), "train_file": str(t.config.data),
-            "dev_file": t.config.eval, "best_step": b.get("step", state.step), "metric": b.get("metric"),
-            "best_metric": b.get("value"), "dev_metrics": b.get("metrics"), "stopped_early": state.stopped and not state.halted,
-            "stopped_by": "on_eval" if state.halted else "early_stopping" if state.stopped else "time" if state.out_of_time else None,
-            "max_time": config.max_time,
-            "seconds": round(seconds, 2), "examples_per_s": round(ex_s, 3), "processes": rt.world_size,
-            "precision": precision_name(m.amp), "tasks_in_run": len(run.tasks), "config": config.result_settings(),
-            "balance": run.balance[i].summary(), "gradient_checkpointing": run.checkpointing,
-            "calibrated": cals[i] is not None,
-        }
-        if m.sharded:
-            summary["sharded_base"] = {"layers": len(m.sharded.units), "bytes": m.sharded.full_bytes,
-                                       "sharded_bytes": m.sharded.sharded_bytes(), "bytes_per_process": m.base_bytes,
-                                       "peak_host_rss_mb_per_process": rss,
-                                       "loaded_by": "process 0" if m.sharding.efficient_loading else "every process"}
-        meta = PromptMeta.for_base(m.base, prompt_length(state.best_prompts[i]), name=t.name, training=summary,
+        summary = TrainingSummary(
+            steps=state.step, planned_steps=run.total, examples=state.examples, train_examples=len(t.train),
+            dev_examples=len(t.dev or []), train_file=str(t.config.data), dev_file=t.config.eval,
+            best_step=b.get("step", state.step), metric=b.get("metric"), best_metric=b.get("value"),
+            dev_metrics=b.get("metrics"), stopped_early=state.stopped and not state.halted,
+            stopped_by="on_eval" if state.halted else "early_stopping" if state.stopped else "time" if state.out_of_time else None,
+            max_time=config.max_time, seconds=round(seconds, 2), examples_per_s=round(ex_s, 3), processes=rt.world_size,
+            precision=precision_name(m.amp), tasks_in_run=len(run.tasks), config=config.result_settings(),
+            balance=run.balance[i].summary(), gradient_checkpointing=run.checkpointing, calibrated=cals[i] is not None,
+            sharded_base=None if not m.sharded else {
+                "layers": len(m.sharded.units), "bytes": m.sharded.full_bytes, "sharded_bytes": m.sharded.sharded_bytes(),
+                "bytes_per_process": m.base_bytes, "peak_host_rss_mb_per_process": rss,
+                "loaded_by": "process 0" if m.sharding.efficient_loading else "every process"})
+        meta = PromptMeta.for_base(m.base, prompt_length(state.best_prompts[i]), name=t.name, training=summary.to_meta(),
                                    method=config.method_of(t.config),
                                    calibration=cals[i].to_meta() if cals[i] else None, **t.spec.to_meta())
         if rt.is_main:

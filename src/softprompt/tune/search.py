@@ -27,6 +27,7 @@ from ..train.balance import resolve as resolve_balance
 from ..train.budget import AUTO_EPOCHS, AUTO_MAX_STEPS
 from ..train.prepare import prepare
 from ..train.records import DevResult
+from ..train.summary import TrainingSummary
 from .config import PRUNERS, SEARCH_METHODS, TuneConfig
 from .trials import TrialLog, TrialRecord, TuneResult, best_trial
 
@@ -202,14 +203,14 @@ def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: floa
     t = time.perf_counter()
     result = train(tc, base=base, on_eval=on_eval)
     seconds = time.perf_counter() - t
-    summary = load_prompt(result.path).meta.training
+    summary = TrainingSummary.from_meta(load_prompt(result.path).meta.training)
     train_s = result.examples / result.examples_per_s if result.examples_per_s else 0.0  # the steps alone
     rec = TrialRecord(number=number, state="pruned" if pruned else "complete", params=params, metric=metric,
                       value=float(result.metrics[config.name][metric]), best_step=result.best_step[config.name],
-                      evals=evals, steps=result.steps, planned_steps=summary["planned_steps"], max_time=round(share, 3),
+                      evals=evals, steps=result.steps, planned_steps=summary.planned_steps, max_time=round(share, 3),
                       seconds=round(seconds, 3), loop_seconds=round(result.seconds, 3),
                       step_seconds=round(train_s / max(1, result.steps), 4),
-                      eval_seconds=round((result.seconds - train_s) / max(1, len(evals)), 4), stopped_by=summary["stopped_by"], prompt=str(result.path))
+                      eval_seconds=round((result.seconds - train_s) / max(1, len(evals)), 4), stopped_by=summary.stopped_by, prompt=str(result.path))
     _say(config.train.quiet, f"  best dev {metric} {rec.value:.4f} at step {rec.best_step} of {rec.steps}"
                              f"{' (pruned)' if pruned else ''}, {seconds:.0f}s")
     return rec
@@ -230,7 +231,9 @@ def _write_winner(config: TuneConfig, best: TrialRecord, search: dict):
     """The best trial's prompt (with its calibration, if fitted) to --out, atomically, the search
     recorded in its training metadata."""
     loaded = load_prompt(best.prompt)
-    meta = dataclasses.replace(loaded.meta, training={**loaded.meta.training, "search": search})
+    summary = TrainingSummary.from_meta(loaded.meta.training)
+    summary.search = search
+    meta = dataclasses.replace(loaded.meta, training=summary.to_meta())
     return save_prompt(config.train.out, loaded.tensor, meta, dtype=config.train.prompt_dtype)
 
 
