@@ -1,0 +1,83 @@
+"""Seconds per training step of each method, side by side in one run, alternating rounds: what
+turns learning_curves.py's step counts into an equal-wall-clock comparison that does not depend
+on how loaded the machine was while each long curve ran.
+
+Same data, batch, text length, precision (the default: fp32 where the CPU has no bf16) and one
+thread for every method; the first steps of each run (warm-up) are left out; the median step.
+
+Run:
+    OMP_NUM_THREADS=1 .venv/bin/python bench/step_cost.py --task tweet-sentiment
+Writes results/step_cost_TASK.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import set_threads, write_results
+
+import peft_side
+from learning_curves import SOFTPROMPT_METHODS
+from tasks import TASKS, load_task
+
+from softprompt import load_base_model
+
+WARMUP = 2
+"""Steps of each run left out."""
+
+
+def softprompt_steps(data, args, method: str, base) -> list[float]:
+    from softprompt.examples import jsonl_bytes
+    from softprompt.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "train.jsonl").write_bytes(jsonl_bytes(data.train, "classify"))
+        cfg = TrainConfig(data=str(Path(d) / "train.jsonl"), template=data.spec.template, labels=data.spec.labels,
+                          out=str(Path(d) / "p.safetensors"), max_steps=args.steps, batch_size=args.batch_size,
+                          max_length=args.max_length, quiet=True, checkpoint_every=0, patience=None,
+                          model=args.model, **SOFTPROMPT_METHODS[method])
+        result = train(cfg, base=base)
+    return [args.batch_size / r["examples_per_s"] for r in result.history if "loss" in r]
+
+
+def lora_steps(data, args) -> list[float]:
+    lm, tok, _ = peft_side.load_hf(args.model)  # a fresh model each run (LoRA wraps it)
+    run = peft_side.train_peft(peft_side.peft_lora(lm), tok, data.spec, data.train, args.steps, args.batch_size,
+                               lr=peft_side.LEARNING_RATES["lora"], seed=0)
+    return list(run.step_seconds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="tweet-sentiment", choices=[t for t in TASKS if t != "headlines"])
+    ap.add_argument("--methods", default="lora,prompt,prefix-lr01,prefix-scaled")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=160)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    data = load_task(args.task, args.max_length)
+    base = load_base_model(args.model)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.rounds):
+        for m in methods:
+            steps = lora_steps(data, args) if m == "lora" else softprompt_steps(data, args, m, base)
+            times[m] += steps[WARMUP:]
+            print(m, round(statistics.median(steps[WARMUP:]), 3), flush=True)
+    ref = statistics.median(times["lora"]) if "lora" in times else None
+    rows = [{"method": m, "steps": len(t), "median_s_per_step": round(statistics.median(t), 3),
+             "vs_lora": round(statistics.median(t) / ref, 3) if ref else None} for m, t in times.items()]
+    write_results(f"step_cost_{args.task.replace('-', '_')}", rows,
+                  notes=f"Task {args.task}, batch {args.batch_size}, texts cut to {args.max_length} tokens, "
+                        f"{args.steps} steps a run ({WARMUP} left out), {args.rounds} alternating rounds.")
+
+
+if __name__ == "__main__":
+    main()
