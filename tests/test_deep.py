@@ -323,9 +323,10 @@ def test_two_data_parallel_processes_train_a_deep_prompt_like_one(learn, tmp_pat
     torch.testing.assert_close(a.tensor, b.tensor, atol=1e-4, rtol=1e-4)
 
 
-def test_reparam_mlp_has_its_own_default_lr(tmp_path):
+def test_each_method_and_reparam_has_its_own_default_lr(tmp_path):
     data = str(tmp_path / "x.jsonl")
-    assert TrainConfig(data=data).lr == TrainConfig(data=data, method="prefix").lr == 0.1
+    assert TrainConfig(data=data).lr == TrainConfig(data=data, reparam="residual").lr == 0.1
+    assert TrainConfig(data=data, method="prefix").lr == TrainConfig(data=data, method="prefix", reparam="scaled").lr == 0.01
     assert TrainConfig(data=data, method="prefix", reparam="mlp").lr == 1e-3
     assert TrainConfig(data=data, method="prefix", reparam="mlp", lr=0.01).lr == 0.01
 

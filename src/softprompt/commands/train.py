@@ -134,7 +134,7 @@ def _optimisation_flags(o) -> None:
     o.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --max-steps)")
     o.add_argument("--batch-size", type=int, default=8, help="examples per step, all processes together")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same result, less memory)")
-    o.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW) (default: 0.1; 0.001 with --reparam mlp, 0.01 with scaled)")
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW) (default: 0.1; 0.01 with --method prefix; 0.001 with --reparam mlp)")
     o.add_argument("--warmup", type=float, default=0.1, help="warmup: fraction of steps (<1) or steps")
     o.add_argument("--schedule", default="cosine", choices=list(SCHEDULES), help="lr decay")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")

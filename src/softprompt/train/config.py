@@ -30,8 +30,9 @@ INITS: tuple[str, ...] = ("auto", *INIT_STRATEGIES)
 
 DEFAULT_MAX_STEPS = 100
 """Steps when neither --max-steps nor --epochs is given."""
-DEFAULT_LR = 0.1
-"""--lr of both methods (README › Defaults, › Deep prompts); a --reparam may have its own."""
+DEFAULT_LR: dict[str, float] = {"prompt": 0.1, "prefix": 0.01}
+"""--lr by --method (a --reparam may have its own). Deep prompts at 0.1 fell to the majority class
+on noisy tweets; at 0.01 they passed LoRA r=8 on tweet-imbalanced dev (docs/benchmarks/quality.md)."""
 
 
 def _flag(name: str) -> str:
@@ -227,7 +228,7 @@ class TrainConfig:
     grad_accum: int = 1
     """Split each step's batch into this many micro-batches (same result, less memory)."""
     lr: float | None = None
-    """Peak learning rate (AdamW) (default: 0.1, or the --reparam's own: 0.001 for mlp, 0.01 for scaled)."""
+    """Peak learning rate (AdamW) (default: 0.1 for --method prompt, 0.01 for prefix, or the --reparam's own: 0.001 for mlp)."""
     warmup: float = 0.1
     """Warmup: a fraction of all steps (< 1) or a number of steps."""
     schedule: str = "cosine"
@@ -314,7 +315,7 @@ class TrainConfig:
         need(self.batch_size % self.grad_accum == 0, "grad_accum",
              f"{self.grad_accum} must divide --batch-size {self.batch_size} (the batch is split into micro-batches)")
         if self.lr is None:
-            self.lr = (REPARAMS[self.reparam].lr if self.reparam in REPARAMS else None) or DEFAULT_LR
+            self.lr = (REPARAMS[self.reparam].lr if self.reparam in REPARAMS else None) or DEFAULT_LR[self.method]
         need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be positive, got {self.lr}")
         need(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()), "warmup",
              f"must be a fraction below 1 or a whole number of steps, got {self.warmup}")
