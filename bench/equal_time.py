@@ -47,16 +47,18 @@ def rows_for(curves: dict[str, list[dict]], cost: dict[str, float]) -> list[dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", required=True)
+    ap.add_argument("--costs", default=None, help="step_cost results name (default: step_cost_TASK)")
     args = ap.parse_args()
     key = args.task.replace("-", "_")
+    costs = args.costs or f"step_cost_{key}"
     curves = json.loads((RESULTS / f"learning_curves_{key}.json").read_text())["curves"]
-    steps = json.loads((RESULTS / f"step_cost_{key}.json").read_text())
+    steps = json.loads((RESULTS / f"{costs}.json").read_text())
     cost = {r["method"]: r["median_s_per_step"] for r in steps["rows"]}
     rows = rows_for(curves, cost)
     (RESULTS / f"equal_time_{key}.json").write_text(json.dumps({"task": args.task, "rows": rows}, indent=2) + "\n")
     md = [f"## equal_time_{key}", "",
           f"Dev scores (best so far, 200 dev rows) at the time LoRA r=8 takes for {LORA_STEPS} steps, step costs from "
-          f"`step_cost_{key}` ({steps['machine']['cpu']}, {steps['machine']['date']}), curves from "
+          f"`{costs}` ({steps['machine']['cpu']}, {steps['machine']['date']}), curves from "
           f"`learning_curves_{key}`. A curve that ends before its step budget is read at its end.", "",
           markdown_table(rows)]
     (RESULTS / f"equal_time_{key}.md").write_text("\n".join(md) + "\n")
