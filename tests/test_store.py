@@ -15,7 +15,7 @@ from softprompt.artifact import prompt_bytes, prompt_from_bytes
 from softprompt.errors import ConfigError, PromptFileError
 from softprompt.prefix import PrefixKV
 from softprompt.serve import ClassifyRequest, Engine, EngineConfig
-from softprompt.serve.store import namespace_of
+from softprompt.serve.store import check_name, namespace_of
 from softprompt.serve.errors import BadPromptNameError, UnknownPromptError, UploadTooLargeError
 from softprompt.serve.prefill import compute_prefixes, length_groups
 from softprompt.serve.prefix_cache import MB, ByteLRU, default_limit_bytes, tensor_bytes
@@ -384,3 +384,17 @@ def test_files_copied_in_after_start_up_are_used_and_unloaded_ones_are_not(base,
         assert "first" not in eng.bank.available()
         eng.bank.load_file("first")
         assert eng.classify("x", "first").scores != late.scores
+
+
+def test_training_run_folders_are_no_namespaces(base, tmp_path):
+    """`softprompt train --out prompts/x.safetensors` writes prompts/x.run/ (checkpoints): the
+    server must start on that folder (the README quickstart does exactly this)."""
+    write(base, tmp_path, "tickets")
+    run = tmp_path / "tickets.run"
+    run.mkdir()
+    (run / "checkpoint.safetensors").write_bytes(b"not a prompt file")
+    with engine(base, tmp_path) as eng:
+        assert eng.bank.load_all() == ["tickets"]
+        assert eng.bank.available() == []
+    with pytest.raises(BadPromptNameError, match="may not end in '.run'"):
+        check_name("tickets.run/x")

@@ -34,6 +34,9 @@ PROMPT_MAX = MAX_SEGMENTS * (NAME_MAX + 1) - 1
 PROMPT_RE = re.compile(PROMPT_PATTERN.strip("^$"))
 
 SUFFIX = ".safetensors"
+RUN_SUFFIX = ".run"
+"""Folders named ``*.run`` are training run folders (``softprompt train --out prompts/x.safetensors``
+writes ``prompts/x.run/``), never namespaces."""
 READ_TRIES = 3
 """Reads of a file that keeps changing while it is read before giving up on it."""
 
@@ -46,6 +49,9 @@ def check_name(name: str) -> str:
             f"invalid prompt name {name!r}: use 1-{MAX_SEGMENTS} segments joined by '/', each of 1-{NAME_MAX} "
             "letters, digits, '_', '-' or '.' starting with a letter or digit"
         )
+    if any(s.endswith(RUN_SUFFIX) for s in name.split("/")[:-1]):
+        raise BadPromptNameError(f"invalid prompt name {name!r}: a namespace may not end in {RUN_SUFFIX!r} "
+                                 "(training run folders)")
     return name
 
 
@@ -95,7 +101,9 @@ class PromptFolder:
         names = []
         for top, dirs, files in os.walk(self.root):  # symlinked folders are not entered
             rel = Path(top).relative_to(self.root)
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            # hidden folders, and the run folders `softprompt train` writes next to its output
+            # (<name>.run/: checkpoints, trial prompts) are no namespaces
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith(RUN_SUFFIX))
             for f in files:
                 if f.startswith(".") or not f.endswith(SUFFIX):
                     continue
