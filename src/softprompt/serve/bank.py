@@ -159,7 +159,6 @@ class PromptBank:
                  max_spec_length: int = 4096, model_lock: threading.Lock | None = None,
                  limits: EngineConfig | None = None, prefixer=None, durable: bool = False):
         self.pm = pm
-        self.directory = Path(directory) if directory is not None else None
         self.folder = PromptFolder(directory) if directory is not None else None
         self.strict = strict
         self.max_spec_length = max_spec_length
@@ -189,10 +188,11 @@ class PromptBank:
         with self._lock:
             entry = self._cache.get(name)
             indexed = name in self._index
+            unloaded = name in self._unloaded
             version = self._version.get(name, 0)
         if entry is not None:
             return entry
-        if not indexed and name not in self._unloaded and self.folder is not None and self.folder.exists(name):
+        if not indexed and not unloaded and self.folder is not None and self.folder.exists(name):
             indexed = True  # a file copied into the folder after start-up
             with self._lock:
                 self._index.add(name)
@@ -220,11 +220,10 @@ class PromptBank:
         """Names of the folder's files that are not resident (usable by name all the same); the
         folder is listed again, so files copied in or removed since start-up are seen (a name
         that is no prompt name is left out here; at start-up it is an error)."""
-        if self.folder is not None:
-            names = self.folder.index(strict=False)
-            with self._lock:
-                self._index = set(names).difference(self._unloaded)
+        names = self.folder.index(strict=False) if self.folder is not None else None
         with self._lock:
+            if names is not None:
+                self._index = set(names).difference(self._unloaded)
             return sorted(self._index.difference(self._cache.keys()))
 
     def stats(self) -> StoreStats:
@@ -249,14 +248,7 @@ class PromptBank:
     def fill(self, rows: Sequence[Row]) -> None:
         """Compute the missing prefixes of ``rows`` in one batched pass per prompt length and set
         each row's ``prefix`` (the scheduler calls this on the worker thread before a step)."""
-        slots = [r.slot for r in rows if r.slot is not None]
-        if any(not s.filled for s in slots):
-            start = time.perf_counter()
-            with self._model_lock:
-                n = fill_slots(self.pm, slots)
-            with self._lock:
-                self._prefill_s += time.perf_counter() - start
-                self._prefills += n
+        self._fill([r.slot for r in rows if r.slot is not None])
         for r in rows:
             if r.slot is not None:
                 r.prefix = r.slot.get()
@@ -356,14 +348,20 @@ class PromptBank:
         with self._lock:
             self._load_s += time.perf_counter() - start
         tensor, slot = prefix_slot(self.pm, name, loaded, self.prefixer)
-        if not slot.filled and not lazy:  # an explicit load computes it now (off the worker thread)
-            prefill = time.perf_counter()
-            with self._model_lock:
-                fill_slots(self.pm, [slot])
-            with self._lock:
-                self._prefill_s += time.perf_counter() - prefill
-                self._prefills += 1
+        if not lazy:  # an explicit load computes it now (off the worker thread)
+            self._fill([slot])
         return PromptEntry(name, tensor, meta, spec, slot, label_ids, source)
+
+    def _fill(self, slots: Sequence[PrefixSlot]) -> None:
+        """Compute the empty ``slots``' prefixes under the model lock, counting the time."""
+        if all(s.filled for s in slots):
+            return
+        start = time.perf_counter()
+        with self._model_lock:
+            n = fill_slots(self.pm, slots)
+        with self._lock:
+            self._prefill_s += time.perf_counter() - start
+            self._prefills += n
 
     def _put(self, entry: PromptEntry, *, pinned: bool, indexed: bool, version: int | None = None) -> PromptEntry:
         """Cache ``entry`` (an explicit change: ``version`` None) and return it."""

@@ -109,31 +109,27 @@ class PromptFolder:
                     continue
                 path = Path(top) / f
                 name = "/".join((*rel.parts, f[: -len(SUFFIX)]))
-                try:
-                    try:
-                        check_name(name)
-                    except BadPromptNameError as e:
-                        raise PromptFileError(f"{path}: the file's name is not a valid prompt name ({e})") from None
-                    if path.is_symlink() and not self._inside(path):
-                        raise PromptFileError(f"{path}: a symlink out of the prompts folder")
-                except PromptFileError:
-                    if strict:
-                        raise
-                    continue
-                names.append(name)
+                problem = self._problem(path, name)
+                if problem is not None and strict:
+                    raise PromptFileError(problem)
+                if problem is None:
+                    names.append(name)
         return sorted(names)
+
+    def _problem(self, path: Path, name: str) -> str | None:
+        """Why the file ``path`` cannot be the prompt ``name``, or None."""
+        try:
+            check_name(name)
+        except BadPromptNameError as e:
+            return f"{path}: the file's name is not a valid prompt name ({e})"
+        if path.is_symlink() and not self._inside(path):
+            return f"{path}: a symlink out of the prompts folder"
+        return None
 
     def exists(self, name: str) -> bool:
         """Whether ``name`` has a file in the folder (reached without leaving it through a symlink)."""
         path = self.path_of(name)
         return path.is_file() and self._inside(path)
-
-    def stamp(self, name: str) -> FileStamp | None:
-        """The file's size, mtime and inode, or None when there is no such file."""
-        try:
-            return FileStamp.of(os.stat(self.path_of(name)))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
 
     def read(self, name: str) -> bytes:
         """The bytes of the prompt file, read once through one open file: a file replaced
