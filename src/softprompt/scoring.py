@@ -207,8 +207,7 @@ def generate_after(
     gens = [torch.Generator().manual_seed(seed + i) for i in range(B)] if seed is not None else None
     cache, mask, pos = state.cache, state.mask, state.next_pos
     logits = pm.project(state.last_hidden)  # (B, V)
-    rows = [TextStepper(lambda ids: tok.decode(ids, skip_special_tokens=True), tok.eos_token_id, max_new_tokens, stop)
-            for _ in range(B)]
+    rows = [TextStepper.for_tokenizer(tok, max_new_tokens, stop) for _ in range(B)]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, gens)  # (B,)
         for i, row in enumerate(rows):

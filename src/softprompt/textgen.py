@@ -63,6 +63,12 @@ class TextStepper:
     reason: FinishReason | None = None
     """Why the row ended, once it has."""
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer, max_new: int, stops: Sequence[str] = ()) -> "TextStepper":
+        """A stepper decoding with ``tokenizer`` (special tokens skipped), ending at its EOS token."""
+        return cls(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), tokenizer.eos_token_id, max_new,
+                   list(stops))
+
     def push(self, token: int) -> FinishReason | None:
         """Take one generated token; the finish reason if the row ends with it, else None."""
         if self.reason is not None:

@@ -150,7 +150,6 @@ class TransformersSteps:
         self.model_lock = model_lock
         self._scoring: list[_Scoring] = []  # classifications whose labels are being scored
         self._gen: _GenBatch | None = None  # the running generation batch
-        self._eos = self.tokenizer.eos_token_id
 
     # -- the ModelSteps interface
 
@@ -258,7 +257,8 @@ class TransformersSteps:
         new_rows = []
         for job in jobs:
             req: GenerateRequest = job.request
-            new_rows.append(_GenRow(job, job.generator, req.temperature, req.top_p, self._stepper(req)))
+            text = TextStepper.for_tokenizer(self.tokenizer, req.max_new_tokens, req.stop)
+            new_rows.append(_GenRow(job, job.generator, req.temperature, req.top_p, text))
         layers = cache_layers(state.cache)
         if gen is None:
             return _GenBatch(new_rows, layers, state.mask, state.next_pos, logits)
@@ -319,12 +319,6 @@ class TransformersSteps:
                     log.warning("sampling a row failed: %r", e)
                     errors[i] = e
         return out, errors
-
-    def _stepper(self, req: GenerateRequest) -> TextStepper:
-        return TextStepper(self._decode, self._eos, req.max_new_tokens, list(req.stop))
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _end(self, row: _GenRow) -> None:
         text = row.text

@@ -105,7 +105,6 @@ class VLLMSteps:
         self._news = threading.Event()  # set by a server thread when a row has something new
         self._scoring: dict[Job, list[Future]] = {}  # classification job -> one future per row
         self._gen: list[_Stream] = []
-        self._eos = self.tokenizer.eos_token_id
         self._open_lock = threading.Lock()
         self.open_streams = 0
         """Streams from the server being read now (a cancelled row's closes at its next chunk)."""
@@ -195,7 +194,7 @@ class VLLMSteps:
         jobs = [j for j in jobs if not j.done]
         for job in jobs:
             req: GenerateRequest = job.request
-            s = _Stream(job, TextStepper(self._decode, self._eos, req.max_new_tokens, list(req.stop)))
+            s = _Stream(job, TextStepper.for_tokenizer(self.tokenizer, req.max_new_tokens, req.stop))
             self._gen.append(s)
             self._submit(self._read, s)
         self.metrics.batch_rows.labels("generate").observe(len(self._gen))
@@ -277,9 +276,6 @@ class VLLMSteps:
         if piece := s.text.delta():
             s.job.emit(piece)
         return False
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _end(self, s: _Stream, reason: FinishReason) -> None:
         text = s.text
