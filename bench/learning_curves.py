@@ -38,27 +38,41 @@ LORA_STEPS_REF = 100
 """The equal-wall-clock budget: what LoRA r=8 needs for this many steps."""
 
 
-def softprompt_curve(data: TaskData, args, method: str, base) -> list[dict]:
-    """One softprompt run, dev-evaluated every ``args.eval_every`` steps; [{step, seconds, accuracy, macro_f1}]."""
+def run_softprompt(data: TaskData, args, method: str, base, dev_n: int | None = None):
+    """One softprompt training run of ``method`` on the task (a dev sample of ``dev_n`` rows
+    evaluated every ``args.eval_every`` steps when given); the TrainResult."""
     from softprompt.examples import jsonl_bytes
     from softprompt.train import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         (work / "train.jsonl").write_bytes(jsonl_bytes(data.train, "classify"))
-        (work / "dev.jsonl").write_bytes(jsonl_bytes(sample(data, "dev", args.dev_n), "classify"))
-        cfg = TrainConfig(data=str(work / "train.jsonl"), eval=str(work / "dev.jsonl"), template=data.spec.template,
-                          labels=data.spec.labels, out=str(work / "p.safetensors"), max_steps=args.steps,
-                          batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, quiet=True,
-                          checkpoint_every=0, patience=None, eval_every=args.eval_every, model=args.model,
-                          **SOFTPROMPT_METHODS[method])
-        result = train(cfg, base=base)
+        dev = {}
+        if dev_n:
+            (work / "dev.jsonl").write_bytes(jsonl_bytes(sample(data, "dev", dev_n), "classify"))
+            dev = {"eval": str(work / "dev.jsonl"), "eval_every": args.eval_every}
+        cfg = TrainConfig(data=str(work / "train.jsonl"), template=data.spec.template, labels=data.spec.labels,
+                          out=str(work / "p.safetensors"), max_steps=args.steps, batch_size=args.batch_size,
+                          max_length=args.max_length, seed=getattr(args, "seed", 0), quiet=True, checkpoint_every=0,
+                          patience=None, model=args.model, **dev, **SOFTPROMPT_METHODS[method])
+        return train(cfg, base=base)
+
+
+def step_seconds(result, batch_size: int) -> dict[int, float]:
+    """Step -> that step's training seconds (dev evaluation excluded), from metrics.jsonl."""
+    return {r["step"]: batch_size / r["examples_per_s"] for r in result.history if "loss" in r}
+
+
+def softprompt_curve(data: TaskData, args, method: str, base) -> list[dict]:
+    """One softprompt run, dev-evaluated every ``args.eval_every`` steps; [{step, seconds, accuracy, macro_f1}]."""
+    result = run_softprompt(data, args, method, base, args.dev_n)
+    per_step = step_seconds(result, args.batch_size)
     seconds, at, out = 0.0, {}, []
+    for step in sorted(per_step):
+        seconds += per_step[step]
+        at[step] = seconds
     for r in result.history:
-        if "loss" in r:
-            seconds += args.batch_size / r["examples_per_s"]  # this step's training time
-            at[r["step"]] = seconds
-        elif "eval" in r:
+        if "eval" in r:
             m = next(iter(r["eval"].values()))
             out.append({"step": r["step"], "seconds": round(at[r["step"]], 2), "accuracy": m["accuracy"],
                         "macro_f1": m["macro_f1"]})

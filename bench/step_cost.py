@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-from pathlib import Path
 
 from common import set_threads, write_results
 
 import peft_side
-from learning_curves import SOFTPROMPT_METHODS
+from learning_curves import run_softprompt, step_seconds
 from tasks import TASKS, load_task
 
 from softprompt import load_base_model
@@ -30,17 +28,7 @@ WARMUP = 2
 
 
 def softprompt_steps(data, args, method: str, base) -> list[float]:
-    from softprompt.examples import jsonl_bytes
-    from softprompt.train import TrainConfig, train
-
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "train.jsonl").write_bytes(jsonl_bytes(data.train, "classify"))
-        cfg = TrainConfig(data=str(Path(d) / "train.jsonl"), template=data.spec.template, labels=data.spec.labels,
-                          out=str(Path(d) / "p.safetensors"), max_steps=args.steps, batch_size=args.batch_size,
-                          max_length=args.max_length, quiet=True, checkpoint_every=0, patience=None,
-                          model=args.model, **SOFTPROMPT_METHODS[method])
-        result = train(cfg, base=base)
-    return [args.batch_size / r["examples_per_s"] for r in result.history if "loss" in r]
+    return list(step_seconds(run_softprompt(data, args, method, base), args.batch_size).values())
 
 
 def lora_steps(data, args) -> list[float]:
