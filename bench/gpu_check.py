@@ -8,7 +8,9 @@ models are built from configs with random weights and the tokenizer is trained i
 (on CPU: not measured). Writes ``gpu_check.json`` + ``gpu_check.md`` into ``--out``.
 
 - training (batch x length equal for every side, one optimizer step each): softprompt input prompt
-  and deep prompt (the training objective: rank classification over 4 labels, ``row_losses``),
+  and deep prompt as ``softprompt train`` runs them on this device (the training objective: rank
+  classification over 4 labels of 1, 1, 1 and 3 tokens, ``row_losses``; the prompt packed in front
+  of each row on a GPU, shared on a CPU; Linear weights held in bf16 for a bf16 run),
   PEFT prompt tuning and PEFT LoRA r=8 (q, v) (their own ``model(**batch).loss`` on source + gold
   label), float32 and bf16 autocast.
 - serving (rank classification of ``--rows`` rows over 4 labels, rows/s): the bare model (the
@@ -27,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -45,7 +48,10 @@ SHAPES = {
                          num_key_value_heads=8, vocab_size=128256),
 }
 """Model shapes (LlamaConfig fields) from the models' published configs."""
-LABELS = ["business", "sport", "politics", "science and technology"]
+LABEL_TOKENS = [[11], [12], [13], [14, 15, 16]]
+"""Token ids of 4 labels shaped as a real tokenizer cuts " business", " sport", " politics" and
+" science and technology" (SmolLM2's: 1, 1, 1 and 3 tokens); the in-process tokenizer would cut
+them into 3-12 pieces, a label set no real task has."""
 WORDS = "the a market team election phone research report said new year first over after game data".split()
 TRAIN_SIDES = ("softprompt input prompt", "softprompt deep prompt", "PEFT prompt tuning", "PEFT LoRA r=8")
 SERVE_SIDES = ("bare model", "softprompt, 1 prompt", "softprompt, 100 prompts", "PEFT, 1 prompt", "PEFT, 100 prompts")
@@ -108,8 +114,10 @@ def ours_train_step(base, deep: bool, sources, golds, label_ids, precision: str,
     """One optimizer step of softprompt's objective (rank classification) on a fresh prompt."""
     from softprompt.model import PromptedModel
     from softprompt.train.objective import Row, row_losses
+    from softprompt.train.speed import share_prompt_prefix
 
     pm = PromptedModel(base)
+    share = share_prompt_prefix(base.device)  # the trainer's choice for this device
     dev = base.device
     if deep:
         L, H, hd = base.kv_layout
@@ -121,7 +129,7 @@ def ours_train_step(base, deep: bool, sources, golds, label_ids, precision: str,
 
     def step():
         with autocast(dev, precision):
-            loss = row_losses(pm, [prompt], rows, [label_ids]).mean()
+            loss = row_losses(pm, [prompt], rows, [label_ids], share_prefix=share).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -210,40 +218,57 @@ def peft_serve(peft_model, base, prompts, tasks, sources, label_ids, precision, 
 
 
 def check_shape(shape: str, args, device: torch.device) -> list[dict]:
+    from softprompt.train.speed import cast_linear_weights
+
     base = build(shape, device)
     tok = base.tokenizer
-    label_ids = [tok(" " + l, add_special_tokens=False).input_ids for l in LABELS]
+    label_ids = LABEL_TOKENS
     train_src = [tok(t, add_special_tokens=False).input_ids[: args.length] for t in texts(args.batch, args.length)]
-    golds = [i % len(LABELS) for i in range(args.batch)]
+    golds = [i % len(LABEL_TOKENS) for i in range(args.batch)]
     serve_src = [tok(t, add_special_tokens=False).input_ids[: args.length] for t in texts(args.rows, args.length, 1)]
     clock = Clock(device, args.warmup, args.steps)
     rows = []
     g = torch.Generator().manual_seed(1)
     bank = [(torch.randn(20, base.dim, generator=g) * 0.02).to(device) for _ in range(100)]
-    for precision in PRECISIONS:
-        def add(kind, side, result, n):
-            rows.append({"model": shape, "precision": precision, "kind": kind, "side": side,
-                         "seconds": round(result["s"], 5), "rows/s": round(n / result["s"], 1),
-                         "peak GPU MB": result["peak_mb"]})
-        for side, deep in (("softprompt input prompt", False), ("softprompt deep prompt", True)):
-            add("train", side, clock(ours_train_step(base, deep, train_src, golds, label_ids, precision)), args.batch)
+    for precision in args.precisions.split(","):
+        def add(kind, side, make, n):
+            """Time the step ``make()`` builds; a side that fails is a row with its error, and the rest run."""
+            row = {"model": shape, "precision": precision, "kind": kind, "side": side,
+                   "seconds": None, "rows/s": None, "peak GPU MB": None, "error": None}
+            try:
+                result = clock(make())
+                row.update({"seconds": round(result["s"], 5), "rows/s": round(n / result["s"], 1),
+                            "peak GPU MB": result["peak_mb"]})
+            except Exception as e:  # noqa: BLE001 - one failing side must not cost the lent GPU's other cells
+                traceback.print_exc()
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            print(f"  {shape} {precision} {kind} {side}: {row['seconds'] or row['error']}", flush=True)
+        with cast_linear_weights(base.model, torch.bfloat16 if precision == "bf16" else None):  # as train() does
+            for side, deep in (("softprompt input prompt", False), ("softprompt deep prompt", True)):
+                add("train", side, lambda: ours_train_step(base, deep, train_src, golds, label_ids, precision),
+                    args.batch)
         for p in (1, 100):
             tasks = [i % p for i in range(args.rows)]
             add("serve", f"softprompt, {p} prompt{'s' if p > 1 else ''}",
-                clock(ours_serve(base, bank[:p], tasks, serve_src, label_ids, precision)), args.rows)
-        add("serve", "bare model", clock(ours_serve(base, [], [], serve_src, label_ids, precision)), args.rows)
+                lambda: ours_serve(base, bank[:p], tasks, serve_src, label_ids, precision), args.rows)
+        add("serve", "bare model", lambda: ours_serve(base, [], [], serve_src, label_ids, precision), args.rows)
         pt = prompt_tuning(base.model)
-        add("train", "PEFT prompt tuning", clock(peft_train_step(pt, peft_batch(base, train_src, golds, label_ids),
-                                                                  precision)), args.batch)
+        add("train", "PEFT prompt tuning",
+            lambda: peft_train_step(pt, peft_batch(base, train_src, golds, label_ids), precision), args.batch)
         for p in (1, 100):
             tasks = [i % p for i in range(args.rows)]
             add("serve", f"PEFT, {p} prompt{'s' if p > 1 else ''}",
-                clock(peft_serve(pt, base, bank[:p], tasks, serve_src, label_ids, precision)), args.rows)
-        lm = pt.get_base_model()
-        lo = lora(lm)
-        add("train", "PEFT LoRA r=8", clock(peft_train_step(lo, peft_batch(base, train_src, golds, label_ids),
-                                                             precision)), args.batch)
-        base.model = lo.unload()  # the base without LoRA's layers, for the next precision
+                lambda: peft_serve(pt, base, bank[:p], tasks, serve_src, label_ids, precision), args.rows)
+        lm, made = pt.get_base_model(), []
+
+        def lora_step():
+            made.append(lora(lm))
+            return peft_train_step(made[-1], peft_batch(base, train_src, golds, label_ids), precision)
+        add("train", "PEFT LoRA r=8", lora_step, args.batch)
+        base.model = made[-1].unload() if made else lm  # the base without LoRA's layers, for the next precision
         for p_ in base.model.parameters():
             p_.requires_grad_(False)
     del base
@@ -253,7 +278,7 @@ def check_shape(shape: str, args, device: torch.device) -> list[dict]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = ["model", "precision", "kind", "side", "seconds", "rows/s", "peak GPU MB"]
+    head = ["model", "precision", "kind", "side", "seconds", "rows/s", "peak GPU MB", "error"]
     lines = [f"# GPU check ({meta['device_name']}, {meta['date']})", "",
              f"batch {meta['batch']} x {meta['length']} tokens (training), {meta['rows']} rows (serving); "
              f"median of {meta['steps']} steps after {meta['warmup']}; torch {meta['torch']}, "
@@ -268,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b,llama-3.1-8b", help=f"of {', '.join(SHAPES)}")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS), help=f"of {', '.join(PRECISIONS)}")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--length", type=int, default=128, help="source tokens per row")
     ap.add_argument("--rows", type=int, default=64, help="rows per serving measurement")
@@ -287,7 +313,14 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes.split(","):
         t0 = time.perf_counter()
-        rows += check_shape(shape, args, device)
+        try:
+            rows += check_shape(shape, args, device)
+        except Exception as e:  # noqa: BLE001 - e.g. a model that does not fit: the next shapes still run
+            traceback.print_exc()
+            rows.append({"model": shape, "precision": None, "kind": "build", "side": None, "seconds": None,
+                         "rows/s": None, "peak GPU MB": None, "error": f"{type(e).__name__}: {e}"[:300]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         print(f"{shape}: {time.perf_counter() - t0:.0f} s", flush=True)
         result = {"meta": meta, "rows": rows}  # written after every model: a run cut short keeps what it measured
         (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
