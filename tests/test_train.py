@@ -457,3 +457,10 @@ def test_two_steps_on_the_default_model(tmp_path, default_base):
     assert loaded.meta.length == 20 and loaded.meta.labels == ["business", "sport"]
     assert loaded.meta.training["precision"] == ("bfloat16" if cpu_has_fast_bf16() else "fp32")
     assert all(h["loss"] < 5 for h in r.history if "loss" in h)  # label init: the labels are likely from step 1
+
+
+def test_the_prompt_prefix_is_shared_on_a_cpu_and_packed_on_a_gpu():
+    from softprompt.train.speed import share_prompt_prefix
+
+    assert share_prompt_prefix(torch.device("cpu")) is True  # compute-bound: the prompt's tokens once per batch
+    assert share_prompt_prefix(torch.device("cuda", 0)) is False  # launch-bound: one pass fewer

@@ -43,7 +43,8 @@ from .objective import row_losses
 from .records import DevResult, EvalHook, MetricsLog, TrainResult, peak_rss_mb
 from .schedule import SAMPLINGS, lr_at, warmup_steps
 from .setup import Run, check_launch, encode_rows, init_prompts, load_model, pick_checkpointing, read_resume
-from .speed import attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention
+from .speed import (attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention,
+                    share_prompt_prefix)
 from .summary import TrainingSummary
 from .tracking import Trackers
 
@@ -142,7 +143,7 @@ def _start(run: Run, saved) -> LoopState:
 
 def _model_switches(run: Run) -> contextlib.ExitStack:
     """Activation checkpointing, the attention implementation, Linear weights in the compute dtype
-    (CPU) and the sharded base's hooks, for the duration of the loop (all undone on exit)."""
+    (unless sharded) and the sharded base's hooks, for the duration of the loop (all undone on exit)."""
     config, m = run.config, run.model
     stack = contextlib.ExitStack()
     # every process decides (cheap), then the main process's decision holds for all: ranks that
@@ -152,7 +153,7 @@ def _model_switches(run: Run) -> contextlib.ExitStack:
         _say(run.quiet, why)
     stack.enter_context(gradient_checkpointing(m.base.model, run.checkpointing))
     stack.enter_context(attention_implementation(m.base.model, resolve_attention(config.attention, m.device, m.amp)))
-    stack.enter_context(cast_linear_weights(m.base.model, m.amp if m.device.type == "cpu" and not m.sharded else None))
+    stack.enter_context(cast_linear_weights(m.base.model, None if m.sharded else m.amp))
     if m.sharded:
         stack.enter_context(m.sharded)
     return stack
@@ -226,7 +227,7 @@ def _backward(run: Run, batch: list[int]) -> torch.Tensor:
             tasks = {run.rows[i].task for i in micro}  # a reparameterised prompt is computed only when used
             prompts = [p() if t in tasks else None for t, p in enumerate(run.params)]
             losses = row_losses(m.pm, prompts, [run.rows[i] for i in micro], run.label_ids,
-                                config.classify_loss)[:own]
+                                config.classify_loss, share_prefix=share_prompt_prefix(m.device))[:own]
             weighted = losses if run.row_weights is None else losses * torch.tensor(  # (own,) --class-weights
                 [run.row_weights[i] for i in micro[:own]], dtype=losses.dtype, device=losses.device)
             loss = weighted.sum() / config.batch_size  # global batch: weights average 1 over the training rows

@@ -1,6 +1,6 @@
 """Speed and memory switches the loop wraps around the model, each undone on exit: activation
 checkpointing and the attention implementation (transformers' switches, fenced in hf_compat.py),
-Linear weights held in the compute dtype.
+Linear weights held in the compute dtype; and whether a step shares each prompt's prefix by device.
 
 Not here: precision choice (precision.py), the loop (loop.py).
 """
@@ -24,12 +24,28 @@ def resolve_attention(attention: str, device: torch.device, amp: torch.dtype | N
     return None if attention == "model" else attention
 
 
+def share_prompt_prefix(device: torch.device) -> bool:
+    """Run each input prompt once per batch and share its keys/values with its rows (True), or pack
+    it in front of every row (False); the two give the same loss (tested).
+
+    On a CPU the step is compute-bound and sharing saves the prompt's tokens on every row (2.06x vs
+    1.78x PEFT's speed, docs/guides/training.md). On a GPU a step of a small batch is bound by kernel
+    launches, and sharing's extra forward pass (3 passes instead of 2: 12,378 vs 8,088 launches per
+    step on SmolLM2-135M) costs more than the tokens it saves: packed was 1.4-2.1x faster per step
+    on an H200 (bench/results/gpu_train_variants.md). Deep prompts always share (they have no
+    input embeddings).
+    """
+    return device.type == "cpu"
+
+
 @contextlib.contextmanager
 def cast_linear_weights(model, dtype: torch.dtype | None):
     """Hold the decoder's Linear weights in ``dtype`` for the duration (restored on exit).
 
     Under autocast every Linear casts its float32 weight to bf16 at every call, forward and
-    backward; casting once per run gives the same numbers and measured ~9% faster per CPU step.
+    backward; casting once per run gives the same numbers and measured ~9% faster per CPU step. On a
+    GPU it also saves memory: autocast keeps each pass's bf16 weight copies for the backward pass
+    (an 8B model's step peaked at 66.6 GB with per-call casts, 53.3 GB held, on an H200).
     The lm head is left alone (often tied to the input embeddings, which must stay float32).
     """
     if dtype is None:
