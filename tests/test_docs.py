@@ -4,6 +4,7 @@ error type documented."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -94,3 +95,11 @@ def test_quickstart_runs_as_written(tmp_path):
     assert '"label":"billing"' in r.stdout.replace(" ", "") or '"label": "billing"' in r.stdout
     last = r.stdout.strip().splitlines()[-1]
     assert last.split()[0] in {"billing", "bug", "question"}  # the openai client's answer
+    # README's next steps, on the quickstart's files: tune, a namespace, a scoped key
+    (steps,) = blocks(page("README").split("Next steps on the same files", 1)[1], "bash")[:1]
+    script = f"set -e\ntrap 'kill $(jobs -p) 2>/dev/null' EXIT\n{steps.replace('8001', str(free_port()))}"
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "prompts" / "tickets-tuned.safetensors").is_file()
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    assert answer["prompts"] == ["acme/tickets"] and answer["label"] in {"billing", "bug", "question"}
