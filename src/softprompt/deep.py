@@ -7,14 +7,15 @@ reads, and :func:`collapse` turns it into the plain tensor a prompt file holds:
   :class:`ResidualPrompt` (``--reparam residual``, Razdaibiedina et al. 2023);
 - method ``prefix``: a deep prompt (layers, 2, kv_heads, P, head_dim), per layer the keys ([:, 0],
   post-rotary) and values ([:, 1]) of P virtual tokens, as the HF cache holds them:
-  :class:`DeepPrompt`, :class:`MLPPrefix` (``--reparam mlp``, Li & Liang 2021) or
+  :class:`~softprompt.methods.deep_prompt.DeepPrompt`, :class:`MLPPrefix` (``--reparam mlp``, Li & Liang 2021) or
   :class:`ScaledPrefix` (``--reparam scaled``: steps relative to each layer's key/value size).
 
 A deep prompt starts from the keys/values of real tokens: the input-prompt init (any ``--init``)
-runs through the model once (``PrefixKV.compute``). A reparameterisation only changes how the
+runs through the model once (``methods.deep_prompt.deep_init``). A reparameterisation only changes how the
 prompt is trained; it is collapsed before saving, so files, export and serving never see it.
 
-Not here: reading sources after a deep prompt (prefix.py), the file format (artifact/).
+Not here: what each method is and how it starts (methods/), reading sources after a deep prompt
+(prefix.py), the file format (artifact/).
 """
 
 from __future__ import annotations
@@ -26,12 +27,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .methods import method as get_method
 from .model import PromptedModel
-from .prefix import PrefixKV
-from .prompt import SoftPrompt
-
-METHODS: tuple[str, ...] = ("prompt", "prefix")
-"""Where a prompt goes: ``prompt`` = P input embeddings; ``prefix`` = P keys/values at every layer."""
 
 
 def _fp32(fn):
@@ -41,25 +38,6 @@ def _fp32(fn):
         with torch.autocast(next(self.parameters()).device.type, enabled=False):
             return fn(self)
     return wrapper
-
-
-def deep_init(pm: PromptedModel, prompt: torch.Tensor) -> torch.Tensor:
-    """The keys/values of an input prompt (P, d) at every layer: (layers, 2, H, P, hd) float32."""
-    kv = PrefixKV.compute(pm, prompt)  # per layer (H, P, hd) x 2
-    return torch.stack([torch.stack([k, v]) for k, v in kv.layers]).float()  # (L, 2, H, P, hd)
-
-
-class DeepPrompt(nn.Module):
-    """A deep prompt: one float32 master tensor (layers, 2, kv_heads, P, head_dim)."""
-
-    def __init__(self, kv: torch.Tensor):
-        super().__init__()
-        if kv.dim() != 5 or kv.shape[1] != 2:
-            raise ConfigError(f"a deep prompt needs a (layers, 2, kv_heads, P, head_dim) tensor, got {tuple(kv.shape)}")
-        self.weight = nn.Parameter(kv.detach().to(torch.float32).clone())  # (L, 2, H, P, hd)
-
-    def forward(self) -> torch.Tensor:
-        return self.weight
 
 
 class MLPPrefix(nn.Module):
@@ -147,8 +125,8 @@ class Reparam:
     hidden: int
     lr: float | None
     """Default --lr (None: the method's)."""
-    build: Callable[[torch.Tensor, torch.Tensor | None, int], nn.Module]
-    """``(input-prompt init (P, d), deep init (L, 2, H, P, hd) or None, hidden) -> module``."""
+    build: Callable[[torch.Tensor, torch.Tensor, int], nn.Module]
+    """``(input-prompt init (P, d), the method's start: that init, or the deep init (L, 2, H, P, hd), hidden) -> module``."""
 
 
 REPARAMS: dict[str, Reparam] = {
@@ -169,23 +147,22 @@ def build_prompt(pm: PromptedModel, init: torch.Tensor, method: str = "prompt", 
 
     Args:
         init: the input-prompt init (P, d), from ``SoftPrompt.initialize``.
-        method: a name of :data:`METHODS`.
+        method: a key of :data:`~softprompt.methods.METHODS`.
         reparam: a key of :data:`REPARAMS` for ``method``, or None.
         hidden: the reparameterisation's hidden width (default: its own).
         seed: seeds the reparameterisation's weights.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    m = get_method(method, "--method")
     dev = pm.base.device
-    kv = deep_init(pm, init.to(dev)) if method == "prefix" else None
+    start = init if m.start is None else m.start(pm, init)  # (P, d), or the method's own start
     if reparam is None:
-        return DeepPrompt(kv) if kv is not None else SoftPrompt(init).to(dev)
+        return m.trainable(start, dev)
     r = REPARAMS[reparam]
-    if r.method != method:
+    if get_method(r.method) is not m:
         raise ConfigError(f"--reparam {reparam} applies to --method {r.method}, not {method}")
     with torch.random.fork_rng(devices=[]):  # built on the CPU from its own seed, then moved
         torch.manual_seed(seed)
-        return r.build(init.cpu(), None if kv is None else kv.cpu(), hidden or r.hidden).to(dev)
+        return r.build(init.cpu(), start.cpu(), hidden or r.hidden).to(dev)
 
 
 @torch.no_grad()

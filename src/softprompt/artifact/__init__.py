@@ -9,7 +9,6 @@ conversion to and from Hugging Face PEFT adapters.
 
 from .prompt_file import (  # noqa: F401
     FORMAT_VERSION,
-    PROMPT_METHODS,
     MAX_PROMPT_FILE_BYTES,
     STORAGE_DTYPES,
     TaskType,

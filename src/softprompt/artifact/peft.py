@@ -32,13 +32,14 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..base import DEFAULT_MODEL, EMBEDDED_NAME, BaseModel
 from ..errors import ConfigError, PromptFileError
 from ..hf_compat import text_config
+from ..methods import METHODS, PromptMethod, method, method_for_peft
 from .prompt_file import (
     STORAGE_DTYPES, LoadedPrompt, PromptMeta, atomic_write_bytes, check_compatible, load_prompt, safetensors_bytes,
     save_prompt, tensor_shape,
@@ -121,9 +122,9 @@ def import_peft(
     Raises:
         PromptFileError: unsupported PEFT type or an inconsistent adapter (one line each).
     """
-    adapter, tensor, method = _read_prompt(adapter_dir, base)
+    adapter, tensor, m = _read_prompt(adapter_dir, base)
     ptype = adapter.peft_type
-    P = int(tensor.shape[0] if method == "prompt" else tensor.shape[3])
+    shape = m.measure(tensor)  # length, kv_layout (and d) of the imported tensor
     stored = _stored_meta(adapter)
     if stored is not None:
         check_compatible(stored, base, str(adapter.path), strict=strict)
@@ -138,37 +139,46 @@ def import_peft(
     }
     extra["peft"] = {k: v for k, v in facts.items() if v is not None}
     meta = PromptMeta.for_base(
-        base, P,
+        base, shape["length"],
         **_task_fields(stored, task, template, labels, verbalizer),
         name=name if name is not None else (stored.name if stored else None),
         training=dict(stored.training) if stored else {},
         extra=extra,
-        method=method,
-        kv_layout=list(base.kv_layout) if method == "prefix" else None,
+        method=m.name,
+        kv_layout=shape["kv_layout"],
     )
     meta.dtype = stored.dtype if stored is not None and stored.dtype in STORAGE_DTYPES else src_dtype
     return LoadedPrompt(tensor, meta, None)
 
 
-def _read_prompt(adapter_dir: str | os.PathLike, base: BaseModel) -> tuple[PeftAdapter, torch.Tensor, str]:
-    """Read an adapter and its prompt for ``base``: ``(adapter, float32 tensor, method)``."""
+def _embeddings(read: Callable[[PeftAdapter, int, int], torch.Tensor]) -> Callable[[PeftAdapter, BaseModel], torch.Tensor]:
+    """A (P, d) importer of peft_adapter.py, after checking the config's P and d against each other and the base."""
+    return lambda adapter, base: read(adapter, *_check_shape_fields(adapter, base))
+
+
+ADAPTER_READERS: dict[str, Callable[[PeftAdapter, BaseModel], torch.Tensor]] = {
+    **{ptype: _embeddings(read) for ptype, read in IMPORTERS.items()}, **DEEP_IMPORTERS}
+"""How each importable PEFT type's tensor is read for a base: (P, d) or (layers, 2, kv_heads, P, head_dim)
+float32; the method it becomes is the registry's (``PromptMethod.peft_imports``)."""
+
+
+def _read_prompt(adapter_dir: str | os.PathLike, base: BaseModel) -> tuple[PeftAdapter, torch.Tensor, PromptMethod]:
+    """Read an adapter and its prompt for ``base``: ``(adapter, float32 tensor, its method)``."""
     config = read_adapter_config(adapter_dir)
     where = Path(adapter_dir) / CONFIG_NAME
     ptype = str(config.get("peft_type") or "")
     if not ptype:
         raise PromptFileError(f"{where}: no peft_type (not a PEFT adapter config)")
-    if ptype not in IMPORTERS and ptype not in DEEP_IMPORTERS:
+    m = method_for_peft(ptype)
+    if m is None or ptype not in ADAPTER_READERS:
         reason = UNSUPPORTED_REASONS.get(ptype, "it prepends neither virtual tokens nor keys/values")
-        known = [*IMPORTERS, *DEEP_IMPORTERS]
+        known = [t for o in METHODS.values() for t in o.peft_imports]
         raise PromptFileError(
             f"{where}: PEFT type {ptype} is not supported ({reason}); softprompt imports "
             f"{', '.join(known[:-1])} and {known[-1]}"
         )
     adapter = read_adapter(adapter_dir, config)  # after the type check: a LoRA file may be large
-    if ptype in DEEP_IMPORTERS:
-        return adapter, DEEP_IMPORTERS[ptype](adapter, base), "prefix"  # (layers, 2, kv_heads, P, head_dim)
-    P, d = _check_shape_fields(adapter, base)
-    return adapter, IMPORTERS[ptype](adapter, P, d), "prompt"  # (P, d)
+    return adapter, ADAPTER_READERS[ptype](adapter, base), m
 
 
 def save_imported(loaded: LoadedPrompt, path: str | os.PathLike, dtype: str | None = None) -> Path:
@@ -247,17 +257,33 @@ def _local_model_config(name: str) -> Any:
         return None
 
 
-PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": PREFIX_TUNING}
-"""The PEFT adapter type each prompt method exports as."""
+def _prompt_tuning(meta: PromptMeta, tensor: torch.Tensor, base_model_name: str | None,
+                   model_config: Any) -> tuple[dict[str, Any], torch.Tensor]:
+    """An input prompt's PROMPT_TUNING config and tensor: (P, d) as it is."""
+    if model_config is None:
+        model_config = _local_model_config(meta.base_model)
+    return peft_config_dict(meta, base_model_name=base_model_name, model_config=model_config), tensor
+
+
+def _prefix_tuning(meta: PromptMeta, tensor: torch.Tensor, base_model_name: str | None,
+                   model_config: Any) -> tuple[dict[str, Any], torch.Tensor]:
+    """A deep prompt's PREFIX_TUNING config and tensor: (layers, 2, kv_heads, P, head_dim) -> (P, layers * 2 * kv_heads * head_dim)."""
+    return prefix_config_dict(meta, base_model_name or peft_base_name(meta.base_model)), to_peft(tensor)
+
+
+ADAPTER_WRITERS: dict[str, Callable[[PromptMeta, torch.Tensor, str | None, Any], tuple[dict[str, Any], torch.Tensor]]] = {
+    "PROMPT_TUNING": _prompt_tuning, PREFIX_TUNING: _prefix_tuning}
+"""How a prompt becomes an adapter of each PEFT type a method exports as (``PromptMethod.peft_type``):
+``(meta, float32 tensor, base_model_name, model config or None) -> (adapter_config, tensor)``."""
 
 
 def _check_peft_type(meta: PromptMeta, peft_type: str | None, where: str) -> None:
     """Refuse, in one line, a PEFT type that cannot hold a prompt of this method."""
-    own = PEFT_TYPES[meta.method]
-    if peft_type not in (None, own):
-        what = ("a deep prompt (method 'prefix') holds keys/values at every layer, not input embeddings"
-                if meta.method == "prefix" else "an input prompt (method 'prompt') holds input embeddings, not keys/values")
-        raise PromptFileError(f"{where}: {what}, so it cannot be a PEFT {peft_type} adapter; export it as {own}")
+    m = method(meta.method, where, PromptFileError)
+    if peft_type not in (None, m.peft_type):
+        other = next((o for o in METHODS.values() if o.peft_type == peft_type and o is not m), None)
+        what = f"{m.a} (method {m.name!r}) holds {m.holds}" + (f", not {other.holds}" if other else "")
+        raise PromptFileError(f"{where}: {what}, so it cannot be a PEFT {peft_type} adapter; export it as {m.peft_type}")
 
 
 def export_peft(
@@ -284,8 +310,8 @@ def export_peft(
         model_config: an HF config to take num_layers / num_attention_heads from when ``base`` is
             None (default: the prompt's base model's config, if it is available locally).
         strict: with ``base``, refuse a prompt whose fingerprint is another model's.
-        peft_type: "PROMPT_TUNING" or "PREFIX_TUNING"; None: the prompt's own (:data:`PEFT_TYPES`);
-            the other one is refused.
+        peft_type: "PROMPT_TUNING" or "PREFIX_TUNING"; None: the prompt's own (its method's
+            ``peft_type``); the other one is refused.
     Returns:
         The adapter directory.
     """
@@ -299,13 +325,7 @@ def export_peft(
         check_compatible(meta, base, where, strict=strict)
         model_config = base.model.config
     tensor = loaded.tensor.detach().to("cpu", torch.float32)  # exact for fp16/bf16 sources
-    if meta.method == "prefix":  # (layers, 2, kv_heads, P, head_dim) -> (P, layers * 2 * kv_heads * head_dim)
-        config = prefix_config_dict(meta, base_model_name or peft_base_name(meta.base_model))
-        tensor = to_peft(tensor)
-    else:  # (P, d) as it is
-        if base is None and model_config is None:
-            model_config = _local_model_config(meta.base_model)
-        config = peft_config_dict(meta, base_model_name=base_model_name, model_config=model_config)
+    config, tensor = ADAPTER_WRITERS[METHODS[meta.method].peft_type](meta, tensor, base_model_name, model_config)
     tensor = tensor.contiguous()
     header = {"format": "pt", META_KEY: json.dumps(asdict(meta), sort_keys=True)}
     out = Path(out_dir)

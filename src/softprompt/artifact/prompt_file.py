@@ -8,6 +8,7 @@ Layout:
     header  "format_version" "1" or "2"
     header  "softprompt"     JSON of :class:`PromptMeta`
 
+The tensor's name, shape and format version are the method's (``softprompt.methods``).
 Tensors are float16 by default (bfloat16 if values overflow float16). An input prompt is still
 written as format 1, byte for byte as before (so older softprompt versions read it); format 2 adds
 ``method`` and ``kv_layout`` to the metadata, and format-1 files load as ``method="prompt"``.
@@ -33,19 +34,12 @@ from ..calibration import Calibration, CalibrationError
 from ..version import __version__
 from ..base import BaseModel, sketch_similarity
 from ..errors import PromptFileError
+from ..methods import METHODS, method
 from ..tasks import TASK_KINDS, TaskKind
 from .metadata_checks import MAX_META_DEPTH, STORAGE_DTYPE_NAMES, check_fields as _check_fields, depth as _depth
 
 FORMAT_VERSION = 2
 """The newest prompt-file format this version reads and writes."""
-PROMPT_METHODS = {
-    "prompt": "input prompt: P virtual-token embeddings (P, d) in front of the input (Lester et al.)",
-    "prefix": "deep prompt: P trained keys/values at every layer (prefix tuning, P-tuning v2)",
-}
-"""What a prompt file can hold, by ``PromptMeta.method``."""
-TENSOR_NAMES = {"prompt": "prompt", "prefix": "prefix"}
-METHOD_FORMAT = {"prompt": 1, "prefix": 2}
-"""The format version a prompt of each method is written as (the oldest that holds it)."""
 MAX_PROMPT_FILE_BYTES = 256 * 1024 * 1024
 STORAGE_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPE_NAMES}
 TaskType = TaskKind
@@ -83,7 +77,7 @@ class PromptMeta:
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form fields (import provenance, ...)."""
     method: str = "prompt"
-    """A key of :data:`PROMPT_METHODS`: "prompt" (input prompt) or "prefix" (deep prompt)."""
+    """A key of :data:`softprompt.methods.METHODS`: "prompt" (input prompt) or "prefix" (deep prompt)."""
     kv_layout: list[int] | None = None
     """Deep prompts: [layers, kv_heads, head_dim] of the base model's attention cache."""
     calibration: dict[str, Any] | None = None
@@ -170,48 +164,38 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 def _fill_shape(tensor: torch.Tensor, meta: PromptMeta) -> None:
     """Check ``tensor`` is the shape of ``meta.method`` and record it in ``meta``."""
-    if meta.method not in PROMPT_METHODS:
-        raise PromptFileError(f"unknown prompt method {meta.method!r}; choose one of {', '.join(PROMPT_METHODS)}")
-    if meta.method == "prompt":
-        if tensor.dim() != 2:
-            raise PromptFileError(f"an input prompt tensor must be (P, d), got shape {tuple(tensor.shape)}")
-        meta.length, meta.dim = int(tensor.shape[0]), int(tensor.shape[1])
-        meta.kv_layout = None
-        return
-    if tensor.dim() != 5 or tensor.shape[1] != 2 or tensor.shape[3] < 1:
-        raise PromptFileError(
-            f"a deep prompt tensor must be (layers, 2, kv_heads, P, head_dim), got shape {tuple(tensor.shape)}"
-        )
-    L, _, H, P, hd = (int(n) for n in tensor.shape)
-    meta.length, meta.kv_layout = P, [L, H, hd]
+    m = method(meta.method, error=PromptFileError)
+    try:
+        shape = m.measure(tensor)
+    except ValueError as e:
+        raise PromptFileError(str(e)) from None
+    for name, value in shape.items():
+        setattr(meta, name, value)
 
 
 def tensor_shape(meta: PromptMeta) -> tuple[int, ...]:
     """The prompt tensor's shape its metadata says: (P, d), or (layers, 2, kv_heads, P, head_dim)."""
-    if meta.method == "prefix" and meta.kv_layout:
-        L, H, hd = meta.kv_layout
-        return (L, 2, H, meta.length, hd)
-    return (meta.length, meta.dim)
+    try:
+        return method(meta.method, error=PromptFileError).shape(meta)
+    except ValueError as e:
+        raise PromptFileError(str(e)) from None
 
 
 def shape_words(meta: PromptMeta) -> str:
     """The prompt's shape for people, e.g. "deep prompt: 24 layers x 2 x 3 kv heads x 20 virtual tokens x 64 dims"."""
-    if meta.method == "prefix" and meta.kv_layout:
-        L, H, hd = meta.kv_layout
-        return f"deep prompt: {L} layers x 2 (keys, values) x {H} kv heads x {meta.length} virtual tokens x {hd} head dims"
-    return f"input prompt: {meta.length} virtual tokens x {meta.dim} dims"
+    return method(meta.method, error=PromptFileError).shape_words(meta)
 
 
 def prompt_bytes(tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> bytes:
     """Serialize a prompt and its metadata to prompt-file bytes: an input prompt (P, d), or a deep
-    prompt (layers, 2, kv_heads, P, head_dim) when ``meta.method == "prefix"``."""
+    prompt (layers, 2, kv_heads, P, head_dim) (``meta.method`` "prefix")."""
     _fill_shape(tensor, meta)
     if not torch.isfinite(tensor).all():
         raise PromptFileError("refusing to save a prompt with NaN or infinite values")
     dtype = _storage_dtype(tensor, dtype)
     meta.dtype = dtype
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    meta.format_version = METHOD_FORMAT[meta.method]
+    meta.format_version = METHODS[meta.method].format_version
     fields_ = asdict(meta)
     if meta.format_version == 1:  # byte for byte the format-1 file older versions read
         del fields_["method"], fields_["kv_layout"]
@@ -219,7 +203,7 @@ def prompt_bytes(tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16")
         del fields_["calibration"]
     header = {"format_version": str(meta.format_version), "softprompt": json.dumps(fields_, sort_keys=True)}
     data = tensor.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
-    return safetensors_bytes({TENSOR_NAMES[meta.method]: data}, header)
+    return safetensors_bytes({METHODS[meta.method].tensor_name: data}, header)
 
 
 def save_prompt(path: str | os.PathLike, tensor: torch.Tensor, meta: PromptMeta, dtype: str = "float16") -> Path:
@@ -228,7 +212,7 @@ def save_prompt(path: str | os.PathLike, tensor: torch.Tensor, meta: PromptMeta,
     Args:
         path: destination ``.safetensors`` file.
         tensor: the prompt: (P, d) (a :class:`~softprompt.prompt.SoftPrompt`'s ``weight``), or
-            (layers, 2, kv_heads, P, head_dim) for a deep prompt (``meta.method == "prefix"``).
+            (layers, 2, kv_heads, P, head_dim) for a deep prompt (``meta.method`` "prefix").
         meta: its metadata; the shape fields and ``dtype`` are filled from the tensor.
         dtype: storage dtype: "float16" (default), "bfloat16" or "float32".
     """
@@ -271,10 +255,9 @@ def _meta_from_header(header: dict[str, str], where: str) -> PromptMeta:
         raise PromptFileError(f"{where}: corrupt metadata ({e})") from None
     if meta.task is not None and meta.task not in TASK_TYPES:
         raise PromptFileError(f"{where}: unknown task type {meta.task!r}")
-    if meta.method not in PROMPT_METHODS:
-        raise PromptFileError(f"{where}: unknown prompt method {meta.method!r}")
-    if version == 1 and meta.method != "prompt":
-        raise PromptFileError(f"{where}: a format-1 file can only hold an input prompt, metadata says {meta.method!r}")
+    if version < method(meta.method, where, PromptFileError).format_version:
+        held = " or ".join(m.a for m in METHODS.values() if m.format_version <= version)
+        raise PromptFileError(f"{where}: a format-{version} file can only hold {held}, metadata says {meta.method!r}")
     if meta.calibration is not None:
         try:
             Calibration.from_meta(meta.calibration, meta.labels)
@@ -313,17 +296,15 @@ def prompt_from_bytes(data: bytes, where: str = "prompt file") -> LoadedPrompt:
     """Parse prompt-file bytes (no base-model check); raises :class:`PromptFileError`."""
     tensors, header = read_safetensors(data, where)
     meta = _meta_from_header(header, where)
-    name = TENSOR_NAMES[meta.method]
+    m = METHODS[meta.method]
+    name = m.tensor_name
     if set(tensors) != {name}:
         raise PromptFileError(f"{where}: expected one tensor named {name!r}, found {sorted(tensors) or 'none'}")
     t = tensors[name]
-    if meta.method == "prompt":
-        want = (meta.length, meta.dim)
-    else:
-        layout = meta.kv_layout
-        if not (isinstance(layout, list) and len(layout) == 3 and all(isinstance(n, int) and n > 0 for n in layout)):
-            raise PromptFileError(f"{where}: deep prompt metadata lacks a valid kv_layout [layers, kv_heads, head_dim]")
-        want = (layout[0], 2, layout[1], meta.length, layout[2])
+    try:
+        want = m.shape(meta)  # (P, d), or (layers, 2, kv_heads, P, head_dim)
+    except ValueError as e:
+        raise PromptFileError(f"{where}: {e}") from None
     if tuple(t.shape) != want:
         raise PromptFileError(f"{where}: {name} tensor has shape {tuple(t.shape)} but metadata says {want}")
     if t.dtype not in STORAGE_DTYPES.values():
@@ -346,12 +327,9 @@ def check_compatible(meta: PromptMeta, base: BaseModel, where: str = "prompt fil
             f"{where}: prompt width {meta.dim} does not match base model {base.name!r} (width {base.dim}); "
             f"it was trained for {meta.base_model!r}"
         )
-    if meta.method == "prefix" and base.kv_layout is not None and list(meta.kv_layout or ()) != list(base.kv_layout):
-        (L, H, hd), (bL, bH, bhd) = meta.kv_layout, base.kv_layout
-        raise PromptFileError(
-            f"{where}: deep prompt for {L} layers x {H} kv heads x head dim {hd} does not match base model "
-            f"{base.name!r} ({bL} layers x {bH} kv heads x head dim {bhd}); it was trained for {meta.base_model!r}"
-        )
+    why = method(meta.method, where, PromptFileError).base_mismatch(meta, base)
+    if why is not None:
+        raise PromptFileError(f"{where}: {why}; it was trained for {meta.base_model!r}")
     if meta.fingerprint == base.fingerprint or not strict:
         return
     sim = sketch_similarity(meta.sketch, base.sketch)

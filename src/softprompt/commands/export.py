@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifact import LoadedPrompt, load_prompt, shape_words
+from ..methods import METHODS
 
 
 def _export_peft(loaded: LoadedPrompt, args: argparse.Namespace) -> Path:
@@ -46,9 +47,9 @@ def register(sub) -> None:
     p.add_argument("file", help="a .safetensors prompt file")
     p.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="peft", help="output format (default: peft)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--peft-type", choices=["PROMPT_TUNING", "PREFIX_TUNING"], default=None,
-                   help="PEFT adapter type (default: the prompt's own: PROMPT_TUNING for an input prompt, "
-                        "PREFIX_TUNING for a deep prompt; the other is refused)")
+    p.add_argument("--peft-type", choices=[m.peft_type for m in METHODS.values()], default=None,
+                   help="PEFT adapter type (default: the prompt's own: "
+                        + ", ".join(f"{m.peft_type} for {m.a}" for m in METHODS.values()) + "; the other is refused)")
     p.add_argument("--model", default=None,
                    help="check the prompt against this base model (hub id or folder) and take num_layers/"
                         "num_attention_heads from it; default: the prompt's base model's config if available locally")

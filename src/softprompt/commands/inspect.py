@@ -7,7 +7,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ..artifact import PROMPT_METHODS, load_prompt, shape_words
+from ..artifact import load_prompt, shape_words
+from ..methods import METHODS
 
 
 def register(sub) -> None:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         ("name", info.get("name") or "-"),
         ("task", info.get("task") or "-"),
         ("base model", f"{info['base_model']} (fingerprint {info['fingerprint'][:12]})"),
-        ("method", f"{info['method']} ({PROMPT_METHODS[info['method']].split(':')[0]})"),  # "prefix (deep prompt)"
+        ("method", f"{info['method']} ({METHODS[info['method']].title})"),  # "prefix (deep prompt)"
         ("prompt", f"{info['shape_words'].split(': ', 1)[1]}, stored as {info['dtype']}"),
         ("template", json.dumps(info["template"]) if info.get("template") else "-"),
     ]

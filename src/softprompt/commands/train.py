@@ -10,7 +10,8 @@ from typing import Collection
 from ..artifact import STORAGE_DTYPES
 from ..base import DTYPES
 from ..data import TASK_KINDS
-from ..deep import METHODS, REPARAMS
+from ..deep import REPARAMS
+from ..methods import METHODS
 from ..errors import ConfigError
 from ..precision import PRECISIONS
 from ..train.config import INITS

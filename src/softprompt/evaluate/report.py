@@ -21,6 +21,7 @@ from typing import Sequence
 from ..artifact import atomic_write_bytes
 from ..errors import ConfigError, DataError
 from ..extras import require
+from ..methods import METHODS
 from ..sources import jsonl_objects
 from ..tasks import TASKS
 from .baselines import COLUMNS, PROMPT_ROW, Comparison, method_title
@@ -201,10 +202,8 @@ def _img(png: bytes, alt: str) -> str:
 
 def _prompt_shape(meta) -> str:
     """What the prompt is, in words: an input prompt's (P, d) or a deep prompt's per-layer keys/values."""
-    if meta.method == "prefix":
-        L, H, hd = meta.kv_layout
-        return f"{meta.length} virtual tokens at every layer: {L} layers x keys/values x {H} kv heads x {hd} ({meta.dtype})"
-    return f"{meta.length} virtual tokens x {meta.dim} dims ({meta.dtype})"
+    return METHODS[meta.method].report_shape(meta)
+
 
 def render_html(result: Comparison, plots: dict[str, bytes], log_note: str) -> str:
     """The report page; ``plots`` maps "curves" / "comparison" / "confusion" to PNG bytes."""

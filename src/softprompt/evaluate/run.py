@@ -22,6 +22,7 @@ from .baselines import (PROMPT_ROW, BaselineConfig, BaselineContext, Comparison,
 from ..data import Example, TaskSpec, load_examples
 from ..errors import DataError, check_at_least, check_choice
 from .metrics import evaluate_prompt
+from ..methods import METHODS
 from ..precision import PRECISIONS, autocast, precision_name, resolve_precision
 from ..sources import is_hub_ref
 
@@ -163,8 +164,8 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
             prompt_m = evaluate_prompt(pm, loaded.tensor.to(base.device), spec, examples, config.batch_size,
                                        biases=biases_of(meta), **gen_kw)
         prompt_m["seconds"] = round(time.perf_counter() - t0, 2)
-        deep = " at every layer (deep prompt)" if meta.method == "prefix" else ""
-        prompt_m["setup"] = f"{meta.length} virtual tokens{deep}, template {spec.template!r}"
+        note = METHODS[meta.method].report_note  # e.g. "at every layer (deep prompt)"
+        prompt_m["setup"] = f"{meta.length} virtual tokens{' ' + note if note else ''}, template {spec.template!r}"
         if meta.calibration is not None:
             prompt_m["setup"] += ", calibrated label scores"
         results = {PROMPT_ROW: prompt_m}

@@ -27,6 +27,7 @@ import torch
 from ..artifact import MAX_PROMPT_FILE_BYTES, LoadedPrompt, PromptMeta, check_compatible, prompt_bytes, prompt_from_bytes
 from ..data import TaskSpec
 from ..errors import ConfigError, DataError, PromptFileError
+from ..methods import METHODS
 from ..model import PromptedModel
 from ..prefix import PrefixKV
 from .config import EngineConfig
@@ -130,11 +131,10 @@ def prefix_slot(pm: PromptedModel, name: str, loaded: LoadedPrompt, prefixer=Non
     if prefixer is not None:
         tensor = loaded.tensor.to(pm.base.device)
         return tensor, PrefixSlot(meta.length, value=prefixer(name, tensor, meta))
-    if meta.method == "prefix":
-        tensor = loaded.tensor.to(pm.base.device, pm.lm.dtype)  # (layers, 2, H, P, hd)
-        return tensor, PrefixSlot(meta.length, value=PrefixKV.from_deep(tensor))
-    tensor = loaded.tensor.to(pm.base.device)  # (P, d)
-    return tensor, PrefixSlot(meta.length, prompt=tensor)
+    tensor, stored = METHODS[meta.method].serve(pm, loaded.tensor)  # a deep prompt's keys/values are stored
+    if stored is not None:
+        return tensor, PrefixSlot(meta.length, value=stored)
+    return tensor, PrefixSlot(meta.length, prompt=tensor)  # computed from the tensor on first use
 
 
 class PromptBank:
@@ -303,7 +303,7 @@ class PromptBank:
 
     def add_tensor(self, name: str, tensor: torch.Tensor, meta: PromptMeta) -> PromptEntry:
         """Add an in-memory prompt with its metadata (checked like a file): (P, d), or a deep
-        prompt (layers, 2, kv_heads, P, head_dim) when ``meta.method == "prefix"``."""
+        prompt (layers, 2, kv_heads, P, head_dim) for ``meta.method`` "prefix"."""
         check_name(name)
         start = time.perf_counter()
         loaded = prompt_from_bytes(prompt_bytes(tensor, replace(meta), "float32"), f"prompt {name!r}")  # as a file would be

@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from ..base import DTYPES
 from ..data import TASK_KINDS, TaskKind, parse_verbalizer
-from ..deep import METHODS, REPARAMS
+from ..deep import REPARAMS
 from ..errors import ConfigError
+from ..methods import METHODS
 from .balance import check as check_balance
 from .memory import budget_error
 from .objective import CLASSIFY_LOSSES
@@ -30,9 +31,6 @@ INITS: tuple[str, ...] = ("auto", *INIT_STRATEGIES)
 
 DEFAULT_MAX_STEPS = 100
 """Steps when neither --max-steps nor --epochs is given."""
-DEFAULT_LR: dict[str, float] = {"prompt": 0.1, "prefix": 0.01}
-"""--lr by --method (a --reparam may have its own). Deep prompts at 0.1 fell to the majority class
-on noisy tweets; at 0.01 they passed LoRA r=8 on tweet-imbalanced dev (docs/benchmarks/quality.md)."""
 
 
 def _flag(name: str) -> str:
@@ -315,7 +313,7 @@ class TrainConfig:
         need(self.batch_size % self.grad_accum == 0, "grad_accum",
              f"{self.grad_accum} must divide --batch-size {self.batch_size} (the batch is split into micro-batches)")
         if self.lr is None:
-            self.lr = (REPARAMS[self.reparam].lr if self.reparam in REPARAMS else None) or DEFAULT_LR[self.method]
+            self.lr = (REPARAMS[self.reparam].lr if self.reparam in REPARAMS else None) or METHODS[self.method].lr
         need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be positive, got {self.lr}")
         need(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()), "warmup",
              f"must be a fraction below 1 or a whole number of steps, got {self.warmup}")

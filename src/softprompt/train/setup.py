@@ -21,6 +21,7 @@ from ..hf_compat import text_config
 from ..distributed import accelerate_precision
 from ..distributed.sharding import Sharder, ShardingConfig, shard_base
 from ..errors import ConfigError
+from ..methods import METHODS
 from ..model import PromptedModel
 from ..precision import resolve_precision
 from ..prompt import SoftPrompt
@@ -121,9 +122,10 @@ def load_model(config: TrainConfig, rt, base: BaseModel | None, say) -> LoadedMo
         raise ConfigError(f"--{'gradient-checkpointing' if config.gradient_checkpointing else 'quantize'} cannot be "
                           f"combined with {'an FSDP' if sharding.engine == 'fsdp' else 'a DeepSpeed ZeRO-3'} launch "
                           "(sharded layers); drop it or use the data-parallel config")
-    if sharding and any(config.method_of(t) == "prefix" for t in config.tasks_resolved):
-        raise ConfigError("--method prefix is not supported with sharded layers (FSDP / DeepSpeed ZeRO-3); "
-                          "launch with the plain data-parallel (DDP) config")
+    unshardable = [m for m in (METHODS[config.method_of(t)] for t in config.tasks_resolved) if not m.shardable]
+    if sharding and unshardable:
+        raise ConfigError(f"--method {unshardable[0].name} is not supported with sharded layers (FSDP / DeepSpeed "
+                          "ZeRO-3); launch with the plain data-parallel (DDP) config")
     device = rt.device if rt.world_size > 1 else resolve_device(config, base)
     precision = config.precision
     if precision == "auto" and rt.world_size > 1:
@@ -172,7 +174,6 @@ def _transferred(config: TrainConfig, t: PreparedTask, pm: PromptedModel, seed: 
     """``--init-from``: the trainable prompt starts as another trained prompt of the same base model
     (prompt transfer, SPoT: Vu et al. 2022); a one-line ConfigError when it cannot."""
     from ..artifact import check_compatible, load_prompt
-    from ..deep import DeepPrompt, prompt_length
     from ..errors import PromptFileError
 
     where = f"--init-from {config.init_from}"
@@ -181,17 +182,17 @@ def _transferred(config: TrainConfig, t: PreparedTask, pm: PromptedModel, seed: 
         check_compatible(loaded.meta, pm.base, where)
     except PromptFileError as e:
         raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
-    method, length = config.method_of(t.config), t.config.prompt_length or config.prompt_length
-    if loaded.meta.method != method:
-        raise ConfigError(f"{where} holds a {loaded.meta.method} prompt; this run trains --method {method}")
+    m, length = METHODS[config.method_of(t.config)], t.config.prompt_length or config.prompt_length
+    if METHODS[loaded.meta.method] is not m:
+        raise ConfigError(f"{where} holds a {loaded.meta.method} prompt; this run trains --method {m.name}")
     if prompt_length(loaded.tensor) != length:
         raise ConfigError(f"{where} holds {prompt_length(loaded.tensor)} virtual tokens; --prompt-length is {length}")
     tensor = loaded.tensor.to(pm.base.device, torch.float32)  # (P, d) or (L, 2, H, P, hd)
-    if method == "prefix":
-        if config.reparam is not None:
-            raise ConfigError(f"{where}: a deep prompt starts from its keys/values, without --reparam")
-        return DeepPrompt(tensor)
-    return build_prompt(pm, tensor, method, config.reparam, config.reparam_hidden, seed=seed)
+    if m.start is None:  # the file holds what an --init would give: train it as from one
+        return build_prompt(pm, tensor, m.name, config.reparam, config.reparam_hidden, seed=seed)
+    if config.reparam is not None:
+        raise ConfigError(f"{where}: {m.a} starts from its {m.holds}, without --reparam")
+    return m.trainable(tensor, pm.base.device)
 
 
 def encode_rows(tasks: list[PreparedTask], tok) -> list[Row]:

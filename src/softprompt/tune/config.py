@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ..errors import ConfigError
+from ..methods import METHODS
 from ..train.budget import parse_duration
 from ..train.config import TrainConfig
 
@@ -136,11 +137,12 @@ class TuneConfig:
             meta = load_prompt(path).meta
         except PromptFileError as e:
             raise ConfigError(f"--init-from: {e}") from None
-        fit = [m for m in self.methods if SEARCH_METHODS[m].method == meta.method
-               and not (meta.method == "prefix" and SEARCH_METHODS[m].reparam)]
+        held = METHODS[meta.method]  # a file of a method that starts from an --init can also start its reparams
+        fit = [m for m in self.methods if METHODS[SEARCH_METHODS[m].method] is held
+               and (held.start is None or not SEARCH_METHODS[m].reparam)]
         if fit != self.methods:
             raise ConfigError(f"--init-from {path} holds a {meta.method} prompt: search only --methods "
-                              f"{','.join(fit) or 'prefix'} with it")
+                              f"{','.join(fit) or meta.method} with it")
         if self.prompt_lengths != [meta.length]:
             raise ConfigError(f"--init-from {path} holds {meta.length} virtual tokens: give --prompt-length "
                               f"{meta.length} and no other --prompt-lengths")

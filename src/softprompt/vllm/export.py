@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ..artifact import STORAGE_DTYPES, LoadedPrompt, atomic_write_bytes, safetensors_bytes
-from ..errors import PromptFileError
+from ..methods import check_backend
 
 EXPORT_FORMAT_VERSION = 1
 
@@ -27,11 +27,7 @@ def export_vllm(loaded: LoadedPrompt, out: str | Path) -> Path:
     """Write ``prompt.safetensors`` + ``prompt.json`` into ``out`` (created); returns ``out``.
     A deep prompt is refused: vLLM's ``prompt_embeds`` are input embeddings only."""
     m = loaded.meta
-    if m.method != "prompt":
-        raise PromptFileError(
-            f"{loaded.path or 'prompt'}: a deep prompt (method {m.method!r}) holds keys/values at every layer, which vLLM "
-            "prompt_embeds cannot carry; serve it with softprompt serve, or export it with --format peft (PREFIX_TUNING)"
-        )
+    check_backend(m.method, "vllm", str(loaded.path or "prompt"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = m.dtype if m.dtype in STORAGE_DTYPES else "float32"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..artifact import PromptMeta
-from ..errors import PromptFileError
+from ..methods import check_backend
 from ..prefix import PrefixKV
 from ..serve.config import EngineConfig
 from ..serve.errors import RequestTimeoutError
@@ -59,11 +59,7 @@ class EmbedsPrefix(PrefixKV):
 
 def embeds_prefix(name: str, tensor: torch.Tensor, meta: PromptMeta) -> EmbedsPrefix:
     """The prompt bank's hook on a vLLM backend: wrap a shallow prompt's rows; refuse a deep one."""
-    method = meta.method
-    if method != "prompt":
-        raise PromptFileError(
-            f"prompt {name!r} is a deep prompt (method {method!r}: key/value prefixes at every layer), which the "
-            "vLLM backend cannot serve: vLLM takes a prompt only as input embeddings; serve it with --backend transformers")
+    check_backend(meta.method, "vllm", f"prompt {name!r}")
     rows = tensor.detach().to("cpu", torch.float32)  # (P, d)
     return EmbedsPrefix((), int(rows.shape[0]), rows)
 
