@@ -353,3 +353,45 @@ def test_reload_on_the_live_server_and_keys_never_logged_or_answered(server, cap
     texts = [caplog.text] + [a.text + str(a.headers) for a in answers]
     for secret in (*SECRETS, "new-key-5", "wrong-key-6"):
         assert not any(secret in t for t in texts), secret
+
+
+def test_listing_page_is_sorted_filtered_and_chains_by_cursor():
+    from softprompt.serve.store import listing_page
+
+    names = ["b", "acme/x", "acme/sub/y", "a", "acmex/z", "globex/q"]
+    assert listing_page(names) == (sorted(names), None)
+    assert listing_page(names, namespace="acme") == (["acme/sub/y", "acme/x"], None)  # not acmex/
+    seen, after = [], None
+    while True:
+        page, after = listing_page(names, after=after, limit=4)
+        seen += page
+        if after is None:
+            break
+        assert len(page) == 4
+    assert seen == sorted(names)
+    assert listing_page(names, after="acme/x", limit=2) == (["acmex/z", "b"], "b")
+    assert listing_page(names, after="b", limit=2) == (["globex/q"], None)
+
+
+def test_pages_of_the_listing_hold_only_what_the_key_may_use(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        def pages(who, **params):
+            names, after = [], None
+            while True:
+                body = c.get("/v1/prompts", headers=auth(who), params={**params, "limit": 1,
+                                                                     **({"after": after} if after else {})}).json()
+                got = [p["name"] for p in body["prompts"]] + body["available"]
+                assert len(got) <= 1
+                names += got
+                after = body["next"]
+                if after is None:
+                    return names
+        everything = c.get("/v1/prompts", headers=auth("admin")).json()
+        assert everything["next"] is None
+        assert pages("admin") == sorted([p["name"] for p in everything["prompts"]] + everything["available"])
+        assert pages("globex") == ["globex/gen", "globex/team/gen", "globex/topic"]  # the cursor never names acme's
+        assert pages("admin", namespace="globex/team") == ["globex/team/gen"]
+        assert pages("acme-app", namespace="globex") == []
+        for bad in ({"limit": 0}, {"limit": 10_001}, {"namespace": "../x"}):
+            r = c.get("/v1/prompts", headers=auth("admin"), params=bad)
+            assert r.status_code == 422, bad

@@ -69,6 +69,7 @@ class PromptOut(BaseModel):
 class PromptListOut(BaseModel):
     prompts: list[PromptOut]
     available: list[str] = Field(description="Prompt files in --prompts that are not loaded.")
+    next: str | None = Field(None, description="With `limit`: the `after` of the next page; null on the last page.")
 
 
 class UnloadedOut(BaseModel):

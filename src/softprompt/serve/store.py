@@ -55,6 +55,23 @@ def check_name(name: str) -> str:
     return name
 
 
+LIST_MAX = 10_000
+"""Most names one page of ``GET /v1/prompts`` may ask for (``limit``)."""
+
+
+def listing_page(names, namespace: str | None = None, after: str | None = None,
+                 limit: int | None = None) -> tuple[list[str], str | None]:
+    """One page of a prompt listing (pure): the sorted names under ``namespace`` (at any depth;
+    None: all) that sort after ``after``, at most ``limit`` of them (None: all), and the cursor of
+    the next page (this page's last name; None when nothing follows). Cursors are names, so a page
+    stays right when prompts are added or removed between calls."""
+    picked = sorted(n for n in names if (namespace is None or n.startswith(namespace + "/"))
+                    and (after is None or n > after))
+    if limit is None or len(picked) <= limit:
+        return picked, None
+    return picked[:limit], picked[limit - 1]
+
+
 def namespace_of(name: str) -> str:
     """The namespace of a prompt name (pure): every segment but the last, joined by '/'; '' for a
     top-level name. ``namespace_of("acme/support/triage") == "acme/support"``."""

@@ -29,7 +29,7 @@ With scoped keys (``--api-keys``) each route shows a key only its namespaces' pr
 import asyncio
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ...version import __version__
@@ -39,7 +39,7 @@ from ..engine import Engine
 from ..errors import InvalidRequestError, UnknownPromptError
 from ..jobs import Job
 from ..keys import KeyRing, key_ring
-from ..store import PROMPT_MAX, PROMPT_PATTERN
+from ..store import LIST_MAX, PROMPT_MAX, PROMPT_PATTERN, listing_page
 from ..limits import SEED_MAX, SEED_MIN, check_batch_size
 from ..schemas import (
     ClassifyBatchOut, ClassifyOut, GenerateBatchOut, GenerateOut, HealthOut, PromptListOut, PromptOut, UnloadedOut,
@@ -150,13 +150,23 @@ def _prompt_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None:
     Name = Annotated[str, Path(pattern=PROMPT_PATTERN, max_length=PROMPT_MAX,  # noqa: N806
                                description="Prompt name (file stem), optionally in a namespace: acme/ticket-routing.")]
 
-    @app.get("/v1/prompts", response_model=PromptListOut, tags=["prompts"], responses=documented(*COMMON))
-    async def list_prompts(request: Request):
-        """Loaded prompts, and prompt files in --prompts that are not loaded (those the API key may use)."""
+    @app.get("/v1/prompts", response_model=PromptListOut, tags=["prompts"], responses=documented(*COMMON, 422))
+    async def list_prompts(
+        request: Request,
+        namespace: Annotated[str | None, Query(pattern=PROMPT_PATTERN, max_length=PROMPT_MAX,
+                                               description="Only the prompts under this namespace (any depth): acme.")] = None,
+        after: Annotated[str | None, Query(max_length=PROMPT_MAX,
+                                           description="Names after this one: the `next` of the previous page.")] = None,
+        limit: Annotated[int | None, Query(ge=1, le=LIST_MAX, description="At most this many names (default: all).")] = None,
+    ):
+        """Loaded prompts, and prompt files in --prompts that are not loaded (those the API key may
+        use), in name order; with ``limit``, one page of them and the ``next`` page's cursor."""
         grant = access.grant_of(request)
-        loaded = [e.describe() for e in engine.bank.entries() if grant.may_use(e.name)]
+        loaded = {e.name: e for e in engine.bank.entries() if grant.may_use(e.name)}
         available = [n for n in engine.bank.available() if grant.may_use(n)]
-        return {"prompts": loaded, "available": available}
+        page, cursor = listing_page([*loaded, *available], namespace, after, limit)
+        return {"prompts": [loaded[n].describe() for n in page if n in loaded],
+                "available": [n for n in page if n not in loaded], "next": cursor}
 
     @app.get("/v1/prompts/{name:path}", response_model=PromptOut, tags=["prompts"],
              responses=documented(*COMMON, 400, 404))
