@@ -359,3 +359,24 @@ def test_serve_command_end_to_end(tiny_dir, tiny, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_prompt_is_read_and_a_request_prepared_off_the_event_loop(server, client, monkeypatch):
+    """A miss reads its file during admission: that must not stall the event loop serving every
+    other connection, so admission runs in a worker thread (no running loop there)."""
+    import asyncio
+
+    bank, seen = server.engine.bank, []
+    get = bank.get
+
+    def recording_get(name):
+        try:
+            asyncio.get_running_loop()
+            seen.append("event loop")
+        except RuntimeError:
+            seen.append("worker thread")
+        return get(name)
+    monkeypatch.setattr(bank, "get", recording_get)
+    name = next(n for n, spec in PROMPTS.items() if spec[1] == "classify")
+    assert client.post("/v1/classify", json={"prompt": name, "text": TEXTS[0]}).status_code == 200
+    assert seen and set(seen) == {"worker thread"}

@@ -76,9 +76,14 @@ def build_app(engine: Engine, config: ServeConfig, keys: KeyRing | None = None) 
     return app
 
 
-def prepare(engine: Engine, limits: EngineConfig, bodies, index: bool, request: Request) -> list[Job]:
-    """Request bodies -> jobs (not queued); a batch call names the failing request's index. Every
-    prompt named must be one the request's key may use."""
+async def prepare(engine: Engine, limits: EngineConfig, bodies, index: bool, request: Request) -> list[Job]:
+    """Request bodies -> jobs (not queued), off the event loop: a prompt that is not resident is
+    read from its file here, and tokenizing a long text takes time too. A batch call names the
+    failing request's index. Every prompt named must be one the request's key may use."""
+    return await asyncio.to_thread(_prepare, engine, limits, bodies, index, request)
+
+
+def _prepare(engine: Engine, limits: EngineConfig, bodies, index: bool, request: Request) -> list[Job]:
     if index:
         check_batch_size(len(bodies), limits)
     jobs = []
@@ -106,7 +111,7 @@ def _inference_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None
     @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"], responses=inference)
     async def classify(body: ClassifyBody, request: Request):
         """Classify one text; returns the label and class probabilities."""
-        (result,) = await run_jobs(engine, request, prepare(engine, limits, [body], False, request), timeout)
+        (result,) = await run_jobs(engine, request, await prepare(engine, limits, [body], False, request), timeout)
         return classify_out(result)
 
     @app.post("/v1/classify/batch", response_model=ClassifyBatchOut, tags=["inference"], responses=inference)
@@ -114,7 +119,7 @@ def _inference_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None
         """Several classify requests (any prompts); results in request order."""
         if not body.requests:
             return {"results": []}
-        results = await run_jobs(engine, request, prepare(engine, limits, body.requests, True, request), timeout)
+        results = await run_jobs(engine, request, await prepare(engine, limits, body.requests, True, request), timeout)
         return {"results": [classify_out(r) for r in results]}
 
     @app.post("/v1/generate", response_model=GenerateOut, tags=["inference"],
@@ -123,7 +128,7 @@ def _inference_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None
                                             "when stream is true"}})
     async def generate(body: GenerateBody, request: Request):
         """Generate a continuation; with ``"stream": true`` tokens arrive as server-sent events."""
-        (job,) = prepare(engine, limits, [body], False, request)
+        (job,) = await prepare(engine, limits, [body], False, request)
         if not body.stream:
             (result,) = await run_jobs(engine, request, [job], timeout)
             return generate_out(result)
@@ -141,7 +146,7 @@ def _inference_routes(app: FastAPI, engine: Engine, config: ServeConfig) -> None
             raise InvalidRequestError("streaming is not available in batch requests")
         if not body.requests:
             return {"results": []}
-        results = await run_jobs(engine, request, prepare(engine, limits, body.requests, True, request), timeout)
+        results = await run_jobs(engine, request, await prepare(engine, limits, body.requests, True, request), timeout)
         return {"results": [generate_out(r) for r in results]}
 
 
