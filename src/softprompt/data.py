@@ -183,8 +183,8 @@ def load_examples(
         DataError naming file and line (or row): unreadable, malformed, missing or empty field, empty
         file; for typed sources also a missing column, a missing split, integer labels without names.
     """
-    table = open_table(path, default_split)
     t = task(kind, error=DataError)
+    table = open_table(path, default_split)
     sf, tf = source_field or t.fields[0], target_field or t.fields[1]
     flags = t.field_flags
     table.check_field(sf, flags[0])
