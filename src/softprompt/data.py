@@ -17,19 +17,7 @@ from typing import Sequence
 
 from .errors import DataError
 from .sources import Table, open_table
-from .tasks import TASK_KINDS, TASKS, TaskKind  # noqa: F401  (TASK_KINDS, TaskKind re-exported)
-
-PLACEHOLDERS: dict[str, str] = {k: t.placeholder for k, t in TASKS.items()}
-"""The template placeholder of each task kind."""
-
-DEFAULT_TEMPLATES: dict[str, str] = {k: t.template for k, t in TASKS.items()}
-
-DEFAULT_FIELDS: dict[str, tuple[str, str]] = {k: t.fields for k, t in TASKS.items()}
-"""(source field, target field) of each task kind in data files."""
-
-FIELD_FLAGS: dict[str, tuple[str, str]] = {k: t.field_flags for k, t in TASKS.items()}
-"""The flags that rename the source and target fields of each task kind."""
-
+from .tasks import TaskKind, task
 
 @dataclass
 class Example:
@@ -52,8 +40,10 @@ class TaskSpec:
     """How a task turns an example into tokens.
 
     Args:
-        kind: "classify" (rank classification over ``labels``) or "generate".
-        template: text around the example, with ``{text}`` (classify) or ``{input}`` (generate).
+        kind: a task kind of :data:`softprompt.tasks.TASKS`: "classify" (rank classification over
+            ``labels``) or "generate"; its entry checks the rest of the spec.
+        template: text around the example, with the kind's placeholder (``{text}`` for classify,
+            ``{input}`` for generate); default: the kind's template.
         labels: class labels, in score order (classify only).
         verbalizer: label -> words the model must produce; default: the label itself.
         max_length: most source tokens (template included); longer texts are cut.
@@ -68,36 +58,19 @@ class TaskSpec:
     max_target_length: int = 64
 
     def __post_init__(self) -> None:
-        if self.kind not in TASK_KINDS:
-            raise DataError(f"unknown task {self.kind!r}; choose one of {', '.join(TASK_KINDS)}")
+        kind = task(self.kind, error=DataError)
         if self.template is None:
-            self.template = DEFAULT_TEMPLATES[self.kind]
-        ph = "{" + PLACEHOLDERS[self.kind] + "}"
+            self.template = kind.template
+        ph = "{" + kind.placeholder + "}"
         if self.template.count(ph) != 1:
             raise DataError(f"template {self.template!r} must contain {ph} exactly once")
         if self.max_length < 8:
             raise DataError(f"--max-length must be at least 8, got {self.max_length}")
-        if self.kind == "classify":
-            if not self.labels or len(self.labels) < 2:
-                raise DataError(f"a classification task needs at least 2 labels, got {self.labels or []}")
-            if len(set(self.labels)) != len(self.labels):
-                raise DataError(f"duplicate labels in {self.labels}")
-            verb = self.verbalizer or {}
-            unknown = [k for k in verb if k not in self.labels]
-            if unknown:
-                raise DataError(f"verbalizer names unknown label(s) {unknown}; labels are {self.labels}")
-            words = self.words
-            if any(not w.strip() for w in words):
-                raise DataError("verbalizer maps a label to empty words")
-            dup = sorted({w for w in words if words.count(w) > 1})
-            if dup:
-                raise DataError(f"verbalizer maps several labels to the same words {dup}")
-        elif self.labels or self.verbalizer:
-            raise DataError("labels and a verbalizer only apply to --task classify")
+        kind.check_spec(self)
 
     @property
     def placeholder(self) -> str:
-        return PLACEHOLDERS[self.kind]
+        return task(self.kind).placeholder
 
     @property
     def words(self) -> list[str]:
@@ -210,14 +183,14 @@ def load_examples(
         DataError naming file and line (or row): unreadable, malformed, missing or empty field, empty
         file; for typed sources also a missing column, a missing split, integer labels without names.
     """
+    t = task(kind, error=DataError)
     table = open_table(path, default_split)
-    sf, tf = DEFAULT_FIELDS[kind]
-    sf, tf = source_field or sf, target_field or tf
-    flags = FIELD_FLAGS[kind]
+    sf, tf = source_field or t.fields[0], target_field or t.fields[1]
+    flags = t.field_flags
     table.check_field(sf, flags[0])
     if require_target:
         table.check_field(tf, flags[1])
-    if kind == "classify" and tf in table.integer_fields:
+    if t.labelled and tf in table.integer_fields:
         raise DataError(f"{table.name}: field {tf!r} holds integer class ids without names; store the label "
                         "names (strings) or cast the column to a datasets ClassLabel with names")
     wanted = [f for f in (sf, tf) if table.fields is None or f in table.fields]
@@ -228,7 +201,7 @@ def load_examples(
             if table.fields is not None:
                 row = {k: _field_value(table, row, k, where) for k in wanted}
             target = text_value(row, tf, where) if require_target else str(row.get(tf) or "")
-            if kind == "classify":
+            if t.labelled:
                 target = target.strip()
             out.append(Example(text_value(row, sf, where), target, line, where))
     except UnicodeDecodeError as e:

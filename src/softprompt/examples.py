@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .artifact import atomic_write_bytes
-from .data import DEFAULT_FIELDS, Example, TaskKind
+from .data import Example
+from .tasks import TaskKind, task
 from .errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
@@ -149,7 +150,7 @@ def subsample(examples: Sequence[Example], n: int, kind: TaskKind, seed: int = 0
     rng = random.Random(seed)
     if n >= len(examples):
         out = list(examples)
-    elif kind == "classify":
+    elif task(kind).labelled:
         groups = _by_label(examples)
         alloc = _allocate({k: len(v) for k, v in groups.items()}, n)
         out = [ex for k, v in groups.items() for ex in rng.sample(v, alloc[k])]
@@ -171,7 +172,7 @@ def split(examples: Sequence[Example], kind: TaskKind, dev: float = 0.1, test: f
     if not (0 < dev < 1 and 0 < test < 1 and dev + test < 1):
         raise DataError(f"dev and test fractions must be in (0, 1) and sum below 1, got {dev} and {test}")
     rng = random.Random(seed)
-    groups = _by_label(examples) if kind == "classify" else {"": list(examples)}
+    groups = _by_label(examples) if task(kind).labelled else {"": list(examples)}
     sizes = {k: len(v) for k, v in groups.items()}
     n_test = _allocate(sizes, round(len(examples) * test))  # exact totals, proportional per class
     rest = {k: sizes[k] - n_test[k] for k in sizes}
@@ -195,7 +196,7 @@ def split(examples: Sequence[Example], kind: TaskKind, dev: float = 0.1, test: f
 
 def jsonl_bytes(examples: Sequence[Example], kind: TaskKind) -> bytes:
     """Examples as JSONL with the task's default field names (``text``/``label``, ``input``/``output``)."""
-    sf, tf = DEFAULT_FIELDS[kind]
+    sf, tf = task(kind).fields
     return "".join(json.dumps({sf: ex.source, tf: ex.target}, ensure_ascii=False) + "\n" for ex in examples).encode()
 
 

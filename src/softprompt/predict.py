@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, TextIO
 
-from .data import DEFAULT_FIELDS
+from .tasks import task
 from .errors import ConfigError, DataError, check_at_least, check_choice
 from .precision import PRECISIONS
 
@@ -162,7 +162,7 @@ class Predictor:
 
     @property
     def source_field(self) -> str:
-        return self.config.source_field or DEFAULT_FIELDS[self.spec.kind][0]
+        return self.config.source_field or task(self.spec.kind).fields[0]
 
     def predict(self, texts: list[str]) -> list[dict]:
         """Predictions of one batch: ``{"label", "probs"}`` (classify) or ``{"output", "finish_reason"}``."""
@@ -172,27 +172,7 @@ class Predictor:
             return self._predict(texts)
 
     def _predict(self, texts: list[str]) -> list[dict]:
-        from .calibration import apply as calibrate
-        from .evaluate import score_classification
-        from .prefix import source_state
-        from .scoring import generate_after
-
-        c = self.config
-        if self.spec.kind == "classify":
-            logp = score_classification(self.pm, self.prompt, self.spec, texts, c.batch_size)  # (N, C)
-            if self.biases is not None:  # --calibrate: the prompt file's label biases
-                logp = calibrate(logp, self.biases)  # (N, C)
-            probs = logp.exp()  # (N, C)
-            out = [{"label": self.spec.labels[int(row.argmax())],
-                    "probs": {l: round(float(p), 6) for l, p in zip(self.spec.labels, row.tolist())}}
-                   for row in probs]
-        else:
-            sources = [self.spec.source_ids(self.base.tokenizer, t) for t in texts]
-            gens = generate_after(self.pm, source_state(self.pm, self.prompt, sources),
-                                  max_new_tokens=c.max_new_tokens or self.spec.max_target_length,
-                                  temperature=c.temperature, top_p=c.top_p, stop=c.stop,
-                                  seed=None if c.seed is None else c.seed + self.done)
-            out = [{"output": g.text, "finish_reason": g.finish_reason} for g in gens]
+        out = task(self.spec.kind).predict(self, texts)  # the kind answers: a label or a generation
         self.done += len(texts)
         return out
 

@@ -74,6 +74,7 @@ def _task_fields(
     """Task type, template, labels, verbalizer: the flags, else what an exported adapter stored;
     validated by :class:`~softprompt.data.TaskSpec` when a task is known."""
     from ..data import TaskSpec
+    from ..tasks import labelled_kind
 
     if stored is not None and task in (None, stored.task):  # flags override field by field
         task = stored.task
@@ -81,7 +82,7 @@ def _task_fields(
         labels = labels if labels is not None else stored.labels
         verbalizer = verbalizer if verbalizer is not None else stored.verbalizer
     if task is None and labels:
-        task = "classify"
+        task = labelled_kind(True).name
     if task is None:
         if template is not None or verbalizer:
             raise ConfigError("--template and --verbalizer need --task (PEFT adapters do not record the task)")

@@ -7,6 +7,7 @@ import sys
 
 from ..artifact import STORAGE_DTYPES, shape_words
 from ..errors import ConfigError
+from ..tasks import TASK_KINDS
 
 
 def register(sub) -> None:
@@ -20,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="the prompt file to write (.safetensors)")
     p.add_argument("--model", default=None,
                    help="base model the prompt runs on (hub id or folder); default: SmolLM2-135M-Instruct")
-    p.add_argument("--task", choices=["classify", "generate"], default=None,
+    p.add_argument("--task", choices=list(TASK_KINDS), default=None,
                    help="task type (default: classify if --labels is given, else none)")
     p.add_argument("--template", default=None, help='input template, e.g. "Text: {text}\\nTopic:"')
     p.add_argument("--labels", default=None, help="comma-separated class labels, in score order (classify)")

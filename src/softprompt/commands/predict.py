@@ -10,7 +10,7 @@ import sys
 from typing import TextIO
 
 from ..cli_help import add_device
-from ..data import DEFAULT_FIELDS
+from ..tasks import task
 from ..errors import ConfigError
 from ..precision import PRECISIONS
 from ..predict import Item, PredictConfig, Predictor, chunks, data_items, parse_line, predict_stream, read_items  # noqa: F401
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
         from ..artifact import load_prompt
 
         kind = load_prompt(config.prompt).meta.task or "classify"  # the field default, before the model loads
-        items = data_items(args.data, config.source_field or DEFAULT_FIELDS[kind][0])
+        items = data_items(args.data, config.source_field or task(kind).fields[0])
     elif not args.texts and stdin.isatty():
         raise ConfigError("give TEXT arguments or pipe input lines on stdin (or read them from --data)")
     predictor = Predictor(config)

@@ -9,13 +9,13 @@ from typing import Collection
 
 from ..artifact import STORAGE_DTYPES
 from ..base import DTYPES
-from ..data import TASK_KINDS
+from ..tasks import TASK_KINDS
 from ..deep import REPARAMS
 from ..methods import METHODS
 from ..errors import ConfigError
 from ..precision import PRECISIONS
 from ..train.config import INITS
-from ..train.objective import CLASSIFY_LOSSES
+from ..tasks.classify import CLASSIFY_LOSSES
 from ..train.balance import CLASS_WEIGHT_CHOICES, SELECT_METRIC_CHOICES
 from ..train.schedule import SAMPLINGS, SCHEDULES
 
@@ -75,7 +75,7 @@ class _Without:
 def _data_flags(d) -> None:
     d.add_argument("--data", help="training data: .jsonl, .csv, .parquet, a folder saved by datasets "
                                   "(FOLDER[:SPLIT]), or a Hugging Face dataset hf:NAME[/CONFIG][:SPLIT] (split default: train)")
-    d.add_argument("--task", default="classify", choices=list(TASK_KINDS), help="task type")
+    d.add_argument("--task", default=TASK_KINDS[0], choices=list(TASK_KINDS), help="task type")
     d.add_argument("--out", default=None, help="prompt file to write (a directory with --task-file)")
     d.add_argument("--name", default=None, help="task name recorded in the prompt file (default: --out's name)")
     d.add_argument("--eval", default=None, help="dev data, in any form --data takes (a dataset with several splits "

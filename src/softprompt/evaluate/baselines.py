@@ -30,8 +30,10 @@ from ..artifact import PromptMeta
 from ..data import Example, TaskSpec
 from ..errors import ConfigError
 from ..model import PromptedModel
-from ..tasks import TASKS
-from .metrics import classification_metrics, evaluate_prompt
+from ..tasks import TASKS, task
+from ..tasks.classify import classification_metrics
+from ..tasks.shared import cut_tokens
+from .metrics import evaluate_prompt
 
 SHOT_SEPARATOR = "\n\n"
 """Between in-context examples (and the stop string of few-shot generation)."""
@@ -87,10 +89,7 @@ class BaselineContext:
 def default_instruction(spec: TaskSpec, name: str | None = None) -> str:
     """What a prompt engineer would write first, e.g. "Classify the topic of the text as one of:
     business, sport, tech." (the words listed are the ones scored)."""
-    if spec.kind == "classify":
-        what = f"the {name} of the text" if name else "the text"
-        return f"Classify {what} as one of: {', '.join(spec.words)}."
-    return f"Write the {name} for the input." if name else "Read the input and write the output."
+    return task(spec.kind).instruction(spec, name)
 
 
 def _safe(text: str, spec: TaskSpec) -> str:
@@ -117,10 +116,10 @@ def chat_spec(spec: TaskSpec, instruction: str, tokenizer) -> TaskSpec:
 
 
 def pick_shots(train: Sequence[Example], k: int, kind: str, seed: int = 0) -> list[Example]:
-    """k training examples (seeded); for classification round-robin over the classes so they are
-    balanced where possible, then shuffled so no class always sits last."""
+    """k training examples (seeded); for a labelled kind (classification) round-robin over the
+    classes so they are balanced where possible, then shuffled so no class always sits last."""
     rng = random.Random(seed)
-    if kind != "classify":
+    if not task(kind).labelled:
         return rng.sample(list(train), min(k, len(train)))
     groups: dict[str, list[Example]] = defaultdict(list)
     for ex in train:
@@ -136,26 +135,11 @@ def pick_shots(train: Sequence[Example], k: int, kind: str, seed: int = 0) -> li
     return out
 
 
-def cut_tokens(tokenizer, text: str, n: int) -> str:
-    """The longest prefix of ``text`` of at most ``n`` tokens (whole text when it fits)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) <= n:
-        return text
-    for m in range(max(0, n), -1, -1):  # re-tokenizing a decoded cut can grow by a token
-        cut = tokenizer.decode(ids[:m])
-        if len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= n:
-            return cut
-    return ""
-
-
 def render_shot(spec: TaskSpec, ex: Example, tokenizer, budget: int) -> str:
     """One in-context example (template with its source, then its target), at most about
     ``budget`` tokens: the target (cut to half the budget for generation) is kept whole and the
     source is cut to what is left (at least 4 tokens)."""
-    if spec.kind == "classify":
-        target = spec.words[spec.labels.index(ex.target)] if ex.target in spec.labels else ex.target
-    else:
-        target = cut_tokens(tokenizer, ex.target, max(1, budget // 2))
+    target = task(spec.kind).shot_target(spec, ex, tokenizer, budget)
     tail = spec._lead() + _safe(target, spec)
     frame = len(tokenizer(spec.render("") + tail, add_special_tokens=False)["input_ids"])
     source = cut_tokens(tokenizer, _safe(ex.source, spec), max(4, budget - frame))
@@ -165,11 +149,7 @@ def render_shot(spec: TaskSpec, ex: Example, tokenizer, budget: int) -> str:
 def shots_that_fit(spec: TaskSpec, tokenizer, k: int) -> int:
     """How many of ``k`` in-context examples fit in ``SHOT_SHARE`` of ``spec.max_length`` with at
     least ``MIN_SHOT_TEXT`` text tokens each (at least 1), so the query keeps its share."""
-    if spec.kind == "classify":
-        target = max(spec.words, key=lambda w: len(tokenizer(w, add_special_tokens=False)["input_ids"]))
-        frame = len(tokenizer(spec.render("") + spec._lead() + target, add_special_tokens=False)["input_ids"])
-    else:
-        frame = len(tokenizer(spec.render(""), add_special_tokens=False)["input_ids"]) + MIN_SHOT_TEXT
+    frame = task(spec.kind).shot_frame(spec, tokenizer, MIN_SHOT_TEXT)
     per_shot = frame + MIN_SHOT_TEXT + len(tokenizer(SHOT_SEPARATOR, add_special_tokens=False)["input_ids"])
     return max(1, min(k, int(spec.max_length * SHOT_SHARE) // per_shot))
 
@@ -218,7 +198,7 @@ def run_few_shot(ctx: BaselineContext) -> dict:
     shots = pick_shots(ctx.train or [], k, ctx.spec.kind, ctx.config.seed)
     spec = few_shot_spec(ctx.spec, shots, ctx.pm.base.tokenizer)
     gen_kw = dict(ctx.gen_kw)
-    if ctx.spec.kind == "generate":  # the model would go on writing the next example
+    if task(ctx.spec.kind).generates:  # the model would go on writing the next example
         gen_kw["stop"] = [*gen_kw.get("stop", ()), SHOT_SEPARATOR]
     m = evaluate_prompt(ctx.pm, None, spec, ctx.examples, ctx.batch_size, **gen_kw)
     n_ctx = len(ctx.pm.base.tokenizer(spec.render(""), add_special_tokens=False)["input_ids"])
@@ -267,11 +247,11 @@ def needs_chat_template(ctx: BaselineContext) -> str | None:
 
 @dataclass(frozen=True)
 class Baseline:
-    """A baseline: how to run it, which tasks it applies to, and why it cannot run (None: it can)."""
+    """A baseline: how to run it and why it cannot run (None: it can). Which task kinds it applies
+    to is the kind's to say (``Task.baselines``)."""
 
     run: Callable[[BaselineContext], dict]
     title: str
-    kinds: tuple[str, ...] = ("classify", "generate")
     unavailable: Callable[[BaselineContext], str | None] = lambda ctx: None
 
 
@@ -280,7 +260,7 @@ BASELINES: dict[str, Baseline] = {
     "instruction": Baseline(run_instruction, "instruction"),
     "instruction-chat": Baseline(run_instruction_chat, "instruction, chat", unavailable=needs_chat_template),
     "few-shot": Baseline(run_few_shot, "few-shot", unavailable=needs_train),
-    "tfidf-lr": Baseline(run_tfidf_lr, "TF-IDF + LR", kinds=("classify",), unavailable=needs_train),
+    "tfidf-lr": Baseline(run_tfidf_lr, "TF-IDF + LR", unavailable=needs_train),
 }
 """Baselines by name, in table order."""
 
@@ -298,7 +278,7 @@ def run_baselines(ctx: BaselineContext, names: Sequence[str] | None = None) -> t
         if name not in BASELINES:
             raise ConfigError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
         b = BASELINES[name]
-        if ctx.spec.kind not in b.kinds:
+        if name not in task(ctx.spec.kind).baselines:
             continue
         why = b.unavailable(ctx)
         if why:

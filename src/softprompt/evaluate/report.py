@@ -23,7 +23,7 @@ from ..errors import ConfigError, DataError
 from ..extras import require
 from ..methods import METHODS
 from ..sources import jsonl_objects
-from ..tasks import TASKS
+from ..tasks import TASKS, task
 from .baselines import COLUMNS, PROMPT_ROW, Comparison, method_title
 
 
@@ -257,7 +257,7 @@ def write_report(path: str | Path, result: Comparison, log: str | Path | None = 
     """
     path = Path(path)
     plots = {"comparison": plot_comparison(result)}
-    if result.spec.kind == "classify":
+    if task(result.spec.kind).labelled:  # a label set: its confusion matrix
         plots["confusion"] = plot_confusion(result.results[PROMPT_ROW])
     log_path = Path(log) if log else find_log(result.prompt_path, result.meta.training)
     if log_path is None:

@@ -25,6 +25,7 @@ from .metrics import evaluate_prompt
 from ..methods import METHODS
 from ..precision import PRECISIONS, autocast, precision_name, resolve_precision
 from ..sources import is_hub_ref
+from ..tasks import task
 
 TRAIN_FILE_KEYS = ("train_file", "train", "train_path", "data")
 """Keys of a prompt file's training summary that may name its training file."""
@@ -137,8 +138,9 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
     loaded = load_prompt(config.prompt)  # metadata first: cheap errors before loading a model
     meta = loaded.meta
     spec = trained_spec(meta, config.max_length)
+    kind = task(spec.kind)
     examples = load_examples(config.data, spec.kind, config.source_field, config.target_field, default_split=None)
-    if spec.kind == "classify":
+    if kind.labelled:
         check_labels(examples, spec.labels, config.data)
     if config.limit is not None:
         examples = subsample(examples, config.limit, spec.kind, config.baseline.seed)
@@ -146,17 +148,17 @@ def evaluate_file(config: EvalConfig, base=None) -> Comparison:
     train = None
     if config.baselines and train_path:
         train = load_examples(train_path, spec.kind, config.source_field, config.target_field)
-        if spec.kind == "classify":
+        if kind.labelled:
             check_labels(train, spec.labels, train_path)
     if base is None:
         base = load_base_model(config.model, device=resolve_device(config.device))
     check_compatible(meta, base, config.prompt, strict=not config.allow_other_base)
     pm = PromptedModel(base)
-    gen_kw = {"max_new_tokens": config.max_new_tokens or spec.max_target_length}
-    if config.stop:
-        gen_kw["stop"] = list(config.stop)
-    if spec.kind == "classify":
-        gen_kw = {}
+    gen_kw: dict = {}  # generation settings, for a kind that generates
+    if kind.generates:
+        gen_kw["max_new_tokens"] = config.max_new_tokens or spec.max_target_length
+        if config.stop:
+            gen_kw["stop"] = list(config.stop)
     amp = resolve_precision(config.precision, base.device)  # None: fp32
     with autocast(base.device, amp):
         t0 = time.perf_counter()
@@ -208,5 +210,5 @@ def print_result(result: Comparison, out=None) -> None:
     print(file=out)
     for name, m in result.results.items():
         print(f"  {method_title(name)}: {m.get('setup', '')}", file=out)
-    if result.spec.kind == "classify":
+    if task(result.spec.kind).labelled:
         print(f"\nsoft prompt per class\n{format_details(result.results[PROMPT_ROW])}", file=out)

@@ -30,6 +30,7 @@ from ..errors import ConfigError, DataError, PromptFileError
 from ..methods import METHODS
 from ..model import PromptedModel
 from ..prefix import PrefixKV
+from ..tasks import task
 from .config import EngineConfig
 from .errors import CacheTooSmallError, InvalidRequestError, UnknownPromptError, UploadTooLargeError
 from .jobs import Row
@@ -115,7 +116,8 @@ def task_of(name: str, meta: PromptMeta, tokenizer, limits: EngineConfig | None,
                 check_label_names(words, limits, what)
             for i, w in enumerate(words):
                 check_unicode(w, f"{what}[{i}]")
-        label_ids = tuple(tuple(ids) for ids in spec.label_ids(tokenizer)) if spec.kind == "classify" else None
+        ids = task(spec.kind).label_ids(spec, tokenizer)  # None: a kind without a label set
+        label_ids = None if ids is None else tuple(tuple(i) for i in ids)
         if label_ids is not None and limits is not None:
             check_label_ids(label_ids, limits, "its labels")
     except (DataError, InvalidRequestError) as e:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..prefix import KV
+from ..tasks import TASKS
 
 T = TypeVar("T")
 
@@ -41,14 +42,14 @@ def select_jobs(
     behind them.
 
     Args:
-        kinds: "classify" or "generate" of each queued job.
+        kinds: the task kind of each queued job ("classify", "generate": :data:`softprompt.tasks.TASKS`).
         rows: rows each job needs (an ensemble of k prompts needs k).
         tokens: source tokens each job reads (over all its rows).
     Returns:
         Indices of the jobs to take.
     """
-    taken, used, used_tokens = [], {"classify": 0, "generate": 0}, 0
-    cap = {"classify": max_rows, "generate": free_generate_rows}
+    cap = {k: free_generate_rows if t.serving.decodes else max_rows for k, t in TASKS.items()}
+    taken, used, used_tokens = [], dict.fromkeys(cap, 0), 0
     for i, (kind, n, t) in enumerate(zip(kinds, rows, tokens)):
         if used[kind] + n <= cap[kind] and (used_tokens + t <= max_tokens or not taken):
             used[kind] += n

@@ -26,6 +26,7 @@ from .jobs import Job, Row
 from .limits import check_batch_size
 from .metrics import Metrics
 from .steps import ModelSteps
+from ..tasks import TASKS
 
 log = logging.getLogger("softprompt.serve.engine")
 
@@ -176,16 +177,13 @@ class Scheduler:
                 jobs = self._take(block=not steps.generating_jobs and not steps.scoring_jobs, free_generate=free)
                 if jobs is None:
                     break
-                classify = [j for j in jobs if j.kind == "classify"]
-                generate = [j for j in jobs if j.kind == "generate"]
-                if classify:
-                    self._each(self._filled(steps.classify), classify)
-                if steps.scoring_jobs:
-                    self._guard(steps.scoring_jobs, steps.score)
-                if generate:
-                    self._each(self._filled(steps.admit), generate)
-                if steps.generating_jobs:
-                    self._guard(steps.generating_jobs, steps.step)
+                for kind in TASKS.values():  # classify: score in one pass; generate: admit, then one step
+                    hooks = kind.serving
+                    mine = [j for j in jobs if j.kind == kind.name]
+                    if mine:
+                        self._each(self._filled(hooks.start(steps)), mine)
+                    if hooks.running(steps):
+                        self._guard(hooks.running(steps), hooks.advance(steps))
                 self.metrics.generation_rows.set(len(steps.generating_jobs))
         finally:
             with self._cond:

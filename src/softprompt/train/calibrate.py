@@ -11,6 +11,7 @@ import torch
 from ..calibration import METRICS, Calibration, fit
 from ..evaluate import score_classification
 from ..precision import autocast
+from ..tasks import task
 
 
 def fit_calibrations(run, state) -> list[Calibration | None]:
@@ -20,7 +21,7 @@ def fit_calibrations(run, state) -> list[Calibration | None]:
     m = run.model
     for i, t in enumerate(run.tasks):
         metric = run.balance[i].select_metric
-        if run.config.calibrate == "none" or not t.dev or t.spec.kind != "classify" or metric not in METRICS:
+        if run.config.calibrate == "none" or not t.dev or not task(t.spec.kind).labelled or metric not in METRICS:
             out.append(None)
             continue
         with torch.no_grad(), autocast(m.device, m.amp):

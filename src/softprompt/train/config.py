@@ -12,19 +12,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..base import DTYPES
-from ..data import TASK_KINDS, TaskKind, parse_verbalizer
+from ..data import parse_verbalizer
 from ..deep import REPARAMS
 from ..errors import ConfigError
 from ..methods import METHODS
 from .balance import check as check_balance
 from .memory import budget_error
-from .objective import CLASSIFY_LOSSES
 from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
 from .budget import check_budget
 from .schedule import SCHEDULES
 from ..sources import is_hub_ref
 from .tracking import parse_report_to
+from ..tasks import TASK_KINDS, TaskKind, task
+from ..tasks.classify import CLASSIFY_LOSSES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 INITS: tuple[str, ...] = ("auto", *INIT_STRATEGIES)
@@ -88,7 +89,7 @@ class TaskConfig:
             if not isinstance(self.labels, list) or not all(isinstance(l, str) and l.strip() for l in self.labels):
                 raise ConfigError("--labels must be a list of non-empty label names")
             self.labels = [l.strip() for l in self.labels]
-        if self.task == "generate" and (self.labels or self.verbalizer):
+        if not task(self.task).labelled and (self.labels or self.verbalizer):
             raise ConfigError("--labels and --verbalizer only apply to --task classify")
         if self.prompt_length is not None and self.prompt_length < 1:
             raise ConfigError(f"--prompt-length must be at least 1, got {self.prompt_length}")

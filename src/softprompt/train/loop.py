@@ -227,7 +227,8 @@ def _backward(run: Run, batch: list[int]) -> torch.Tensor:
             tasks = {run.rows[i].task for i in micro}  # a reparameterised prompt is computed only when used
             prompts = [p() if t in tasks else None for t, p in enumerate(run.params)]
             losses = row_losses(m.pm, prompts, [run.rows[i] for i in micro], run.label_ids,
-                                config.classify_loss, share_prefix=share_prompt_prefix(m.device))[:own]
+                                config.classify_loss, share_prefix=share_prompt_prefix(m.device),
+                                kinds=[t.spec.kind for t in run.tasks])[:own]
             weighted = losses if run.row_weights is None else losses * torch.tensor(  # (own,) --class-weights
                 [run.row_weights[i] for i in micro[:own]], dtype=losses.dtype, device=losses.device)
             loss = weighted.sum() / config.batch_size  # global batch: weights average 1 over the training rows

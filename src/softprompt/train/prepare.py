@@ -16,6 +16,7 @@ from typing import Sequence
 
 from ..data import Example, TaskSpec, check_classification, labels_of, load_examples, split_examples
 from ..errors import ConfigError, DataError
+from ..tasks import task
 from .config import DEFAULT_MAX_STEPS, TaskConfig, TrainConfig
 from .budget import auto_steps
 from .schedule import steps_per_epoch
@@ -48,7 +49,7 @@ def prepare(config: TrainConfig) -> list[PreparedTask]:
         elif tc.eval_split is not None:
             train_ex, dev = split_examples(train_ex, tc.eval_split, config.seed)
         labels = None
-        if tc.task == "classify":
+        if task(tc.task).labelled:
             labels = tc.labels or labels_of(train_ex)
             check_classification(train_ex, dev, labels, eval_name=str(tc.eval or tc.data))
         spec = TaskSpec(kind=tc.task, template=tc.template, labels=labels, verbalizer=tc.verbalizer or None,

@@ -29,6 +29,7 @@ from .balance import TaskBalance, resolve as resolve_balance
 from .checkpoint import TrainState, load_checkpoint
 from .config import TaskConfig, TrainConfig, _flag
 from .prepare import PreparedTask
+from ..tasks import task
 from .objective import Row
 from .memory import StepShape, activation_bytes, choose_checkpointing, default_budget_bytes, parse_budget
 from .records import EvalHook, MetricsLog
@@ -161,7 +162,7 @@ def init_prompts(config: TrainConfig, tasks: list[PreparedTask], pm: PromptedMod
             continue
         strategy = config.init
         if strategy == "auto":
-            strategy = "labels" if t.spec.kind == "classify" else ("text" if (t.config.init_text or config.init_text) else "vocab")
+            strategy = task(t.spec.kind).init(bool(t.config.init_text or config.init_text))
         init = SoftPrompt.initialize(
             base.embedding, base.tokenizer, t.config.prompt_length or config.prompt_length, strategy,
             text=t.config.init_text or config.init_text, labels=t.spec.words, seed=config.seed + i).weight
@@ -196,13 +197,13 @@ def _transferred(config: TrainConfig, t: PreparedTask, pm: PromptedModel, seed: 
 
 
 def encode_rows(tasks: list[PreparedTask], tok) -> list[Row]:
-    """Every training example tokenized once: source ids, and the label index (classify) or target ids."""
+    """Every training example tokenized once: source ids, and its target as its kind encodes it
+    (a label index for classify, target ids for generate)."""
     rows: list[Row] = []
     for i, t in enumerate(tasks):
         for ex in t.train:
             src = t.spec.source_ids(tok, ex.source)
-            tgt = t.spec.labels.index(ex.target) if t.spec.kind == "classify" else t.spec.target_ids(tok, ex.target)
-            rows.append(Row(i, src, tgt))
+            rows.append(Row(i, src, task(t.spec.kind).encode_target(t.spec, tok, ex.target)))
     return rows
 
 
@@ -257,7 +258,7 @@ class Run:
         self.lengths = [len(r.source) + (0 if isinstance(r.target, int) else len(r.target)) for r in self.rows]
         self.task_of = [r.task for r in self.rows]
         tok = self.model.base.tokenizer
-        self.label_ids = [t.spec.label_ids(tok) if t.spec.kind == "classify" else None for t in self.tasks]
+        self.label_ids = [task(t.spec.kind).label_ids(t.spec, tok) for t in self.tasks]
         self.balance = resolve_balance(self.config, self.tasks)
         weights = [self.balance[r.task].weight_of(r.target) for r in self.rows]
         self.row_weights = None if all(b.class_weights == "none" for b in self.balance) else weights

@@ -29,6 +29,7 @@ import torch
 from ..artifact import LoadedPrompt, check_compatible
 from ..data import TaskSpec
 from ..scoring import Generation
+from ..tasks import task
 from .embeds import EmbeddingTable, encode_embeds, request_embeds
 from .labels import MAX_TOKEN_IDS, label_plan, label_scores
 from .server_check import ServerInfo, VLLMError, _HTTPError, _one_line, _top_logprobs, check_server
@@ -243,7 +244,7 @@ class VLLMClient:
     def classify(self, prompt: LoadedPrompt, texts: Sequence[str], max_length: int = 256) -> list[Classification]:
         """Rank-classify ``texts`` with a classification prompt file's template and labels."""
         spec = TaskSpec.from_meta(prompt.meta, max_length=max_length)
-        if spec.kind != "classify":
+        if not task(spec.kind).labelled:
             raise VLLMError(f"{prompt.path or 'the prompt'} is a {spec.kind} prompt, not a classification prompt")
         check_compatible(prompt.meta, self.table, str(prompt.path or "prompt"))  # table duck-types BaseModel
         tok = self.table.tokenizer

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..artifact import STORAGE_DTYPES, LoadedPrompt, atomic_write_bytes, safetensors_bytes
 from ..methods import check_backend
+from ..tasks import TASKS
 
 EXPORT_FORMAT_VERSION = 1
 
@@ -33,7 +34,7 @@ def export_vllm(loaded: LoadedPrompt, out: str | Path) -> Path:
     dtype = m.dtype if m.dtype in STORAGE_DTYPES else "float32"
     tensor = loaded.tensor.to(STORAGE_DTYPES[dtype]).contiguous()  # (P, d)
     atomic_write_bytes(out / "prompt.safetensors", safetensors_bytes({"prompt": tensor}, {"format": "pt"}))
-    placeholder = {"classify": "{text}", "generate": "{input}"}.get(m.task or "", None)
+    placeholder = "{" + TASKS[m.task].placeholder + "}" if m.task in TASKS else None
     labels = list(m.labels or [])
     verbalizer = m.verbalizer or {}
     info = {

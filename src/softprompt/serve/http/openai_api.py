@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ...tasks import labelled_kind, task
 from ...version import __version__
 from ..bank import PromptEntry
 from ..config import EngineConfig, ServeConfig
@@ -145,14 +146,15 @@ class Call:
 
     @property
     def classify(self) -> bool:
-        return self.entry is not None and self.entry.spec.kind == "classify"
+        """A prompt of a labelled kind answers with its labels (a classify job); others generate."""
+        return self.entry is not None and task(self.entry.spec.kind).labelled
 
     def head(self) -> dict:
         return {"id": self.flavour.id_prefix + uuid.uuid4().hex, "created": int(time.time()),
                 "model": self.body.model, "system_fingerprint": FINGERPRINT}
 
     def info(self, probs: dict[str, float] | None = None) -> dict:
-        return {"prompt": self.entry.name if self.entry else None, "task": "classify" if self.classify else "generate",
+        return {"prompt": self.entry.name if self.entry else None, "task": self.entry.spec.kind if self.entry else labelled_kind(False).name,
                 "virtual_tokens": self.entry.length if self.entry else 0, "probs": probs}
 
     def request(self, max_new: int | None) -> ClassifyRequest | GenerateRequest:

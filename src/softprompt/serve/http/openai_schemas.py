@@ -18,6 +18,7 @@ from ..config import EngineConfig
 from ..errors import InputTooLongError, InvalidRequestError, UnknownPromptError
 from ..limits import CHARS_PER_TOKEN_LIMIT, SEED_MAX, SEED_MIN
 from ..schemas import validation_error
+from ...tasks import TaskKind
 from .errors import status_of
 
 OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
@@ -228,7 +229,7 @@ class Usage(BaseModel):
 
 class SoftpromptInfo(BaseModel):
     prompt: str | None = Field(description="The prompt that ran (null: the base model).")
-    task: Literal["classify", "generate"]
+    task: TaskKind
     virtual_tokens: int = Field(description="The prompt's length (not in usage).")
     probs: dict[str, float] | None = Field(None, description="A classification's label probabilities.")
 
