@@ -380,3 +380,23 @@ def test_a_prompt_is_read_and_a_request_prepared_off_the_event_loop(server, clie
     name = next(n for n, spec in PROMPTS.items() if spec[1] == "classify")
     assert client.post("/v1/classify", json={"prompt": name, "text": TEXTS[0]}).status_code == 200
     assert seen and set(seen) == {"worker thread"}
+
+
+def test_the_openai_routes_read_prompts_off_the_event_loop(server, client, monkeypatch):
+    import asyncio
+
+    bank, seen = server.engine.bank, []
+    get = bank.get
+
+    def recording_get(name):
+        try:
+            asyncio.get_running_loop()
+            seen.append("event loop")
+        except RuntimeError:
+            seen.append("worker thread")
+        return get(name)
+    monkeypatch.setattr(bank, "get", recording_get)
+    name = next(n for n, spec in PROMPTS.items() if spec[1] == "classify")
+    r = client.post("/v1/completions", json={"model": name, "prompt": TEXTS[0]})
+    assert r.status_code == 200, r.text
+    assert seen and set(seen) == {"worker thread"}

@@ -222,7 +222,8 @@ def _completion_routes(app: FastAPI, engine: Engine, limits: EngineConfig) -> No
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise FieldError("prompt", f"one prompt per request (got {len(prompts)})")
-        call = Call(body, COMPLETION, prompts[0], resolve(engine, body.model, access.grant_of(request)), body.logprobs)
+        entry = await asyncio.to_thread(resolve, engine, body.model, access.grant_of(request))  # may read its file
+        call = Call(body, COMPLETION, prompts[0], entry, body.logprobs)
         return await answer(engine, request, call, body.max_tokens, limits)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionOut, tags=["openai"], responses=responses)
@@ -230,7 +231,7 @@ def _completion_routes(app: FastAPI, engine: Engine, limits: EngineConfig) -> No
         """OpenAI chat completion: the messages in the tokenizer's chat template behind the soft
         prompt; a classification prompt answers its label for one user message."""
         check_supported(body)
-        entry = resolve(engine, body.model, access.grant_of(request))
+        entry = await asyncio.to_thread(resolve, engine, body.model, access.grant_of(request))  # may read its file
         if body.top_logprobs is not None and not body.logprobs:
             raise FieldError("top_logprobs", "only with logprobs: true")
         call = Call(body, CHAT, "", entry, (body.top_logprobs or 0) if body.logprobs else None)
@@ -262,7 +263,7 @@ def usage(job: Job, completion: int) -> dict:
 
 async def answer(engine: Engine, request: Request, call: Call, max_new: int | None, limits: EngineConfig):
     """Queue the call's job and answer it: one JSON response, or server-sent events."""
-    job = engine.prepare(call.request(max_new))
+    job = await asyncio.to_thread(engine.prepare, call.request(max_new))  # tokenizing: off the event loop
     head = call.head()
     stream = bool(call.body.stream)
     with_usage = stream and call.body.stream_options is not None and bool(call.body.stream_options.include_usage)
