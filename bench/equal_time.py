@@ -48,20 +48,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", required=True)
     ap.add_argument("--costs", default=None, help="step_cost results name (default: step_cost_TASK)")
+    ap.add_argument("--curves", default=None, help="learning_curves results name (default: learning_curves_TASK), "
+                    "e.g. another seed's")
     args = ap.parse_args()
     key = args.task.replace("-", "_")
     costs = args.costs or f"step_cost_{key}"
-    curves = json.loads((RESULTS / f"learning_curves_{key}.json").read_text())["curves"]
+    curves_name = args.curves or f"learning_curves_{key}"
+    out = f"equal_time_{key}" + (curves_name.removeprefix(f"learning_curves_{key}") if args.curves else "")
+    curves = json.loads((RESULTS / f"{curves_name}.json").read_text())["curves"]
     steps = json.loads((RESULTS / f"{costs}.json").read_text())
     cost = {r["method"]: r["median_s_per_step"] for r in steps["rows"]}
     rows = rows_for(curves, cost)
-    (RESULTS / f"equal_time_{key}.json").write_text(json.dumps({"task": args.task, "rows": rows}, indent=2) + "\n")
-    md = [f"## equal_time_{key}", "",
+    (RESULTS / f"{out}.json").write_text(json.dumps({"task": args.task, "rows": rows}, indent=2) + "\n")
+    md = [f"## {out}", "",
           f"Dev scores (best so far, 200 dev rows) at the time LoRA r=8 takes for {LORA_STEPS} steps, step costs from "
           f"`{costs}` ({steps['machine']['cpu']}, {steps['machine']['date']}), curves from "
-          f"`learning_curves_{key}`. A curve that ends before its step budget is read at its end.", "",
+          f"`{curves_name}`. A curve that ends before its step budget is read at its end.", "",
           markdown_table(rows)]
-    (RESULTS / f"equal_time_{key}.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{out}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
