@@ -202,7 +202,7 @@ def test_deep_prompts_are_refused_in_one_line(engine, base):
 def test_backend_flags_are_checked_and_registered():
     from softprompt.errors import ConfigError
     from softprompt.serve.config import BACKEND_NAMES, ServeConfig
-    from softprompt.serve.engine import BACKENDS
+    from softprompt.backends import BACKENDS
 
     assert set(BACKENDS) == set(BACKEND_NAMES) == {"transformers", "vllm"}
     for kw, msg in [(dict(backend="tgi"), "--backend must be one of transformers, vllm"),

@@ -15,6 +15,7 @@ Not here: the contract itself (method.py), reparameterisations (deep.py), what a
 
 from __future__ import annotations
 
+from ..backends import BACKENDS
 from ..errors import ConfigError, PromptFileError
 from .deep_prompt import DEEP_PROMPT
 from .input_prompt import INPUT_PROMPT
@@ -23,12 +24,8 @@ from .method import PromptMethod
 METHODS: dict[str, PromptMethod] = {m.name: m for m in (INPUT_PROMPT, DEEP_PROMPT)}
 """Every prompt method by name (``--method``, ``PromptMeta.method``); the first is the default."""
 
-BACKEND_WORDS: dict[str, tuple[str, str]] = {"transformers": ("transformers", "tensors in this process"),
-                                             "vllm": ("vLLM", "prompt_embeds")}
-"""``--backend`` value -> (its name as people write it, what it takes a prompt through), for the
-one refusal message of :func:`check_backend`."""
 
-__all__ = ["METHODS", "PromptMethod", "method", "method_for_peft", "check_backend", "BACKEND_WORDS"]
+__all__ = ["METHODS", "PromptMethod", "method", "method_for_peft", "check_backend"]
 
 
 def method(name: object, where: str | None = None, error: type[Exception] = ConfigError) -> PromptMethod:
@@ -52,7 +49,8 @@ def check_backend(name: str, backend: str, where: str) -> None:
     m = method(name, where, PromptFileError)
     if backend in m.backends:
         return
-    label, channel = BACKEND_WORDS.get(backend, (backend, backend))
+    entry = BACKENDS.get(backend)
+    label, channel = (entry.label, entry.takes) if entry else (backend, backend)
     takes = " or ".join(o.holds for o in METHODS.values() if backend in o.backends) or "nothing"
     raise PromptFileError(
         f"{where}: {m.a} (method {m.name!r}) holds {m.holds}, which {label} cannot serve: {label} takes a prompt only "

@@ -1,8 +1,8 @@
 """What the engine runs on: a :class:`Backend` bundles the base model as the front end sees it,
 the :class:`~.steps.ModelSteps` that run requests, and how the prompt bank prepares a prompt.
 
-``softprompt serve --backend NAME`` picks one from ``engine.BACKENDS``; :func:`in_process` is the
-default (the HF model in this process). The vLLM backend (``softprompt.vllm.backend``) holds only
+``softprompt serve --backend NAME`` picks one from :data:`softprompt.backends.BACKENDS`;
+:func:`in_process` is the default (the HF model in this process, :func:`from_config`). The vLLM backend (``softprompt.vllm.backend``) holds only
 the tokenizer and the embedding matrix here and sends the rest to a vLLM server.
 
 Not here: the engine that composes them (engine.py), the steps themselves (steps.py, vllm/steps.py).
@@ -65,3 +65,16 @@ def in_process(base: BaseModel) -> Backend:
 
     dtype = str(base.model.dtype).replace("torch.", "")
     return Backend("transformers", pm, steps, None, f"{base.name} ({dtype})")
+
+
+def from_config(config, base: BaseModel | None = None) -> Backend:
+    """The in-process backend for a ServeConfig: ``base``, or the model it names loaded in the
+    fastest weight dtype for its device (the ``transformers`` entry of ``softprompt.backends``)."""
+    from ..base import load_base_model
+    from ..devices import resolve_device
+    from ..precision import fast_weight_dtype
+
+    if base is None:
+        device = resolve_device(config.device)
+        base = load_base_model(config.model, dtype=fast_weight_dtype(config.dtype, device), device=device)
+    return in_process(base)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from ..backends import BackendName, backend
 from ..errors import ConfigError
 from ..precision import SERVE_DTYPES
 from .keys import digest, load_keys
@@ -19,9 +20,8 @@ from .keys import digest, load_keys
 API_KEY_ENV = "SOFTPROMPT_API_KEY"
 """Environment variable read when neither ``--api-key`` nor ``--api-key-file`` is given."""
 
-BackendName = Literal["transformers", "vllm"]
-"""``--backend``: transformers (the model in this process) or vllm (a vLLM server runs it)."""
 BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
+"""``--backend`` choices (the keys of :data:`softprompt.backends.BACKENDS`)."""
 
 DEFAULT_NEW_TOKENS = 32
 """Tokens a generation request that sets no ``max_new_tokens`` gets (less if ``--max-new-tokens`` is lower)."""
@@ -220,8 +220,7 @@ class ServeConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or not 1 <= self.threads <= 1024):
             raise ConfigError(f"--threads must be a whole number between 1 and 1024, got {self.threads!r}")
-        if self.backend not in BACKEND_NAMES:
-            raise ConfigError(f"--backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
+        backend(self.backend)  # a one-line error naming the choices
         if self.backend != "vllm" and (self.vllm_url or self.vllm_python):
             raise ConfigError("--vllm-url and --vllm-python need --backend vllm")
         if self.vllm_url is not None and not self.vllm_url.startswith(("http://", "https://")):

@@ -8,7 +8,7 @@ The engine composes three parts along LitServe's seams:
 - steps.py: what the worker runs on the model (``predict``), behind the :class:`ModelSteps`
   interface; :class:`TransformersSteps` runs the HF model in-process, ``vllm/steps.py`` sends
   the rows to a vLLM server. Which one is a :class:`~.backend.Backend`, picked by name from
-  :data:`BACKENDS` (``softprompt serve --backend``).
+  :data:`softprompt.backends.BACKENDS` (``softprompt serve --backend``).
 
 Not here: HTTP (http/); requests, results and jobs (jobs.py); the layout arithmetic (batching.py,
 prefix.py) and the limits (limits.py), all pure.
@@ -17,13 +17,14 @@ prefix.py) and the limits (limits.py), all pure.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..base import BaseModel
 from ..model import PromptedModel
 from .admission import BARE_GENERATE, Admission  # noqa: F401  (BARE_GENERATE re-exported)
+from ..backends import build_backend
 from .backend import Backend, in_process
 from .bank import PromptBank
 from .config import EngineConfig
@@ -146,34 +147,13 @@ class Engine:
         self.scheduler.enqueue(jobs)
 
 
-def _transformers(config, base: BaseModel | None) -> Backend:
-    from ..base import load_base_model
-    from ..devices import resolve_device
-    from ..precision import fast_weight_dtype
-
-    if base is None:
-        device = resolve_device(config.device)
-        base = load_base_model(config.model, dtype=fast_weight_dtype(config.dtype, device), device=device)
-    return in_process(base)
-
-
-def _vllm(config, base: BaseModel | None) -> Backend:
-    from ..vllm.backend import vllm_backend  # the vLLM backend needs the HTTP client only when chosen
-
-    return vllm_backend(config)
-
-
-BACKENDS: dict[str, Callable[..., Backend]] = {"transformers": _transformers, "vllm": _vllm}
-"""``--backend`` name -> (ServeConfig, base or None) -> :class:`Backend` (config.BACKEND_NAMES lists the keys)."""
-
-
 def create_engine(config, base: BaseModel | None = None) -> Engine:
     """Build the backend named by a :class:`~softprompt.serve.config.ServeConfig` (``base``: an
     already loaded model for the in-process one), the engine on it, and index the prompts of
     ``config.prompts_dir`` (a few loaded now, the rest on first use). Not started."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    backend = BACKENDS[config.backend](config, base)
+    backend = build_backend(config, base)
     try:
         engine = Engine(None, config.engine, prompts_dir=config.prompts_dir, strict=not config.allow_other_base,
                         backend=backend, durable_uploads=not config.ephemeral_uploads)

@@ -54,6 +54,11 @@ def _launch(config: ServeConfig, table: EmbeddingTable) -> VLLMServer:
         raise ConfigError(f"--backend vllm: the vLLM server did not start (log: {log}): {last}") from None
 
 
+def from_config(config: ServeConfig, base=None) -> Backend:
+    """The ``vllm`` entry of ``softprompt.backends``: vLLM runs the model, so a loaded ``base`` is not used."""
+    return vllm_backend(config)
+
+
 def vllm_backend(config: ServeConfig) -> Backend:
     """Connect to (or launch) the vLLM server and check it; raises a one-line error at start."""
     table = EmbeddingTable.load(config.model)
