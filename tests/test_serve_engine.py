@@ -13,7 +13,7 @@ from softprompt import PromptedModel, PromptMeta, SoftPrompt, load_base_model, s
 from softprompt.errors import PromptFileError
 from softprompt.scoring import classify_scores, generate
 from softprompt.serve import ClassifyRequest, Engine, EngineConfig, GenerateRequest
-from softprompt.serve.engine import BARE_GENERATE
+from softprompt.serve.admission import BARE_GENERATE
 from softprompt.serve.errors import (
     BadPromptNameError, EngineStoppedError, InputTooLongError, InvalidRequestError, QueueFullError,
     RequestTimeoutError, UnknownPromptError, WrongTaskError,
@@ -147,7 +147,7 @@ def test_servable_layer_kinds():
     from transformers import Qwen3NextConfig
 
     from softprompt.errors import ModelLoadError
-    from softprompt.serve.engine import check_servable
+    from softprompt.serve.steps import check_servable
     from softprompt.testing import tiny_config
 
     config = tiny_config("gemma3")

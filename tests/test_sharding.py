@@ -12,7 +12,7 @@ from softprompt.distributed import LocalRuntime
 from softprompt.errors import ConfigError
 from softprompt.model import PromptedModel
 from softprompt.train.objective import Row, row_losses
-from softprompt.train.schedule import shard
+from softprompt.distributed.batches import shard
 from softprompt.distributed.sharding import ShardedLayers, ShardingConfig, lockstep_micro_batches
 from softprompt.train import cast_linear_weights
 

@@ -18,7 +18,8 @@ from softprompt.data import TaskSpec
 from softprompt.errors import ConfigError, DataError, SoftpromptError
 from softprompt.evaluate import evaluate_prompt
 from softprompt.train.objective import Row, row_losses
-from softprompt.train.schedule import epoch_batches, lr_at, shard
+from softprompt.distributed.batches import shard
+from softprompt.train.schedule import epoch_batches, lr_at
 from softprompt.train import TaskConfig, TrainConfig, train
 from softprompt.train import gradient_checkpointing
 from softprompt.train.summary import TrainingSummary

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BaseModel, assert_frozen
-from .hf_compat import cache_argument, layer_kinds, output_cache, position_window, sliding_window  # noqa: F401
+from .hf_compat import cache_argument, layer_kinds, output_cache, position_window, sliding_window
 
 IGNORE_INDEX = -100
 

@@ -23,17 +23,17 @@ import torch
 
 from ..base import BaseModel
 from ..model import PromptedModel
-from .admission import BARE_GENERATE, Admission  # noqa: F401  (BARE_GENERATE re-exported)
+from .admission import Admission
 from ..backends import build_backend
 from .backend import Backend, in_process
 from .bank import PromptBank
 from .config import EngineConfig
-from .jobs import (  # noqa: F401  (re-exported: the engine's public API)
+from .jobs import (  # noqa: F401  (Job, Listener, Result, Row: the types the engine's API names)
     ClassifyRequest, ClassifyResult, GenerateRequest, GenerateResult, Job, Listener, Result, Row,
 )
 from .metrics import Metrics
 from .scheduler import Scheduler
-from .steps import ModelSteps, TransformersSteps, check_servable  # noqa: F401  (re-exported)
+from .steps import ModelSteps
 
 
 class Engine:

@@ -18,8 +18,9 @@ from .config import DEFAULT_MAX_STEPS, TaskConfig, TrainConfig, load_task_file
 from .loop import train
 from .prepare import PreparedTask, prepare
 from .records import TrainResult
-from .speed import attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention
+from ..hf_compat import attention_implementation, gradient_checkpointing
+from .speed import cast_linear_weights, resolve_attention, share_prompt_prefix
 
 __all__ = ["TrainConfig", "TaskConfig", "TrainResult", "train", "prepare", "load_task_file", "resolve_precision",
            "cpu_has_fast_bf16", "DEFAULT_MAX_STEPS", "PRECISIONS", "PreparedTask", "attention_implementation",
-           "cast_linear_weights", "gradient_checkpointing", "resolve_attention"]
+           "cast_linear_weights", "gradient_checkpointing", "resolve_attention", "share_prompt_prefix"]

@@ -43,8 +43,8 @@ from .objective import row_losses
 from .records import DevResult, EvalHook, MetricsLog, TrainResult, peak_rss_mb
 from .schedule import SAMPLINGS, lr_at, warmup_steps
 from .setup import Run, check_launch, encode_rows, init_prompts, load_model, pick_checkpointing, read_resume
-from .speed import (attention_implementation, cast_linear_weights, gradient_checkpointing, resolve_attention,
-                    share_prompt_prefix)
+from ..hf_compat import attention_implementation, gradient_checkpointing
+from .speed import cast_linear_weights, resolve_attention, share_prompt_prefix
 from .summary import TrainingSummary
 from .tracking import Trackers
 

@@ -14,7 +14,6 @@ import math
 import random
 from typing import Callable, Sequence
 
-from ..distributed.batches import shard  # noqa: F401  (re-exported: how a step's batch is split)
 
 GROUP_BATCHES = 32
 """Batches per length group: examples are sorted by length inside windows of this many batches,

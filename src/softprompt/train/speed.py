@@ -1,6 +1,7 @@
-"""Speed and memory switches the loop wraps around the model, each undone on exit: activation
-checkpointing and the attention implementation (transformers' switches, fenced in hf_compat.py),
-Linear weights held in the compute dtype; and whether a step shares each prompt's prefix by device.
+"""Speed and memory choices of the loop: Linear weights held in the compute dtype (undone on exit),
+the attention implementation to train with, and whether a step shares each prompt's prefix, by
+device. The switches that act on the model (activation checkpointing, the attention
+implementation) are transformers' quirks, fenced in hf_compat.py.
 
 Not here: precision choice (precision.py), the loop (loop.py).
 """
@@ -11,7 +12,6 @@ import contextlib
 
 import torch
 
-from ..hf_compat import attention_implementation, gradient_checkpointing  # noqa: F401  (model quirks: hf_compat.py)
 
 
 def resolve_attention(attention: str, device: torch.device, amp: torch.dtype | None = torch.bfloat16) -> str | None:
