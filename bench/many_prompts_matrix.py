@@ -12,7 +12,9 @@ finds another's prompts resident: a cell's misses are its own first uses (and re
 eviction). The server reads the first 64 files of its folder (by name) at start-up: 64 more
 copies named to sort first (``deep/0start/...``, ``input/0start/...``) are those, used by no cell.
 
-Streams (``--requests`` each, ``--concurrency`` in flight, the same seeded texts in every cell):
+Streams (``--requests`` each, ``--concurrency`` in flight, the same seeded texts in every cell,
+drawn from the 2,092 BBC headlines, so that a (prompt, text) pair seldom repeats: vLLM's prefix
+cache keeps KV blocks of prompt + text, and a stream of a few texts would hit it unrealistically):
 - classify: every request a classification, its prompt drawn Zipf(1.1) by rank from the cell's
   pool of ``--distinct`` prompts (1: all on one prompt);
 - mix: ``--gen-share`` of the requests generations of ``--max-new-tokens`` greedy tokens (greedy,
@@ -31,8 +33,8 @@ front end without a prompt (vLLM has no rank classification of its own, as in be
 Hit rates, evictions, prefills: deltas of the server's /metrics over a cell; vLLM's hit rate:
 deltas of its prefix-cache token counters.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py            (~14 min on 2 cores)
-     OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py --quick    (smoke: ~3 min)
+Run: OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py            (~11 min on 2 cores)
+     OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py --quick    (smoke: ~2 min)
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from softprompt import PromptMeta, SoftPrompt, load_base_model
 from softprompt.artifact import prompt_bytes
 from softprompt.data import TaskSpec
 from softprompt.deep import deep_init
+from softprompt.examples import load_bbc_headlines
 from softprompt.model import PromptedModel
 from softprompt.serve.bank import WARM_AT_START
 
@@ -74,10 +77,10 @@ def zipf_pick(pool: list[str], rng: random.Random, weights: dict[int, list[float
     return rng.choices(pool, w)[0]
 
 
-def stream_items(n: int, gen_share: float, seed: int) -> list[tuple[str, str]]:
+def stream_items(n: int, gen_share: float, seed: int, texts: list[str]) -> list[tuple[str, str]]:
     """The seeded (task kind, text) sequence every cell of a stream sends (pure)."""
     rng = random.Random(seed)
-    return [("generate" if rng.random() < gen_share else "classify", rng.choice(TEXTS)) for _ in range(n)]
+    return [("generate" if rng.random() < gen_share else "classify", rng.choice(texts)) for _ in range(n)]
 
 
 def bodies(items: list[tuple[str, str]], pools: dict[str, list[str]] | None, seed: int,
@@ -198,7 +201,7 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 def warm(srv, args) -> None:
     """A few bare requests, so the first cell does not pay the first forward passes' allocations."""
-    items = stream_items(6, 0.5, args.seed + 7)
+    items = stream_items(6, 0.5, args.seed + 7, TEXTS)
     asyncio.run(drive(srv.url, bodies(items, None, args.seed, args.max_new_tokens), 4, 600))
 
 
@@ -252,7 +255,7 @@ def summarize(rows: list[dict], args, name: str, startup: float, vllm_start: flo
               "prefix caching, --block-size 32)" if vllm_start is not None else "`softprompt serve`"
     notes = (f"{backend}, `--dtype float32 --threads 1 --max-batch 16 --prefix-cache-mb {args.prefix_cache_mb:g}`, "
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; prompts of {args.length} virtual tokens "
-             f"(5 topic labels), noisy copies of one prompt, float16 files; {args.requests} requests per row, "
+             f"(5 topic labels), noisy copies of one prompt, float16 files; texts: BBC headlines; {args.requests} requests per row, "
              f"{args.concurrency} in flight; classify: all classifications; mix: {args.gen_share:.0%} greedy "
              f"generations of at most {args.max_new_tokens} tokens, the rest classifications; prompts drawn "
              "Zipf(1.1) from each row's own pool; bare rows send the same texts with no prompt, before and after "
@@ -276,7 +279,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--mix-distinct", type=int, default=1000, help="pool size of the mix rows")
     ap.add_argument("--vllm-distinct", type=ints, default=[1, 1000], help="pool sizes of the vLLM classify rows")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=["input", "deep"], help="input,deep")
-    ap.add_argument("--requests", type=int, default=160, help="requests per row")
+    ap.add_argument("--requests", type=int, default=240, help="requests per row")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--gen-share", type=float, default=0.25, help="share of generations in the mix rows")
     ap.add_argument("--max-new-tokens", type=int, default=8, help="tokens per generation")
@@ -310,8 +313,9 @@ def main() -> None:
         raise SystemExit(f"--only-vllm: no vLLM in {venv} (--vllm-venv, or $SOFTPROMPT_VLLM_VENV)")
     methods = ["input"] if args.only_vllm else sorted(set(args.methods) | ({"input"} if use_vllm else set()))
     cells = layout(sorted(set(args.distinct) | set(args.vllm_distinct)), args.mix_distinct, args.gen_share)
-    items = {"classify": stream_items(args.requests, 0.0, args.seed),
-             "mix": stream_items(args.requests, args.gen_share, args.seed)}
+    texts = [e.target for e in load_bbc_headlines()]
+    items = {"classify": stream_items(args.requests, 0.0, args.seed, texts),
+             "mix": stream_items(args.requests, args.gen_share, args.seed, texts)}
     tmp = Path(tempfile.mkdtemp(prefix="many-matrix-"))
     try:
         base = load_base_model(args.model)

@@ -37,8 +37,9 @@ def test_cells_draw_from_disjoint_pools_and_the_start_up_files_sort_first(mm):
 
 
 def test_bare_and_prompt_streams_send_the_same_texts_and_tasks(mm):
-    items = mm.stream_items(400, 0.25, seed=3)
-    assert items == mm.stream_items(400, 0.25, seed=3)
+    texts = [f"text {i}" for i in range(50)]
+    items = mm.stream_items(400, 0.25, seed=3, texts=texts)
+    assert items == mm.stream_items(400, 0.25, seed=3, texts=texts)
     assert 50 < sum(k == "generate" for k, _ in items) < 150
     pools = {"classify": [f"c{i}" for i in range(30)], "generate": [f"g{i}" for i in range(10)]}
     with_prompts, bare = mm.bodies(items, pools, 0, 8), mm.bodies(items, None, 0, 8)
