@@ -34,7 +34,7 @@ no rank classification of its own, as in bench/serve.py).
 Hit rates, evictions, prefills: deltas of the server's /metrics over a cell; vLLM's hit rate:
 deltas of its prefix-cache token counters.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py            (~11 min on 2 cores)
+Run: OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py            (~10 min on 2 cores)
      OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py --quick    (smoke: ~2 min)
 """
 
