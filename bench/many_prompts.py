@@ -14,6 +14,8 @@ one prompt (the hit path), then drawn Zipf(1.1) over ``--distinct`` prompts of t
 with ``--prefix-cache-mb`` far below what they would take; hit rate, evictions, prefills and
 prefill seconds come from the server's /metrics. ``--baseline-src DIR`` also starts another
 checkout's server on the flat folder (its start-up and RSS), e.g. a main before the store.
+The traffic matrix (1 / 100 / 1,000 prompts, input and deep, a generation mix, the vLLM backend)
+is bench/many_prompts_matrix.py.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts.py              (~5 min on 2 cores)
      OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts.py --flat 300 --nested 1000 --requests 60  (smoke)

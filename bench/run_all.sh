@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every benchmark on the default model, one after another (each invocation <= ~15 min on 2
-# cores; about 2 hours in all). Results: bench/results/*.json and *.md.
+# cores; about 2.5 hours in all). Results: bench/results/*.json and *.md.
 # Usage: bench/run_all.sh            (from the repository root or anywhere)
 #        QUICK=1 bench/run_all.sh    (smoke run on a tiny random model: minutes, numbers meaningless)
 set -euo pipefail
@@ -19,6 +19,7 @@ if [[ "${QUICK:-}" == 1 ]]; then
   done
   $PY bench/serve.py --model "$TINY" --requests 16 --rounds 1 --concurrency 4 --name smoke_serve
   $PY bench/sharded_train.py --model "$TINY" --steps 4 --rounds 1 --name smoke_sharded_train
+  OMP_NUM_THREADS=1 $PY bench/many_prompts_matrix.py --model "$TINY" --quick --skip-vllm --name smoke_many_prompts_matrix  # vLLM cannot run the tiny tokenizer
   exit 0
 fi
 
@@ -41,4 +42,6 @@ $PY bench/quality.py --task headlines --methods lora --seeds 0
 $PY bench/serve.py --threads 1
 $PY bench/serve.py --threads 1 --dtype bfloat16 --name serve_bf16
 $PY bench/sharded_train.py
+OMP_NUM_THREADS=1 $PY bench/many_prompts.py
+OMP_NUM_THREADS=1 $PY bench/many_prompts_matrix.py
 uptime
