@@ -58,7 +58,7 @@ from serve import drive
 from softprompt import PromptMeta, SoftPrompt, load_base_model
 from softprompt.artifact import prompt_bytes
 from softprompt.data import TaskSpec
-from softprompt.deep import deep_init
+from softprompt.methods.deep_prompt import deep_init
 from softprompt.examples import load_bbc_headlines
 from softprompt.model import PromptedModel
 from softprompt.serve.bank import WARM_AT_START

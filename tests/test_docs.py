@@ -74,6 +74,7 @@ def test_every_http_error_type_is_documented():
 
 
 @pytest.mark.real_model
+@pytest.mark.timeout(1500)  # the quickstart, then README's next steps (a 2-minute tune budget, a server start)
 def test_quickstart_runs_as_written(tmp_path):
     """The quickstart's shell blocks, then its Python block, in a fresh folder on the default
     model, exactly as written (only the port is changed, so that tests cannot collide)."""
