@@ -361,9 +361,12 @@ def test_serve_command_end_to_end(tiny_dir, tiny, tmp_path):
         proc.wait(30)
 
 
-def test_a_prompt_is_read_and_a_request_prepared_off_the_event_loop(server, client, monkeypatch):
+@pytest.mark.parametrize("path,body", [("/v1/classify", {"text": TEXTS[0]}),
+                                       ("/v1/completions", {"prompt": TEXTS[0]})])
+def test_a_prompt_is_read_and_a_request_prepared_off_the_event_loop(server, client, monkeypatch, path, body):
     """A miss reads its file during admission: that must not stall the event loop serving every
-    other connection, so admission runs in a worker thread (no running loop there)."""
+    other connection, so admission runs in a worker thread (no running loop there), on the native
+    and the OpenAI routes."""
     import asyncio
 
     bank, seen = server.engine.bank, []
@@ -378,25 +381,6 @@ def test_a_prompt_is_read_and_a_request_prepared_off_the_event_loop(server, clie
         return get(name)
     monkeypatch.setattr(bank, "get", recording_get)
     name = next(n for n, spec in PROMPTS.items() if spec[1] == "classify")
-    assert client.post("/v1/classify", json={"prompt": name, "text": TEXTS[0]}).status_code == 200
-    assert seen and set(seen) == {"worker thread"}
-
-
-def test_the_openai_routes_read_prompts_off_the_event_loop(server, client, monkeypatch):
-    import asyncio
-
-    bank, seen = server.engine.bank, []
-    get = bank.get
-
-    def recording_get(name):
-        try:
-            asyncio.get_running_loop()
-            seen.append("event loop")
-        except RuntimeError:
-            seen.append("worker thread")
-        return get(name)
-    monkeypatch.setattr(bank, "get", recording_get)
-    name = next(n for n, spec in PROMPTS.items() if spec[1] == "classify")
-    r = client.post("/v1/completions", json={"model": name, "prompt": TEXTS[0]})
+    r = client.post(path, json={("model" if path.startswith("/v1/completions") else "prompt"): name, **body})
     assert r.status_code == 200, r.text
     assert seen and set(seen) == {"worker thread"}
