@@ -10,7 +10,6 @@ import dataclasses
 import json
 import struct
 import typing
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,8 @@ from softprompt.artifact import FORMAT_VERSION, PromptMeta, prompt_bytes, prompt
 from softprompt.errors import ConfigError, PromptFileError
 from softprompt.methods import METHODS, PromptMethod, check_backend, method, method_for_peft
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "softprompt"
+from registry_scan import comparisons_outside, name_comparisons
+
 INPUT = torch.arange(12, dtype=torch.float32).reshape(3, 4)  # (P, d)
 DEEP = torch.arange(2 * 2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 2, 1, 3, 2)  # (layers, 2, kv_heads, P, head_dim)
 TENSORS = {"prompt": INPUT, "prefix": DEEP}
@@ -243,33 +243,11 @@ def test_serving_prefix_reads_the_entry(tiny):
 # ----------------------------------------------------------------------------- no comparisons outside
 
 
-def _method_comparisons(tree: ast.AST, names: set[str]) -> list[int]:
-    """Lines comparing something named like a method with a method's name, or holding a table keyed by every method."""
-    bad = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Compare):
-            sides = [node.left, *node.comparators]
-            consts = {n.value for s in sides for n in ast.walk(s) if isinstance(n, ast.Constant)}
-            if consts & names and any("method" in ast.unparse(s) for s in sides):
-                bad.append(node.lineno)
-        elif isinstance(node, ast.Dict) and node.keys and all(isinstance(k, ast.Constant) for k in node.keys):
-            if {k.value for k in node.keys} == names:
-                bad.append(node.lineno)
-    return bad
-
-
 def test_no_method_comparisons_outside_the_registry():
-    names = set(METHODS)
-    found = {}
-    for f in sorted(SRC.rglob("*.py")):
-        if "methods" in f.relative_to(SRC).parts:
-            continue
-        lines = _method_comparisons(ast.parse(f.read_text(encoding="utf-8")), names)
-        if lines:
-            found[str(f.relative_to(SRC))] = lines
+    found = comparisons_outside("methods", set(METHODS), near="method", exact=True)
     assert not found, f"ask softprompt.methods instead of comparing method names: {found}"
 
 
 def test_the_scan_can_fail():
     src = 'if meta.method == "prefix":\n    pass\nx = {"prompt": 1, "prefix": 2}\ny = m.method != "prompt"\n'
-    assert _method_comparisons(ast.parse(src), set(METHODS)) == [1, 3, 4]
+    assert name_comparisons(ast.parse(src), set(METHODS), near="method", exact=True) == [1, 3, 4]

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import random
 import typing
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,8 @@ from softprompt.data import Example, TaskSpec, load_examples
 from softprompt.errors import ConfigError, DataError
 from softprompt.tasks import TASK_KINDS, TASKS, Serving, Task, TaskKind, labelled_kind, task
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "softprompt"
+from registry_scan import comparisons_outside, name_comparisons
+
 LABELS = ["neg", "pos"]
 
 
@@ -265,33 +265,12 @@ def test_vllm_export_placeholder_reads_the_entry(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- no comparisons outside
 
 
-def _kind_comparisons(tree: ast.AST, names: set[str]) -> list[int]:
-    """Lines comparing anything with a kind's name, or holding a table keyed by every kind."""
-    bad = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Compare):
-            consts = {n.value for s in [node.left, *node.comparators] for n in ast.walk(s) if isinstance(n, ast.Constant)}
-            if consts & names:
-                bad.append(node.lineno)
-        elif isinstance(node, ast.Dict) and node.keys and all(isinstance(k, ast.Constant) for k in node.keys):
-            if {k.value for k in node.keys} >= names:
-                bad.append(node.lineno)
-    return bad
-
-
 def test_no_kind_comparisons_outside_the_registry():
-    names = set(TASKS)
-    found = {}
-    for f in sorted(SRC.rglob("*.py")):
-        if "tasks" in f.relative_to(SRC).parts[:1]:
-            continue
-        lines = _kind_comparisons(ast.parse(f.read_text(encoding="utf-8")), names)
-        if lines:
-            found[str(f.relative_to(SRC))] = lines
+    found = comparisons_outside("tasks", set(TASKS))
     assert not found, f"ask softprompt.tasks instead of comparing task kinds: {found}"
 
 
 def test_the_scan_can_fail():
     src = ('if spec.kind == "classify":\n    pass\nx = {"classify": 1, "generate": 2}\n'
            'y = kind != "generate"\nz = j.kind in ("classify",)\nw = {"classify": 1}\n')
-    assert _kind_comparisons(ast.parse(src), set(TASKS)) == [1, 3, 4, 5]
+    assert name_comparisons(ast.parse(src), set(TASKS)) == [1, 3, 4, 5]
