@@ -110,14 +110,16 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def ours_train_step(base, deep: bool, sources, golds, label_ids, precision: str, plen: int = 20):
-    """One optimizer step of softprompt's objective (rank classification) on a fresh prompt."""
+def ours_train_step(base, deep: bool, sources, golds, label_ids, precision: str, plen: int = 20,
+                    share: bool | None = None):
+    """One optimizer step of softprompt's objective (rank classification) on a fresh prompt;
+    ``share``: the input prompt's prefix shared or packed (None: the trainer's choice for the device)."""
     from softprompt.model import PromptedModel
     from softprompt.train.objective import Row, row_losses
     from softprompt.train.speed import share_prompt_prefix
 
     pm = PromptedModel(base)
-    share = share_prompt_prefix(base.device)  # the trainer's choice for this device
+    share = share_prompt_prefix(base.device) if share is None else share
     dev = base.device
     if deep:
         L, H, hd = base.kv_layout

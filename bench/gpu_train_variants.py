@@ -13,7 +13,6 @@ Run: python bench/gpu_train_variants.py --out OUT_DIR      (~100 s on one H200)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import sys
@@ -29,27 +28,6 @@ gc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gc)
 LABELS = ["business", "sport", "politics", "science and technology"]
 RUNS = (("smollm2-135m", ("bf16", "fp32")), ("llama-3.2-1b", ("bf16",)), ("llama-3.1-8b", ("bf16",)))
-
-
-def ours(base, deep: bool, src, golds, label_ids, amp: bool, share: bool):
-    """One optimizer step of softprompt's objective with the prefix shared or packed."""
-    from softprompt.model import PromptedModel
-    from softprompt.train.objective import Row, row_losses
-
-    pm, dev = PromptedModel(base), base.device
-    L, H, hd = base.kv_layout
-    shape = (L, 2, H, 20, hd) if deep else (20, base.dim)
-    prompt = torch.nn.Parameter(torch.randn(*shape, device=dev) * 0.02)
-    opt = torch.optim.AdamW([prompt], lr=1e-3)
-    rows = [Row(task=0, source=s, target=g) for s, g in zip(src, golds)]
-
-    def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = row_losses(pm, [prompt], rows, [label_ids], share_prefix=share).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
 
 
 def profile_step(fn) -> dict:
@@ -80,10 +58,10 @@ def run_shape(shape: str, precisions, clock, dev) -> list[dict]:
         amp = prec == "bf16"
         profiled = shape == "smollm2-135m" and amp
 
-        def rec(side, fn, extra=None):
+        def rec(side, fn, profile=False):
             r = clock(fn)
             rows.append({"model": shape, "precision": prec, "side": side, "seconds": round(r["s"], 5),
-                         "peak GPU MB": r["peak_mb"], **(profile_step(fn) if extra else {})})
+                         "peak GPU MB": r["peak_mb"], **(profile_step(fn) if profile else {})})
             print(rows[-1], flush=True)
         pt = gc.prompt_tuning(base.model)
         rec("PEFT prompt tuning", gc.peft_train_step(pt, gc.peft_batch(base, src, golds, label_ids), prec), profiled)
@@ -93,7 +71,8 @@ def run_shape(shape: str, precisions, clock, dev) -> list[dict]:
                 for deep, share in ((False, True), (False, False), (True, True)):
                     side = (f"softprompt {'deep' if deep else 'input'} prompt, prefix {'shared' if share else 'packed'}, "
                             f"weights {'held in bf16' if cast else 'cast per call'}")
-                    rec(side, ours(base, deep, src, golds, label_ids, amp, share), profiled and not cast)
+                    rec(side, gc.ours_train_step(base, deep, src, golds, label_ids, prec, share=share),
+                        profiled and not cast)
     return rows
 
 
