@@ -2,8 +2,9 @@
 the :class:`~.steps.ModelSteps` that run requests, and how the prompt bank prepares a prompt.
 
 ``softprompt serve --backend NAME`` picks one from :data:`softprompt.backends.BACKENDS`;
-:func:`in_process` is the default (the HF model in this process, :func:`from_config`). The vLLM backend (``softprompt.vllm.backend``) holds only
-the tokenizer and the embedding matrix here and sends the rest to a vLLM server.
+:func:`in_process` is the default (the HF model in this process, :func:`from_config`). The vLLM
+backend (``softprompt.vllm.backend``) holds only the tokenizer and the embedding matrix here and
+sends the rest to a vLLM server.
 
 Not here: the engine that composes them (engine.py), the steps themselves (steps.py, vllm/steps.py).
 """

@@ -32,7 +32,7 @@ def share_prompt_prefix(device: torch.device) -> bool:
     1.78x PEFT's speed, docs/guides/training.md). On a GPU a step of a small batch is bound by kernel
     launches, and sharing's extra forward pass (3 passes instead of 2: 12,378 vs 8,088 launches per
     step on SmolLM2-135M) costs more than the tokens it saves: packed was 1.4-2.1x faster per step
-    on an H200 (bench/results/gpu_train_variants.md). Deep prompts always share (they have no
+    on an H200 (bench/results/gpu_train_variants_h200.md). Deep prompts always share (they have no
     input embeddings).
     """
     return device.type == "cpu"
