@@ -395,3 +395,5 @@ def test_pages_of_the_listing_hold_only_what_the_key_may_use(server):
         for bad in ({"limit": 0}, {"limit": 10_001}, {"namespace": "../x"}):
             r = c.get("/v1/prompts", headers=auth("admin"), params=bad)
             assert r.status_code == 422, bad
+        message = c.get("/v1/prompts", headers=auth("admin"), params={"namespace": "../x"}).json()["error"]["message"]
+        assert message.startswith("namespace: not a prompt name or namespace: 1-4 segments") and "\n" not in message

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .store import NAME_MAX, PROMPT_MAX, PROMPT_PATTERN
+from .store import MAX_SEGMENTS, NAME_MAX, PROMPT_MAX, PROMPT_PATTERN
 from .config import EngineConfig
 from .jobs import ClassifyRequest, GenerateRequest
 from .limits import CHARS_PER_TOKEN_LIMIT, SEED_MAX, SEED_MIN
@@ -206,6 +206,10 @@ def validation_error(errors: list[dict], limits: EngineConfig) -> tuple[int, str
                                          "starting with a letter or digit, no '..'")
     if kind == "string_unicode":  # a lone surrogate escape such as "\ud800"
         return 422, "invalid_request", f"{where}: invalid Unicode (a lone surrogate: \\ud800-\\udfff escapes come in pairs)"
+    if kind == "string_pattern_mismatch" and first.get("ctx", {}).get("pattern") == PROMPT_PATTERN:
+        return 422, "invalid_request", (f"{where}: not a prompt name or namespace: 1-{MAX_SEGMENTS} segments joined "
+                                        f"by '/', each of 1-{NAME_MAX} letters, digits, '_', '-' or '.' starting with "
+                                        "a letter or digit")
     message = f"{where}: {first.get('msg', 'invalid')}"
     flag = _flag(loc, kind, limits) if kind in _LIMIT_KINDS else None
     if flag:
