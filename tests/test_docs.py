@@ -102,5 +102,7 @@ def test_quickstart_runs_as_written(tmp_path):
     r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "prompts" / "tickets-tuned.safetensors").is_file()
-    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    *_, listing, answer = (json.loads(line) for line in r.stdout.strip().splitlines()[-2:])
+    assert [p["name"] for p in listing["prompts"]] + listing["available"] == ["acme/tickets"]  # only acme's
+    assert listing["next"] is None
     assert answer["prompts"] == ["acme/tickets"] and answer["label"] in {"billing", "bug", "question"}
