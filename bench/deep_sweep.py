@@ -24,7 +24,7 @@ train_sweep.RUNS.update({
     "prompt-lr0.1": {"lr": 0.1},
     "residual-lr0.1": {"lr": 0.1, "reparam": "residual"},
     "residual-lr0.03": {"lr": 0.03, "reparam": "residual"},
-    "residual-gain0-lr0.1": {"lr": 0.1, "reparam": "residual"},  # LayerNorm gain initialised to 0 (deep.py)
+    "residual-gain0-lr0.1": {"lr": 0.1, "reparam": "residual"},  # LayerNorm gain initialised to 0 (trainable.py)
     **{f"prefix-lr{lr}": {"lr": lr, "method": "prefix"} for lr in (0.003, 0.01, 0.03, 0.1, 0.3)},
     **{f"prefix-vocab-lr{lr}": {"lr": lr, "method": "prefix", "init": "vocab"} for lr in (0.01, 0.03, 0.1)},
     **{f"prefix-mlp-lr{lr}": {"lr": lr, "method": "prefix", "reparam": "mlp"} for lr in (1e-4, 3e-4, 1e-3, 3e-3)},

@@ -75,7 +75,7 @@ def test_unknown_method_is_one_line_naming_the_choices():
 
 def test_literal_choices_are_the_registrys():
     """Every `Literal` of method names (flags, task files, the HTTP schema, tune's recipes) is the registry's keys."""
-    from softprompt.deep import REPARAMS
+    from softprompt.trainable import REPARAMS
     from softprompt.serve.schemas import PromptOut
     from softprompt.train.config import TaskConfig, TrainConfig
     from softprompt.tune.config import SEARCH_METHODS, SearchMethod

@@ -11,7 +11,7 @@ batch may carry prompts of different lengths; they are right-aligned behind a ma
 Position ids are ``cumsum(mask) - 1``, so row i's source continues at position P_i whatever the gap.
 
 - training: :func:`prefix_forward` runs each distinct prompt of a batch once, differentiably, and
-  gives every row its task's copy (gradients flow back through it); a deep prompt (deep.py) is its
+  gives every row its task's copy (gradients flow back through it); a deep prompt (trainable.py) is its
   own keys/values and needs no pass;
 - scoring one prompt (eval, predict, dev evaluation): :func:`source_state` reads sources after a
   deep prompt's prefix, or packs an input prompt before them;

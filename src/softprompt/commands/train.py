@@ -10,7 +10,7 @@ from typing import Collection
 from ..artifact import STORAGE_DTYPES
 from ..base import DTYPES
 from ..tasks import TASK_KINDS
-from ..deep import REPARAMS
+from ..trainable import REPARAMS
 from ..methods import METHODS
 from ..errors import ConfigError
 from ..precision import PRECISIONS

@@ -9,7 +9,7 @@ Code outside this package asks the entry (``method(meta.method).tensor_name``) i
 comparing names (``tests/test_methods.py`` keeps it so), as PEFT's method registry does: a new
 method is one entry here plus its own module.
 
-Not here: the contract itself (method.py), reparameterisations (deep.py), what a backend is
+Not here: the contract itself (method.py), reparameterisations (trainable.py), what a backend is
 (serve/backend.py).
 """
 

@@ -6,7 +6,7 @@ The tensor *is* its key/value prefix: serving runs nothing through the model for
 A deep prompt starts from the keys/values of real tokens: the input-prompt init (any ``--init``)
 runs through the model once (:func:`deep_init`).
 
-Not here: its reparameterisations (deep.py), reading sources after it (prefix.py), its PEFT
+Not here: its reparameterisations (trainable.py), reading sources after it (prefix.py), its PEFT
 layout (artifact/peft_prefix.py).
 """
 

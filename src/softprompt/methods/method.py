@@ -5,7 +5,7 @@ that trains, saves, exports, imports, reports and serves prompts asks the method
 of comparing method names, so a new method is one entry (and its own module) in ``methods/``.
 
 Not here: the registry (``methods/__init__.py``), the methods themselves (``input_prompt.py``,
-``deep_prompt.py``), reparameterisations (deep.py).
+``deep_prompt.py``), reparameterisations (trainable.py).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class TrainState:
     """Task names, in prompt order."""
     prompts: list[torch.Tensor]
     """The trainable tensors of the prompts, float32, in optimizer order: one (P, d) per plain prompt,
-    more per reparameterised one (deep.py)."""
+    more per reparameterised one (trainable.py)."""
     best_prompts: list[torch.Tensor]
     """Best (plain) prompt of each task so far by its dev metric (the current one when there is no dev set)."""
     optimizer: dict

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from ..base import DTYPES
 from ..data import parse_verbalizer
-from ..deep import REPARAMS
+from ..trainable import REPARAMS
 from ..errors import ConfigError
 from ..methods import METHODS
 from .balance import check as check_balance

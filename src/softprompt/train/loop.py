@@ -30,7 +30,7 @@ import torch
 from .. import progress
 from ..artifact import PromptMeta, atomic_write_bytes, save_prompt
 from ..base import BaseModel
-from ..deep import collapse, prompt_length
+from ..trainable import collapse, prompt_length
 from ..distributed import LocalRuntime, lockstep_micro_batches, runtime_from_env, shard
 from ..evaluate import evaluate_prompt
 from ..precision import autocast, precision_name

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import devices
 from ..base import BaseModel, assert_frozen, load_base_model
-from ..deep import build_prompt, prompt_length
+from ..trainable import build_prompt, prompt_length
 from ..hf_compat import text_config
 from ..distributed import accelerate_precision
 from ..distributed.sharding import Sharder, ShardingConfig, shard_base
@@ -152,7 +152,7 @@ def load_model(config: TrainConfig, rt, base: BaseModel | None, say) -> LoadedMo
 
 
 def init_prompts(config: TrainConfig, tasks: list[PreparedTask], pm: PromptedModel) -> list[nn.Module]:
-    """One trainable prompt per task (deep.py: input or deep, plain or reparameterised), initialised by
+    """One trainable prompt per task (trainable.py: input or deep, plain or reparameterised), initialised by
     ``--init`` (``auto``: from the labels for classification, the init text when given, else vocabulary
     embeddings); a deep prompt starts at the keys/values of that init."""
     base, prompts = pm.base, []
@@ -220,7 +220,7 @@ class Run:
     run_dir: Path
     model: LoadedModel
     params: list[nn.Module]
-    """The trainable prompts, one per task (deep.py); ``params[i]()`` is task i's prompt tensor."""
+    """The trainable prompts, one per task (trainable.py); ``params[i]()`` is task i's prompt tensor."""
     rows: list[Row]
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler

@@ -13,7 +13,7 @@ import torch
 
 from softprompt import load_prompt
 from softprompt.artifact import PromptMeta, save_prompt
-from softprompt.deep import REPARAMS, MLPPrefix, ScaledPrefix, build_prompt, collapse
+from softprompt.trainable import REPARAMS, MLPPrefix, ScaledPrefix, build_prompt, collapse
 from softprompt.methods.deep_prompt import DeepPrompt, deep_init
 from softprompt.errors import ConfigError
 from softprompt.model import PromptedModel
