@@ -100,7 +100,7 @@ def test_bad_calibration_in_a_file_is_a_prompt_file_error(tiny, tmp_path):
 
 
 def test_eval_predict_and_engine_give_the_same_calibrated_answer(tiny, tiny_dir, tmp_path):
-    from softprompt.evaluate.run import EvalConfig, evaluate_file
+    from softprompt.evaluate.compare import EvalConfig, evaluate_file
     from softprompt.predict import PredictConfig, Predictor
     from softprompt.serve import Engine, EngineConfig
     from trainkit import write_jsonl
@@ -145,7 +145,7 @@ def test_eval_predict_and_engine_give_the_same_calibrated_answer(tiny, tiny_dir,
 def test_training_fits_on_dev_and_eval_reproduces_the_fitted_dev_metric(tmp_path, model_root):
     from softprompt import load_base_model
     from softprompt.evaluate.baselines import PROMPT_ROW
-    from softprompt.evaluate.run import EvalConfig, evaluate_file
+    from softprompt.evaluate.compare import EvalConfig, evaluate_file
     from softprompt.train import TrainConfig, train
     from trainkit import easy_classification, learnable_model_dir
 

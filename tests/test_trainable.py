@@ -268,7 +268,7 @@ def test_resume_is_bit_exact(learn, monkeypatch, kw):
 def test_task_file_mixes_methods_and_eval_predict_take_a_deep_prompt(learn, tmp_path):
     import json
 
-    from softprompt.evaluate.run import EvalConfig, evaluate_file
+    from softprompt.evaluate.compare import EvalConfig, evaluate_file
     from softprompt.predict import PredictConfig, Predictor
 
     root, model, train_file, dev_file = learn

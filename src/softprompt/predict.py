@@ -146,7 +146,7 @@ class Predictor:
         from .devices import resolve_device
         from .model import PromptedModel
         from .precision import resolve_precision
-        from .evaluate.run import trained_spec
+        from .evaluate.compare import trained_spec
 
         loaded = load_prompt(config.prompt)
         self.meta = loaded.meta

@@ -120,7 +120,7 @@ def _run(config: DemoConfig) -> dict:
     from ..precision import precision_name, resolve_precision
     from ..evaluate.report import write_report
     from ..train import TrainConfig, train
-    from ..evaluate.run import EvalConfig, evaluate_file, print_result
+    from ..evaluate.compare import EvalConfig, evaluate_file, print_result
     from .inspect import run as inspect_run
 
     t0 = time.perf_counter()

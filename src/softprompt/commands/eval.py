@@ -1,6 +1,6 @@
 """``softprompt eval PROMPT --data FILE``: metrics of a prompt file on labelled data, with baselines.
 
-The command line only; the scoring is ``evaluate/run.py``.
+The command line only; the scoring is ``evaluate/compare.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from ..cli_help import add_device
 from ..errors import ConfigError
 from ..evaluate.baselines import BaselineConfig
-from ..evaluate.run import (TRAIN_FILE_KEYS, EvalConfig, check_labels, evaluate_file, format_details,  # noqa: F401
+from ..evaluate.compare import (TRAIN_FILE_KEYS, EvalConfig, check_labels, evaluate_file, format_details,  # noqa: F401
                             print_result, trained_spec, training_file)
 from ..precision import PRECISIONS
 

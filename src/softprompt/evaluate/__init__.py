@@ -2,7 +2,7 @@
 
 - ``metrics.py``    scoring a prompt on examples through its task kind (``evaluate_prompt``); PRIMARY_METRIC
 - ``baselines.py``  the bare model, instructions, few-shot, TF-IDF + logistic regression on the same examples
-- ``run.py``        a prompt file on a data file, with baselines (``evaluate_file``: ``softprompt eval``)
+- ``compare.py``    a prompt file on a data file, with baselines (``evaluate_file``: ``softprompt eval``)
 - ``report.py``     the HTML report (plots of the comparison and the training curves)
 
 Each kind's scoring and metrics live with the kind (``softprompt.tasks.classify`` /

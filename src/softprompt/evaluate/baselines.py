@@ -13,7 +13,7 @@ The language-model baselines are :class:`~softprompt.data.TaskSpec` s with a lon
 scored by :func:`softprompt.evaluate.evaluate_prompt` with ``prompt=None``: exactly the path the
 tuned prompt takes, minus the prompt.
 
-Not here: loading files (run.py), plots (report.py).
+Not here: loading files (compare.py), plots (report.py).
 """
 
 from __future__ import annotations
