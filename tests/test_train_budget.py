@@ -98,3 +98,58 @@ def test_cli_flags(tmp_path, easy):
                                       "--max-steps", "auto", "--max-time", "90s"])
     c = config_from_args(args)
     assert c.max_steps == "auto" and c.max_time == 90.0
+
+
+# --max-steps auto: the plan comes from a step measured on this machine (train/plan.py)
+
+def _fake_step(monkeypatch, seconds: float) -> list[int]:
+    """Make the probe report ``seconds`` a step; returns a list counting the probes."""
+    from softprompt.train import plan
+
+    calls: list[int] = []
+
+    def measure(run, backward):
+        calls.append(1)
+        return seconds, 0.0
+
+    monkeypatch.setattr(plan, "measure_step", measure)
+    return calls
+
+
+def test_auto_plan_probe_leaves_training_as_the_same_fixed_plan_would(tmp_path, learn, easy):
+    """The probe (forward and backward of the first batches, no optimizer step) changes nothing: a
+    plan capped by the data (10 passes over 48 rows) trains exactly the fixed run of that length."""
+    train_file, dev_file = easy
+    auto = train(cfg(tmp_path / "auto", train_file, eval=str(dev_file), max_steps="auto", max_time="1h"), base=learn)
+    assert auto.steps == 60 and load_prompt(auto.path, learn).meta.training["planned_steps"] == 60
+    fixed = train(cfg(tmp_path / "fixed", train_file, eval=str(dev_file), max_steps=60), base=learn)
+    assert torch.equal(load_prompt(auto.path, learn).tensor, load_prompt(fixed.path, learn).tensor)
+
+
+def test_auto_plan_fits_steps_and_dev_evaluations_into_the_budget(tmp_path, learn, easy, monkeypatch):
+    from softprompt.train.budget import FORWARD_SHARE, plan_steps
+    from softprompt.train.plan import PLAN_MARGIN
+
+    _fake_step(monkeypatch, 2.0)  # a slow machine: 2 s a step
+    train_file, dev_file = easy
+    r = train(cfg(tmp_path, train_file, eval=str(dev_file), max_steps="auto", max_time=100, eval_every=None),
+              base=learn)
+    steps, every = plan_steps(PLAN_MARGIN * 100, 2.0, 12 / 8 * 2.0 * FORWARD_SHARE, 48, 8, None)
+    assert steps < 60  # the budget, not the data, limits this plan
+    assert r.steps == steps and load_prompt(r.path, learn).meta.training["planned_steps"] == steps
+    assert [h["step"] for h in r.history if "eval" in h] == [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+
+
+def test_auto_plan_is_kept_in_the_checkpoint_and_a_resumed_run_follows_it(tmp_path, learn, easy, monkeypatch):
+    train_file, dev_file = easy
+    kw = dict(eval=str(dev_file), max_steps="auto", max_time=100, checkpoint_every=1)
+    _fake_step(monkeypatch, 2.0)
+    full = train(cfg(tmp_path / "full", train_file, **kw), base=learn)
+    halted = train(cfg(tmp_path / "cut", train_file, **kw), base=learn, on_eval=lambda dev: True)  # stops at its first eval
+    assert halted.steps == 4 < full.steps
+    probes = _fake_step(monkeypatch, 0.5)  # the machine got faster: a new plan would be longer
+    done = train(cfg(tmp_path / "cut", train_file, resume=True, **kw), base=learn)
+    assert probes == [] and done.steps == full.steps  # no new measure; the checkpoint's plan
+    a = load_checkpoint(full.run_dir / "checkpoint.safetensors").prompts
+    b = load_checkpoint(done.run_dir / "checkpoint.safetensors").prompts
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

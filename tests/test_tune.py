@@ -202,7 +202,7 @@ def test_init_from_must_fit_every_searched_recipe(tmp_path, learn, easy):
 
 
 def test_plan_steps_fits_training_and_evaluations_in_the_share():
-    from softprompt.tune.search import plan_steps
+    from softprompt.train.budget import plan_steps
 
     assert plan_steps(100, 1.0, 0.0, 10**6, 8, None) == (100, 20)  # evaluations for free: 5 of them
     assert plan_steps(100, 1.0, 4.0, 10**6, 8, None) == (80, 16)  # 5 evaluations of 4 s: 80 + 5 x 4 = 100

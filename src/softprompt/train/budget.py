@@ -46,15 +46,44 @@ def parse_duration(value: float | int | str) -> float:
 
 
 def auto_steps(n_examples: int, batch_size: int, max_time: float) -> int:
-    """``--max-steps auto``: the planned step count (pure), which the learning-rate schedule spans.
-
-    At most ``AUTO_EPOCHS`` passes over the data (a small set is not worth more) and at most what
-    the budget could run at ``AUTO_STEP_SECONDS`` a step, bounded to [AUTO_MIN_STEPS, AUTO_MAX_STEPS].
-    The budget stops the run where the plan is longer than the machine allows; the best prompt on
-    dev is kept either way."""
+    """``--max-steps auto`` before a step is measured (pure): at most ``AUTO_EPOCHS`` passes over the
+    data and what the budget could run at ``AUTO_STEP_SECONDS`` a step, within [AUTO_MIN_STEPS,
+    AUTO_MAX_STEPS]. The run replaces it with a plan from a measured step (plan.py); it remains the
+    plan of a run resumed from a checkpoint that kept none (written before plans were measured)."""
     by_data = AUTO_EPOCHS * max(1, n_examples // batch_size)
     by_time = int(max_time / AUTO_STEP_SECONDS)
     return max(AUTO_MIN_STEPS, min(AUTO_MAX_STEPS, by_data, by_time))
+
+
+FORWARD_SHARE = 0.5
+"""Before a dev evaluation has been measured, a dev row is assumed to cost this fraction of a training
+row (measured 0.45-0.51: tweet-sentiment, 3 labels, 100 dev rows in 24-30 s where a step of 8 rows took
+4.0-4.6 s; SmolLM2-135M fp32 on a loaded AMD EPYC core, bench/results/tune_tweet_sentiment.json)."""
+TRAIN_EVALS = 5
+"""Dev evaluations of a trial without --eval-every (as train's default: 5 a run) ..."""
+EVAL_SHARE = 0.25
+"""... fewer where they would take more than this fraction of its share (a 100-row dev evaluation
+took as long as 6 training steps on a loaded CPU core, bench/results/tune_tweet_sentiment.json: 5 of
+them would eat most of a short trial)."""
+
+
+def plan_steps(share: float, step_s: float, eval_s: float, n_train: int, batch_size: int,
+               eval_every: int | None) -> tuple[int, int]:
+    """A run's (or a tune trial's) steps, the span of its learning-rate schedule, and its --eval-every, pure: the most
+    steps whose training (``step_s`` a step) and dev evaluations (``eval_s`` each) fit its ``share`` of
+    the budget (s), at most ``AUTO_EPOCHS`` passes over the data and ``AUTO_MAX_STEPS``, at least 1.
+    Given no ``eval_every``, up to ``TRAIN_EVALS`` evaluations spread over the steps, fewer where
+    they would take more than ``EVAL_SHARE`` of the share (at least one, at the end)."""
+    cap = max(1, min(AUTO_MAX_STEPS, AUTO_EPOCHS * max(1, n_train // batch_size)))
+    if eval_every:
+        n = min(cap, max(1, int(share / step_s)))
+        while n > 1 and n * step_s + math.ceil(n / eval_every) * eval_s > share:
+            n -= 1
+        return n, eval_every
+    k = max(1, min(TRAIN_EVALS, int(EVAL_SHARE * share / eval_s))) if eval_s > 0 else TRAIN_EVALS
+    n = max(1, min(cap, int((share - k * eval_s) / step_s)))
+    k = min(k, n)
+    return n, math.ceil(n / k)
 
 
 def check_budget(c) -> None:

@@ -180,14 +180,15 @@ class LoopState:
         return cls(best_prompts=[p.detach().clone() for p in params])
 
     def to_checkpoint(self, names: list[str], params: list[torch.Tensor], optimizer, scaler, settings: dict,
-                      data: str, finished: bool = False) -> TrainState:
+                      data: str, finished: bool = False, plan: dict | None = None) -> TrainState:
         """This state with the prompts, optimizer, grad scaler and RNG: what a checkpoint holds."""
         st = TrainState(step=self.step, names=names, prompts=[p.detach() for p in params],
                         best_prompts=self.best_prompts, optimizer=optimizer.state_dict(), rng=rng_states(),
                         info={"examples": self.examples, "best": self.best, "bad_evals": self.bad_evals,
                               "elapsed": self.elapsed, "train_time": self.train_time, "finished": finished,
                               "settings": settings, "data": data,
-                              "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+                              "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+                        | ({"plan": plan} if plan else {}))  # --max-steps auto: the measured plan
         st.info["digest"] = state_digest(st)
         return st
 

@@ -38,6 +38,7 @@ from .balance import AUTO_RATIO
 from .calibrate import fit_calibrations
 from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
+from .plan import plan_auto, plan_record
 from .prepare import data_fingerprint, prepare, total_steps
 from .objective import row_losses
 from .records import DevResult, EvalHook, MetricsLog, TrainResult, peak_rss_mb
@@ -92,16 +93,18 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None,
               eval_every=config.eval_every or max(1, total // 5),
               ckpt_every=config.checkpoint_every if config.checkpoint_every is not None else max(1, total // 10),
               on_eval=on_eval)
-    state = _start(run, saved)
-    bar = _progress(total, state.step, enabled=not quiet)
-    try:
-        with _model_switches(run):
+    with _model_switches(run):
+        probe_s = plan_auto(run, _backward, saved)  # --max-steps auto: planned from a measured step
+        state = _start(run, saved)
+        run.t_start -= probe_s  # the measuring counts against --max-time
+        bar = _progress(run.total, state.step, enabled=not quiet)
+        try:
             _loop(run, state, bar)
-    except BaseException as e:
-        run.log.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    finally:
-        bar.close()
+        except BaseException as e:
+            run.log.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            bar.close()
     return _finish(run, state)
 
 
@@ -128,6 +131,8 @@ def _start(run: Run, saved) -> LoopState:
                             + ("" if b.sampling == "balanced" else " (--sampling balanced raises macro-F1 at a cost "
                                "in accuracy: README, Imbalanced labels)"))
     m = run.model
+    if run.plan_note:
+        _say(run.quiet, run.plan_note)
     _say(run.quiet, f"training {len(run.tasks)} prompt(s) on {len(run.rows)} examples: {run.total} steps x "
                     f"{config.batch_size} on {m.device}"
                     f"{' x ' + str(rt.world_size) + ' processes' if rt.world_size > 1 else ''}"
@@ -302,7 +307,7 @@ def _checkpoint(run: Run, state: LoopState, finished: bool = False) -> None:
     if run.rt.is_main:
         save_checkpoint(run.ckpt_path, state.to_checkpoint(
             [t.name for t in run.tasks], _tensors(run.params), run.opt, run.scaler, run.config.result_settings(),
-            run.fingerprint, finished=finished))
+            run.fingerprint, finished=finished, plan=plan_record(run)))
     run.rt.barrier()
 
 

@@ -240,6 +240,8 @@ class Run:
     """Gradient checkpointing on for this run (asked for, or picked by --memory-budget)."""
     on_eval: EvalHook | None = None
     """Called after every dev evaluation; True stops the run (train()'s ``on_eval``)."""
+    plan_note: str | None = None
+    """How --max-steps auto planned the run (said at the start)."""
 
     lengths: list[int] = field(init=False)
     """Tokens per row, for length-grouped batches."""

@@ -14,7 +14,6 @@ Not here: the search space and settings (config.py), the records (trials.py), tr
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 
@@ -24,7 +23,7 @@ from ..base import BaseModel, load_base_model
 from ..extras import require
 from ..train import train
 from ..train.balance import resolve as resolve_balance
-from ..train.budget import AUTO_EPOCHS, AUTO_MAX_STEPS
+from ..train.budget import FORWARD_SHARE, plan_steps
 from ..train.prepare import prepare
 from ..train.records import DevResult
 from ..train.summary import TrainingSummary
@@ -37,16 +36,6 @@ FIRST_STEP_SECONDS = 2.0
 """Seconds a training step is assumed to take before a trial has measured it (a 135M base at batch 8
 on a loaded CPU core, fp32). Too slow a guess is cheap: the trial ends before its share and the time
 left goes to the next trials; too fast a guess would cut its learning-rate schedule short."""
-FORWARD_SHARE = 0.5
-"""Before a dev evaluation has been measured, a dev row is assumed to cost this fraction of a training
-row (measured 0.45-0.51: tweet-sentiment, 3 labels, 100 dev rows in 24-30 s where a step of 8 rows took
-4.0-4.6 s; SmolLM2-135M fp32 on a loaded AMD EPYC core, bench/results/tune_tweet_sentiment.json)."""
-TRAIN_EVALS = 5
-"""Dev evaluations of a trial without --eval-every (as train's default: 5 a run) ..."""
-EVAL_SHARE = 0.25
-"""... fewer where they would take more than this fraction of its share (a 100-row dev evaluation
-took as long as 6 training steps on a loaded CPU core, bench/results/tune_tweet_sentiment.json: 5 of
-them would eat most of a short trial)."""
 MIN_SHARE = 0.25
 """A new trial starts only while the time left is at least this fraction of an equal share
 (budget / trials): a shorter one could not be compared with the others."""
@@ -139,25 +128,6 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
         records.append(rec)
         log.append(rec)
     return "trials"
-
-
-def plan_steps(share: float, step_s: float, eval_s: float, n_train: int, batch_size: int,
-               eval_every: int | None) -> tuple[int, int]:
-    """A trial's steps (the span of its learning-rate schedule) and its --eval-every, pure: the most
-    steps whose training (``step_s`` a step) and dev evaluations (``eval_s`` each) fit its ``share`` of
-    the budget (s), at most ``AUTO_EPOCHS`` passes over the data and ``AUTO_MAX_STEPS``, at least 1.
-    Given no ``eval_every``, up to ``TRAIN_EVALS`` evaluations spread over the steps, fewer where
-    they would take more than ``EVAL_SHARE`` of the share (at least one, at the end)."""
-    cap = max(1, min(AUTO_MAX_STEPS, AUTO_EPOCHS * max(1, n_train // batch_size)))
-    if eval_every:
-        n = min(cap, max(1, int(share / step_s)))
-        while n > 1 and n * step_s + math.ceil(n / eval_every) * eval_s > share:
-            n -= 1
-        return n, eval_every
-    k = max(1, min(TRAIN_EVALS, int(EVAL_SHARE * share / eval_s))) if eval_s > 0 else TRAIN_EVALS
-    n = max(1, min(cap, int((share - k * eval_s) / step_s)))
-    k = min(k, n)
-    return n, math.ceil(n / k)
 
 
 def _startup(config: TuneConfig) -> int:
