@@ -123,7 +123,9 @@ def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "s
         (work / "dev.jsonl").write_bytes(jsonl_bytes(sample(data, "dev", args.dev_n, seed=0), data.spec.kind))
         cfg = TrainConfig(data=str(work / "train.jsonl"), eval=str(work / "dev.jsonl"), task=data.spec.kind,
                           template=data.spec.template, labels=data.spec.labels, out=str(work / "p.safetensors"),
-                          max_steps=args.steps, batch_size=args.batch_size, prompt_length=args.prompt_length,
+                          max_steps=args.plan.get(method, (args.steps, None))[0],
+                          eval_every=args.plan.get(method, (args.steps, None))[1],
+                          batch_size=args.batch_size, prompt_length=args.prompt_length,
                           max_length=args.max_length, max_target_length=data.spec.max_target_length, seed=seed,
                           quiet=True, checkpoint_every=0, model=args.model, **extra)
         t0 = time.perf_counter()
@@ -241,6 +243,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--name", default=None, help="results name (default quality_TASK)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    ap.add_argument("--equal-time", default=None, metavar="STEP_COST",
+                    help="give each softprompt recipe the steps and dev evaluations that fit the time LoRA r=8 takes "
+                         "for --steps steps, from the step costs in results/STEP_COST.json (planned as "
+                         "--max-steps auto plans: softprompt.train.budget.plan_steps)")
     args = ap.parse_args()
     set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -261,7 +267,9 @@ def main() -> None:
     data = load_task(args.task, args.max_length)
     test = sample(data, "test", args.eval_n, seed=0)
     base = load_base_model(args.model)
+    args.plan = equal_time_plan(args.equal_time, args, len(data.train), args.dev_n) if args.equal_time else {}
     config = {"task": args.task, "model": base.name, "steps": args.steps, "batch_size": args.batch_size,
+              **({"equal_time": args.equal_time, "plan": args.plan} if args.equal_time else {}),
               "prompt_length": args.prompt_length, "max_length": args.max_length, "train_n": args.train_n,
               "eval_n": len(test), "max_new_tokens": args.max_new_tokens}
 
@@ -282,6 +290,30 @@ def main() -> None:
                 record(method, seed, run_softprompt(data, args, seed, base, test, method))
             else:
                 record(method, seed, run_peft(data, args, seed, base, test, method))
+
+
+STEP_COST_METHOD = {"softprompt": "prompt", "softprompt-prefix": "prefix-lr01", "softprompt-prefix-lr01": "prefix-lr01",
+                    "softprompt-calibrated": "prompt", "softprompt-prefix-lr01-calibrated": "prefix-lr01"}
+"""quality.py recipe -> its row in a step_cost results file (bench/step_cost.py)."""
+
+
+def equal_time_plan(step_cost: str, args, n_train: int, n_dev: int) -> dict[str, tuple[int, int]]:
+    """Recipe -> (steps, eval_every) that fit LoRA's ``args.steps`` steps of time on the machine the
+    step costs were measured on: what ``--max-steps auto --max-time <LoRA's time>`` plans there
+    (its dev evaluations included), independent of the load while this run trains."""
+    from softprompt.train.budget import FORWARD_SHARE, plan_steps  # noqa: PLC0415
+    from softprompt.train.plan import PLAN_MARGIN  # noqa: PLC0415
+
+    rows = {r["method"]: r["median_s_per_step"] for r in json.loads((RESULTS / f"{step_cost}.json").read_text())["rows"]}
+    budget = rows["lora"] * args.steps
+    plan = {}  # as --max-steps auto: 95% of the budget
+    for recipe, row in STEP_COST_METHOD.items():
+        if row in rows:
+            s = rows[row]
+            plan[recipe] = plan_steps(PLAN_MARGIN * budget, s, n_dev / args.batch_size * s * FORWARD_SHARE, n_train, args.batch_size,
+                                      None)
+    print(f"equal time ({step_cost}: LoRA {rows['lora']} s a step x {args.steps} = {budget:.0f} s): {plan}", flush=True)
+    return plan
 
 
 def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extra: dict) -> None:
@@ -322,6 +354,10 @@ def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extr
              "macro-F1 = mean per-class F1 on the test set. Baselines: `softprompt.evaluate.baselines` (deterministic; seed 0). std = standard "
              "deviation over seeds; beyond seed spread = every softprompt seed above every PEFT seed and the mean gap "
              "above twice the summed stds.")
+    if config.get("equal_time"):
+        notes += (f" EQUAL TIME: each softprompt recipe ran the (steps, eval every) of {config['plan']}, what "
+                  f"--max-steps auto plans within the time LoRA takes for {config['steps']} steps by the step costs "
+                  f"in {config['equal_time']}.json (dev evaluations included in softprompt's time, not in LoRA's).")
     write_results(name, rows, summary, notes=notes)
     info = json.loads((RESULTS / f"{name}.json").read_text())
     info["config"], info["runs"] = config, runs
