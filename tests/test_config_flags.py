@@ -68,7 +68,8 @@ def test_the_single_task_is_built_from_the_task_fields():
 
 
 def test_special_conversions():
-    c = config_from_args(TrainConfig, _parse("train", "--data", "d.jsonl", "--out", "p.safetensors", "--template", "T: {text}\\nL:", "--input-field", "src",
+    c = config_from_args(TrainConfig, _parse("train", "--data", "d.jsonl", "--out", "p.safetensors",
+                                             "--template", "T: {text}\\nL:", "--input-field", "src",
                                              "--output-field", "tgt", "--task", "generate", "--patience", "none",
                                              "--max-grad-norm", "OFF", "--max-steps", "auto", "--max-time", "1m"))
     assert c.template == "T: {text}\nL:" and c.source_field == "src" and c.target_field == "tgt"

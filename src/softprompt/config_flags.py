@@ -49,7 +49,9 @@ class Flag:
     parse: Callable[[str], Any] | None = None
     """The argparse ``type`` where the annotation's is not the one wanted."""
     metavar: str | None = None
+    """The value's name in ``--help`` (default: the field's, upper-case)."""
     positional: bool = False
+    """An argument without a flag name (``softprompt eval PROMPT``)."""
     help: str | None = None
     """Help where the class has no source to read the docstring from (``make_dataclass``)."""
     cli: bool = True
@@ -98,7 +100,8 @@ def help_text(doc: str) -> str:
     text = re.sub(r"^``--[\w-]+``:\s*", "", text)
     text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
     first = re.match(r"[A-Za-z]+", text)
-    if first and (len(first.group()) == 1 or first.group()[1:].islower()):  # "Training data" -> "training data"; "AdamW", "JSON" stay
+    # "Training data" -> "training data", "A count" -> "a count"; "AdamW" and "JSON" stay
+    if first and (len(first.group()) == 1 or first.group()[1:].islower()):
         text = text[0].lower() + text[1:]
     return text.rstrip(".").replace("%", "%%")
 
@@ -187,7 +190,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, leave_out: C
         names, kw = argument(f, hint, docs.get(f.name, ""))
         for name in names:
             if name in leave_out:
-                parser.set_defaults(**{_dest(name): kw.get("default", False if kw.get("action") == "store_true" else None)})
+                off = False if kw.get("action") == "store_true" else None
+                parser.set_defaults(**{_dest(name): kw.get("default", off)})
             else:
                 target.add_argument(name, **kw)
     return groups
@@ -206,7 +210,7 @@ def config_kwargs(cls: type, args: argparse.Namespace) -> dict[str, Any]:
         values = [(n, getattr(args, _dest(n))) for n in names if hasattr(args, _dest(n))]
         if not values:
             continue  # not on this parser: the field's default
-        given = [(n, v) for n, v in values if v not in (None, False)]
+        given = [(n, v) for n, v in values if v is not None and v is not False]  # 0 and "" are given
         if len(given) > 1:
             raise ConfigError(f"give {' or '.join(n for n, _ in given)}, not both")
         value = (given or values)[0][1]

@@ -52,7 +52,8 @@ class TrainConfig(TaskFields):
     """Prompt file to write (one task), or the directory of prompt files (several tasks, --task-file)."""
     # --- several tasks ---
     task_file: str | None = field(default=None, metadata=flag(group="data and task"))
-    """JSON listing several tasks, trained together in mixed batches, one prompt each (see load_task_file for its keys)."""
+    """JSON listing several tasks, trained together in mixed batches, one prompt each (see load_task_file for
+    its keys)."""
     tasks: list[TaskConfig] | None = field(default=None, metadata=flag(cli=False))
     """Tasks given directly (Python API)."""
     # --- model ---
@@ -152,8 +153,8 @@ class TrainConfig(TaskFields):
     prompt_dtype: str = field(default="float16", metadata=flag(choices=STORAGE_DTYPES))
     """Storage dtype of the saved prompt files."""
     report_to: list[str] | str = field(default_factory=list, metadata=flag(default="none"))
-    """Experiment trackers that also receive the config and every metrics record, comma-separated: tensorboard,
-    mlflow, wandb, "all" (every installed one); empty or "none": only metrics.jsonl (see tracking.py)."""
+    """Experiment trackers, comma-separated: tensorboard, mlflow, wandb, "all" (every installed one), or none
+    (only metrics.jsonl); each also receives the config and every metrics record (see tracking.py)."""
     run_name: str | None = None
     """The run's name in the trackers (default: --out's name without suffix)."""
     quiet: bool = False
