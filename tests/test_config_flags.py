@@ -14,7 +14,8 @@ from flagkit import COMMANDS, FIXTURE, snapshot
 from softprompt.cli import build_parser
 from softprompt.config_flags import add_config_flags, config_from_args, field_docs, flag, help_text
 from softprompt.errors import ConfigError
-from softprompt.train.config import TaskConfig, TaskFields, TrainConfig
+from softprompt.train.config import TrainConfig
+from softprompt.train.task_config import TaskConfig, TaskFields
 
 SETTINGS = Path(__file__).with_name("train_settings.json")
 
@@ -164,3 +165,14 @@ def test_generator_on_a_made_class():
     made = config_from_args(cls, p.parse_args(["--n", "none", "--kind", "b", "--on", "--words", "x", "--words", "y"]))
     assert (made.n, made.kind, made.on, made.words, made.hidden) == (None, "b", True, ["x", "y"], "x")
     assert "--hidden" not in p.format_help() and config_from_args(cls, p.parse_args([])).n == 3
+
+
+@pytest.mark.parametrize("field_name,value,flag_name", [
+    ("dtype", "int8", "--dtype"), ("attention", "flash", "--attention"), ("schedule", "step", "--schedule"),
+    ("prompt_dtype", "int4", "--prompt-dtype"), ("quantize", "2bit", "--quantize"), ("task", "regress", "--task"),
+])
+def test_a_value_outside_the_choices_is_refused_naming_the_flag(field_name, value, flag_name):
+    """One check for every field with choices (check_choices): the Python API gets the CLI's choices."""
+    with pytest.raises(ConfigError, match=rf"^{flag_name} '{value}': choose one of "):
+        TrainConfig(data="d.jsonl", **{field_name: value})
+    TrainConfig(data="d.jsonl", quantize=None, reparam=None)  # None where the type allows it

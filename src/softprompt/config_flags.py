@@ -72,6 +72,11 @@ def flag_names(f: Field) -> tuple[str, ...]:
     return spec_of(f).names or ("--" + f.name.replace("_", "-"),)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
 def _dest(name: str) -> str:
     return name.lstrip("-").replace("-", "_")
 
@@ -125,6 +130,27 @@ def _number(kind: type, words: tuple[str, ...], none_ok: bool) -> Callable[[str]
     return parse
 
 
+def choices_of(f: Field, hint: Any) -> list[str] | None:
+    """The values field ``f`` allows: its ``flag(choices=...)``, else its ``Literal``'s (None: any of its type)."""
+    spec = spec_of(f)
+    if spec.choices is not None:
+        return list(spec.choices)
+    members = _members(hint)
+    if any(m is not type(None) and get_origin(m) is not Literal for m in members):
+        return None  # a number or text besides the words (--max-steps 10 | auto)
+    return [v for m in members if get_origin(m) is Literal for v in get_args(m)] or None
+
+
+def check_choices(config: Any) -> None:
+    """Refuse a field holding a value outside its choices (None passes where the type allows it),
+    in one line naming the flag: ``--schedule 'step': choose one of cosine, linear, constant``."""
+    for f, hint in flag_fields(type(config)):
+        choices, value = choices_of(f, hint), getattr(config, f.name)
+        if choices is None or (value is None and type(None) in _members(hint)) or value in choices:
+            continue
+        raise ConfigError(f"{flag_names(f)[0]} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
 def argument(f: Field, hint: Any, doc: str) -> tuple[tuple[str, ...], dict[str, Any]]:
     """``add_argument``'s names and keywords for field ``f`` of type ``hint`` (pure)."""
     spec = spec_of(f)
@@ -148,8 +174,8 @@ def argument(f: Field, hint: Any, doc: str) -> tuple[tuple[str, ...], dict[str, 
     if spec.positional:
         kw.pop("required", None)
         return (f.name,), kw
-    if spec.choices is not None or (words and not kinds):
-        kw["choices"] = list(spec.choices if spec.choices is not None else words)
+    if choices_of(f, hint) is not None:
+        kw["choices"] = choices_of(f, hint)
     if spec.parse is not None:
         kw["type"] = spec.parse
     elif len(kinds) == 1 and kinds[0] in (int, float):  # numbers; an optional one that is on by default takes none
@@ -160,7 +186,7 @@ def argument(f: Field, hint: Any, doc: str) -> tuple[tuple[str, ...], dict[str, 
 
 def flag_fields(cls: type) -> Iterator[tuple[Field, Any]]:
     """The fields of ``cls`` that are flags, each with its resolved type."""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     for f in fields(cls):
         if f.init and spec_of(f).cli:
             yield f, hints[f.name]

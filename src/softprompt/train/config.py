@@ -14,19 +14,17 @@ from typing import Any, Literal
 
 from ..artifact import STORAGE_DTYPES
 from ..base import DTYPES
-from ..config_flags import flag
+from ..config_flags import check_choices, flag
 from ..trainable import REPARAMS
 from ..errors import ConfigError
 from ..methods import METHODS
 from .balance import check as check_balance
 from .memory import budget_error
-from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
 from .budget import check_budget
 from .schedule import SCHEDULES
-from .task_config import PER_TASK, TASK_FILE_KEYS, TaskConfig, TaskFields, _out_flag, load_task_file  # noqa: F401
+from .task_config import PER_TASK, TaskConfig, TaskFields, _out_flag, load_task_file
 from .tracking import parse_report_to
-from ..tasks import TASK_KINDS
 from ..tasks.classify import CLASSIFY_LOSSES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -168,16 +166,8 @@ class TrainConfig(TaskFields):
         given = sum(x is not None for x in (self.data, self.task_file, self.tasks))
         if given != 1:
             raise ConfigError("give exactly one of --data (one task) or --task-file (several tasks)")
-        need(self.task in TASK_KINDS, "task", f"{self.task!r}: choose one of {', '.join(TASK_KINDS)}")
-        need(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"{self.dtype!r}: choose auto or {', '.join(DTYPES)}")
-        need(self.quantize in (None, "4bit", "8bit"), "quantize", f"{self.quantize!r}: choose 4bit or 8bit")
-        need(self.attention in ("auto", "eager", "sdpa", "model"), "attention",
-             f"{self.attention!r}: choose auto, eager, sdpa or model")
+        check_choices(self)  # every Literal / registry field (task, dtype, method, schedule, precision, ...)
         need(self.prompt_length >= 1, "prompt_length", f"must be at least 1, got {self.prompt_length}")
-        need(self.init in INITS, "init", f"{self.init!r}: choose one of {', '.join(INITS)}")
-        need(self.method in METHODS, "method", f"{self.method!r}: choose one of {', '.join(METHODS)}")
-        need(self.reparam is None or self.reparam in REPARAMS, "reparam",
-             f"{self.reparam!r}: choose one of {', '.join(REPARAMS)}")
         need(self.reparam_hidden is None or self.reparam is not None, "reparam_hidden", "needs --reparam")
         need(self.reparam_hidden is None or self.reparam_hidden >= 1, "reparam_hidden",
              f"must be at least 1, got {self.reparam_hidden}")
@@ -197,13 +187,9 @@ class TrainConfig(TaskFields):
         need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be positive, got {self.lr}")
         need(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()), "warmup",
              f"must be a fraction below 1 or a whole number of steps, got {self.warmup}")
-        need(self.schedule in SCHEDULES, "schedule", f"{self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
              f"must be positive, got {self.max_grad_norm}")
-        need(self.classify_loss in CLASSIFY_LOSSES, "classify_loss",
-             f"{self.classify_loss!r}: choose one of {', '.join(CLASSIFY_LOSSES)}")
-        need(self.precision in PRECISIONS, "precision", f"{self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         need(self.max_length >= 8, "max_length", f"must be at least 8, got {self.max_length}")
         need(self.max_target_length >= 2, "max_target_length", f"must be at least 2, got {self.max_target_length}")
         need(self.eval_every is None or self.eval_every >= 1, "eval_every", f"must be at least 1, got {self.eval_every}")
@@ -211,8 +197,6 @@ class TrainConfig(TaskFields):
         need(self.patience is None or self.patience >= 1, "patience", f"must be at least 1, got {self.patience}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 0, "checkpoint_every",
              f"must be >= 0, got {self.checkpoint_every}")
-        need(self.prompt_dtype in ("float16", "bfloat16", "float32"), "prompt_dtype",
-             f"{self.prompt_dtype!r}: choose float16, bfloat16 or float32")
         need(self.device_map is None or self.quantize is not None or self.device is None, "device_map",
              "and --device are exclusive")
         self.report_to = parse_report_to(self.report_to)
