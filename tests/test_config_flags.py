@@ -176,3 +176,16 @@ def test_a_value_outside_the_choices_is_refused_naming_the_flag(field_name, valu
     with pytest.raises(ConfigError, match=rf"^{flag_name} '{value}': choose one of "):
         TrainConfig(data="d.jsonl", **{field_name: value})
     TrainConfig(data="d.jsonl", quantize=None, reparam=None)  # None where the type allows it
+
+
+def test_every_engine_count_refuses_zero_naming_its_flag():
+    from dataclasses import fields
+
+    from softprompt.serve.config import EngineConfig
+
+    counts = [f.name for f in fields(EngineConfig) if f.type == "int"]
+    assert len(counts) == 14
+    for name in counts:
+        flag_name = "--" + name.replace("_", "-")
+        with pytest.raises(ConfigError, match=rf"^{flag_name} must be a whole number of at least 1, got 0$"):
+            EngineConfig(**{name: 0})

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
 from ..backends import BackendName, backend
-from ..config_flags import flag
+from ..config_flags import flag, flag_names
 from ..errors import ConfigError
 from ..precision import SERVE_DTYPES
 from .keys import digest, load_keys
@@ -104,17 +104,10 @@ class EngineConfig:
     prefix_cache.default_limit_bytes). Smaller than one prompt's prefix: a start-up error."""
 
     def __post_init__(self) -> None:
-        positive = {
-            "--max-batch": self.max_batch, "--max-batch-tokens": self.max_batch_tokens, "--max-queue": self.max_queue,
-            "--max-input-tokens": self.max_input_tokens, "--max-prompt-tokens": self.max_prompt_tokens, "--max-new-tokens": self.max_new_tokens,
-            "--max-ensemble": self.max_ensemble, "--max-labels": self.max_labels,
-            "--max-label-tokens": self.max_label_tokens, "--max-scoring-tokens": self.max_scoring_tokens,
-            "--max-step-label-tokens": self.max_step_label_tokens, "--max-stop": self.max_stop, "--max-stop-chars": self.max_stop_chars,
-            "--max-batch-requests": self.max_batch_requests,
-        }
-        for flag, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{flag} must be a whole number of at least 1, got {value!r}")
+        for f in fields(self):  # every whole-number field is a count of at least 1
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{flag_names(f)[0]} must be a whole number of at least 1, got {value!r}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise ConfigError(f"--max-wait-ms must be between 0 and 10000, got {self.max_wait_ms}")
         if not 0 < self.request_timeout <= 3600:
