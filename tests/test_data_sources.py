@@ -231,7 +231,7 @@ def test_bad_sources_fail_before_the_model_loads_and_write_nothing(forms, tmp_pa
 
 
 def test_task_file_takes_every_form(forms, tmp_path):
-    from softprompt.train.config import load_task_file
+    from softprompt.train.task_config import load_task_file
 
     (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [
         {"name": "a", "data": "local.parquet", "eval": "saved:validation", "source_field": "sentence"},

@@ -77,7 +77,8 @@ def test_literal_choices_are_the_registrys():
     """Every `Literal` of method names (flags, task files, the HTTP schema, tune's recipes) is the registry's keys."""
     from softprompt.trainable import REPARAMS
     from softprompt.serve.schemas import PromptOut
-    from softprompt.train.config import TaskConfig, TrainConfig
+    from softprompt.train.config import TrainConfig
+    from softprompt.train.task_config import TaskConfig
     from softprompt.tune.config import SEARCH_METHODS, SearchMethod
 
     names = tuple(METHODS)

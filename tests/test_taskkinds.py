@@ -81,7 +81,8 @@ def test_literal_choices_are_the_registrys():
     from softprompt.artifact import PromptMeta
     from softprompt.examples import Dataset
     from softprompt.serve.http.openai_schemas import SoftpromptInfo
-    from softprompt.train.config import TaskConfig, TrainConfig
+    from softprompt.train.config import TrainConfig
+    from softprompt.train.task_config import TaskConfig
 
     names = tuple(TASKS)
     assert typing.get_args(TaskKind) == names == TASK_KINDS

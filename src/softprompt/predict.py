@@ -12,52 +12,32 @@ Not here: the command line (commands/predict.py).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Iterable, Iterator, TextIO
 
 from .tasks import task
-from .errors import ConfigError, DataError, check_at_least, check_choice
-from .precision import PRECISIONS
+from .config_flags import flag
+from .errors import ConfigError, DataError
+from .scoring_config import ScoringConfig
 
 
 @dataclass
-class PredictConfig:
-    """Settings of ``softprompt predict``.
+class PredictConfig(ScoringConfig):
+    """Settings of ``softprompt predict``: the shared scoring settings (scoring_config.py) and how
+    generation samples. Each field is also its flag (config_flags.py)."""
 
-    Args:
-        prompt: the prompt file.
-        model: base model (hub id or folder); None: the default model.
-        batch_size: inputs per forward pass (``--batch-size``).
-        max_length: most tokens of template + text; default: the prompt's training value, else 256.
-        source_field: field of the text in JSON input lines (default: the task's, ``text`` / ``input``).
-        temperature: 0 is greedy; above 0 samples (generate).
-        top_p: nucleus sampling mass (generate).
-        seed: seeds sampling; input i (counting from 0) uses ``seed + i`` whatever the batching.
-        max_new_tokens: generation length limit; default: the task's target length.
-        stop: stop strings (generate).
-        allow_other_base: accept a prompt trained on a differently quantized copy of the model.
-        precision: auto (bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16.
-    """
-
-    prompt: str
-    model: str | None = None
-    batch_size: int = 16
-    max_length: int | None = None
-    source_field: str | None = None
+    _: KW_ONLY
+    source_field: str | None = field(default=None, metadata=flag("--field"))
+    """Source field of JSON input lines (default: text / input)."""
     temperature: float = 0.0
+    """0 is greedy; above 0 samples (generate)."""
     top_p: float = 1.0
+    """Nucleus sampling mass (generate)."""
     seed: int | None = None
-    max_new_tokens: int | None = None
-    stop: list[str] = field(default_factory=list)
-    allow_other_base: bool = False
-    precision: str = "auto"
-    device: str = "auto"
+    """Seed for sampling: input i (counting from 0) uses seed + i, whatever the batching."""
 
     def __post_init__(self) -> None:
-        check_choice("--precision", self.precision, PRECISIONS)
-        check_at_least("--batch-size", self.batch_size, 1)
-        check_at_least("--max-length", self.max_length, 8)
-        check_at_least("--max-new-tokens", self.max_new_tokens, 1)
+        super().__post_init__()
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -47,18 +47,14 @@ MIN_SHOT_TEXT = 8
 
 @dataclass
 class BaselineConfig:
-    """Settings of the baselines.
-
-    Args:
-        shots: k, in-context examples of the few-shot baseline (``--shots``).
-        seed: seeds the choice of shots and the classifier (``--seed``).
-        instruction: the instruction baseline's text (``--instruction``); default: built from the
-            task name and labels.
-    """
+    """Settings of the baselines (also ``softprompt eval``'s flags, config_flags.py)."""
 
     shots: int = 5
+    """In-context examples of the few-shot baseline."""
     seed: int = 0
+    """Seeds the shots, the classifier and --limit."""
     instruction: str | None = None
+    """Text of the instruction baselines (default: built from the task name and labels)."""
 
     def __post_init__(self) -> None:
         if self.shots < 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from ..calibration import biases_of
@@ -20,10 +20,11 @@ from ..artifact import PromptMeta, check_compatible, load_prompt
 from .baselines import (PROMPT_ROW, BaselineConfig, BaselineContext, Comparison, format_table, method_title,
                          run_baselines)
 from ..data import Example, TaskSpec, load_examples
-from ..errors import DataError, check_at_least, check_choice
+from ..errors import DataError, check_at_least
+from ..scoring_config import ScoringConfig
 from .metrics import evaluate_prompt
 from ..methods import METHODS
-from ..precision import PRECISIONS, autocast, precision_name, resolve_precision
+from ..precision import autocast, precision_name, resolve_precision
 from ..sources import is_hub_ref
 from ..tasks import task
 
@@ -32,51 +33,28 @@ TRAIN_FILE_KEYS = ("train_file", "train", "train_path", "data")
 
 
 @dataclass
-class EvalConfig:
-    """Settings of ``softprompt eval``.
+class EvalConfig(ScoringConfig):
+    """Settings of ``softprompt eval``: the shared scoring settings (scoring_config.py), the data, and
+    the baselines to compare with. Each field is also its flag (config_flags.py)."""
 
-    Args:
-        prompt: the prompt file.
-        data: labelled data to score on (a file, a saved datasets folder or ``hf:`` id; see sources.py).
-        model: base model (hub id or folder); None: the default model.
-        baselines: also score the baselines (``--baselines``).
-        train: training file for few-shot and TF-IDF (``--train``); default: the one the prompt's
-            training summary names, if it exists.
-        baseline: BaselineConfig (``--shots``, ``--seed``, ``--instruction``).
-        max_length: most tokens of template + text; default: what the prompt was trained with, else 256.
-        batch_size: examples per forward pass.
-        limit: score a seeded (stratified) subsample of this many examples.
-        source_field, target_field: field names in the data files.
-        max_new_tokens: generation length limit (generate); default: the task's target length.
-        stop: stop strings for generation.
-        allow_other_base: accept a prompt trained on a differently quantized copy of the model.
-        precision: compute precision, as training's ``--precision``: auto (bf16 autocast where the
-            hardware has fast bf16, else fp32), fp32, bf16, fp16 (CUDA).
-    """
-
-    prompt: str
     data: str
-    model: str | None = None
-    baselines: bool = False
-    train: str | None = None
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    max_length: int | None = None
-    batch_size: int = 16
-    limit: int | None = None
-    source_field: str | None = None
+    """Labelled data: .jsonl, .csv, .parquet, a folder saved by datasets (FOLDER[:SPLIT]) or
+    hf:NAME[/CONFIG][:SPLIT]."""
+    _: KW_ONLY
     target_field: str | None = None
-    max_new_tokens: int | None = None
-    stop: list[str] = field(default_factory=list)
-    allow_other_base: bool = False
-    precision: str = "auto"
-    device: str = "auto"
+    """Field of the label / output in the data (default: label / output)."""
+    limit: int | None = None
+    """Score a seeded, stratified subsample of N examples."""
+    baselines: bool = False
+    """Also score the baselines on the same examples."""
+    train: str | None = None
+    """Training file for few-shot and TF-IDF (default: the one the prompt was trained on)."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """The baselines' own settings (--shots, --seed, --instruction)."""
 
     def __post_init__(self) -> None:
-        check_choice("--precision", self.precision, PRECISIONS)
-        check_at_least("--batch-size", self.batch_size, 1)
+        super().__post_init__()
         check_at_least("--limit", self.limit, 1)
-        check_at_least("--max-length", self.max_length, 8)
-        check_at_least("--max-new-tokens", self.max_new_tokens, 1)
 
 
 def training_file(meta: PromptMeta, prompt_path: str | Path) -> Path | str | None:

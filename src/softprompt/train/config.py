@@ -1,6 +1,7 @@
-"""Training settings: typed, validated up front (errors name the CLI flag).
+"""Training settings: typed, validated up front (errors name the CLI flag). Each field is also
+its ``softprompt train`` flag (config_flags.py): name, type, default and help (the docstring).
 
-Not here: reading the data they point at (prepare.py), the loop (loop.py).
+Not here: one task's settings (task_config.py), reading the data they point at (prepare.py), the loop (loop.py).
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from ..artifact import STORAGE_DTYPES
 from ..base import DTYPES
-from ..data import parse_verbalizer
+from ..config_flags import check_choices, flag
 from ..trainable import REPARAMS
 from ..errors import ConfigError
 from ..methods import METHODS
 from .balance import check as check_balance
 from .memory import budget_error
-from ..precision import PRECISIONS
 from ..prompt import INIT_STRATEGIES
 from .budget import check_budget
 from .schedule import SCHEDULES
-from ..sources import is_hub_ref
+from .task_config import PER_TASK, TaskConfig, TaskFields, _out_flag, load_task_file
 from .tracking import parse_report_to
-from ..tasks import TASK_KINDS, TaskKind, task
 from ..tasks.classify import CLASSIFY_LOSSES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -38,153 +38,30 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-@dataclass
-class TaskConfig:
-    """One task of a run: its data, how examples become tokens, and where its prompt goes.
-
-    Fields mirror the single-task flags of ``softprompt train``; a ``--task-file`` lists these.
-    """
-
-    name: str
-    """Short name: the prompt file's name and the key in logs."""
-    data: str
-    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or ``hf:NAME[/CONFIG][:SPLIT]``."""
-    task: TaskKind = "classify"
-    """"classify" or "generate"."""
-    template: str | None = None
-    """Text around the example, with {text} (classify) or {input} (generate)."""
-    labels: list[str] | None = None
-    """Explicit label order (default: the sorted labels of the training file)."""
-    verbalizer: dict[str, str] | str | None = None
-    """Label -> words the model must produce (dict, JSON text/file, or "label=words,...")."""
-    eval: str | None = None
-    """Dev data (any form --data takes; a dataset with several splits must name one) for early stopping and the best prompt."""
-    eval_split: float | None = None
-    """Or hold out this fraction of the training file as the dev set."""
-    source_field: str | None = None
-    """Field holding the text / input (default: "text" / "input")."""
-    target_field: str | None = None
-    """Field holding the label / output (default: "label" / "output")."""
-    init_text: str | None = None
-    """Text for --init text."""
-    prompt_length: int | None = None
-    """Virtual tokens of this task's prompt (default: the run's --prompt-length)."""
-    method: Literal["prompt", "prefix"] | None = None
-    """This task's prompt method (default: the run's --method), so one run can mix them."""
-    out: str | None = None
-    """Prompt file (default: <out dir>/<name>.safetensors)."""
-
-    def __post_init__(self) -> None:
-        if not self.name or not self.name.strip() or any(c in self.name for c in "/\\\0"):
-            raise ConfigError(f"task name {self.name!r} must be non-empty and contain no slashes")
-        if self.task not in TASK_KINDS:
-            raise ConfigError(f"--task {self.task!r}: choose one of {', '.join(TASK_KINDS)}")
-        if self.eval and self.eval_split is not None:
-            raise ConfigError("give either --eval or --eval-split, not both")
-        if self.eval_split is not None and not 0 < self.eval_split < 1:
-            raise ConfigError(f"--eval-split must be between 0 and 1, got {self.eval_split}")
-        if isinstance(self.verbalizer, str):
-            self.verbalizer = parse_verbalizer(self.verbalizer)
-        if self.labels is not None:
-            if not isinstance(self.labels, list) or not all(isinstance(l, str) and l.strip() for l in self.labels):
-                raise ConfigError("--labels must be a list of non-empty label names")
-            self.labels = [l.strip() for l in self.labels]
-        if not task(self.task).labelled and (self.labels or self.verbalizer):
-            raise ConfigError("--labels and --verbalizer only apply to --task classify")
-        if self.prompt_length is not None and self.prompt_length < 1:
-            raise ConfigError(f"--prompt-length must be at least 1, got {self.prompt_length}")
-        if self.method is not None and self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
-
-
-TASK_FILE_KEYS = {f.name for f in fields(TaskConfig)}
-
-
-def load_task_file(path: str | Path) -> list[TaskConfig]:
-    """``--task-file``: JSON ``{"tasks": [{...}, ...]}`` (or a bare list) of :class:`TaskConfig`
-    fields; relative paths are relative to the task file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--task-file: no such file {p}")
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--task-file {p}: malformed JSON ({e.msg} at line {e.lineno})") from None
-    items = obj.get("tasks") if isinstance(obj, dict) else obj
-    if not isinstance(items, list) or not items:
-        raise ConfigError(f"--task-file {p}: expected a non-empty list of tasks under \"tasks\"")
-    out = []
-    for i, item in enumerate(items):
-        where = f"--task-file {p}: task {i + 1}"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: expected an object")
-        unknown = sorted(set(item) - TASK_FILE_KEYS)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(TASK_FILE_KEYS)}")
-        for key in ("name", "data"):
-            if key not in item:
-                raise ConfigError(f"{where}: missing {key!r}")
-        item = dict(item)
-        for key in ("data", "eval", "out"):
-            if item.get(key) and not Path(item[key]).is_absolute() and not is_hub_ref(item[key]):
-                item[key] = str(p.parent / item[key])
-        if isinstance(item.get("verbalizer"), str) and not item["verbalizer"].lstrip().startswith("{"):
-            vf = p.parent / item["verbalizer"]
-            if vf.is_file():
-                item["verbalizer"] = str(vf)
-        try:
-            out.append(TaskConfig(**item))
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-    names = [t.name for t in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"--task-file {p}: duplicate task name(s) {dup}")
-    return out
-
-
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(TaskFields):
     """Everything a training run needs. Validated on creation; errors name the CLI flag.
 
-    One task: ``data`` + ``task`` (+ template, labels, ...) and ``out`` is the prompt file.
+    One task: the :class:`TaskFields` (``data``, ``task``, ``template``, ...) and ``out`` is the prompt file.
     Several tasks: ``tasks`` (or ``task_file``) and ``out`` is a directory of prompt files.
     """
 
-    # --- data and task (one task) ---
-    data: str | None = None
-    """Training data: .jsonl, .csv, .parquet, a folder saved by datasets, or ``hf:NAME[/CONFIG][:SPLIT]``."""
-    task: TaskKind = "classify"
-    """"classify" (rank classification over the labels) or "generate"."""
-    out: str = "prompt.safetensors"
-    """Prompt file (one task) or output directory (several tasks)."""
-    name: str | None = None
-    """Task name recorded in the prompt file (default: the file name without suffix)."""
-    template: str | None = None
-    """Text around the example, with {text} (classify) or {input} (generate)."""
-    labels: list[str] | None = None
-    """Explicit label order (default: sorted labels of the training file)."""
-    verbalizer: dict[str, str] | str | None = None
-    """Label -> words (dict, JSON text or file, or "label=words,...")."""
-    eval: str | None = None
-    """Dev file: early stopping and the best prompt."""
-    eval_split: float | None = None
-    """Or hold out this fraction of the training file as the dev set."""
-    source_field: str | None = None
-    """Field of the text / input (--text-field / --input-field)."""
-    target_field: str | None = None
-    """Field of the label / output (--label-field / --output-field)."""
+    out: str = field(default="prompt.safetensors", metadata=flag(default=None, convert=_out_flag))
+    """Prompt file to write (one task), or the directory of prompt files (several tasks, --task-file)."""
     # --- several tasks ---
-    task_file: str | None = None
-    """JSON file listing tasks (see :func:`load_task_file`)."""
-    tasks: list[TaskConfig] | None = None
+    task_file: str | None = field(default=None, metadata=flag(group="data and task"))
+    """JSON listing several tasks, trained together in mixed batches, one prompt each (see load_task_file for
+    its keys)."""
+    tasks: list[TaskConfig] | None = field(default=None, metadata=flag(cli=False))
     """Tasks given directly (Python API)."""
     # --- model ---
-    model: str | None = None
+    model: str | None = field(default=None, metadata=flag(group="model"))
     """Base model: hub id or local folder (default: the embedded SmolLM2-135M-Instruct)."""
-    dtype: str = "float32"
-    """Weight dtype of the base model: float32, bfloat16, float16 or auto (the prompt stays float32)."""
-    device: str | None = None
+    dtype: str = field(default="float32", metadata=flag(choices=("auto", *DTYPES)))
+    """Weight dtype of the base model (the prompt stays float32)."""
+    precision: Precision = "auto"
+    """Compute precision: auto (bf16 autocast where the CPU/GPU has fast bf16, else fp32), fp32, bf16, fp16 (CUDA)."""
+    device: str | None = field(default=None, metadata=flag(default="auto"))
     """cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)."""
     device_map: str | None = None
     """Spread a base that does not fit one device over several ("auto"); one process only."""
@@ -192,22 +69,22 @@ class TrainConfig:
     """Load the base with bitsandbytes 4-/8-bit weights (CUDA only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
-    memory_budget: str = "auto"
+    memory_budget: str = field(default="auto", metadata=flag(metavar="SIZE"))
     """Switch gradient checkpointing on when a step's estimated activations pass this size: auto (half the memory
     free at start), none (never), or a size such as 6GB / 512MB."""
-    attention: str = "auto"
-    """Attention implementation while training: auto (eager on CPU under bf16, the model's own elsewhere), eager, sdpa, model."""
+    attention: Literal["auto", "eager", "sdpa", "model"] = "auto"
+    """Attention implementation while training: auto (eager on CPU under bf16, measured faster; the model's own
+    elsewhere), eager, sdpa, model."""
     # --- prompt ---
-    prompt_length: int = 20
+    prompt_length: int = field(default=20, metadata=flag(group="prompt and optimisation"))
     """Virtual tokens per prompt."""
-    init: str = "auto"
-    """Init strategy: auto (labels for classification, text if --init-text, else vocab), random, vocab, text, labels."""
-    init_text: str | None = None
-    """Text for --init text."""
+    init: str = field(default="auto", metadata=flag(choices=INITS))
+    """Prompt init: auto (labels for classification, text with --init-text, else vocab), random, vocab, text, labels."""
     init_from: str | None = None
     """Start from this trained prompt file of the same base model (prompt transfer) instead of --init."""
     method: Literal["prompt", "prefix"] = "prompt"
-    """prompt: P trained input embeddings; prefix: P trained keys/values at every layer (a deep prompt, prefix tuning)."""
+    """prompt: P trained input embeddings; prefix: P trained keys/values at every layer (a deep prompt, prefix
+    tuning; starts at the keys/values of the --init tokens)."""
     reparam: Literal["mlp", "residual", "scaled"] | None = None
     """Train through a reparameterisation, collapsed to a plain prompt at save: mlp (--method prefix, Li & Liang),
     scaled (--method prefix, steps relative to each layer's key/value size) or residual (--method prompt,
@@ -216,10 +93,10 @@ class TrainConfig:
     """Hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)."""
     # --- optimisation ---
     max_steps: int | Literal["auto"] | None = None
-    """Optimizer steps (default: 100, or --epochs); auto (needs --max-time): from data size and budget (auto_steps)."""
+    """Optimizer steps (default: 100, or --epochs); auto (needs --max-time): planned from the data size and budget."""
     max_time: float | str | None = None
     """Stop training after this much wall-clock time (seconds, or "90s", "15m", "1h"), keeping the best
-    prompt on dev; None: no limit. A resumed run counts the time already spent."""
+    prompt on dev; a resumed run counts the time already spent (default: no limit)."""
     epochs: float | None = None
     """Passes over the training data (instead of --max-steps)."""
     batch_size: int = 8
@@ -230,40 +107,40 @@ class TrainConfig:
     """Peak learning rate (AdamW) (default: 0.1 for --method prompt, 0.01 for prefix, or the --reparam's own: 0.001 for mlp)."""
     warmup: float = 0.1
     """Warmup: a fraction of all steps (< 1) or a number of steps."""
-    schedule: str = "cosine"
-    """Decay after warmup: cosine, linear or constant."""
+    schedule: str = field(default="cosine", metadata=flag(choices=SCHEDULES))
+    """Learning-rate decay after warmup: cosine, linear or constant."""
     weight_decay: float = 0.0
     """AdamW weight decay on the prompt."""
     max_grad_norm: float | None = 1.0
-    """Clip each prompt's gradient norm (None: no clipping)."""
-    classify_loss: str = "ce"
+    """Clip each prompt's gradient norm (none: no clipping)."""
+    classify_loss: str = field(default="ce", metadata=flag(choices=CLASSIFY_LOSSES))
     """Classification loss: ce (cross-entropy over the labels' summed log-probs) or ce+lm (plus the gold label's LM loss)."""
     class_weights: Literal["auto", "none", "balanced"] = "none"
     """Per-row loss weight by class (balance.py): none, balanced (inverse class frequency, mean 1 over
-    the training rows), or auto (balanced for a task whose labels are skewed beyond 3:1). Default none:
-    balanced weights cost accuracy without raising macro-F1 in README "Imbalanced labels"."""
+    the training rows), or auto (balanced for a task whose labels are skewed beyond 3:1). The default is none:
+    balanced weights cost accuracy without raising macro-F1 in README "Imbalanced labels" (default: none)."""
     sampling: Literal["uniform", "balanced"] = "uniform"
     """Batches: uniform (each row once per epoch) or balanced (every class of a task drawn equally often)."""
-    precision: Precision = "auto"
-    """Compute precision: auto (bf16 autocast where the hardware has fast bf16, else fp32), fp32, bf16, fp16 (CUDA)."""
     seed: int = 0
     """Seeds prompt init and data order."""
     max_length: int = 256
     """Most source tokens (template included); longer texts are cut."""
     max_target_length: int = 64
     """Most target tokens for generation."""
-    calibrate: Literal["auto", "none"] = "none"
-    """auto: fit per-label biases on the dev label log-probs for the --select-metric at the end, kept if they raise it."""
     # --- evaluation and early stopping ---
-    eval_every: int | None = None
+    eval_every: int | None = field(default=None, metadata=flag(group="evaluation and run"))
     """Evaluate on the dev set every N steps (default: 5 times per run)."""
     eval_batch_size: int = 16
     """Batch size for dev evaluation."""
-    patience: int | None = 3
-    """Stop after this many evaluations without improvement (None: never stop early)."""
     select_metric: Literal["auto", "accuracy", "macro_f1", "log_loss"] = "auto"
     """Dev metric that keeps the best prompt and drives early stopping (classification): auto is
     macro_f1 for a task whose labels are skewed beyond 3:1, else accuracy."""
+    calibrate: Literal["auto", "none"] = "none"
+    """Label-score calibration fitted on dev at the end (classification): auto fits per-label biases on the dev
+    label log-probs for the --select-metric and keeps them if they raise it; stored in the prompt file, used by
+    eval/predict/serve."""
+    patience: int | None = 3
+    """Stop after this many evaluations without improvement (none: never stop early)."""
     # --- run management ---
     run_dir: str | None = None
     """Where metrics.jsonl and checkpoint.safetensors go (default: <out>.run/ next to --out)."""
@@ -271,15 +148,15 @@ class TrainConfig:
     """Write a checkpoint every N steps (default: 10 times per run; 0: never)."""
     resume: bool = False
     """Continue from the checkpoint in the run directory."""
-    quiet: bool = False
-    """Print nothing but errors."""
-    prompt_dtype: str = "float16"
-    """Storage dtype of the saved prompt files: float16, bfloat16 or float32."""
-    report_to: list[str] | str = field(default_factory=list)
-    """Experiment trackers that also receive the config and every metrics record: tensorboard, mlflow,
-    wandb, "all" (every installed one); empty or "none": only metrics.jsonl (see tracking.py)."""
+    prompt_dtype: str = field(default="float16", metadata=flag(choices=STORAGE_DTYPES))
+    """Storage dtype of the saved prompt files."""
+    report_to: list[str] | str = field(default_factory=list, metadata=flag(default="none"))
+    """Experiment trackers, comma-separated: tensorboard, mlflow, wandb, "all" (every installed one), or none
+    (only metrics.jsonl); each also receives the config and every metrics record (see tracking.py)."""
     run_name: str | None = None
     """The run's name in the trackers (default: --out's name without suffix)."""
+    quiet: bool = False
+    """Print nothing but errors."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, field_name: str, msg: str) -> None:
@@ -289,16 +166,8 @@ class TrainConfig:
         given = sum(x is not None for x in (self.data, self.task_file, self.tasks))
         if given != 1:
             raise ConfigError("give exactly one of --data (one task) or --task-file (several tasks)")
-        need(self.task in TASK_KINDS, "task", f"{self.task!r}: choose one of {', '.join(TASK_KINDS)}")
-        need(self.dtype == "auto" or self.dtype in DTYPES, "dtype", f"{self.dtype!r}: choose auto or {', '.join(DTYPES)}")
-        need(self.quantize in (None, "4bit", "8bit"), "quantize", f"{self.quantize!r}: choose 4bit or 8bit")
-        need(self.attention in ("auto", "eager", "sdpa", "model"), "attention",
-             f"{self.attention!r}: choose auto, eager, sdpa or model")
+        check_choices(self)  # every Literal / registry field (task, dtype, method, schedule, precision, ...)
         need(self.prompt_length >= 1, "prompt_length", f"must be at least 1, got {self.prompt_length}")
-        need(self.init in INITS, "init", f"{self.init!r}: choose one of {', '.join(INITS)}")
-        need(self.method in METHODS, "method", f"{self.method!r}: choose one of {', '.join(METHODS)}")
-        need(self.reparam is None or self.reparam in REPARAMS, "reparam",
-             f"{self.reparam!r}: choose one of {', '.join(REPARAMS)}")
         need(self.reparam_hidden is None or self.reparam is not None, "reparam_hidden", "needs --reparam")
         need(self.reparam_hidden is None or self.reparam_hidden >= 1, "reparam_hidden",
              f"must be at least 1, got {self.reparam_hidden}")
@@ -318,13 +187,9 @@ class TrainConfig:
         need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be positive, got {self.lr}")
         need(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()), "warmup",
              f"must be a fraction below 1 or a whole number of steps, got {self.warmup}")
-        need(self.schedule in SCHEDULES, "schedule", f"{self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
              f"must be positive, got {self.max_grad_norm}")
-        need(self.classify_loss in CLASSIFY_LOSSES, "classify_loss",
-             f"{self.classify_loss!r}: choose one of {', '.join(CLASSIFY_LOSSES)}")
-        need(self.precision in PRECISIONS, "precision", f"{self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         need(self.max_length >= 8, "max_length", f"must be at least 8, got {self.max_length}")
         need(self.max_target_length >= 2, "max_target_length", f"must be at least 2, got {self.max_target_length}")
         need(self.eval_every is None or self.eval_every >= 1, "eval_every", f"must be at least 1, got {self.eval_every}")
@@ -332,23 +197,18 @@ class TrainConfig:
         need(self.patience is None or self.patience >= 1, "patience", f"must be at least 1, got {self.patience}")
         need(self.checkpoint_every is None or self.checkpoint_every >= 0, "checkpoint_every",
              f"must be >= 0, got {self.checkpoint_every}")
-        need(self.prompt_dtype in ("float16", "bfloat16", "float32"), "prompt_dtype",
-             f"{self.prompt_dtype!r}: choose float16, bfloat16 or float32")
         need(self.device_map is None or self.quantize is not None or self.device is None, "device_map",
              "and --device are exclusive")
         self.report_to = parse_report_to(self.report_to)
         need(self.run_name is None or bool(self.run_name.strip()) and "/" not in self.run_name, "run_name",
              f"must be non-empty, without slashes, got {self.run_name!r}")
         if self.data is not None:
-            self.tasks_resolved = [TaskConfig(
-                name=self.name or Path(self.out).name.split(".")[0] or "prompt", data=self.data, task=self.task,
-                template=self.template, labels=self.labels, verbalizer=self.verbalizer, eval=self.eval,
-                eval_split=self.eval_split, source_field=self.source_field, target_field=self.target_field,
-                init_text=self.init_text, out=self.out)]
+            own = {f.name: getattr(self, f.name) for f in fields(TaskFields)}
+            self.tasks_resolved = [TaskConfig(**{**own, "name": self.name or Path(self.out).name.split(".")[0] or "prompt"})]
         else:
-            for flag in ("template", "labels", "verbalizer", "eval", "eval_split", "source_field", "target_field"):
-                if getattr(self, flag) is not None:
-                    raise ConfigError(f"{_flag(flag)} belongs in the task file when training several tasks")
+            for name in PER_TASK:
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{_flag(name)} belongs in the task file when training several tasks")
             tasks = self.tasks if self.tasks is not None else load_task_file(self.task_file)
             names = [t.name for t in tasks]
             if len(set(names)) != len(names):

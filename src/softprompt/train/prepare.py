@@ -17,7 +17,8 @@ from typing import Sequence
 from ..data import Example, TaskSpec, check_classification, labels_of, load_examples, split_examples
 from ..errors import ConfigError, DataError
 from ..tasks import task
-from .config import DEFAULT_MAX_STEPS, TaskConfig, TrainConfig
+from .config import DEFAULT_MAX_STEPS, TrainConfig
+from .task_config import TaskConfig
 from .budget import auto_steps
 from .schedule import steps_per_epoch
 

@@ -27,7 +27,8 @@ from ..precision import resolve_precision
 from ..prompt import SoftPrompt
 from .balance import TaskBalance, resolve as resolve_balance
 from .checkpoint import TrainState, load_checkpoint
-from .config import TaskConfig, TrainConfig, _flag
+from .config import TrainConfig, _flag
+from .task_config import TaskConfig
 from .prepare import PreparedTask
 from ..tasks import task
 from .objective import Row
