@@ -93,7 +93,8 @@ class TrainConfig(TaskFields):
     """Hidden width of the --reparam MLP (default: 512 for mlp, 400 for residual)."""
     # --- optimisation ---
     max_steps: int | Literal["auto"] | None = None
-    """Optimizer steps (default: 100, or --epochs); auto (needs --max-time): planned from the data size and budget."""
+    """Optimizer steps (default: 100, or --epochs); auto (needs --max-time): the most steps and dev evaluations that
+    fit the budget at a step time measured on this machine, at most 10 passes over the data."""
     max_time: float | str | None = None
     """Stop training after this much wall-clock time (seconds, or "90s", "15m", "1h"), keeping the best
     prompt on dev; a resumed run counts the time already spent (default: no limit)."""
