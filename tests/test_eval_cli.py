@@ -6,7 +6,7 @@ import pytest
 
 from softprompt import PromptedModel, PromptMeta, SoftPrompt, save_prompt
 from softprompt.cli import main
-from softprompt.commands.eval import EvalConfig, evaluate_file, training_file
+from softprompt.evaluate.compare import EvalConfig, evaluate_file, training_file
 from softprompt.data import TaskSpec, load_examples
 from softprompt.errors import ConfigError
 from softprompt.evaluate import evaluate_prompt
@@ -173,7 +173,7 @@ def test_readme_commands_run(files, tiny_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_trained_spec_reads_lengths_from_the_training_summary():
-    from softprompt.commands.eval import trained_spec
+    from softprompt.evaluate.compare import trained_spec
 
     meta = PromptMeta("m", "f", 2, 8, task="generate", training={"config": {"max_length": 100, "max_target_length": 20}})
     spec = trained_spec(meta)

@@ -7,7 +7,7 @@ import pytest
 
 from softprompt import PromptedModel, PromptMeta, SoftPrompt, save_prompt
 from softprompt.cli import main
-from softprompt.commands.predict import Item, PredictConfig, chunks, parse_line
+from softprompt.predict import Item, PredictConfig, chunks, parse_line
 from softprompt.data import TaskSpec
 from softprompt.errors import ConfigError, DataError
 from softprompt.evaluate import score_classification

@@ -12,8 +12,7 @@ import sys
 from ..config_flags import add_config_flags
 from ..config_flags import config_from_args as config_from
 from ..errors import ConfigError
-from ..evaluate.compare import (TRAIN_FILE_KEYS, EvalConfig, check_labels, evaluate_file, format_details,  # noqa: F401
-                            print_result, trained_spec, training_file)
+from ..evaluate.compare import EvalConfig, evaluate_file, print_result
 
 
 def register(sub) -> None:

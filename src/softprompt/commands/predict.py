@@ -13,7 +13,7 @@ from ..config_flags import add_config_flags
 from ..config_flags import config_from_args as config_from
 from ..tasks import task
 from ..errors import ConfigError
-from ..predict import Item, PredictConfig, Predictor, chunks, data_items, parse_line, predict_stream, read_items  # noqa: F401
+from ..predict import PredictConfig, Predictor, data_items, predict_stream, read_items
 
 
 def register(sub) -> None:
