@@ -83,6 +83,8 @@ class Engine:
         the backend lets go of what it holds (e.g. a vLLM server it launched)."""
         self.scheduler.stop(timeout)
         self.backend.close()
+        if self.bank.spill is not None:  # its queued writes finished, a temporary folder removed
+            self.bank.spill.close()
 
     def __enter__(self) -> "Engine":
         return self.start()
