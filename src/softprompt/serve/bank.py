@@ -178,13 +178,12 @@ class PromptBank:
         self._index: set[str] = set()  # names of the folder's files, usable without a load
         self._unloaded: set[str] = set()  # unloaded while their file stays: not used until loaded again
         self._version: dict[str, int] = {}  # bumped by every explicit change of a name
-        self._load_s = self._prefill_s = 0.0
-        self._prefills = 0
+        self._load_s, self._prefill_s, self._prefills = 0.0, 0.0, 0
         self.token_bytes = token_kv_bytes(pm, prefixer)
         if self.token_bytes > limit:
             raise ConfigError(f"--prefix-cache-mb {limit / MB:g} is smaller than the key/value prefix of a single "
                               f"virtual token ({self.token_bytes / MB:.3f} MB)")
-        self.spill = open_spill(pm, limits, prefixer)  # None: off
+        self.spill = open_spill(pm, limits, prefixer)  # prefixes on disk (--prefix-spill-mb; off: one that keeps none)
 
     # -- reading
 
@@ -236,8 +235,7 @@ class PromptBank:
         with self._lock:
             c = self._cache
             return StoreStats(len(self._index.union(c.keys())), len(c), c.bytes, c.limit, c.stats.hits,
-                              c.stats.misses, c.stats.evictions, self._load_s, self._prefill_s, self._prefills,
-                              self.spill.stats() if self.spill is not None else SpillStats())
+                              c.stats.misses, c.stats.evictions, self._load_s, self._prefill_s, self._prefills, self.spill.stats())
 
     def __len__(self) -> int:
         return len(self.names())
@@ -355,8 +353,7 @@ class PromptBank:
         with self._lock:
             self._load_s += time.perf_counter() - start
         tensor, slot = prefix_slot(self.pm, name, loaded, self.prefixer)
-        if self.spill is not None:  # an input prompt's prefix read back from disk, or marked to be written there
-            self.spill.restore(slot)
+        self.spill.restore(slot)  # an input prompt's prefix read back from disk, or marked to be written there
         if not lazy:  # an explicit load computes it now (off the worker thread)
             self._fill([slot])
         return PromptEntry(name, tensor, meta, spec, slot, label_ids, source)
@@ -371,8 +368,7 @@ class PromptBank:
         with self._lock:
             self._prefill_s += time.perf_counter() - start
             self._prefills += n
-        if self.spill is not None:  # queued for the spill's writer, outside the model lock
-            self.spill.save(slots)
+        self.spill.save(slots)  # queued for the spill's writer, outside the model lock
 
     def _put(self, entry: PromptEntry, *, pinned: bool, indexed: bool, version: int | None = None) -> PromptEntry:
         """Cache ``entry`` (an explicit change: ``version`` None) and return it."""

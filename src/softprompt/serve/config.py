@@ -226,6 +226,10 @@ class ServeConfig:
             load_keys(self.api_keys, frozenset([digest(self.api_key)]) if self.api_key else frozenset())
         if self.prompts_dir is not None and not Path(self.prompts_dir).is_dir():
             raise ConfigError(f"--prompts {self.prompts_dir}: no such folder")
+        spill = self.engine.prefix_spill_dir
+        if spill is not None and self.prompts_dir is not None and Path(spill).resolve().is_relative_to(Path(self.prompts_dir).resolve()):
+            raise ConfigError(f"--prefix-spill-dir must not be inside --prompts ({spill} is in {self.prompts_dir}): "
+                              "its files would be read as prompts")
         if not self.host:
             raise ConfigError("--host must not be empty")
         if not is_loopback(self.host) and not self.api_key and not self.api_keys:

@@ -83,8 +83,7 @@ class Engine:
         the backend lets go of what it holds (e.g. a vLLM server it launched)."""
         self.scheduler.stop(timeout)
         self.backend.close()
-        if self.bank.spill is not None:  # its queued writes finished, a temporary folder removed
-            self.bank.spill.close()
+        self.bank.spill.close()  # its queued writes finished, a temporary folder removed
 
     def __enter__(self) -> "Engine":
         return self.start()

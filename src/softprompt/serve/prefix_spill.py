@@ -355,14 +355,35 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def open_spill(pm, limits, prefixer=None) -> PrefixSpill | None:
-    """The spill ``limits`` (an :class:`EngineConfig`) asks for, or None: off (no
+class NoSpill:
+    """The spill when it is off: keeps nothing, finds nothing."""
+
+    dir = None
+
+    def restore(self, slot: PrefixSlot) -> bool:
+        return False
+
+    def save(self, slots: Sequence[PrefixSlot]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> SpillStats:
+        return SpillStats()
+
+
+def open_spill(pm, limits, prefixer=None) -> PrefixSpill | NoSpill:
+    """The spill ``limits`` (an :class:`EngineConfig`) asks for, or a :class:`NoSpill`: off (no
     ``--prefix-spill-mb``), or no input prompt is prefilled in this process (``prefixer``: the
     vLLM front end). Raises :class:`ConfigError` naming the flag for a folder it cannot make or a
     budget below one virtual token's prefix."""
     mb = getattr(limits, "prefix_spill_mb", None)
     if not mb or prefixer is not None or getattr(pm, "lm", None) is None:
-        return None
+        return NoSpill()
     directory, limit, token = limits.prefix_spill_dir, int(mb * MB), token_kv_bytes(pm, prefixer)
     if token > limit:
         raise ConfigError(f"--prefix-spill-mb {mb:g} is smaller than the key/value prefix of a single virtual token "
