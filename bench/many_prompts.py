@@ -76,11 +76,12 @@ def rss_mb(pid: int) -> dict[str, float]:
     return {"rss_mb": round(out["VmRSS"], 1), "peak_rss_mb": round(out["VmHWM"], 1)}
 
 
-def start(folder: Path, src: Path, extra: list[str], log: Path) -> tuple[Server, float]:
-    """A server on ``folder`` with ``src``'s softprompt; returns it and its start-up seconds."""
+def start(folder: Path, src: Path, extra: list[str], log: Path, launcher: list[str] | None = None) -> tuple[Server, float]:
+    """A server on ``folder`` with ``src``'s softprompt; returns it and its start-up seconds.
+    ``launcher``: what runs ``serve`` (default ``-m softprompt``; e.g. bench/serve_spill.py)."""
     port = free_port()
     os.environ["PYTHONPATH"] = str(src)
-    cmd = [sys.executable, "-m", "softprompt", "serve", "--prompts", str(folder), "--port", str(port),
+    cmd = [sys.executable, *(launcher or ["-m", "softprompt"]), "serve", "--prompts", str(folder), "--port", str(port),
            "--dtype", "float32", "--threads", "1", "--max-batch", "16", "--request-timeout", "120", *extra]
     t0 = time.perf_counter()
     srv = Server(cmd, port, log, ready_timeout=900, poll=0.1)
@@ -95,7 +96,8 @@ def scrape(url: str) -> dict[str, float]:
     out = {}
     for key in ("prompts_resident", "prefix_cache_bytes", "prefix_cache_limit_bytes", "prefix_cache_hits_total",
                 "prefix_cache_misses_total", "prefix_cache_evictions_total", "prefix_prefills_total",
-                "prefix_prefill_seconds_total", "prompt_load_seconds_total"):
+                "prefix_prefill_seconds_total", "prompt_load_seconds_total", "prefix_spill_hits_total",
+                "prefix_spill_writes_total", "prefix_spill_read_seconds_total", "prefix_spill_bytes"):
         m = re.search(rf"^softprompt_{key} (\S+)$", text, re.M)
         out[key] = float(m.group(1)) if m else None
     return out
