@@ -262,3 +262,15 @@ def test_settings_are_checked_naming_the_flag(base, tmp_path):
     with pytest.raises(ConfigError, match="--prefix-spill-mb .* smaller than the key/value prefix of a single virtual token"):
         spill_engine(base, None, tmp_path / "s", spill_mb=1e-6)
     assert EngineConfig(prefix_spill_mb=0).prefix_spill_mb == 0  # 0: off
+
+
+def test_a_kept_folder_loses_only_the_spills_own_leftovers(pm, base, tmp_path):
+    """Start-up deletes the spill's temp files a crash left, never another program's files."""
+    import os
+
+    ours, theirs, other = tmp_path / f".{'a' * 64}.1.2.tmp", tmp_path / "download.tmp", tmp_path / "notes.safetensors"
+    for f in (ours, theirs, other):
+        f.write_bytes(b"x")
+        os.utime(f, (1, 1))  # long ago
+    spill = PrefixSpill(tmp_path, MB, model_digest(pm), base.device)
+    assert not ours.exists() and theirs.exists() and other.exists() and spill.stats().files == 0

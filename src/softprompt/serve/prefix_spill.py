@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import transformers
 
 from ..errors import ConfigError
 from ..prefix import PrefixKV
@@ -83,8 +84,6 @@ def model_digest(pm) -> str:
     dtype and device type, and the versions of the code that computes it."""
     lm = pm.lm
     h = hashlib.sha256(f"spill {SPILL_FORMAT} softprompt {__version__} torch {torch.__version__}".encode())
-    import transformers
-
     config = {k: v for k, v in lm.config.to_dict().items() if k != "_name_or_path"}
     h.update(f" transformers {transformers.__version__} {pm.base.fingerprint} {lm.dtype} {pm.base.device.type}".encode())
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
@@ -225,7 +224,10 @@ class PrefixSpill:
         try:
             prefix = prefix_from_bytes(path.read_bytes(), key, length, self.device)
         except (OSError, SpillFileError) as e:
-            self._forget(key, bad=not isinstance(e, FileNotFoundError))
+            with self._lock:
+                self._bytes -= self._files.pop(key, 0)
+                self._misses += 1
+                self._errors += not isinstance(e, FileNotFoundError)
             if not isinstance(e, FileNotFoundError):
                 log.warning("prefix spill file %s is unusable (%s); deleted, the prefix is computed again", path, e)
                 _unlink(path)
@@ -305,9 +307,9 @@ class PrefixSpill:
                 st = f.stat()
             except OSError:
                 continue
-            if f.suffix == ".tmp" and time.time() - st.st_mtime > STALE_TEMP_S:
-                _unlink(f)
-            elif f.suffix == ".safetensors" and len(f.stem) == 64 and f.is_file():
+            if f.name.endswith(".tmp") and _is_key(f.name[1:65]) and time.time() - st.st_mtime > STALE_TEMP_S:
+                _unlink(f)  # only the spill's own temp files (".<key>.<pid>.<thread>.tmp"): the folder may hold others
+            elif f.suffix == ".safetensors" and _is_key(f.stem) and f.is_file():
                 found.append((st.st_mtime, f.stem, st.st_size))
         for _, key, size in sorted(found):
             self._files[key] = size
@@ -328,12 +330,6 @@ class PrefixSpill:
                 victims.append(k)
         return victims
 
-    def _forget(self, key: str, bad: bool) -> None:
-        with self._lock:
-            self._bytes -= self._files.pop(key, 0)
-            self._misses += 1
-            self._errors += bad
-
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
@@ -345,6 +341,11 @@ class PrefixSpill:
                 log.warning("writing a prefix to the spill failed: %r", e)
             finally:
                 self._queue.task_done()
+
+
+def _is_key(name: str) -> bool:
+    """A spill key: 64 lowercase hex digits (the only files the spill deletes are named by one)."""
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
 def _unlink(path: Path) -> None:
