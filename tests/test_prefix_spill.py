@@ -274,3 +274,19 @@ def test_a_kept_folder_loses_only_the_spills_own_leftovers(pm, base, tmp_path):
         os.utime(f, (1, 1))  # long ago
     spill = PrefixSpill(tmp_path, MB, model_digest(pm), base.device)
     assert not ours.exists() and theirs.exists() and other.exists() and spill.stats().files == 0
+
+
+def test_prefixes_are_written_by_the_spills_own_thread(base, tmp_path, monkeypatch):
+    """The worker only queues a computed prefix; the file is written on the spill's thread, where
+    the model lock is not taken (so a slow disk never holds up a step)."""
+    import threading
+
+    write(base, tmp_path / "prompts", "p")
+    with spill_engine(base, tmp_path / "prompts", tmp_path / "spill") as eng:
+        eng.bank.load_all(warm=0)
+        seen = []
+        put = PrefixSpill.put
+        monkeypatch.setattr(PrefixSpill, "put", lambda self, *a: (seen.append(threading.current_thread().name), put(self, *a))[1])
+        eng.classify("x", "p")
+        eng.bank.spill.flush()
+        assert seen == ["prefix-spill"] and eng.bank.stats().spill.writes == 1
