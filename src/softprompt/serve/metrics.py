@@ -43,7 +43,8 @@ class Metrics:
 
 class _StoreCollector:
     """The prompt store at ``/metrics``: resident prompts and bytes, the byte limit, cache hits,
-    misses and evictions, and the seconds spent loading prompt files and prefilling prefixes."""
+    misses and evictions, the seconds spent loading prompt files and prefilling prefixes, and the
+    prefix spill's files, bytes and counts."""
 
     def __init__(self, stats: Callable[[], object]):
         self.stats = stats
@@ -63,3 +64,17 @@ class _StoreCollector:
         yield CounterMetricFamily("softprompt_prefix_prefill_seconds", "Seconds spent computing prompts' key/value prefixes",
                                   value=s.prefill_seconds)
         yield CounterMetricFamily("softprompt_prefix_prefills", "Key/value prefixes computed", value=s.prefills)
+        d = s.spill  # the prefixes on disk (--prefix-spill-mb); zeros when off
+        yield GaugeMetricFamily("softprompt_prefix_spill_files", "Input-prompt prefixes kept on disk", value=d.files)
+        yield GaugeMetricFamily("softprompt_prefix_spill_bytes", "Bytes of the prefix files on disk", value=d.bytes)
+        yield GaugeMetricFamily("softprompt_prefix_spill_limit_bytes", "--prefix-spill-mb, in bytes (0: off)", value=d.limit)
+        for name, what, value in (
+            ("hits", "Prefixes read back from disk instead of computed", d.hits),
+            ("misses", "Prefixes looked for on disk and not found (then computed)", d.misses),
+            ("writes", "Computed prefixes written to disk", d.writes),
+            ("evictions", "Prefix files deleted to stay within the limit", d.evictions),
+            ("errors", "Unusable prefix files found (deleted) and failed writes", d.errors),
+            ("dropped", "Computed prefixes not written: the write queue was full", d.dropped),
+            ("read_seconds", "Seconds spent reading prefixes back from disk", d.read_seconds),
+        ):
+            yield CounterMetricFamily(f"softprompt_prefix_spill_{name}", what, value=value)

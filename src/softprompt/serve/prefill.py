@@ -32,6 +32,8 @@ class PrefixSlot:
         """(P, d) input prompt to compute the prefix from, dropped once filled."""
         self._value = value
         self._lock = threading.Lock()
+        self.spill_key: str | None = None
+        """Set when the prefix is to be written to the spill once computed (prefix_spill.py)."""
 
     @property
     def filled(self) -> bool:
