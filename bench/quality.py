@@ -297,7 +297,7 @@ STEP_COST_METHOD = {"softprompt": "prompt", "softprompt-prefix": "prefix-lr01", 
 """quality.py recipe -> its row in a step_cost results file (bench/step_cost.py)."""
 
 
-def equal_time_plan(step_cost: str, args, n_train: int, n_dev: int) -> dict[str, tuple[int, int]]:
+def equal_time_plan(step_cost: str, args, n_train: int, n_dev: int) -> dict[str, list[int]]:
     """Recipe -> (steps, eval_every) that fit LoRA's ``args.steps`` steps of time on the machine the
     step costs were measured on: what ``--max-steps auto --max-time <LoRA's time>`` plans there
     (its dev evaluations included), independent of the load while this run trains."""
@@ -310,8 +310,8 @@ def equal_time_plan(step_cost: str, args, n_train: int, n_dev: int) -> dict[str,
     for recipe, row in STEP_COST_METHOD.items():
         if row in rows:
             s = rows[row]
-            plan[recipe] = plan_steps(PLAN_MARGIN * budget, s, n_dev / args.batch_size * s * FORWARD_SHARE, n_train, args.batch_size,
-                                      None)
+            plan[recipe] = list(plan_steps(PLAN_MARGIN * budget, s, n_dev / args.batch_size * s * FORWARD_SHARE, n_train,
+                                           args.batch_size, None))  # a list: the config is compared with its JSON
     print(f"equal time ({step_cost}: LoRA {rows['lora']} s a step x {args.steps} = {budget:.0f} s): {plan}", flush=True)
     return plan
 
