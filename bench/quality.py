@@ -116,6 +116,7 @@ def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "s
     from softprompt.train import TrainConfig, train  # noqa: PLC0415
 
     extra = variant_fields(method)
+    steps, every = args.plan.get(method, (args.steps, None))  # --equal-time: its own plan
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -123,8 +124,7 @@ def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "s
         (work / "dev.jsonl").write_bytes(jsonl_bytes(sample(data, "dev", args.dev_n, seed=0), data.spec.kind))
         cfg = TrainConfig(data=str(work / "train.jsonl"), eval=str(work / "dev.jsonl"), task=data.spec.kind,
                           template=data.spec.template, labels=data.spec.labels, out=str(work / "p.safetensors"),
-                          max_steps=args.plan.get(method, (args.steps, None))[0],
-                          eval_every=args.plan.get(method, (args.steps, None))[1],
+                          max_steps=steps, eval_every=every,
                           batch_size=args.batch_size, prompt_length=args.prompt_length,
                           max_length=args.max_length, max_target_length=data.spec.max_target_length, seed=seed,
                           quiet=True, checkpoint_every=0, model=args.model, **extra)
@@ -301,17 +301,13 @@ def equal_time_plan(step_cost: str, args, n_train: int, n_dev: int) -> dict[str,
     """Recipe -> (steps, eval_every) that fit LoRA's ``args.steps`` steps of time on the machine the
     step costs were measured on: what ``--max-steps auto --max-time <LoRA's time>`` plans there
     (its dev evaluations included), independent of the load while this run trains."""
-    from softprompt.train.budget import FORWARD_SHARE, plan_steps  # noqa: PLC0415
-    from softprompt.train.plan import PLAN_MARGIN  # noqa: PLC0415
+    from softprompt.train.budget import auto_plan  # noqa: PLC0415
 
     rows = {r["method"]: r["median_s_per_step"] for r in json.loads((RESULTS / f"{step_cost}.json").read_text())["rows"]}
     budget = rows["lora"] * args.steps
-    plan = {}  # as --max-steps auto: 95% of the budget
-    for recipe, row in STEP_COST_METHOD.items():
-        if row in rows:
-            s = rows[row]
-            plan[recipe] = list(plan_steps(PLAN_MARGIN * budget, s, n_dev / args.batch_size * s * FORWARD_SHARE, n_train,
-                                           args.batch_size, None))  # a list: the config is compared with its JSON
+    # lists, not tuples: the config holding the plan is compared with its JSON copy
+    plan = {recipe: list(auto_plan(budget, rows[row], n_dev, n_train, args.batch_size, None))
+            for recipe, row in STEP_COST_METHOD.items() if row in rows}
     print(f"equal time ({step_cost}: LoRA {rows['lora']} s a step x {args.steps} = {budget:.0f} s): {plan}", flush=True)
     return plan
 

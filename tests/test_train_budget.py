@@ -127,8 +127,7 @@ def test_auto_plan_probe_leaves_training_as_the_same_fixed_plan_would(tmp_path, 
 
 
 def test_auto_plan_fits_steps_and_dev_evaluations_into_the_budget(tmp_path, learn, easy, monkeypatch):
-    from softprompt.train.budget import FORWARD_SHARE, plan_steps
-    from softprompt.train.plan import PLAN_MARGIN
+    from softprompt.train.budget import FORWARD_SHARE, PLAN_MARGIN, plan_steps
 
     _fake_step(monkeypatch, 2.0)  # a slow machine: 2 s a step
     train_file, dev_file = easy

@@ -86,6 +86,25 @@ def plan_steps(share: float, step_s: float, eval_s: float, n_train: int, batch_s
     return n, math.ceil(n / k)
 
 
+PLAN_MARGIN = 0.95
+"""``--max-steps auto`` plans for this fraction of the budget left: batches differ in length and machines in load."""
+
+
+def dev_eval_seconds(n_dev: int, batch_size: int, step_s: float) -> float:
+    """A dev evaluation's seconds before one has been measured (pure): ``n_dev`` rows at
+    ``FORWARD_SHARE`` of a training row each, a training step of ``batch_size`` rows taking ``step_s``."""
+    return n_dev / batch_size * step_s * FORWARD_SHARE
+
+
+def auto_plan(seconds: float, step_s: float, n_dev: int, n_train: int, batch_size: int,
+              eval_every: int | None) -> tuple[int, int]:
+    """``--max-steps auto``'s (steps, eval_every) for ``seconds`` of budget left at ``step_s`` a step,
+    ``n_dev`` dev rows (0: no dev evaluations) and ``n_train`` training rows (pure): :func:`plan_steps`
+    over ``PLAN_MARGIN`` of the time left, at least one step's worth."""
+    return plan_steps(max(PLAN_MARGIN * seconds, step_s), step_s, dev_eval_seconds(n_dev, batch_size, step_s),
+                      n_train, batch_size, eval_every)
+
+
 def check_budget(c) -> None:
     """--max-time (a duration, made seconds), --max-steps (a count, or auto with --max-time), --calibrate."""
     if c.max_time is not None:

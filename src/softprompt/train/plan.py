@@ -15,14 +15,12 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .budget import FORWARD_SHARE, plan_steps
+from .budget import auto_plan
 from .schedule import SAMPLINGS, warmup_steps
 from .setup import Run
 
 PROBE_STEPS = 3
 """Steps run before the plan: the first pays one-time costs (allocation, kernel choice), the rest are timed."""
-PLAN_MARGIN = 0.95
-"""Plan for this fraction of the budget left: batches differ in length and machines in load."""
 
 
 def measure_step(run: Run, backward: Callable[[Run, list[int]], object]) -> tuple[float, float]:
@@ -57,10 +55,8 @@ def plan_auto(run: Run, backward: Callable[[Run, list[int]], object], saved=None
         return 0.0
     step_s, probe_s = measure_step(run, backward)
     n_dev = sum(len(t.dev or []) for t in run.tasks)
-    eval_s = n_dev / config.batch_size * step_s * FORWARD_SHARE  # a dev row: about half a training row
-    left = max(PLAN_MARGIN * (config.max_time - probe_s), step_s)
-    total, every = plan_steps(left, step_s, eval_s if run.has_dev else 0.0, len(run.rows), config.batch_size,
-                              config.eval_every)
+    total, every = auto_plan(config.max_time - probe_s, step_s, n_dev, len(run.rows), config.batch_size,
+                             config.eval_every)
     _apply(run, total, every)
     run.plan_note = (f"--max-steps auto: {total} steps planned from a measured step of {step_s:.3g}s"
                      + (f" and {n_dev} dev rows every {every} steps" if run.has_dev else ""))

@@ -23,7 +23,7 @@ from ..base import BaseModel, load_base_model
 from ..extras import require
 from ..train import train
 from ..train.balance import resolve as resolve_balance
-from ..train.budget import FORWARD_SHARE, plan_steps
+from ..train.budget import dev_eval_seconds, plan_steps
 from ..train.prepare import prepare
 from ..train.records import DevResult
 from ..train.summary import TrainingSummary
@@ -118,7 +118,7 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
         params = _suggest(trial, config)
         share = max(left / (config.trials - number) - setup, 1e-3)
         step = step_s.get(params["method"]) or max(step_s.values(), default=FIRST_STEP_SECONDS)
-        dev = eval_s.get(params["method"]) or max(eval_s.values(), default=n_dev / tc.batch_size * step * FORWARD_SHARE)
+        dev = eval_s.get(params["method"]) or max(eval_s.values(), default=dev_eval_seconds(n_dev, tc.batch_size, step))
         plan, every = plan_steps(share, step, dev, n_train, tc.batch_size, tc.eval_every)
         rec = _run_trial(config, trial, number, params, share, plan, every, base, metric)
         done = rec.state == "complete"
