@@ -174,8 +174,9 @@ def argument(f: Field, hint: Any, doc: str) -> tuple[tuple[str, ...], dict[str, 
     if spec.positional:
         kw.pop("required", None)
         return (f.name,), kw
-    if choices_of(f, hint) is not None:
-        kw["choices"] = choices_of(f, hint)
+    choices = choices_of(f, hint)
+    if choices is not None:
+        kw["choices"] = choices
     if spec.parse is not None:
         kw["type"] = spec.parse
     elif len(kinds) == 1 and kinds[0] in (int, float):  # numbers; an optional one that is on by default takes none

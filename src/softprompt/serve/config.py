@@ -126,14 +126,8 @@ class EngineConfig:
             raise ConfigError(f"--request-timeout must be more than 0 and at most 3600 seconds, got {self.request_timeout}")
         if self.max_ensemble > self.max_batch:
             raise ConfigError(f"--max-ensemble ({self.max_ensemble}) must not exceed --max-batch ({self.max_batch})")
-        if self.prefix_cache_mb is not None and (isinstance(self.prefix_cache_mb, bool)
-                                                 or not isinstance(self.prefix_cache_mb, (int, float))
-                                                 or not 0 < self.prefix_cache_mb < 1 << 30):
-            raise ConfigError(f"--prefix-cache-mb must be a number of megabytes above 0, got {self.prefix_cache_mb!r}")
-        if self.prefix_spill_mb is not None and (isinstance(self.prefix_spill_mb, bool)
-                                                 or not isinstance(self.prefix_spill_mb, (int, float))
-                                                 or not 0 <= self.prefix_spill_mb < 1 << 30):
-            raise ConfigError(f"--prefix-spill-mb must be a number of megabytes (0: off), got {self.prefix_spill_mb!r}")
+        _check_megabytes("--prefix-cache-mb", self.prefix_cache_mb, zero_is_off=False)
+        _check_megabytes("--prefix-spill-mb", self.prefix_spill_mb, zero_is_off=True)
         if self.prefix_spill_dir is not None:
             if not self.prefix_spill_mb:
                 raise ConfigError("--prefix-spill-dir needs --prefix-spill-mb (the spill's size on disk)")
@@ -151,6 +145,17 @@ class EngineConfig:
     def default_new_tokens(self) -> int:
         """``max_new_tokens`` of a request that gives none: 32, or the ``--max-new-tokens`` cap if lower."""
         return min(DEFAULT_NEW_TOKENS, self.max_new_tokens)
+
+
+
+def _check_megabytes(flag: str, value, *, zero_is_off: bool) -> None:
+    """``--prefix-cache-mb`` / ``--prefix-spill-mb``: unset, or a number of megabytes below 2**30,
+    above 0 (or 0 itself where it means off)."""
+    if value is None:
+        return
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not (number and (0 <= value if zero_is_off else 0 < value) and value < 1 << 30):
+        raise ConfigError(f"{flag} must be a number of megabytes {'(0: off)' if zero_is_off else 'above 0'}, got {value!r}")
 
 
 @dataclass
