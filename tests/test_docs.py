@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,7 @@ def test_quickstart_runs_as_written(tmp_path):
     assert [p["name"] for p in listing["prompts"]] + listing["available"] == ["acme/tickets"]  # only acme's
     assert listing["next"] is None
     assert answer["prompts"] == ["acme/tickets"] and answer["label"] in {"billing", "bug", "question"}
+    deadline = time.monotonic() + 60  # the spill writes on a thread of its own (and finishes on shutdown)
+    while not list((tmp_path / "spill").glob("*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(list((tmp_path / "spill").glob("*.safetensors"))) == 1  # acme/tickets' computed prefix, on disk
