@@ -38,7 +38,8 @@ deltas of its prefix-cache token counters.
 run's temp folder): an input prompt
 evicted from memory then reads its prefix back instead of prefilling it again. Run the same
 command with and without it (``--name``) to compare. ``--passes N`` sends each prompt row's stream
-N times in a row (the same prompts and texts): pass 1 is a cold server, later passes the steady
+N times in a row (the same prompts and texts; with ``--fresh-texts`` the same prompts and new
+texts, which a fair steady state of vLLM needs: its cache keeps whole (prompt, text) blocks): pass 1 is a cold server, later passes the steady
 state of a server that has seen that traffic (with the spill, every prompt used before is on disk).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/many_prompts_matrix.py            (~10 min on 2 cores)
@@ -89,6 +90,18 @@ def stream_items(n: int, gen_share: float, seed: int, texts: list[str]) -> list[
     """The seeded (task kind, text) sequence every cell of a stream sends (pure)."""
     rng = random.Random(seed)
     return [("generate" if rng.random() < gen_share else "classify", rng.choice(texts)) for _ in range(n)]
+
+
+def retext(items: list[tuple[str, str]], texts: list[str], seed: int) -> list[tuple[str, str]]:
+    """The same kinds in the same order with texts drawn afresh: a later pass's stream, whose
+    prompts (drawn by position in ``bodies``) repeat while its texts do not (pure)."""
+    rng = random.Random(seed)
+    return [(kind, rng.choice(texts)) for kind, _ in items]
+
+
+def passes_items(items: list[tuple[str, str]], texts: list[str], passes: int, fresh: bool, seed: int) -> list[list]:
+    """The stream of each pass: ``items`` every time, or with ``fresh`` new texts after the first (pure)."""
+    return [items if p == 0 or not fresh else retext(items, texts, seed + 1000 * p) for p in range(passes)]
 
 
 def bodies(items: list[tuple[str, str]], pools: dict[str, list[str]] | None, seed: int,
@@ -195,9 +208,9 @@ def run_plan(srv, order, cells, items, args, backend: str, vllm_url: str | None 
     for prompts, stream, c in order:
         ns = "" if vllm_url else f"{prompts}/"
         pools = None if prompts == "bare" else {k: [ns + n for n in v] for k, v in cells[c].items()}
-        reqs = bodies(items[stream], pools, args.seed, args.max_new_tokens)
         pool = sum(map(len, cells[c].values())) if pools else None
         for p in range(args.passes if pools else 1):
+            reqs = bodies(items[stream][p], pools, args.seed, args.max_new_tokens)
             row = {"backend": backend, "prompts": prompts, "stream": stream, "distinct in pool": pool, "pass": p + 1}
             rows.append(cell(srv, row, reqs, args, vllm_url))
     return ratios(rows)
@@ -307,6 +320,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prefix-spill-mb", type=float, default=None,
                     help="the in-process server's --prefix-spill-mb (default: no spill)")
     ap.add_argument("--passes", type=int, default=1, help="times each prompt row's stream is sent in a row")
+    ap.add_argument("--fresh-texts", action="store_true",
+                    help="passes after the first send the same prompts with new texts (vLLM caches (prompt, text) blocks)")
     ap.add_argument("--length", type=int, default=20, help="virtual tokens per prompt")
     ap.add_argument("--skip-vllm", action="store_true", help="no vLLM rows (default: run them if the venv exists)")
     ap.add_argument("--only-vllm", action="store_true", help="only the vLLM rows")
@@ -338,8 +353,9 @@ def main() -> None:
     methods = ["input"] if args.only_vllm else sorted(set(args.methods) | ({"input"} if use_vllm else set()))
     cells = layout(sorted(set(args.distinct) | set(args.vllm_distinct)), args.mix_distinct, args.gen_share)
     texts = [e.target for e in load_bbc_headlines()]
-    items = {"classify": stream_items(args.requests, 0.0, args.seed, texts),
-             "mix": stream_items(args.requests, args.gen_share, args.seed, texts)}
+    items = {stream: passes_items(stream_items(args.requests, share, args.seed, texts), texts, args.passes,
+                                  args.fresh_texts, args.seed)
+             for stream, share in (("classify", 0.0), ("mix", args.gen_share))}
     tmp = Path(tempfile.mkdtemp(prefix="many-matrix-"))
     try:
         base = load_base_model(args.model)

@@ -74,3 +74,18 @@ def test_copies_are_valid_prompt_files_of_the_base_input_and_deep(mm, tiny, tmp_
     assert tuple(a.tensor.shape) == (L, 2, H, 4, hd) and not a.tensor.equal(b.tensor)  # noisy copies
     gen = load_prompt(tmp_path / "input" / "mix/g0.safetensors", tiny)
     assert gen.meta.method == "prompt" and gen.meta.task == "generate" and tuple(gen.tensor.shape) == (4, tiny.dim)
+
+
+def test_fresh_texts_keep_each_pass_s_kinds_and_prompts_and_change_its_texts(mm):
+    texts = [f"text {i}" for i in range(500)]
+    items = mm.stream_items(200, 0.25, seed=3, texts=texts)
+    pools = {"classify": [f"c{i}" for i in range(50)], "generate": [f"g{i}" for i in range(50)]}
+    same = mm.passes_items(items, texts, 3, False, 0)
+    assert same == [items] * 3
+    first, second, third = mm.passes_items(items, texts, 3, True, 0)
+    assert first == items
+    assert [k for k, _ in second] == [k for k, _ in items] == [k for k, _ in third]
+    assert sum(a[1] == b[1] for a, b in zip(items, second)) < 10  # 200 draws of 500 texts: ~0.4 alike by chance
+    assert second != third
+    prompts = [[b["prompt"] for _, b in mm.bodies(x, pools, 0, 8)] for x in (first, second, third)]
+    assert prompts[0] == prompts[1] == prompts[2]
