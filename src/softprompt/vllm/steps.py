@@ -64,6 +64,28 @@ def embeds_prefix(name: str, tensor: torch.Tensor, meta: PromptMeta) -> EmbedsPr
     return EmbedsPrefix((), int(rows.shape[0]), rows)
 
 
+@dataclass
+class BlockCheck:
+    """:func:`embeds_prefix` that also warns, once per server, when a prompt's rows do not fill
+    whole KV blocks of vLLM: its prefix cache keeps only whole blocks, so the rows left over
+    share a block with each request's text and are computed again on every request."""
+
+    block_size: int | None
+    """vLLM's KV block in tokens; None: unknown, no warning."""
+    warned: bool = False
+
+    def __call__(self, name: str, tensor: torch.Tensor, meta: PromptMeta) -> EmbedsPrefix:
+        prefix = embeds_prefix(name, tensor, meta)
+        left = prefix.length % self.block_size if self.block_size else 0
+        if left and not self.warned:
+            self.warned = True
+            log.warning("prompt %r has %d virtual tokens and vLLM caches whole %d-token KV blocks: its last %d "
+                        "rows are computed again on every request (this warning is shown once); prompts whose "
+                        "length is a multiple of %d (train --prompt-length) are computed once",
+                        name, prefix.length, self.block_size, left, self.block_size)
+        return prefix
+
+
 def _rows(row: Row) -> torch.Tensor | None:
     """A row's prompt rows (P, d), or None for the bare model."""
     return getattr(row.prefix, "rows", None)
