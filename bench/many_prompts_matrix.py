@@ -293,7 +293,10 @@ def summarize(rows: list[dict], args, name: str, startup: float, vllm_start: flo
              "Zipf(1.1) from each row's own pool; bare rows send the same texts with no prompt, before and after "
              "the prompt rows of their stream, and 'x bare' is to their mean. Hit rate, evictions, prefills, "
              "prefill and load seconds: deltas of the server's /metrics over the row"
-             + ("; vLLM hit rate: tokens hit / queried in vLLM's prefix cache over the row." if vllm_start else "."))
+             + ("; vLLM hit rate: tokens hit / queried in vLLM's prefix cache over the row." if vllm_start else ".")
+             + (f" Each prompt row's stream sent {args.passes} times in a row"
+                + (", the later passes with new texts (--fresh-texts)." if args.fresh_texts else ".")
+                if args.passes > 1 else ""))
     write_results(name, rows, summary, notes=notes, columns=[
         "backend", "prompts", "stream", "distinct in pool", *(["pass"] if args.passes > 1 else []), "distinct drawn", "requests", "requests/s", "x bare req/s",
         "p50 ms", "p99 ms", "x bare p99", "gen tokens mean", "hit rate", "evictions", "prefills", "prefill s",
