@@ -28,6 +28,7 @@ from ..backends import build_backend
 from .backend import Backend, in_process
 from .bank import PromptBank
 from .config import EngineConfig
+from .heap_trim import HeapTrimmer
 from .jobs import (  # noqa: F401  (Job, Listener, Result, Row: the types the engine's API names)
     ClassifyRequest, ClassifyResult, GenerateRequest, GenerateResult, Job, Listener, Result, Row,
 )
@@ -71,17 +72,25 @@ class Engine:
         self.admission = Admission(self.bank, self.tokenizer, self.config)
         self.steps: ModelSteps = self.backend.steps(self.config, self.metrics, self.model_lock)
         self.scheduler = Scheduler(self.config, self.metrics, self.steps, prefill=self.bank.fill)
+        self.trimmer = HeapTrimmer(self._store_activity)
 
     # -- lifecycle
 
     def start(self) -> "Engine":
         self.scheduler.start()
+        self.trimmer.start()
         return self
+
+    def _store_activity(self) -> tuple:
+        """Counters that move when the store frees memory (reads, evictions, prefills, uploads)."""
+        s = self.bank.stats()
+        return s.misses, s.evictions, s.prefills, s.load_seconds
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker; queued and running requests fail with :class:`EngineStoppedError`;
         the backend lets go of what it holds (e.g. a vLLM server it launched)."""
         self.scheduler.stop(timeout)
+        self.trimmer.stop()
         self.backend.close()
         self.bank.spill.close()  # its queued writes finished, a temporary folder removed
 
