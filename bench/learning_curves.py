@@ -46,12 +46,14 @@ def run_softprompt(data: TaskData, args, method: str, base, dev_n: int | None = 
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        (work / "train.jsonl").write_bytes(jsonl_bytes(data.train, "classify"))
+        kind = data.spec.kind
+        (work / "train.jsonl").write_bytes(jsonl_bytes(data.train, kind))
         dev = {}
         if dev_n:
-            (work / "dev.jsonl").write_bytes(jsonl_bytes(sample(data, "dev", dev_n), "classify"))
+            (work / "dev.jsonl").write_bytes(jsonl_bytes(sample(data, "dev", dev_n), kind))
             dev = {"eval": str(work / "dev.jsonl"), "eval_every": args.eval_every}
-        cfg = TrainConfig(data=str(work / "train.jsonl"), template=data.spec.template, labels=data.spec.labels,
+        cfg = TrainConfig(data=str(work / "train.jsonl"), task=kind, template=data.spec.template, labels=data.spec.labels,
+                          max_target_length=data.spec.max_target_length,
                           out=str(work / "p.safetensors"), max_steps=args.steps, batch_size=args.batch_size,
                           max_length=args.max_length, seed=getattr(args, "seed", 0), quiet=True, checkpoint_every=0,
                           patience=None, model=args.model, **dev, **SOFTPROMPT_METHODS[method])

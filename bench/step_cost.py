@@ -40,7 +40,7 @@ def lora_steps(data, args) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="tweet-sentiment", choices=[t for t in TASKS if t != "headlines"])
+    ap.add_argument("--task", default="tweet-sentiment", choices=TASKS)
     ap.add_argument("--methods", default="lora,prompt,prefix-lr01,prefix-scaled")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=2)
