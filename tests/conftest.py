@@ -79,7 +79,8 @@ def vllm_server(tmp_path_factory):
         yield SimpleNamespace(url=os.environ["SOFTPROMPT_VLLM_TEST_URL"])
         return
     _, model_dir = resolve_model(None)
-    srv = start_vllm(model_dir, log=tmp_path_factory.mktemp("vllm") / "serve.log")
+    # statistics on, as vLLM's own default: its /metrics then tells the client the KV block size
+    srv = start_vllm(model_dir, log=tmp_path_factory.mktemp("vllm") / "serve.log", log_stats=True)
     yield srv
     srv.stop()
 

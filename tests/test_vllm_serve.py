@@ -89,6 +89,11 @@ def ours_generate(pm, prompt, ids, **kw):
     return generate(pm, prompt, ids, **kw)
 
 
+def test_the_client_reads_the_kv_block_size_and_prefix_caching_from_vllm(client):
+    # start_vllm launches with --block-size 32 and --enable-prefix-caching (statistics on here)
+    assert (client.info.block_size, client.info.prefix_caching) == (32, True)
+
+
 def test_greedy_generation_equals_our_engine(client, pm, story_file):
     prompt = load_prompt(story_file)
     spec = TaskSpec.from_meta(prompt.meta)
