@@ -218,6 +218,9 @@ def test_load_and_unload_while_serving(server, client, base, prompts_dir, tmp_pa
 
     t = threading.Thread(target=traffic)
     t.start()
+    deadline = time.monotonic() + 60
+    while not statuses and time.monotonic() < deadline:  # the traffic is flowing before the changes start
+        time.sleep(0.01)
     try:
         data = (prompts_dir / "sentiment.safetensors").read_bytes()
         r = client.put("/v1/prompts/uploaded", content=data, headers={"content-type": "application/octet-stream"})
