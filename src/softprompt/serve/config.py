@@ -147,7 +147,6 @@ class EngineConfig:
         return min(DEFAULT_NEW_TOKENS, self.max_new_tokens)
 
 
-
 def _check_megabytes(flag: str, value, *, zero_is_off: bool) -> None:
     """``--prefix-cache-mb`` / ``--prefix-spill-mb``: unset, or a number of megabytes below 2**30,
     above 0 (or 0 itself where it means off)."""

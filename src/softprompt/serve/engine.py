@@ -28,7 +28,7 @@ from ..backends import build_backend
 from .backend import Backend, in_process
 from .bank import PromptBank
 from .config import EngineConfig
-from .heap_trim import HeapTrimmer
+from .heap_trim import HeapTrimmer, libc_trim
 from .jobs import (  # noqa: F401  (Job, Listener, Result, Row: the types the engine's API names)
     ClassifyRequest, ClassifyResult, GenerateRequest, GenerateResult, Job, Listener, Result, Row,
 )
@@ -72,7 +72,7 @@ class Engine:
         self.admission = Admission(self.bank, self.tokenizer, self.config)
         self.steps: ModelSteps = self.backend.steps(self.config, self.metrics, self.model_lock)
         self.scheduler = Scheduler(self.config, self.metrics, self.steps, prefill=self.bank.fill)
-        self.trimmer = HeapTrimmer(self._store_activity)
+        self.trimmer = HeapTrimmer(self._store_activity, libc_trim())
 
     # -- lifecycle
 

@@ -17,7 +17,7 @@ Not here: what is cached and evicted (bank.py, prefix_cache.py).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import threading
 from typing import Callable, Hashable
@@ -28,15 +28,13 @@ TRIM_INTERVAL_S = 5.0
 """Seconds between looks at the store's counters."""
 
 
+@functools.cache
 def libc_trim() -> Callable[[], bool] | None:
     """glibc's ``malloc_trim(0)`` as a function returning whether memory was released; None where
-    the C library has none."""
-    name = ctypes.util.find_library("c")
+    the C library has none. Looked up once, among the symbols the process already has."""
     try:
-        fn = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        fn = None
-    if fn is None:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows takes no CDLL(None)
         return None
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: bool(fn(0))
@@ -47,14 +45,14 @@ class HeapTrimmer:
 
     Args:
         activity: a cheap snapshot of counters that move when memory is released.
-        trim: the trim call (default: :func:`libc_trim`; None: never trim).
+        trim: the trim call, e.g. :func:`libc_trim`'s; None: never trim.
         interval: seconds between looks.
     """
 
-    def __init__(self, activity: Callable[[], Hashable], trim: Callable[[], bool] | None = libc_trim,
+    def __init__(self, activity: Callable[[], Hashable], trim: Callable[[], bool] | None,
                  interval: float = TRIM_INTERVAL_S):
         self.activity = activity
-        self.trim = trim() if trim is libc_trim else trim
+        self.trim = trim
         self.interval = interval
         self.trims = 0
         self._seen = activity()

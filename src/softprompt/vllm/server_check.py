@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import SoftpromptError
@@ -155,7 +155,7 @@ def check_server(client, served_model: str | None = None) -> ServerInfo:
         raise VLLMError(f"{where} is another base model: the same tokens sent as ids and as "
                         f"{client.table.name!r}'s embeddings give different log-probabilities")
     block, caching = _read_cache_config(client.url, min(client.timeout, 10.0))
-    client.info = ServerInfo(client.url, version, model, max_len, block, caching)
+    client.info = replace(client.info, block_size=block, prefix_caching=caching)
     return client.info
 
 
