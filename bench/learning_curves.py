@@ -24,7 +24,7 @@ from pathlib import Path
 from common import RESULTS, machine, markdown_table, set_threads
 
 import peft_side
-from tasks import TASKS, TaskData, load_task, sample
+from tasks import TASKS, TaskData, load_task, sample, train_fields
 
 from softprompt import load_base_model
 from softprompt.evaluate import classification_metrics
@@ -52,8 +52,7 @@ def run_softprompt(data: TaskData, args, method: str, base, dev_n: int | None = 
         if dev_n:
             (work / "dev.jsonl").write_bytes(jsonl_bytes(sample(data, "dev", dev_n), kind))
             dev = {"eval": str(work / "dev.jsonl"), "eval_every": args.eval_every}
-        cfg = TrainConfig(data=str(work / "train.jsonl"), task=kind, template=data.spec.template, labels=data.spec.labels,
-                          max_target_length=data.spec.max_target_length,
+        cfg = TrainConfig(data=str(work / "train.jsonl"), **train_fields(data.spec),
                           out=str(work / "p.safetensors"), max_steps=args.steps, batch_size=args.batch_size,
                           max_length=args.max_length, seed=getattr(args, "seed", 0), quiet=True, checkpoint_every=0,
                           patience=None, model=args.model, **dev, **SOFTPROMPT_METHODS[method])

@@ -30,7 +30,7 @@ import torch
 from common import RESULTS, set_threads, write_results
 
 import peft_side
-from tasks import NAMES, TASKS, TaskData, load_task, sample
+from tasks import NAMES, TASKS, TaskData, load_task, sample, train_fields
 
 from softprompt import load_base_model
 from softprompt.base import wrap_base_model
@@ -122,11 +122,10 @@ def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "s
         work = Path(d)
         (work / "train.jsonl").write_bytes(jsonl_bytes(sample(data, "train", args.train_n, seed=0), data.spec.kind))
         (work / "dev.jsonl").write_bytes(jsonl_bytes(sample(data, "dev", args.dev_n, seed=0), data.spec.kind))
-        cfg = TrainConfig(data=str(work / "train.jsonl"), eval=str(work / "dev.jsonl"), task=data.spec.kind,
-                          template=data.spec.template, labels=data.spec.labels, out=str(work / "p.safetensors"),
-                          max_steps=steps, eval_every=every,
+        cfg = TrainConfig(data=str(work / "train.jsonl"), eval=str(work / "dev.jsonl"), **train_fields(data.spec),
+                          out=str(work / "p.safetensors"), max_steps=steps, eval_every=every,
                           batch_size=args.batch_size, prompt_length=args.prompt_length,
-                          max_length=args.max_length, max_target_length=data.spec.max_target_length, seed=seed,
+                          max_length=args.max_length, seed=seed,
                           quiet=True, checkpoint_every=0, model=args.model, **extra)
         t0 = time.perf_counter()
         result = train(cfg, base=base)

@@ -40,6 +40,12 @@ class TaskData:
     test: list[Example]
 
 
+def train_fields(spec: TaskSpec) -> dict:
+    """The task's ``TrainConfig`` fields (kind, template, labels, target length), for either kind (pure)."""
+    return {"task": spec.kind, "template": spec.template, "labels": spec.labels,
+            "max_target_length": spec.max_target_length}
+
+
 def load_task(name: str, max_length: int = 160, max_target_length: int = 32) -> TaskData:
     """Examples and spec of benchmark task ``name`` (one of :data:`TASKS`); texts are cut so the
     rendered source fits ``max_length`` tokens."""
