@@ -109,6 +109,33 @@ def test_the_budget_stops_the_search(tmp_path, learn, easy):
     assert load_prompt(r.path, learn).meta.training["search"]["stopped_by"] == "budget"
 
 
+def test_a_budget_with_room_for_one_minimal_trial_gives_it_to_the_first_recipe(tmp_path, learn, easy, monkeypatch):
+    import softprompt.tune.search as search
+
+    train_file, dev_file = easy  # 48 rows: 10 passes are 60 steps, so a minimal trial is 60 steps here
+    monkeypatch.setattr(search, "probe_step", lambda config, base: 10.0)  # as if a step took 10 s here
+    c = TuneConfig(train=train_cfg(tmp_path, train_file, eval=str(dev_file), max_steps=None, eval_every=None),
+                   budget=1000, trials=3, pruner="none")
+    r = tune(c, base=learn)
+    first, *later = r.trials
+    # 60 steps x 10 s + one evaluation fit 1000 s once: the first trial is planned for all of it (not 1000 / 3)
+    assert first.params == {"method": "prefix", "lr": 0.01, "prompt_length": 4}  # the deep prompt's recipe first
+    assert 900 < first.max_time <= 1000 and first.planned_steps == 60
+    # its own steps were fast (measured now), so the time it left is shared by the other two as usual
+    assert len(later) == 2 and 400 < later[0].max_time <= 500
+
+
+def test_trials_share_the_time_but_never_below_a_minimal_trial():
+    from softprompt.tune import min_trial_seconds, trials_that_fit
+
+    assert min_trial_seconds(100, 2.5, 30.0) == 280.0
+    assert trials_that_fit(480, 8, 280.0) == 1  # LoRA's 100-step time on tweets: one trial, the whole budget
+    assert trials_that_fit(1200, 8, 280.0) == 4
+    assert trials_that_fit(10**6, 8, 280.0) == 8  # --trials still caps it
+    assert trials_that_fit(100, 8, 280.0) == 1  # too short for one: the first trial takes what there is
+    assert trials_that_fit(100, 3, 0.0) == 3
+
+
 def test_best_trial_is_the_best_value_in_the_metric_direction():
     def rec(n, v):
         return TrialRecord(number=n, state="complete", params={}, metric="m", value=v, best_step=1)
@@ -131,6 +158,7 @@ def _cli(tmp_path, easy, *extra):
     (("--budget", "1m", "--eval-split", "0.2", "--methods", "prompt,lora"), "--methods prompt,lora: give distinct"),
     (("--budget", "1m", "--eval-split", "0.2", "--prompt-lengths", "10,x"), "--prompt-lengths '10,x': give whole"),
     (("--budget", "1m", "--eval-split", "0.2", "--prompt-lengths", "0"), "--prompt-lengths must be whole numbers"),
+    (("--budget", "1m", "--eval-split", "0.2", "--min-trial-steps", "0"), "--min-trial-steps must be at least 1"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, easy, capsys, extra, message):
     assert main(_cli(tmp_path, easy, *extra)) == 2

@@ -29,9 +29,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "tune", help="search the prompt method and learning rate of a task within a time budget",
         description="Search a task's recipe automatically: an Optuna study (TPE sampler seeded by --seed) tries "
-                    "prompt methods (input prompt, deep prompt, residual) with learning rates from each method's "
+                    "prompt methods (deep prompt, input prompt, residual) with learning rates from each method's "
                     "range within a wall-clock --budget, each trial a train run with an equal share of the time "
-                    "left, pruned on its dev evaluations. Every trial is recorded in <run-dir>/trials.jsonl; the "
+                    "left (never planned below --min-trial-steps while the budget has room), pruned on its dev "
+                    "evaluations. Every trial is recorded in <run-dir>/trials.jsonl; the "
                     "best trial's prompt is written to --out with the search in its training metadata. Takes "
                     "train's flags, except those the search sets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -42,7 +43,7 @@ def register(sub) -> None:
 
 
 def _search_flags(p: argparse.ArgumentParser) -> None:
-    from ..tune import DEFAULT_METHODS, PRUNERS, SEARCH_METHODS
+    from ..tune import DEFAULT_METHODS, MIN_TRIAL_STEPS, PRUNERS, SEARCH_METHODS
 
     s = p.add_argument_group("search")
     s.add_argument("--budget", default=None,
@@ -50,6 +51,9 @@ def _search_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--trials", type=int, default=8, help="most trials (the budget may end the search sooner)")
     s.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"recipes to try, comma-separated: {', '.join(SEARCH_METHODS)}")
+    s.add_argument("--min-trial-steps", type=int, default=MIN_TRIAL_STEPS,
+                   help="fewest steps a trial is planned for: a budget with room for fewer such trials than --trials "
+                        "is shared between fewer, longer ones (one: the first method's known-good recipe alone)")
     s.add_argument("--prompt-lengths", default=None, help="prompt lengths to try, comma-separated, e.g. 10,20,50")
     s.add_argument("--pruner", default="median", choices=list(PRUNERS),
                    help="stop poor trials on their dev evaluations: median (below the median of earlier trials at "
@@ -69,7 +73,8 @@ def config_from(args: argparse.Namespace):
         except ValueError:
             raise ConfigError(f"--prompt-lengths {args.prompt_lengths!r}: give whole numbers, comma-separated") from None
     return TuneConfig(train=config_from_args(args), budget=args.budget, trials=args.trials, methods=args.methods,
-                      prompt_lengths=lengths, pruner=args.pruner)
+                      prompt_lengths=lengths, pruner=args.pruner,
+                      min_trial_steps=args.min_trial_steps)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,18 +38,17 @@ from .balance import AUTO_RATIO
 from .calibrate import fit_calibrations
 from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
-from .plan import plan_auto, plan_record
-from .prepare import data_fingerprint, prepare, total_steps
+from .plan import measure_step, plan_auto, plan_record
 from .objective import row_losses
-from .records import DevResult, EvalHook, MetricsLog, TrainResult, peak_rss_mb
-from .schedule import SAMPLINGS, lr_at, warmup_steps
-from .setup import Run, check_launch, encode_rows, init_prompts, load_model, pick_checkpointing, read_resume
+from .records import DevResult, EvalHook, TrainResult, peak_rss_mb
+from .schedule import SAMPLINGS, lr_at
+from .setup import Run, build_run, pick_checkpointing
 from ..hf_compat import attention_implementation, gradient_checkpointing
 from .speed import cast_linear_weights, resolve_attention, share_prompt_prefix
 from .summary import TrainingSummary
 from .tracking import Trackers
 
-__all__ = ["train"]
+__all__ = ["train", "probe_step"]
 
 
 def train(config: TrainConfig, base: BaseModel | None = None, runtime=None,
@@ -74,25 +73,7 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None,
     """
     rt = runtime or runtime_from_env(config.device) or LocalRuntime()
     quiet = config.quiet or not rt.is_main
-    tasks = prepare(config)
-    total = total_steps(config, sum(len(t.train) for t in tasks))
-    check_launch(config, rt)
-    run_dir = config.run_path()
-    fingerprint = data_fingerprint(tasks)
-    saved = read_resume(run_dir / "checkpoint.safetensors", config, rt, fingerprint) if config.resume else None
-    model = load_model(config, rt, base, lambda msg: _say(quiet, msg))
-    params = init_prompts(config, tasks, model.pm)
-    rows = encode_rows(tasks, model.base.tokenizer)
-    opt = torch.optim.AdamW([{"params": list(p.parameters())} for p in params], lr=config.lr, weight_decay=config.weight_decay,
-                            betas=(0.9, 0.999), eps=1e-8)
-    scaler = torch.amp.GradScaler(model.device.type,
-                                  enabled=model.amp is torch.float16 or model.base.model.dtype is torch.float16)
-    run = Run(config=config, rt=rt, tasks=tasks, total=total, run_dir=run_dir, model=model, params=params, rows=rows,
-              opt=opt, scaler=scaler, log=MetricsLog(run_dir / "metrics.jsonl", enabled=rt.is_main),
-              fingerprint=fingerprint, quiet=quiet, warm=warmup_steps(config.warmup, total),
-              eval_every=config.eval_every or max(1, total // 5),
-              ckpt_every=config.checkpoint_every if config.checkpoint_every is not None else max(1, total // 10),
-              on_eval=on_eval)
+    run, saved = build_run(config, rt, base, on_eval, quiet, lambda msg: _say(quiet, msg))
     with _model_switches(run):
         probe_s = plan_auto(run, _backward, saved)  # --max-steps auto: planned from a measured step
         state = _start(run, saved)
@@ -106,6 +87,15 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None,
         finally:
             bar.close()
     return _finish(run, state)
+
+
+def probe_step(config: TrainConfig, base: BaseModel) -> float:
+    """Seconds one training step of ``config`` takes on this machine, on its own data (the probe
+    ``--max-steps auto`` plans from: a few forward and backward passes, no optimizer step, nothing
+    written). ``softprompt tune`` sizes its trials by it."""
+    run, _ = build_run(config, LocalRuntime(), base, None, True, lambda msg: None, log=False)
+    with _model_switches(run):
+        return measure_step(run, _backward)[0]
 
 
 def _start(run: Run, saved) -> LoopState:

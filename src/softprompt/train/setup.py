@@ -1,5 +1,6 @@
 """Before the first step: launch checks, the resumed checkpoint, the model (loaded, sharded), the
-prompts' initial values, the rows encoded once, and the :class:`Run` that holds what stays fixed.
+prompts' initial values, the rows encoded once, and the :class:`Run` that holds what stays fixed
+(:func:`build_run` does them in order).
 
 Not here: the loop (loop.py), settings and data checks (config.py), the checkpoint file (checkpoint.py).
 """
@@ -29,11 +30,12 @@ from .balance import TaskBalance, resolve as resolve_balance
 from .checkpoint import TrainState, load_checkpoint
 from .config import TrainConfig, _flag
 from .task_config import TaskConfig
-from .prepare import PreparedTask
+from .prepare import PreparedTask, data_fingerprint, prepare, total_steps
 from ..tasks import task
 from .objective import Row
 from .memory import StepShape, activation_bytes, choose_checkpointing, default_budget_bytes, parse_budget
 from .records import EvalHook, MetricsLog
+from .schedule import warmup_steps
 
 
 def check_launch(config: TrainConfig, rt) -> None:
@@ -301,3 +303,31 @@ def pick_checkpointing(run: Run) -> tuple[bool, str | None]:
                                 hidden, heads, getattr(tc, "intermediate_size", None) or 4 * hidden, tc.vocab_size,
                                 torch.empty((), dtype=dtype).element_size())
     return choose_checkpointing(False, estimate, budget)
+
+
+def build_run(config: TrainConfig, rt, base: BaseModel | None, on_eval: EvalHook | None, quiet: bool, say,
+              log: bool = True) -> tuple[Run, TrainState | None]:
+    """Everything before the first step, in order: the data read and checked, the launch checked, the
+    checkpoint to resume from (``--resume``), the model, the prompts, the rows encoded, the optimizer;
+    returns the :class:`Run` and that checkpoint (None for a fresh run). ``log=False`` writes no
+    metrics.jsonl (a probe of the step's cost, not a run)."""
+    tasks = prepare(config)
+    total = total_steps(config, sum(len(t.train) for t in tasks))
+    check_launch(config, rt)
+    run_dir = config.run_path()
+    fingerprint = data_fingerprint(tasks)
+    saved = read_resume(run_dir / "checkpoint.safetensors", config, rt, fingerprint) if config.resume else None
+    model = load_model(config, rt, base, say)
+    params = init_prompts(config, tasks, model.pm)
+    rows = encode_rows(tasks, model.base.tokenizer)
+    opt = torch.optim.AdamW([{"params": list(p.parameters())} for p in params], lr=config.lr,
+                            weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    scaler = torch.amp.GradScaler(model.device.type,
+                                  enabled=model.amp is torch.float16 or model.base.model.dtype is torch.float16)
+    run = Run(config=config, rt=rt, tasks=tasks, total=total, run_dir=run_dir, model=model, params=params, rows=rows,
+              opt=opt, scaler=scaler, log=MetricsLog(run_dir / "metrics.jsonl", enabled=rt.is_main and log),
+              fingerprint=fingerprint, quiet=quiet, warm=warmup_steps(config.warmup, total),
+              eval_every=config.eval_every or max(1, total // 5),
+              ckpt_every=config.checkpoint_every if config.checkpoint_every is not None else max(1, total // 10),
+              on_eval=on_eval)
+    return run, saved

@@ -9,9 +9,9 @@ evaluations, and keeps the best trial's prompt.
 Needs the ``tune`` extra (optuna).
 """
 
-from .config import DEFAULT_METHODS, PRUNERS, SEARCH_METHODS, SearchMethod, TuneConfig
-from .search import tune
+from .config import DEFAULT_METHODS, MIN_TRIAL_STEPS, PRUNERS, SEARCH_METHODS, SearchMethod, TuneConfig
+from .search import min_trial_seconds, trials_that_fit, tune
 from .trials import TrialRecord, TuneResult, best_trial, read_trials
 
 __all__ = ["TuneConfig", "TuneResult", "TrialRecord", "tune", "SEARCH_METHODS", "SearchMethod", "PRUNERS",
-           "DEFAULT_METHODS", "best_trial", "read_trials"]
+           "DEFAULT_METHODS", "MIN_TRIAL_STEPS", "best_trial", "read_trials", "min_trial_seconds", "trials_that_fit"]

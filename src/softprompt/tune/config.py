@@ -41,7 +41,16 @@ SEARCH_METHODS: dict[str, SearchMethod] = {
 task of issue 26 wanted lr 0.01 and more steps: its first trial), residual reparameterisation of the
 input prompt (README › Deep prompts: best early on tweets at lr 0.1), deep prompt with steps relative to
 each layer's key/value size (``--reparam scaled``; its lr is relative)."""
-DEFAULT_METHODS: tuple[str, ...] = ("prompt", "prefix", "residual")
+DEFAULT_METHODS: tuple[str, ...] = ("prefix", "prompt", "residual")
+"""The default --methods, in the order their first trials run: the deep prompt first (ahead of or level
+with the input prompt on every task measured: docs/benchmarks/quality.md), so a budget with room for
+one trial trains it."""
+
+MIN_TRIAL_STEPS = 100
+"""Default --min-trial-steps. Prompts are not comparable before about 100 steps of batch 8: on the
+tweet tasks' dev curves (docs/benchmarks/quality.md) the deep prompt was at 0.41-0.42 macro-F1 at step
+50 and 0.45-0.59 at 100, still rising at 250-300, and the input prompt dipped between 50 and 150. A
+search of 30-step trials ranks how fast recipes start, not where they end."""
 
 MEDIAN_STARTUP_TRIALS = 2
 """The median pruner prunes only once this many trials have finished."""
@@ -90,6 +99,9 @@ class TuneConfig:
     """Prompt lengths to choose from (default: only --prompt-length)."""
     pruner: Literal["median", "halving", "none"] = "median"
     """How trials are stopped early on their dev evaluations (:data:`PRUNERS`)."""
+    min_trial_steps: int = MIN_TRIAL_STEPS
+    """The fewest steps a trial is planned for while the budget has room: a budget that holds fewer
+    such trials than --trials is shared between fewer, longer trials (one: the first recipe alone)."""
 
     def __post_init__(self) -> None:
         try:
@@ -108,6 +120,8 @@ class TuneConfig:
             self.prompt_lengths = [self.train.prompt_length]
         if not self.prompt_lengths or not all(isinstance(n, int) and n >= 1 for n in self.prompt_lengths):
             raise ConfigError(f"--prompt-lengths must be whole numbers of at least 1, got {self.prompt_lengths}")
+        if isinstance(self.min_trial_steps, bool) or not isinstance(self.min_trial_steps, int) or self.min_trial_steps < 1:
+            raise ConfigError(f"--min-trial-steps must be at least 1, got {self.min_trial_steps}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
         self._check_train()

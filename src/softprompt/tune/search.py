@@ -1,9 +1,11 @@
 """``tune()``: an Optuna study over prompt recipes within a wall-clock budget, on one task's dev data.
 
 Read top to bottom: check the data and load the base once -> a study (TPE sampler seeded by --seed,
-the chosen pruner; the known-good recipe of each method queued first) -> trials, each one
-:func:`softprompt.train.train` run with its share of the time left, reporting every dev evaluation
-to the pruner -> the best trial's prompt written to --out with the search in its metadata.
+the chosen pruner; the known-good recipe of each method queued first) -> a training step measured on
+this machine -> trials, each one :func:`softprompt.train.train` run with its share of the time left
+(never planned shorter than --min-trial-steps while the budget has room: fewer, longer trials),
+reporting every dev evaluation to the pruner -> the best trial's prompt written to --out with the
+search in its metadata.
 
 Study storage is Optuna's in-memory one: a search is not resumable (a trial is minutes; its record,
 prompt and metrics stay in the run folder either way).
@@ -14,6 +16,7 @@ Not here: the search space and settings (config.py), the records (trials.py), tr
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 
@@ -23,8 +26,10 @@ from ..base import BaseModel, load_base_model
 from ..extras import require
 from ..train import train
 from ..train.balance import resolve as resolve_balance
-from ..train.budget import dev_eval_seconds, plan_steps
-from ..train.prepare import prepare
+from ..train.budget import AUTO_EPOCHS, dev_eval_seconds, plan_steps
+from ..train.loop import probe_step
+from ..train.plan import PROBE_STEPS
+from ..train.prepare import prepare, total_steps
 from ..train.records import DevResult
 from ..train.summary import TrainingSummary
 from .config import PRUNERS, SEARCH_METHODS, TuneConfig
@@ -32,13 +37,6 @@ from .trials import TrialLog, TrialRecord, TuneResult, best_trial
 
 __all__ = ["tune"]
 
-FIRST_STEP_SECONDS = 2.0
-"""Seconds a training step is assumed to take before a trial has measured it (a 135M base at batch 8
-on a loaded CPU core, fp32). Too slow a guess is cheap: the trial ends before its share and the time
-left goes to the next trials; too fast a guess would cut its learning-rate schedule short."""
-MIN_SHARE = 0.25
-"""A new trial starts only while the time left is at least this fraction of an equal share
-(budget / trials): a shorter one could not be compared with the others."""
 
 
 def tune(config: TuneConfig, base: BaseModel | None = None, pruner=None) -> TuneResult:
@@ -103,22 +101,35 @@ def _study(config: TuneConfig, direction: int, pruner):
 def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metric: str, t0: float, log: TrialLog,
                 records: list[TrialRecord]) -> str:
     """Trials until --trials ran ("trials") or the budget is spent ("budget"); each finished trial is
-    told to the study, appended to ``records`` and to trials.jsonl."""
+    told to the study, appended to ``records`` and to trials.jsonl.
+
+    The time left is shared equally between the trials not yet run, but between no more than it holds
+    trials of ``--min-trial-steps`` (one dev evaluation each) at the step and evaluation times measured
+    so far: a step probed before the first trial, then each trial's own. The first trial always runs;
+    a later one starts only while a minimal trial of the slowest method measured still fits."""
     from optuna.trial import TrialState
 
     tc = config.train
+    min_steps = _min_trial_steps(config, n_train)
     step_s: dict[str, float] = {}  # method -> measured seconds of a training step
     eval_s: dict[str, float] = {}  # method -> measured seconds of a dev evaluation
     setup = 0.0  # most seconds a trial spent outside its loop (reading and tokenizing data): not in --max-time
     for number in range(config.trials):
         left = config.budget - (time.perf_counter() - t0)
-        if number and left < MIN_SHARE * config.budget / config.trials:
-            return "budget"
+        if number and left < min_trial_seconds(min_steps, max(step_s.values()), max(eval_s.values())) + setup:
+            return "budget"  # not even a minimal trial of the slowest method measured fits: stop
         trial = study.ask()
         params = _suggest(trial, config)
-        share = max(left / (config.trials - number) - setup, 1e-3)
-        step = step_s.get(params["method"]) or max(step_s.values(), default=FIRST_STEP_SECONDS)
+        if not step_s:  # before the first trial: a step measured on this machine, on this data
+            probe = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], config.budget, 1)
+            t = time.perf_counter()
+            step_s[params["method"]] = probe_step(probe, base)
+            setup = max(0.0, time.perf_counter() - t - PROBE_STEPS * step_s[params["method"]])  # its reading and tokenizing
+            left = config.budget - (time.perf_counter() - t0)
+        step = step_s.get(params["method"]) or max(step_s.values())
         dev = eval_s.get(params["method"]) or max(eval_s.values(), default=dev_eval_seconds(n_dev, tc.batch_size, step))
+        n = trials_that_fit(left, config.trials - number, min_trial_seconds(min_steps, step, dev) + setup)
+        share = max(left / n - setup, 1e-3)
         plan, every = plan_steps(share, step, dev, n_train, tc.batch_size, tc.eval_every)
         rec = _run_trial(config, trial, number, params, share, plan, every, base, metric)
         done = rec.state == "complete"
@@ -128,6 +139,26 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
         records.append(rec)
         log.append(rec)
     return "trials"
+
+
+def min_trial_seconds(steps: int, step_s: float, eval_s: float) -> float:
+    """The time of the shortest trial worth running: ``steps`` training steps and one dev evaluation (pure)."""
+    return steps * step_s + eval_s
+
+
+def trials_that_fit(left: float, trials_left: int, min_trial_s: float) -> int:
+    """How many trials to share the time ``left`` between (pure): the trials not yet run, but no more
+    than the time holds trials of ``min_trial_s``; at least one (the time is given to it whole)."""
+    return max(1, min(trials_left, math.floor(left / min_trial_s) if min_trial_s > 0 else trials_left))
+
+
+def _min_trial_steps(config: TuneConfig, n_train: int) -> int:
+    """Steps of the shortest trial: the user's fixed length (--max-steps / --epochs), else
+    --min-trial-steps, at most the 10 passes over the data a plan allows."""
+    tc = config.train
+    if tc.max_steps is not None or tc.epochs is not None:
+        return total_steps(tc, n_train)
+    return min(config.min_trial_steps, AUTO_EPOCHS * max(1, n_train // tc.batch_size))
 
 
 def _startup(config: TuneConfig) -> int:
