@@ -300,12 +300,13 @@ def equal_time_plan(step_cost: str, args, n_train: int, n_dev: int) -> dict[str,
     """Recipe -> (steps, eval_every) that fit LoRA's ``args.steps`` steps of time on the machine the
     step costs were measured on: what ``--max-steps auto --max-time <LoRA's time>`` plans there
     (its dev evaluations included), independent of the load while this run trains."""
-    from softprompt.train.budget import auto_plan  # noqa: PLC0415
+    from softprompt.train.budget import auto_plan, dev_eval_seconds  # noqa: PLC0415
 
     rows = {r["method"]: r["median_s_per_step"] for r in json.loads((RESULTS / f"{step_cost}.json").read_text())["rows"]}
     budget = rows["lora"] * args.steps
     # lists, not tuples: the config holding the plan is compared with its JSON copy
-    plan = {recipe: list(auto_plan(budget, rows[row], n_dev, n_train, args.batch_size, None))
+    plan = {recipe: list(auto_plan(budget, rows[row], dev_eval_seconds(n_dev, args.batch_size, rows[row]), n_train,
+                                         args.batch_size, None))
             for recipe, row in STEP_COST_METHOD.items() if row in rows}
     print(f"equal time ({step_cost}: LoRA {rows['lora']} s a step x {args.steps} = {budget:.0f} s): {plan}", flush=True)
     return plan

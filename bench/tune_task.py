@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, machine, markdown_table
-from tasks import TASKS, load_task, sample
+from tasks import TASKS, load_task, sample, train_fields
 
 from softprompt.evaluate.baselines import PROMPT_ROW
 from softprompt.examples import jsonl_bytes
@@ -49,7 +49,7 @@ def lora_budget(step_cost: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", default="tweet-sentiment", choices=[t for t in TASKS if t != "headlines"])
+    ap.add_argument("--task", default="tweet-sentiment", choices=TASKS)
     ap.add_argument("--budget", default="10m")
     ap.add_argument("--equal-time", default=None, metavar="STEP_COST",
                     help=f"budget = LoRA r=8's time for {LORA_STEPS} steps by results/STEP_COST.json (overrides --budget)")
@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="tune's --methods (default: tune's own)")
     ap.add_argument("--calibrate", default="auto", choices=["auto", "none"])
     ap.add_argument("--dev-n", type=int, default=200, help="dev examples (as bench/quality.py: its seed-0 sample)")
-    ap.add_argument("--eval-n", type=int, default=400, help="test examples (bench/quality.py's sample)")
+    ap.add_argument("--eval-n", type=int, default=None, help="test examples (default: bench/quality.py's: 400, 60 headlines)")
+    ap.add_argument("--max-new-tokens", type=int, default=24, help="generation (headlines), as bench/quality.py")
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--seeds", default="0", help="comma list: one search per seed (--seed of tune)")
     ap.add_argument("--threads", type=int, default=1)
@@ -69,13 +70,15 @@ def main() -> None:
     if args.markdown_only:
         return write_markdown(name, json.loads((RESULTS / f"{name}.json").read_text()))
     budget = str(lora_budget(args.equal_time)) if args.equal_time else args.budget
+    if args.eval_n is None:
+        args.eval_n = 60 if args.task == "headlines" else 400
 
     data = load_task(args.task, max_length=args.max_length)
     work = RESULTS / name
     work.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", data.train), ("dev", sample(data, "dev", args.dev_n, seed=0)),
                         ("test", sample(data, "test", args.eval_n, seed=0))):
-        (work / f"{split}.jsonl").write_bytes(jsonl_bytes(rows, "classify"))
+        (work / f"{split}.jsonl").write_bytes(jsonl_bytes(rows, data.spec.kind))
     start = machine()
     runs = [_run_seed(args, data, work, budget, int(seed)) for seed in args.seeds.split(",")]
     result = {"task": args.task, "machine_start": start, "machine_end": machine(), "args": vars(args),
@@ -89,22 +92,26 @@ def main() -> None:
 def _run_seed(args, data, work: Path, budget: str, seed: int) -> dict:
     """One search and the test evaluation of its winner."""
     out = work / f"seed{seed}" / "prompt.safetensors"
+    fields = train_fields(data.spec)
+    task_argv = (["--task", "generate", "--max-target-length", str(fields["max_target_length"])]
+                 if fields["task"] == "generate" else ["--labels", ",".join(fields["labels"])])
     tune_argv = ["tune", "--data", str(work / "train.jsonl"), "--eval", str(work / "dev.jsonl"),
-                 "--template", data.spec.template, "--labels", ",".join(data.spec.labels),
+                 "--template", data.spec.template, *task_argv,
                  "--max-length", str(args.max_length), "--budget", budget, "--trials", str(args.trials),
                  "--calibrate", args.calibrate, "--seed", str(seed), "--out", str(out)]
     tune_argv += (["--methods", args.methods] if args.methods else []) + (["--model", args.model] if args.model else [])
     t0 = time.perf_counter()
     _softprompt(tune_argv, args.threads)
     tune_s = time.perf_counter() - t0
-    evaluated = json.loads(_softprompt(["eval", str(out), "--data", str(work / "test.jsonl"), "--json", "--quiet"]
+    gen = ["--max-new-tokens", str(args.max_new_tokens)] if fields["task"] == "generate" else []
+    evaluated = json.loads(_softprompt(["eval", str(out), "--data", str(work / "test.jsonl"), "--json", "--quiet", *gen]
                                        + (["--model", args.model] if args.model else []), args.threads).stdout)
     test = {**evaluated["results"][PROMPT_ROW], "n": evaluated["n"]}
     trials = [json.loads(l) for l in (out.parent / "prompt.run" / "trials.jsonl").read_text().splitlines() if l.strip()]
     info = json.loads(_softprompt(["inspect", str(out), "--json"], args.threads).stdout)
     return {"seed": seed, "command": "softprompt " + shlex.join(tune_argv), "tune_seconds": round(tune_s, 1),
             "search": info["training"]["search"], "calibration": info.get("calibration"), "trials": trials,
-            "test": {k: test.get(k) for k in ("accuracy", "macro_f1", "n")}}
+            "test": {k: test[k] for k in ("accuracy", "macro_f1", "rouge_l", "n") if k in test}}
 
 
 def write_markdown(name: str, result: dict) -> None:
@@ -127,15 +134,14 @@ def write_markdown(name: str, result: dict) -> None:
                f"Winner: trial {search['best_trial']} ({search['best']['method']}, lr {search['best']['lr']:.3g}), dev "
                f"{search['metric']} {search['best_value']:.4f}; {search['trials']} trial(s) ({search['pruned']} pruned) "
                f"in {search['seconds']:.0f} s of a {search['budget']:.0f} s budget (stopped by {search['stopped_by']})"
-               f"{'; calibrated' if run.get('calibration') else ''}. **Test accuracy {test.get('accuracy'):.4f}, "
-               f"macro-F1 {test.get('macro_f1'):.4f}.**", ""]
+               f"{'; calibrated' if run.get('calibration') else ''}. **Test "
+               + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n") + ".**", ""]
         summary.append({"seed": run["seed"], "winner": search["best"]["method"], "trials": search["trials"],
                         "steps": sum(t["steps"] for t in run["trials"]), "search s": round(search["seconds"]),
-                        "calibrated": bool(run.get("calibration")), "accuracy": test.get("accuracy"),
-                        "macro_f1": test.get("macro_f1")})
+                        "calibrated": bool(run.get("calibration")), **{k: v for k, v in test.items() if k != "n"}})
     if len(runs) > 1:
-        summary.append({"seed": "mean", **{k: round(statistics.mean(r[k] for r in summary), 4)
-                                           for k in ("accuracy", "macro_f1")}})
+        scores = [k for k in ("accuracy", "macro_f1", "rouge_l") if k in summary[0]]
+        summary.append({"seed": "mean", **{k: round(statistics.mean(r[k] for r in summary), 4) for k in scores}})
     md[len(md):] = ["### Summary", "", markdown_table(summary)] if len(runs) > 1 else []
     if "runs" not in result:  # the first run's own caveat
         steps = [t["steps"] for t in runs[0]["trials"]]

@@ -102,8 +102,9 @@ def test_cli_flags(tmp_path, easy):
 
 # --max-steps auto: the plan comes from a step measured on this machine (train/plan.py)
 
-def _fake_step(monkeypatch, seconds: float) -> list[int]:
-    """Make the probe report ``seconds`` a step; returns a list counting the probes."""
+def _fake_step(monkeypatch, seconds: float, eval_seconds: float = 1.5) -> list[int]:
+    """Make the probe report ``seconds`` a step and ``eval_seconds`` a dev evaluation; returns a list
+    counting the probes."""
     from softprompt.train import plan
 
     calls: list[int] = []
@@ -113,6 +114,7 @@ def _fake_step(monkeypatch, seconds: float) -> list[int]:
         return seconds, 0.0
 
     monkeypatch.setattr(plan, "measure_step", measure)
+    monkeypatch.setattr(plan, "measure_eval", lambda run: eval_seconds)
     return calls
 
 
@@ -127,16 +129,42 @@ def test_auto_plan_probe_leaves_training_as_the_same_fixed_plan_would(tmp_path, 
 
 
 def test_auto_plan_fits_steps_and_dev_evaluations_into_the_budget(tmp_path, learn, easy, monkeypatch):
-    from softprompt.train.budget import FORWARD_SHARE, PLAN_MARGIN, plan_steps
+    from softprompt.train.budget import PLAN_MARGIN, plan_steps
 
-    _fake_step(monkeypatch, 2.0)  # a slow machine: 2 s a step
+    _fake_step(monkeypatch, 2.0, 6.0)  # a slow machine: 2 s a step, 6 s to evaluate the 12 dev rows
     train_file, dev_file = easy
     r = train(cfg(tmp_path, train_file, eval=str(dev_file), max_steps="auto", max_time=100, eval_every=None),
               base=learn)
-    steps, every = plan_steps(PLAN_MARGIN * 100, 2.0, 12 / 8 * 2.0 * FORWARD_SHARE, 48, 8, None)
+    steps, every = plan_steps(PLAN_MARGIN * 100, 2.0, 6.0, 48, 8, None)
     assert steps < 60  # the budget, not the data, limits this plan
     assert r.steps == steps and load_prompt(r.path, learn).meta.training["planned_steps"] == steps
     assert [h["step"] for h in r.history if "eval" in h] == [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+
+
+def test_a_probed_step_is_scaled_to_a_typical_batch_by_its_padded_tokens():
+    from softprompt.train.plan import padded_tokens
+
+    assert padded_tokens([0, 1], [5, 9, 40]) == 18 and padded_tokens([0, 1], [5, 9, 40], extra=20) == 58
+    assert padded_tokens([2], [5, 9, 40], extra=20) == 60
+
+
+def test_the_probe_times_a_dev_batch_and_scales_it_to_the_dev_set(tmp_path, learn, easy, monkeypatch):
+    """measure_eval evaluates a batch of dev rows untimed, times the next and scales it to the 12 rows;
+    a dev set of two batches or less is timed whole."""
+    from softprompt.train import plan
+    from softprompt.train.loop import probe_step
+
+    seen = []
+    real = plan.evaluate_prompt
+    monkeypatch.setattr(plan, "evaluate_prompt", lambda pm, p, spec, rows, bs, **kw: seen.append(len(rows)) or real(pm, p, spec, rows, bs, **kw))
+    train_file, dev_file = easy
+    step_s, eval_s = probe_step(cfg(tmp_path, train_file, eval=str(dev_file), eval_batch_size=4), base=learn)
+    assert seen == [4, 4] and step_s > 0 and eval_s > 0
+    seen.clear()
+    probe_step(cfg(tmp_path, train_file, eval=str(dev_file), eval_batch_size=6), base=learn)
+    assert seen == [12]
+    assert probe_step(cfg(tmp_path, train_file), base=learn)[1] == 0.0  # no dev data: no evaluation
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("metrics.jsonl"))  # a probe writes nothing
 
 
 def test_auto_plan_is_kept_in_the_checkpoint_and_a_resumed_run_follows_it(tmp_path, learn, easy, monkeypatch):
@@ -152,3 +180,26 @@ def test_auto_plan_is_kept_in_the_checkpoint_and_a_resumed_run_follows_it(tmp_pa
     a = load_checkpoint(full.run_dir / "checkpoint.safetensors").prompts
     b = load_checkpoint(done.run_dir / "checkpoint.safetensors").prompts
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_after_an_evaluation_a_step_that_would_end_past_the_budget_is_not_taken():
+    from types import SimpleNamespace
+
+    from softprompt.distributed import LocalRuntime
+    from softprompt.train.loop import _no_time_for_a_step
+
+    run = SimpleNamespace(config=SimpleNamespace(max_time=10.0), rt=LocalRuntime())
+    assert not _no_time_for_a_step(run, SimpleNamespace(elapsed=9.0, train_time=2.0, step=4))  # 9 + 0.5 fits
+    assert _no_time_for_a_step(run, SimpleNamespace(elapsed=9.6, train_time=2.0, step=4))  # 9.6 + 0.5 does not
+    run.config.max_time = None
+    assert not _no_time_for_a_step(run, SimpleNamespace(elapsed=99.0, train_time=2.0, step=4))
+
+
+def test_a_run_that_stops_after_an_evaluation_is_not_evaluated_again(tmp_path, learn, easy, monkeypatch):
+    from softprompt.train import loop
+
+    monkeypatch.setattr(loop, "_no_time_for_a_step", lambda run, state: state.step == 4)
+    train_file, dev_file = easy
+    r = train(cfg(tmp_path, train_file, eval=str(dev_file), max_time="1h"), base=learn)
+    assert r.steps == 4 and r.out_of_time
+    assert [h["step"] for h in r.history if "eval" in h] == [4]  # not a 5th step and a second evaluation

@@ -56,8 +56,8 @@ def auto_steps(n_examples: int, batch_size: int, max_time: float) -> int:
 
 
 FORWARD_SHARE = 0.5
-"""Before a dev evaluation has been measured, a dev row is assumed to cost this fraction of a training
-row (measured 0.45-0.51: tweet-sentiment, 3 labels, 100 dev rows in 24-30 s where a step of 8 rows took
+"""Where a dev evaluation is not measured (bench/quality.py's equal-time plans from step costs alone),
+a dev row is taken to cost this fraction of a training row (measured 0.45-0.51: tweet-sentiment, 3 labels, 100 dev rows in 24-30 s where a step of 8 rows took
 4.0-4.6 s; SmolLM2-135M fp32 on a loaded AMD EPYC core, bench/results/tune_tweet_sentiment.json)."""
 TRAIN_EVALS = 5
 """Dev evaluations of a trial without --eval-every (as train's default: 5 a run) ..."""
@@ -96,13 +96,12 @@ def dev_eval_seconds(n_dev: int, batch_size: int, step_s: float) -> float:
     return n_dev / batch_size * step_s * FORWARD_SHARE
 
 
-def auto_plan(seconds: float, step_s: float, n_dev: int, n_train: int, batch_size: int,
+def auto_plan(seconds: float, step_s: float, eval_s: float, n_train: int, batch_size: int,
               eval_every: int | None) -> tuple[int, int]:
     """``--max-steps auto``'s (steps, eval_every) for ``seconds`` of budget left at ``step_s`` a step,
-    ``n_dev`` dev rows (0: no dev evaluations) and ``n_train`` training rows (pure): :func:`plan_steps`
-    over ``PLAN_MARGIN`` of the time left, at least one step's worth."""
-    return plan_steps(max(PLAN_MARGIN * seconds, step_s), step_s, dev_eval_seconds(n_dev, batch_size, step_s),
-                      n_train, batch_size, eval_every)
+    ``eval_s`` a dev evaluation (0: none) and ``n_train`` training rows (pure): :func:`plan_steps` over
+    ``PLAN_MARGIN`` of the time left, at least one step's worth."""
+    return plan_steps(max(PLAN_MARGIN * seconds, step_s), step_s, eval_s, n_train, batch_size, eval_every)
 
 
 def check_budget(c) -> None:

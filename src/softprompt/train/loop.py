@@ -38,7 +38,7 @@ from .balance import AUTO_RATIO
 from .calibrate import fit_calibrations
 from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
-from .plan import measure_step, plan_auto, plan_record
+from .plan import measure_eval, measure_step, plan_auto, plan_record
 from .objective import row_losses
 from .records import DevResult, EvalHook, TrainResult, peak_rss_mb
 from .schedule import SAMPLINGS, lr_at
@@ -89,13 +89,12 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None,
     return _finish(run, state)
 
 
-def probe_step(config: TrainConfig, base: BaseModel) -> float:
-    """Seconds one training step of ``config`` takes on this machine, on its own data (the probe
-    ``--max-steps auto`` plans from: a few forward and backward passes, no optimizer step, nothing
-    written). ``softprompt tune`` sizes its trials by it."""
+def probe_step(config: TrainConfig, base: BaseModel) -> tuple[float, float]:
+    """Seconds of a training step and of a dev evaluation (0: no dev data) of ``config`` here, measured
+    as ``--max-steps auto`` measures them (plan.py; nothing written). ``softprompt tune`` plans by them."""
     run, _ = build_run(config, LocalRuntime(), base, None, True, lambda msg: None, log=False)
     with _model_switches(run):
-        return measure_step(run, _backward)[0]
+        return measure_step(run, _backward)[0], measure_eval(run)
 
 
 def _start(run: Run, saved) -> LoopState:
@@ -156,7 +155,8 @@ def _model_switches(run: Run) -> contextlib.ExitStack:
 
 def _loop(run: Run, state: LoopState, bar) -> None:
     """The loop: step -> log -> evaluate -> checkpoint, until the planned steps, early stopping or
-    the --max-time budget (checked after each step; a run out of time is evaluated once more)."""
+    the --max-time budget (checked after each step; a run out of time is evaluated once more, unless
+    it was just evaluated and one more step would not fit)."""
     if state.step < run.total and _out_of_time(run, state):  # resumed with the budget already spent
         state.out_of_time = True
         return
@@ -174,6 +174,7 @@ def _loop(run: Run, state: LoopState, bar) -> None:
             if sharded:
                 sharded.end_step()
             state.elapsed = time.perf_counter() - run.t_start
+            state.out_of_time = state.out_of_time or (done != run.total and _no_time_for_a_step(run, state))
         if run.ckpt_every and (done % run.ckpt_every == 0 or state.stopped or state.out_of_time) and done != run.total:
             _checkpoint(run, state)
         if state.stopped:
@@ -183,6 +184,14 @@ def _loop(run: Run, state: LoopState, bar) -> None:
         if state.out_of_time:
             _say(run.quiet, f"--max-time {run.config.max_time:g}s spent after step {done} of {run.total}")
             break
+
+
+def _no_time_for_a_step(run: Run, state: LoopState) -> bool:
+    """One more step (at the mean step time so far) would end past --max-time: after an evaluation, stop."""
+    if run.config.max_time is None or not state.step:
+        return False
+    step_s = state.train_time / state.step
+    return bool(run.rt.broadcast(state.elapsed + step_s > run.config.max_time if run.rt.is_main else None))
 
 
 def _out_of_time(run: Run, state: LoopState) -> bool:

@@ -1,10 +1,13 @@
-"""``--max-steps auto``: the run's length planned from a training step measured on this machine.
+"""``--max-steps auto``: the run's length planned from a training step and a dev evaluation measured
+on this machine.
 
 A fixed guess of a step's cost is wrong by 10x between a GPU and a loaded CPU core, and a plan too
 long for its budget ends in its warmup with no dev evaluation before the end. So before the loop,
 the first ``PROBE_STEPS`` batches run forward and backward without an optimizer step (the prompts,
-optimizer and data order stay as they were), the later ones timed; then :func:`plan_steps` fits the
-steps and dev evaluations into what is left of ``--max-time``. The plan is kept in the checkpoint,
+optimizer and data order stay as they were), the later ones timed, and one batch of each task's dev
+rows is evaluated and timed (a generation task's dev evaluation costs several times a classification
+one's per row: a fixed share of a training row was wrong by 2x there); then :func:`plan_steps` fits
+the steps and dev evaluations into what is left of ``--max-time``. The plan is kept in the checkpoint,
 so a resumed run follows the same schedule (bit-exact) without measuring again.
 
 Not here: the plan's arithmetic (budget.plan_steps, pure), the loop that stops at the budget (loop.py).
@@ -15,6 +18,11 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import torch
+
+from ..evaluate import evaluate_prompt
+from ..precision import autocast
+from ..trainable import collapse, prompt_length
 from .budget import auto_plan
 from .schedule import SAMPLINGS, warmup_steps
 from .setup import Run
@@ -23,20 +31,57 @@ PROBE_STEPS = 3
 """Steps run before the plan: the first pays one-time costs (allocation, kernel choice), the rest are timed."""
 
 
+TYPICAL_STEPS = 256
+"""Batches whose padded size stands for a typical step (the first this many of the run's order)."""
+
+
 def measure_step(run: Run, backward: Callable[[Run, list[int]], object]) -> tuple[float, float]:
-    """(seconds of one training step, seconds the probe took): the mean of the timed probes. Only
+    """(seconds of one training step, seconds the probe took). Batches are grouped by length, so the
+    few probed can be much shorter or longer than most: their time per padded token is scaled to the
+    mean padded size of the run's first ``TYPICAL_STEPS`` batches (:func:`padded_tokens`). Only
     gradients are computed, and dropped; the main process's measure holds for every process."""
-    config, times = run.config, []
+    times, sizes = [], []
+    extra = max(prompt_length(p()) for p in run.params)  # virtual tokens: every row computes them too
     t0 = time.perf_counter()
     for step in range(PROBE_STEPS):
-        batch = SAMPLINGS[config.sampling](step, run.lengths, run.row_keys, config.batch_size, config.seed,
-                                           run.order_cache)
+        batch = _batch(run, step)
         t = time.perf_counter()
         backward(run, batch)
         run.opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    step_s = sum(times[1:]) / max(1, len(times) - 1)
+        sizes.append(padded_tokens(batch, run.lengths, extra))
+    typical = sum(padded_tokens(_batch(run, k), run.lengths, extra) for k in range(TYPICAL_STEPS)) / TYPICAL_STEPS
+    step_s = sum(times[1:]) / max(1, sum(sizes[1:])) * typical
     return float(run.rt.broadcast(step_s if run.rt.is_main else None)), time.perf_counter() - t0
+
+
+def padded_tokens(batch: list[int], lengths: list[int], extra: int = 0) -> int:
+    """Tokens a batch computes once padded to its longest row, each row ``extra`` more (the prompt's) (pure)."""
+    return len(batch) * (max(lengths[i] for i in batch) + extra)
+
+
+def _batch(run: Run, step: int) -> list[int]:
+    config = run.config
+    return SAMPLINGS[config.sampling](step, run.lengths, run.row_keys, config.batch_size, config.seed, run.order_cache)
+
+
+def measure_eval(run: Run) -> float:
+    """Seconds of one dev evaluation of every task (0: no dev data): a batch of each task's dev rows
+    evaluated with its prompt as it is now, timed, and scaled to all of its dev rows; the batch before
+    it is evaluated untimed (the first pays one-time costs that a 12x scale-up would multiply), unless
+    the dev set is only two batches or less: then all of it is timed. Nothing is kept."""
+    bs, m, total = run.config.eval_batch_size, run.model, 0.0
+    for t, p in zip(run.tasks, run.params):
+        if not t.dev:
+            continue
+        warm, rows = (t.dev[:bs], t.dev[bs:2 * bs]) if len(t.dev) > 2 * bs else ([], t.dev)
+        with torch.no_grad(), autocast(m.device, m.amp):
+            for part in (warm, rows):
+                start = time.perf_counter()
+                if part:
+                    evaluate_prompt(m.pm, collapse(p).detach(), t.spec, part, bs)
+        total += (time.perf_counter() - start) * len(t.dev) / len(rows)
+    return float(run.rt.broadcast(total if run.rt.is_main else None))
 
 
 def plan_auto(run: Run, backward: Callable[[Run, list[int]], object], saved=None) -> float:
@@ -53,13 +98,17 @@ def plan_auto(run: Run, backward: Callable[[Run, list[int]], object], saved=None
         if plan:
             _apply(run, int(plan["planned_steps"]), int(plan["eval_every"]))
         return 0.0
-    step_s, probe_s = measure_step(run, backward)
+    t0 = time.perf_counter()
+    step_s, _ = measure_step(run, backward)
+    eval_s = measure_eval(run)
+    probe_s = time.perf_counter() - t0
     n_dev = sum(len(t.dev or []) for t in run.tasks)
-    total, every = auto_plan(config.max_time - probe_s, step_s, n_dev, len(run.rows), config.batch_size,
+    total, every = auto_plan(config.max_time - probe_s, step_s, eval_s, len(run.rows), config.batch_size,
                              config.eval_every)
     _apply(run, total, every)
     run.plan_note = (f"--max-steps auto: {total} steps planned from a measured step of {step_s:.3g}s"
-                     + (f" and {n_dev} dev rows every {every} steps" if run.has_dev else ""))
+                     + (f" and a measured evaluation of {n_dev} dev rows of {eval_s:.3g}s, every {every} steps"
+                        if run.has_dev else ""))
     return probe_s
 
 

@@ -26,7 +26,7 @@ from ..base import BaseModel, load_base_model
 from ..extras import require
 from ..train import train
 from ..train.balance import resolve as resolve_balance
-from ..train.budget import AUTO_EPOCHS, dev_eval_seconds, plan_steps
+from ..train.budget import AUTO_EPOCHS, plan_steps
 from ..train.loop import probe_step
 from ..train.plan import PROBE_STEPS
 from ..train.prepare import prepare, total_steps
@@ -113,7 +113,7 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
     min_steps = _min_trial_steps(config, n_train)
     step_s: dict[str, float] = {}  # method -> measured seconds of a training step
     eval_s: dict[str, float] = {}  # method -> measured seconds of a dev evaluation
-    setup = 0.0  # most seconds a trial spent outside its loop (reading and tokenizing data): not in --max-time
+    setup = 0.0  # most seconds a trial spent outside its loop (reading data, calibrating, writing): not in --max-time
     for number in range(config.trials):
         left = config.budget - (time.perf_counter() - t0)
         if number and left < min_trial_seconds(min_steps, max(step_s.values()), max(eval_s.values())) + setup:
@@ -123,11 +123,13 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
         if not step_s:  # before the first trial: a step measured on this machine, on this data
             probe = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], config.budget, 1)
             t = time.perf_counter()
-            step_s[params["method"]] = probe_step(probe, base)
-            setup = max(0.0, time.perf_counter() - t - PROBE_STEPS * step_s[params["method"]])  # its reading and tokenizing
+            step_s[params["method"]], eval_s[params["method"]] = probe_step(probe, base)
+            setup = max(0.0, time.perf_counter() - t - PROBE_STEPS * step_s[params["method"]]  # reading, tokenizing
+                        - eval_s[params["method"]] * min(1.0, tc.eval_batch_size / max(1, n_dev)))
+            setup += eval_s[params["method"]] if tc.calibrate == "auto" else 0.0  # its calibration's dev pass
             left = config.budget - (time.perf_counter() - t0)
         step = step_s.get(params["method"]) or max(step_s.values())
-        dev = eval_s.get(params["method"]) or max(eval_s.values(), default=dev_eval_seconds(n_dev, tc.batch_size, step))
+        dev = eval_s.get(params["method"]) or max(eval_s.values())
         n = trials_that_fit(left, config.trials - number, min_trial_seconds(min_steps, step, dev) + setup)
         share = max(left / n - setup, 1e-3)
         plan, every = plan_steps(share, step, dev, n_train, tc.batch_size, tc.eval_every)
