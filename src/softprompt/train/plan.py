@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .. import progress
 from ..evaluate import evaluate_prompt
 from ..precision import autocast
 from ..trainable import collapse, prompt_length
@@ -75,7 +76,7 @@ def measure_eval(run: Run) -> float:
         if not t.dev:
             continue
         warm, rows = (t.dev[:bs], t.dev[bs:2 * bs]) if len(t.dev) > 2 * bs else ([], t.dev)
-        with torch.no_grad(), autocast(m.device, m.amp):
+        with torch.no_grad(), autocast(m.device, m.amp), progress.shown(False):  # no bars for a probe
             for part in (warm, rows):
                 start = time.perf_counter()
                 if part:

@@ -32,6 +32,7 @@ from ..train.plan import PROBE_STEPS
 from ..train.prepare import prepare, total_steps
 from ..train.records import DevResult
 from ..train.summary import TrainingSummary
+from ..tasks import task as task_kind
 from .config import PRUNERS, SEARCH_METHODS, TuneConfig
 from .trials import TrialLog, TrialRecord, TuneResult, best_trial
 
@@ -111,6 +112,7 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
 
     tc = config.train
     min_steps = _min_trial_steps(config, n_train)
+    calibrates = tc.calibrate == "auto" and task_kind(tc.task).labelled  # one more dev pass after a trial's loop
     step_s: dict[str, float] = {}  # method -> measured seconds of a training step
     eval_s: dict[str, float] = {}  # method -> measured seconds of a dev evaluation
     setup = 0.0  # most seconds a trial spent outside its loop (reading data, calibrating, writing): not in --max-time
@@ -126,7 +128,9 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
             step_s[params["method"]], eval_s[params["method"]] = probe_step(probe, base)
             setup = max(0.0, time.perf_counter() - t - PROBE_STEPS * step_s[params["method"]]  # reading, tokenizing
                         - eval_s[params["method"]] * min(1.0, tc.eval_batch_size / max(1, n_dev)))
-            setup += eval_s[params["method"]] if tc.calibrate == "auto" else 0.0  # its calibration's dev pass
+            setup += eval_s[params["method"]] if calibrates else 0.0  # its calibration's dev pass
+            _say(tc.quiet, f"measured here: a step {step_s[params['method']]:.3g}s, a dev evaluation "
+                           f"{eval_s[params['method']]:.3g}s; a trial of at least {min_steps} steps")
             left = config.budget - (time.perf_counter() - t0)
         step = step_s.get(params["method"]) or max(step_s.values())
         dev = eval_s.get(params["method"]) or max(eval_s.values())
