@@ -57,8 +57,10 @@ def auto_steps(n_examples: int, batch_size: int, max_time: float) -> int:
 
 FORWARD_SHARE = 0.5
 """Where a dev evaluation is not measured (bench/quality.py's equal-time plans from step costs alone),
-a dev row is taken to cost this fraction of a training row (measured 0.45-0.51: tweet-sentiment, 3 labels, 100 dev rows in 24-30 s where a step of 8 rows took
-4.0-4.6 s; SmolLM2-135M fp32 on a loaded AMD EPYC core, bench/results/tune_tweet_sentiment.json)."""
+a dev row is taken to cost this fraction of a training row (measured 0.45-0.51: tweet-sentiment, 3
+labels, 100 dev rows in 24-30 s where a step of 8 rows took 4.0-4.6 s; SmolLM2-135M fp32 on a loaded
+AMD EPYC core, bench/results/tune_tweet_sentiment.json). Not for generation: a dev row there costs
+several training rows (train/plan.py measures it)."""
 TRAIN_EVALS = 5
 """Dev evaluations of a trial without --eval-every (as train's default: 5 a run) ..."""
 EVAL_SHARE = 0.25

@@ -120,7 +120,8 @@ class TuneConfig:
             self.prompt_lengths = [self.train.prompt_length]
         if not self.prompt_lengths or not all(isinstance(n, int) and n >= 1 for n in self.prompt_lengths):
             raise ConfigError(f"--prompt-lengths must be whole numbers of at least 1, got {self.prompt_lengths}")
-        if isinstance(self.min_trial_steps, bool) or not isinstance(self.min_trial_steps, int) or self.min_trial_steps < 1:
+        steps = self.min_trial_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"--min-trial-steps must be at least 1, got {self.min_trial_steps}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
