@@ -159,8 +159,8 @@ def test_the_probe_times_a_dev_batch_and_scales_it_to_the_dev_set(tmp_path, lear
     monkeypatch.setattr(plan, "evaluate_prompt",
                         lambda pm, p, spec, rows, bs, **kw: seen.append(len(rows)) or real(pm, p, spec, rows, bs, **kw))
     train_file, dev_file = easy
-    step_s, eval_s = probe_step(cfg(tmp_path, train_file, eval=str(dev_file), eval_batch_size=4), base=learn)
-    assert seen == [4, 4] and step_s > 0 and eval_s > 0
+    step_s, eval_s, setup_s = probe_step(cfg(tmp_path, train_file, eval=str(dev_file), eval_batch_size=4), base=learn)
+    assert seen == [4, 4] and step_s > 0 and eval_s > 0 and setup_s > 0
     seen.clear()
     probe_step(cfg(tmp_path, train_file, eval=str(dev_file), eval_batch_size=6), base=learn)
     assert seen == [12]

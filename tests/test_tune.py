@@ -113,7 +113,7 @@ def test_a_budget_with_room_for_one_minimal_trial_gives_it_to_the_first_recipe(t
     import softprompt.tune.search as search
 
     train_file, dev_file = easy  # 48 rows: 10 passes are 60 steps, so a minimal trial is 60 steps here
-    monkeypatch.setattr(search, "probe_step", lambda config, base: (10.0, 7.5))  # 10 s a step, 7.5 s a dev evaluation
+    monkeypatch.setattr(search, "probe_step", lambda config, base: (10.0, 7.5, 0.0))  # 10 s a step, 7.5 s an evaluation
     c = TuneConfig(train=train_cfg(tmp_path, train_file, eval=str(dev_file), max_steps=None, eval_every=None),
                    budget=1000, trials=3, pruner="none")
     r = tune(c, base=learn)

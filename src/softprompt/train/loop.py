@@ -89,12 +89,14 @@ def train(config: TrainConfig, base: BaseModel | None = None, runtime=None,
     return _finish(run, state)
 
 
-def probe_step(config: TrainConfig, base: BaseModel) -> tuple[float, float]:
-    """Seconds of a training step and of a dev evaluation (0: no dev data) of ``config`` here, measured
-    as ``--max-steps auto`` measures them (plan.py; nothing written). ``softprompt tune`` plans by them."""
+def probe_step(config: TrainConfig, base: BaseModel) -> tuple[float, float, float]:
+    """Seconds of a training step, a dev evaluation (0: no dev data) and the setup before them (data read,
+    rows encoded) for ``config`` here, as ``--max-steps auto`` measures them; nothing written."""
+    t0 = time.perf_counter()
     run, _ = build_run(config, LocalRuntime(), base, None, True, lambda msg: None, log=False)
+    setup_s = time.perf_counter() - t0
     with _model_switches(run):
-        return measure_step(run, _backward)[0], measure_eval(run)
+        return measure_step(run, _backward)[0], measure_eval(run), setup_s
 
 
 def _start(run: Run, saved) -> LoopState:

@@ -76,11 +76,12 @@ def measure_eval(run: Run) -> float:
         if not t.dev:
             continue
         warm, rows = (t.dev[:bs], t.dev[bs:2 * bs]) if len(t.dev) > 2 * bs else ([], t.dev)
+        prompt = collapse(p).detach()
         with torch.no_grad(), autocast(m.device, m.amp), progress.shown(False):  # no bars for a probe
-            for part in (warm, rows):
-                start = time.perf_counter()
-                if part:
-                    evaluate_prompt(m.pm, collapse(p).detach(), t.spec, part, bs)
+            if warm:
+                evaluate_prompt(m.pm, prompt, t.spec, warm, bs)
+            start = time.perf_counter()
+            evaluate_prompt(m.pm, prompt, t.spec, rows, bs)
         total += (time.perf_counter() - start) * len(t.dev) / len(rows)
     return float(run.rt.broadcast(total if run.rt.is_main else None))
 

@@ -28,7 +28,6 @@ from ..train import train
 from ..train.balance import resolve as resolve_balance
 from ..train.budget import AUTO_EPOCHS, plan_steps
 from ..train.loop import probe_step
-from ..train.plan import PROBE_STEPS
 from ..train.prepare import prepare, total_steps
 from ..train.records import DevResult
 from ..train.summary import TrainingSummary
@@ -68,7 +67,7 @@ def tune(config: TuneConfig, base: BaseModel | None = None, pruner=None) -> Tune
                    f"by dev {metric} ({len(task.train)} train / {len(task.dev)} dev examples)")
     records: list[TrialRecord] = []
     try:
-        stopped_by = _run_trials(config, study, len(task.train), len(task.dev), base, metric, t0, log, records)
+        stopped_by = _run_trials(config, study, len(task.train), base, metric, t0, log, records)
     except KeyboardInterrupt:  # Ctrl-C: the finished trials' best is still written, then the interrupt goes on
         if not records:
             raise
@@ -99,7 +98,7 @@ def _study(config: TuneConfig, direction: int, pruner):
     return study
 
 
-def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metric: str, t0: float, log: TrialLog,
+def _run_trials(config: TuneConfig, study, n_train: int, base, metric: str, t0: float, log: TrialLog,
                 records: list[TrialRecord]) -> str:
     """Trials until --trials ran ("trials") or the budget is spent ("budget"); each finished trial is
     told to the study, appended to ``records`` and to trials.jsonl.
@@ -124,10 +123,7 @@ def _run_trials(config: TuneConfig, study, n_train: int, n_dev: int, base, metri
         params = _suggest(trial, config)
         if not step_s:  # before the first trial: a step measured on this machine, on this data
             probe = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], config.budget, 1)
-            t = time.perf_counter()
-            step_s[params["method"]], eval_s[params["method"]] = probe_step(probe, base)
-            setup = max(0.0, time.perf_counter() - t - PROBE_STEPS * step_s[params["method"]]  # reading, tokenizing
-                        - eval_s[params["method"]] * min(1.0, tc.eval_batch_size / max(1, n_dev)))
+            step_s[params["method"]], eval_s[params["method"]], setup = probe_step(probe, base)
             setup += eval_s[params["method"]] if calibrates else 0.0  # its calibration's dev pass
             _say(tc.quiet, f"measured here: a step {step_s[params['method']]:.3g}s, a dev evaluation "
                            f"{eval_s[params['method']]:.3g}s; a trial of at least {min_steps} steps")
