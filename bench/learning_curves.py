@@ -97,7 +97,8 @@ def lora_curve(data: TaskData, args) -> list[dict]:
                     "macro_f1": m["macro_f1"]})
 
     peft_side.train_peft(model, tok, data.spec, data.train, args.steps, args.batch_size,
-                         lr=peft_side.LEARNING_RATES["lora"], seed=args.seed, on_step=on_step)
+                         lr=peft_side.LEARNING_RATES["lora"], seed=args.seed, on_step=on_step,
+                         precision=args.peft_precision)
     return out
 
 
@@ -165,6 +166,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--name", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peft-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="LoRA's forward: auto (bf16 autocast where the CPU has native bf16, as softprompt's default)")
     args = ap.parse_args()
     set_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]

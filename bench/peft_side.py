@@ -21,7 +21,7 @@ import torch
 from softprompt.base import resolve_model
 from softprompt.data import Example, TaskSpec
 from softprompt.model import IGNORE_INDEX
-
+from softprompt.precision import autocast, precision_name, resolve_precision
 
 
 def init_text(spec: TaskSpec, what: str) -> str:
@@ -109,6 +109,8 @@ class PeftRun:
     step_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # padded tokens per batch (B x T)
+    precision: str = "fp32"
+    """What the forward ran in: fp32, or bfloat16 autocast."""
 
     def examples_per_second(self, batch_size: int, skip: int = 1) -> float:
         s = self.step_seconds[skip:] or self.step_seconds
@@ -116,9 +118,12 @@ class PeftRun:
 
 
 def train_peft(model, tok, spec: TaskSpec, examples: Sequence[Example], steps: int, batch_size: int = 8,
-               lr: float = 3e-2, seed: int = 0, log_every: int = 0, on_step=None) -> PeftRun:
+               lr: float = 3e-2, seed: int = 0, log_every: int = 0, on_step=None,
+               precision: str = "fp32") -> PeftRun:
     """A plain PEFT training loop: shuffle, pad, ``model(**batch).loss``, AdamW, linear decay.
-    ``on_step(step, run)``, if given, is called after each step outside the timed part (learning curves)."""
+    ``on_step(step, run)``, if given, is called after each step outside the timed part (learning curves).
+    ``precision``: softprompt's ``--precision`` rule (``auto``: bf16 autocast where the CPU has native
+    bf16, fp32 elsewhere), so that PEFT can run in the fastest precision the machine has (issue #26)."""
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
@@ -129,7 +134,9 @@ def train_peft(model, tok, spec: TaskSpec, examples: Sequence[Example], steps: i
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
     model.train()
     order: list[int] = []
-    run = PeftRun()
+    device = next(model.parameters()).device
+    amp = resolve_precision(precision, device)
+    run = PeftRun(precision=precision_name(amp))
     for step in range(steps):
         if len(order) < batch_size:
             more = list(range(len(encoded)))
@@ -138,7 +145,8 @@ def train_peft(model, tok, spec: TaskSpec, examples: Sequence[Example], steps: i
         idx, order = order[:batch_size], order[batch_size:]
         batch = collate(tok, [encoded[i] for i in idx])
         t0 = time.perf_counter()
-        loss = model(**batch).loss
+        with autocast(device, amp):
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         sched.step()

@@ -142,7 +142,7 @@ def run_softprompt(data: TaskData, args, seed: int, base, test, method: str = "s
         m["uncalibrated"] = "no gain on dev: no calibration stored"
     return {**scores_only(m), "uncalibrated": m.get("uncalibrated"), "train_seconds": round(secs, 1), "steps_done": result.steps,
             "best_step": next(iter(result.best_step.values()), result.steps),
-            "balance": training.get("balance"),
+            "balance": training.get("balance"), "precision": training.get("precision"),
             "train_examples_per_s": round(result.examples_per_s, 2)}
 
 
@@ -163,7 +163,7 @@ def run_peft(data: TaskData, args, seed: int, base, test, method: str) -> dict:
     lr = peft_side.LEARNING_RATES[{"peft-pt": "prompt-tuning", "peft-prefix": "prefix-tuning"}.get(method, "lora")]
     t0 = time.perf_counter()
     run = peft_side.train_peft(model, tok, data.spec, train, args.steps, args.batch_size, lr=lr, seed=seed,
-                               log_every=max(1, args.steps // 5))
+                               log_every=max(1, args.steps // 5), precision=args.peft_precision)
     secs = time.perf_counter() - t0
     kw = gen_kw(data, args.max_new_tokens)
     extra: dict = {}
@@ -188,7 +188,8 @@ def run_peft(data: TaskData, args, seed: int, base, test, method: str) -> dict:
     else:
         merged = wrap_base_model(model.merge_and_unload(), tok, "lora-merged")
         m = evaluate_prompt(PromptedModel(merged), None, data.spec, test, args.eval_batch, **kw)
-    return {**scores_only(m), **extra, "train_seconds": round(secs, 1), "final_loss": run.losses[-1]}
+    return {**scores_only(m), **extra, "train_seconds": round(secs, 1), "final_loss": run.losses[-1],
+            "precision": run.precision}
 
 
 def peft_prefix_metrics(model, tok, data: TaskData, test, batch_size: int) -> dict:
@@ -242,6 +243,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--name", default=None, help="results name (default quality_TASK)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    ap.add_argument("--peft-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the PEFT side's forward: auto (bf16 autocast where the CPU has native bf16, as "
+                         "softprompt's --precision auto; the issue's rule: every side in its fastest precision)")
     ap.add_argument("--equal-time", default=None, metavar="STEP_COST",
                     help="give each softprompt recipe the steps and dev evaluations that fit the time LoRA r=8 takes "
                          "for --steps steps, from the step costs in results/STEP_COST.json (planned as "
@@ -350,6 +354,9 @@ def write_table(name: str, config: dict, runs: list[dict], kind: str, args, extr
              "macro-F1 = mean per-class F1 on the test set. Baselines: `softprompt.evaluate.baselines` (deterministic; seed 0). std = standard "
              "deviation over seeds; beyond seed spread = every softprompt seed above every PEFT seed and the mean gap "
              "above twice the summed stds.")
+    precisions = sorted({f"{TITLES[r['method']]}: {r['precision']}" for r in runs if r.get("precision")})
+    if precisions:
+        notes += f" Training precision (resolved on this machine): {'; '.join(precisions)}."
     if config.get("equal_time"):
         notes += (f" EQUAL TIME: each softprompt recipe ran the (steps, eval every) of {config['plan']}, what "
                   f"--max-steps auto plans within the time LoRA takes for {config['steps']} steps by the step costs "

@@ -2,7 +2,8 @@
 turns learning_curves.py's step counts into an equal-wall-clock comparison that does not depend
 on how loaded the machine was while each long curve ran.
 
-Same data, batch, text length, precision (the default: fp32 where the CPU has no bf16) and one
+Same data, batch, text length, precision (auto on both sides: bf16 autocast where the CPU has
+native bf16, fp32 elsewhere; --peft-precision fp32 for PEFT as its guides run it) and one
 thread for every method; the first steps of each run (warm-up) are left out; the median step.
 
 Run:
@@ -34,7 +35,7 @@ def softprompt_steps(data, args, method: str, base) -> list[float]:
 def lora_steps(data, args) -> list[float]:
     lm, tok, _ = peft_side.load_hf(args.model)  # a fresh model each run (LoRA wraps it)
     run = peft_side.train_peft(peft_side.peft_lora(lm), tok, data.spec, data.train, args.steps, args.batch_size,
-                               lr=peft_side.LEARNING_RATES["lora"], seed=0)
+                               lr=peft_side.LEARNING_RATES["lora"], seed=0, precision=args.peft_precision)
     return list(run.step_seconds)
 
 
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peft-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="LoRA's forward: auto (bf16 autocast where the CPU has native bf16, as softprompt's default)")
+    ap.add_argument("--name", default=None, help="results name (default step_cost_TASK)")
     args = ap.parse_args()
     set_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
@@ -62,9 +66,10 @@ def main() -> None:
     ref = statistics.median(times["lora"]) if "lora" in times else None
     rows = [{"method": m, "steps": len(t), "median_s_per_step": round(statistics.median(t), 3),
              "vs_lora": round(statistics.median(t) / ref, 3) if ref else None} for m, t in times.items()]
-    write_results(f"step_cost_{args.task.replace('-', '_')}", rows,
+    write_results(args.name or f"step_cost_{args.task.replace('-', '_')}", rows,
                   notes=f"Task {args.task}, batch {args.batch_size}, texts cut to {args.max_length} tokens, "
-                        f"{args.steps} steps a run ({WARMUP} left out), {args.rounds} alternating rounds.")
+                        f"{args.steps} steps a run ({WARMUP} left out), {args.rounds} alternating rounds; softprompt "
+                        f"--precision auto, LoRA --peft-precision {args.peft_precision}.")
 
 
 if __name__ == "__main__":
