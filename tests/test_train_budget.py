@@ -137,8 +137,24 @@ def test_auto_plan_fits_steps_and_dev_evaluations_into_the_budget(tmp_path, lear
               base=learn)
     steps, every = plan_steps(PLAN_MARGIN * 100, 2.0, 6.0, 48, 8, None)
     assert steps < 60  # the budget, not the data, limits this plan
-    assert r.steps == steps and load_prompt(r.path, learn).meta.training["planned_steps"] == steps
-    assert [h["step"] for h in r.history if "eval" in h] == [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+    # the run itself is far faster than probed: at its first evaluation it re-fits to the data's cap, once
+    refits = [(h["step"], h["refit"]["planned_steps"], h["refit"]["steps"]) for h in r.history if "refit" in h]
+    assert refits == [(every, steps, 60)]
+    assert r.steps == 60 and load_prompt(r.path, learn).meta.training["planned_steps"] == 60
+    assert [h["step"] for h in r.history if "eval" in h] == [s for s in range(1, 61) if s % every == 0 or s == 60]
+
+
+def test_refit_steps_fits_the_time_left_at_the_runs_own_pace():
+    from softprompt.train.budget import PLAN_MARGIN, refit_steps
+
+    # 10 done; 100 s left (95 usable) at 1 s a step and 5 s an evaluation every 10 steps: 80 + 8 x 5 = 120 > 95,
+    # 72 steps + 8 evaluations = 112 > 95, ... 63 steps + 7 evaluations = 98 > 95, 60 + 6 x 5 = 90 fits; 61..: 61+35 > 95
+    assert PLAN_MARGIN == 0.95
+    assert refit_steps(10, 100.0, 1.0, 5.0, 10, 1000) == 10 + 60
+    assert refit_steps(10, 100.0, 1.0, 0.0, 10, 1000) == 10 + 95  # no dev data: steps alone
+    assert refit_steps(10, 100.0, 1.0, 5.0, 10, 40) == 40  # the data's cap
+    assert refit_steps(10, 100.0, 10.0, 5.0, 10, 1000) == 10 + 9  # slower than planned: shorter (90 + 5 fits)
+    assert refit_steps(10, 0.5, 1.0, 5.0, 10, 1000) == 10  # no time left: the run ends where it is
 
 
 def test_a_probed_step_is_scaled_to_a_typical_batch_by_its_padded_tokens():
@@ -173,8 +189,9 @@ def test_auto_plan_is_kept_in_the_checkpoint_and_a_resumed_run_follows_it(tmp_pa
     kw = dict(eval=str(dev_file), max_steps="auto", max_time=100, checkpoint_every=1)
     _fake_step(monkeypatch, 2.0)
     full = train(cfg(tmp_path / "full", train_file, **kw), base=learn)
-    halted = train(cfg(tmp_path / "cut", train_file, **kw), base=learn, on_eval=lambda dev: True)  # stops at its first eval
-    assert halted.steps == 4 < full.steps
+    # stops at its second evaluation, after the plan was re-fitted at its first
+    halted = train(cfg(tmp_path / "cut", train_file, **kw), base=learn, on_eval=lambda dev: dev.step > 4)
+    assert halted.steps == 8 < full.steps
     probes = _fake_step(monkeypatch, 0.5)  # the machine got faster: a new plan would be longer
     done = train(cfg(tmp_path / "cut", train_file, resume=True, **kw), base=learn)
     assert probes == [] and done.steps == full.steps  # no new measure; the checkpoint's plan
@@ -187,7 +204,7 @@ def test_after_an_evaluation_a_step_that_would_end_past_the_budget_is_not_taken(
     from types import SimpleNamespace
 
     from softprompt.distributed import LocalRuntime
-    from softprompt.train.loop import _no_time_for_a_step
+    from softprompt.train.plan import no_time_for_a_step as _no_time_for_a_step
 
     run = SimpleNamespace(config=SimpleNamespace(max_time=10.0), rt=LocalRuntime())
     assert not _no_time_for_a_step(run, SimpleNamespace(elapsed=9.0, train_time=2.0, step=4))  # 9 + 0.5 fits
@@ -199,7 +216,7 @@ def test_after_an_evaluation_a_step_that_would_end_past_the_budget_is_not_taken(
 def test_a_run_that_stops_after_an_evaluation_is_not_evaluated_again(tmp_path, learn, easy, monkeypatch):
     from softprompt.train import loop
 
-    monkeypatch.setattr(loop, "_no_time_for_a_step", lambda run, state: state.step == 4)
+    monkeypatch.setattr(loop, "no_time_for_a_step", lambda run, state: state.step == 4)
     train_file, dev_file = easy
     r = train(cfg(tmp_path, train_file, eval=str(dev_file), max_time="1h"), base=learn)
     assert r.steps == 4 and r.out_of_time

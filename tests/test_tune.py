@@ -5,6 +5,7 @@ bad flags are one-line errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -123,6 +124,22 @@ def test_a_budget_with_room_for_one_minimal_trial_gives_it_to_the_first_recipe(t
     assert 900 < first.max_time <= 1000 and first.planned_steps == 60
     # its own steps were fast (measured now), so the time it left is shared by the other two as usual
     assert len(later) == 2 and 400 < later[0].max_time <= 500
+
+
+def test_a_trial_refits_tunes_plan_to_its_own_pace(tmp_path, learn, easy, monkeypatch):
+    """tune plans a trial from its probe; a probe that read the machine 1000x slower than the trial runs
+    (a loaded moment) would leave most of the share unused: the trial re-fits at its first evaluation."""
+    import softprompt.tune.search as search
+
+    train_file, dev_file = easy  # 48 rows: at most 60 steps
+    monkeypatch.setattr(search, "probe_step", lambda config, base: (10.0, 7.5, 0.0))
+    c = TuneConfig(train=train_cfg(tmp_path, train_file, eval=str(dev_file), max_steps=None, eval_every=None),
+                   budget=400, trials=1, pruner="none")
+    (trial,) = tune(c, base=learn).trials
+    records = [json.loads(line) for line in (Path(trial.prompt).parent / "metrics.jsonl").read_text().splitlines()]
+    (refit,) = [r for r in records if "refit" in r]
+    assert refit["refit"]["planned_steps"] < 40 and refit["refit"]["steps"] == 60  # tune's plan, then the data's cap
+    assert trial.planned_steps == trial.steps == 60
 
 
 def test_trials_share_the_time_but_never_below_a_minimal_trial():

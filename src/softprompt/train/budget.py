@@ -69,6 +69,11 @@ took as long as 6 training steps on a loaded CPU core, bench/results/tune_tweet_
 them would eat most of a short trial)."""
 
 
+def step_cap(n_train: int, batch_size: int) -> int:
+    """Most steps a plan holds (pure): ``AUTO_EPOCHS`` passes over ``n_train`` rows, at most ``AUTO_MAX_STEPS``."""
+    return max(1, min(AUTO_MAX_STEPS, AUTO_EPOCHS * max(1, n_train // batch_size)))
+
+
 def plan_steps(share: float, step_s: float, eval_s: float, n_train: int, batch_size: int,
                eval_every: int | None) -> tuple[int, int]:
     """A run's (or a tune trial's) steps, the span of its learning-rate schedule, and its --eval-every, pure: the most
@@ -76,7 +81,7 @@ def plan_steps(share: float, step_s: float, eval_s: float, n_train: int, batch_s
     the budget (s), at most ``AUTO_EPOCHS`` passes over the data and ``AUTO_MAX_STEPS``, at least 1.
     Given no ``eval_every``, up to ``TRAIN_EVALS`` evaluations spread over the steps, fewer where
     they would take more than ``EVAL_SHARE`` of the share (at least one, at the end)."""
-    cap = max(1, min(AUTO_MAX_STEPS, AUTO_EPOCHS * max(1, n_train // batch_size)))
+    cap = step_cap(n_train, batch_size)
     if eval_every:
         n = min(cap, max(1, int(share / step_s)))
         while n > 1 and n * step_s + math.ceil(n / eval_every) * eval_s > share:
@@ -104,6 +109,18 @@ def auto_plan(seconds: float, step_s: float, eval_s: float, n_train: int, batch_
     ``eval_s`` a dev evaluation (0: none) and ``n_train`` training rows (pure): :func:`plan_steps` over
     ``PLAN_MARGIN`` of the time left, at least one step's worth."""
     return plan_steps(max(PLAN_MARGIN * seconds, step_s), step_s, eval_s, n_train, batch_size, eval_every)
+
+
+def refit_steps(done: int, left_s: float, step_s: float, eval_s: float, every: int, cap: int) -> int:
+    """A planned run's new length at its first dev-evaluation point (pure): ``done`` steps plus the most
+    whose training (``step_s`` a step, the run's own mean so far) and dev evaluations (one every
+    ``every`` steps and at the end, ``eval_s`` each, the one just timed) fit ``PLAN_MARGIN`` of the
+    ``left_s`` seconds left, at most ``cap`` steps in all (:func:`step_cap`)."""
+    room = PLAN_MARGIN * left_s
+    n = max(0, min(cap - done, int(room / step_s) if step_s > 0 else cap - done))
+    while n > 0 and n * step_s + math.ceil(n / every) * eval_s > room:
+        n -= 1
+    return done + n
 
 
 def check_budget(c) -> None:

@@ -94,10 +94,14 @@ class TrainConfig(TaskFields):
     # --- optimisation ---
     max_steps: int | Literal["auto"] | None = None
     """Optimizer steps (default: 100, or --epochs); auto (needs --max-time): the most steps and dev evaluations that
-    fit the budget at a step time measured on this machine, at most 10 passes over the data."""
+    fit the budget at a step time measured on this machine, re-fitted to the run's own pace at its first dev
+    evaluation, at most 10 passes over the data."""
     max_time: float | str | None = None
     """Stop training after this much wall-clock time (seconds, or "90s", "15m", "1h"), keeping the best
     prompt on dev; a resumed run counts the time already spent (default: no limit)."""
+    planned: tuple[int, int] | None = field(default=None, metadata=flag(cli=False))
+    """(steps, eval_every) of a --max-steps auto run planned by its caller from its own measurements
+    (``softprompt tune``'s trials): used instead of probing here, then re-fitted like the run's own plan."""
     epochs: float | None = None
     """Passes over the training data (instead of --max-steps)."""
     batch_size: int = 8
@@ -247,7 +251,7 @@ class TrainConfig(TaskFields):
         """The settings that decide the trained prompt (a resumed run must match them)."""
         skip = {"out", "run_dir", "resume", "quiet", "checkpoint_every", "device", "grad_accum", "eval_batch_size",
                 "tasks", "task_file", "prompt_dtype", "device_map", "attention", "gradient_checkpointing", "memory_budget",
-                "report_to", "run_name", "max_time"}  # a resumed run may get a longer budget
+                "report_to", "run_name", "max_time", "planned"}  # a resumed run may get a longer budget
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["tasks"] = [{k: v for k, v in asdict(t).items() if k not in ("out", "data", "eval")}
                       for t in self.tasks_resolved]

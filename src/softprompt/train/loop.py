@@ -38,7 +38,7 @@ from .balance import AUTO_RATIO
 from .calibrate import fit_calibrations
 from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
-from .plan import measure_eval, measure_step, plan_auto, plan_record
+from .plan import measure_eval, measure_step, no_time_for_a_step, plan_auto, plan_record, refit
 from .objective import row_losses
 from .records import DevResult, EvalHook, TrainResult, peak_rss_mb
 from .schedule import SAMPLINGS, lr_at
@@ -162,21 +162,24 @@ def _loop(run: Run, state: LoopState, bar) -> None:
     if state.step < run.total and _out_of_time(run, state):  # resumed with the budget already spent
         state.out_of_time = True
         return
-    for step in range(state.step, run.total):
-        rec = _train_step(run, state, step)
+    while state.step < run.total:  # run.total may be re-fitted on the way (plan.refit)
+        rec = _train_step(run, state, state.step)
         run.log.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", ex_s=f"{rec['examples_per_s']:.1f}")
-        done = state.step
+        done, eval_s = state.step, 0.0
         state.out_of_time = done != run.total and _out_of_time(run, state)
         if run.has_dev and (done % run.eval_every == 0 or done == run.total or state.out_of_time):
             # the main process evaluates (with a sharded base, every process: its layers are shared)
-            sharded = run.model.sharded
+            sharded, t_eval = run.model.sharded, time.perf_counter()
             state.stopped = run.rt.broadcast(_evaluate(run, state) if run.rt.is_main or sharded else None)
             if sharded:
                 sharded.end_step()
-            state.elapsed = time.perf_counter() - run.t_start
-            state.out_of_time = state.out_of_time or (done != run.total and _no_time_for_a_step(run, state))
+            state.elapsed, eval_s = time.perf_counter() - run.t_start, time.perf_counter() - t_eval
+            state.out_of_time = state.out_of_time or (done != run.total and no_time_for_a_step(run, state))
+        if done == run.refit_at and not (state.stopped or state.out_of_time):
+            _say(run.quiet, refit(run, state, eval_s))
+            bar.total = run.total
         if run.ckpt_every and (done % run.ckpt_every == 0 or state.stopped or state.out_of_time) and done != run.total:
             _checkpoint(run, state)
         if state.stopped:
@@ -186,14 +189,6 @@ def _loop(run: Run, state: LoopState, bar) -> None:
         if state.out_of_time:
             _say(run.quiet, f"--max-time {run.config.max_time:g}s spent after step {done} of {run.total}")
             break
-
-
-def _no_time_for_a_step(run: Run, state: LoopState) -> bool:
-    """One more step (at the mean step time so far) would end past --max-time: after an evaluation, stop."""
-    if run.config.max_time is None or not state.step:
-        return False
-    step_s = state.train_time / state.step
-    return bool(run.rt.broadcast(state.elapsed + step_s > run.config.max_time if run.rt.is_main else None))
 
 
 def _out_of_time(run: Run, state: LoopState) -> bool:
@@ -379,8 +374,8 @@ def _progress(total: int, initial: int, enabled: bool):
                 file=sys.stderr, desc="train")
 
 
-def _say(quiet: bool, msg: str) -> None:
-    if not quiet:
+def _say(quiet: bool, msg: str | None) -> None:
+    if not quiet and msg:
         from tqdm.auto import tqdm
 
         tqdm.write(msg, file=sys.stderr)

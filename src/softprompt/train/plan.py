@@ -7,10 +7,17 @@ the first ``PROBE_STEPS`` batches run forward and backward without an optimizer 
 optimizer and data order stay as they were), the later ones timed, and one batch of each task's dev
 rows is evaluated and timed (a generation task's dev evaluation costs several times a classification
 one's per row: a fixed share of a training row was wrong by 2x there); then :func:`plan_steps` fits
-the steps and dev evaluations into what is left of ``--max-time``. The plan is kept in the checkpoint,
-so a resumed run follows the same schedule (bit-exact) without measuring again.
+the steps and dev evaluations into what is left of ``--max-time``.
 
-Not here: the plan's arithmetic (budget.plan_steps, pure), the loop that stops at the budget (loop.py).
+A probe of two steps reads the machine's load of those seconds: next to another job it read 0.95-1.2 s
+a step where the run then took 0.76 s (Intel Xeon, bf16, bench/results/tune_equal_time_*_xeon_amx),
+and the run ended with a fifth of its budget unused. So at its first dev-evaluation point the run
+re-fits its length to its own pace (:func:`refit`: its mean step so far and the evaluation just
+timed), longer or shorter, once. The plan and whether it was re-fitted are kept in the checkpoint, so
+a resumed run follows the same schedule without measuring again.
+
+Not here: the plan's arithmetic (budget.plan_steps / refit_steps, pure), the loop that stops at the
+budget (loop.py).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from .. import progress
 from ..evaluate import evaluate_prompt
 from ..precision import autocast
 from ..trainable import collapse, prompt_length
-from .budget import auto_plan
+from .budget import auto_plan, refit_steps, step_cap
 from .schedule import SAMPLINGS, warmup_steps
 from .setup import Run
 
@@ -99,6 +106,12 @@ def plan_auto(run: Run, backward: Callable[[Run, list[int]], object], saved=None
         plan = saved.info.get("plan")
         if plan:
             _apply(run, int(plan["planned_steps"]), int(plan["eval_every"]))
+            run.warm = int(plan.get("warmup_steps", run.warm))  # a re-fitted plan keeps its first warmup
+            run.refit_at = None if plan.get("refit", True) else run.eval_every  # older checkpoints: never re-fitted
+        return 0.0
+    if config.planned is not None:  # planned by the caller (tune), from its own measurements
+        _apply(run, *config.planned)
+        run.refit_at = run.eval_every
         return 0.0
     t0 = time.perf_counter()
     step_s, _ = measure_step(run, backward)
@@ -108,17 +121,48 @@ def plan_auto(run: Run, backward: Callable[[Run, list[int]], object], saved=None
     total, every = auto_plan(config.max_time - probe_s, step_s, eval_s, len(run.rows), config.batch_size,
                              config.eval_every)
     _apply(run, total, every)
+    run.refit_at = run.eval_every
     run.plan_note = (f"--max-steps auto: {total} steps planned from a measured step of {step_s:.3g}s"
                      + (f" and a measured evaluation of {n_dev} dev rows of {eval_s:.3g}s, every {every} steps"
                         if run.has_dev else ""))
     return probe_s
 
 
+def refit(run: Run, state, eval_s: float) -> str | None:
+    """Re-fit a planned run's length at its first dev-evaluation point (``run.refit_at``) to what is
+    left of ``--max-time`` at its own mean step so far and ``eval_s`` a dev evaluation (the one just
+    timed; 0 without dev data): longer when the probe read the machine slower than it ran, shorter
+    when faster. The warmup stays as planned. Kept in metrics.jsonl; the main process decides for
+    every process. Returns what to say (None: the plan stands)."""
+    config, done = run.config, state.step
+    step_s = state.train_time / max(1, done)
+    total = refit_steps(done, config.max_time - state.elapsed, step_s, eval_s, run.eval_every,
+                        step_cap(len(run.rows), config.batch_size))
+    total = int(run.rt.broadcast(total if run.rt.is_main else None))
+    run.refit_at = None
+    if total == run.total:
+        return None
+    run.log.append({"step": done, "refit": {"planned_steps": run.total, "steps": total,
+                                            "step_s": round(step_s, 4), "eval_s": round(eval_s, 3)}})
+    planned, run.total = run.total, total
+    return (f"--max-steps auto: {total} steps re-fitted to this run's pace ({step_s:.3g}s a step, "
+            f"{eval_s:.3g}s an evaluation; {planned} planned)")
+
+
+def no_time_for_a_step(run: Run, state) -> bool:
+    """One more step (at the mean step time so far) would end past --max-time: after an evaluation, stop."""
+    if run.config.max_time is None or not state.step:
+        return False
+    step_s = state.train_time / state.step
+    return bool(run.rt.broadcast(state.elapsed + step_s > run.config.max_time if run.rt.is_main else None))
+
+
 def plan_record(run: Run) -> dict | None:
     """What a checkpoint keeps of the plan (None: the run has a fixed step count)."""
     if run.config.max_steps != "auto":
         return None
-    return {"planned_steps": run.total, "eval_every": run.eval_every}
+    return {"planned_steps": run.total, "eval_every": run.eval_every, "warmup_steps": run.warm,
+            "refit": run.refit_at is None}
 
 
 def _apply(run: Run, total: int, every: int) -> None:

@@ -245,6 +245,8 @@ class Run:
     """Called after every dev evaluation; True stops the run (train()'s ``on_eval``)."""
     plan_note: str | None = None
     """How --max-steps auto planned the run (said at the start)."""
+    refit_at: int | None = None
+    """The step at which a --max-steps auto run re-fits its length to its own pace (plan.refit); None: never, or done."""
 
     lengths: list[int] = field(init=False)
     """Tokens per row, for length-grouped batches."""

@@ -178,8 +178,10 @@ class TuneConfig:
         t, m = self.train, SEARCH_METHODS[method]
         folder = self.run_path() / f"trial-{number:03d}"
         fixed = t.max_steps is not None or t.epochs is not None  # --max-steps / --epochs: the user's length
-        steps = t.max_steps if fixed else max_steps
+        # tune's plan, re-fitted to the trial's own pace at its first dev evaluation (train/plan.py)
+        planned = None if fixed else (max_steps, eval_every or t.eval_every or max_steps)
         return dataclasses.replace(
             t, method=m.method, reparam=m.reparam, lr=lr, prompt_length=prompt_length, max_time=max_time,
-            max_steps=steps, eval_every=t.eval_every or (None if fixed else eval_every), out=str(folder / "prompt.safetensors"), run_dir=str(folder), name=self.name,
+            max_steps=t.max_steps if fixed else "auto", planned=planned,
+            eval_every=t.eval_every or (None if fixed else eval_every), out=str(folder / "prompt.safetensors"), run_dir=str(folder), name=self.name,
             checkpoint_every=0, quiet=True, run_name=f"{t.tracker_run_name()}-trial-{number:03d}")

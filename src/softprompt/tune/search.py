@@ -201,7 +201,8 @@ def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: floa
         return pruned
 
     tc = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], share, plan, every)
-    _say(config.train.quiet, f"trial {number}: {_recipe(params)}, {share:.0f}s, {tc.max_steps or 'epochs'} steps planned, "
+    steps = tc.planned[0] if tc.planned else tc.max_steps or "epochs"
+    _say(config.train.quiet, f"trial {number}: {_recipe(params)}, {share:.0f}s, {steps} steps planned, "
                              f"dev every {tc.eval_every}")
     t = time.perf_counter()
     result = train(tc, base=base, on_eval=on_eval)
