@@ -4,8 +4,10 @@ the test split. Records every trial, the winner and its test scores, per seed.
 
 Run (one process, one thread; the machine may be shared: its load is recorded):
     OMP_NUM_THREADS=1 .venv/bin/python bench/tune_task.py --task tweet-sentiment --budget 10m --trials 4
-At LoRA r=8's training time (what it takes for 100 steps by results/step_cost_TASK.json), 3 seeds:
-    .venv/bin/python bench/tune_task.py --task tweet-sentiment --equal-time step_cost_tweet_sentiment --seeds 0,1,2
+At LoRA r=8's training time (its mean training time for 100 steps in a bench/quality.py results file
+measured on the same machine, or by a bench/step_cost.py file), 3 seeds:
+    .venv/bin/python bench/quality.py --task tweet-sentiment --methods lora --seeds 0,1,2 --threads 1 --name quality_lora_T
+    .venv/bin/python bench/tune_task.py --task tweet-sentiment --equal-time quality_lora_T --seeds 0,1,2
 Writes results/NAME.json/.md (default NAME tune_TASK, TASK with _ for -), keeps each seed's prompt and
 trials under results/NAME/seedS/.
 """
@@ -39,11 +41,20 @@ def _softprompt(argv: list[str], threads: int) -> subprocess.CompletedProcess:
                           stdout=subprocess.PIPE)
 
 
-def lora_budget(step_cost: str) -> float:
-    """Seconds LoRA r=8 takes for LORA_STEPS steps by results/STEP_COST.json's measured step (pure read)."""
-    rows = {r["method"]: r for r in json.loads((RESULTS / f"{step_cost}.json").read_text())["rows"]}
+def lora_budget(source: str) -> float:
+    """Seconds LoRA r=8 takes for LORA_STEPS steps (pure read): the mean training time of its runs in a
+    bench/quality.py results file (``quality_*``: LoRA's own measured time, the issue's definition), or
+    LORA_STEPS x the median step of a bench/step_cost.py file (a short probe: LoRA's real runs took
+    longer, 202 s where 100 x its median step is 159 s on the Xeon)."""
+    info = json.loads((RESULTS / f"{source}.json").read_text())
+    if "runs" in info:
+        secs = [r["train_seconds"] for r in info["runs"] if r["method"] == "lora"]
+        if not secs:
+            raise SystemExit(f"{source}.json has no lora run")
+        return round(sum(secs) / len(secs), 1)
+    rows = {r["method"]: r for r in info["rows"]}
     if "lora" not in rows:
-        raise SystemExit(f"{step_cost}.json has no lora row")
+        raise SystemExit(f"{source}.json has no lora row")
     return round(LORA_STEPS * rows["lora"]["median_s_per_step"], 1)
 
 
@@ -51,8 +62,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", default="tweet-sentiment", choices=TASKS)
     ap.add_argument("--budget", default="10m")
-    ap.add_argument("--equal-time", default=None, metavar="STEP_COST",
-                    help=f"budget = LoRA r=8's time for {LORA_STEPS} steps by results/STEP_COST.json (overrides --budget)")
+    ap.add_argument("--equal-time", default=None, metavar="RESULTS",
+                    help=f"budget = LoRA r=8's time for {LORA_STEPS} steps: its mean training time in a "
+                         "bench/quality.py results file, or by a bench/step_cost.py file (overrides --budget)")
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--methods", default=None, help="tune's --methods (default: tune's own)")
     ap.add_argument("--calibrate", default="auto", choices=["auto", "none"])
@@ -114,6 +126,13 @@ def _run_seed(args, data, work: Path, budget: str, seed: int) -> dict:
             "test": {k: test[k] for k in ("accuracy", "macro_f1", "rouge_l", "n") if k in test}}
 
 
+def _precision(m: dict) -> str:
+    """What ``--precision auto`` (tune's default) ran in on the machine ``m`` (bench/common.py's machine())."""
+    if m.get("cpu_native_bf16"):
+        return f"bf16 autocast (native bf16: {', '.join(m.get('cpu_bf16_flags', []))})"
+    return "fp32 (no native bf16)"
+
+
 def write_markdown(name: str, result: dict) -> None:
     """results/NAME.md from the JSON result (``--markdown-only`` re-renders it without a run). A result
     of one search from before ``--seeds`` (no "runs") reads as one run."""
@@ -121,7 +140,7 @@ def write_markdown(name: str, result: dict) -> None:
     m0, m1 = result["machine_start"], result["machine_end"]
     md = [f"## {name}", "",
           f"Machine: {m0['cpu']}, {m0['cores']} cores, torch {m0['torch']}, {result['args']['threads']} thread, "
-          f"fp32 (no native bf16); {m0['date']}; load average {m0['load_average_1min']} at the start, "
+          f"{_precision(m0)}; {m0['date']}; load average {m0['load_average_1min']} at the start, "
           f"{m1['load_average_1min']} at the end (the machine may have been shared with other runs).", "",
           f"`{' '.join(runs[0]['command'].split())}` ({result['train_examples']} train / {result['dev_examples']} dev "
           f"examples), then `softprompt eval` on {result['test_examples']} test examples (bench/quality.py's seeded "
