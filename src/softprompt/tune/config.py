@@ -46,11 +46,15 @@ DEFAULT_METHODS: tuple[str, ...] = ("prefix", "prompt", "residual")
 with the input prompt on every task measured: docs/benchmarks/quality.md), so a budget with room for
 one trial trains it."""
 
-MIN_TRIAL_STEPS = 100
-"""Default --min-trial-steps. Prompts are not comparable before about 100 steps of batch 8: on the
-tweet tasks' dev curves (docs/benchmarks/quality.md) the deep prompt was at 0.41-0.42 macro-F1 at step
-50 and 0.45-0.59 at 100, still rising at 250-300, and the input prompt dipped between 50 and 150. A
-search of 30-step trials ranks how fast recipes start, not where they end."""
+MIN_TRIAL_STEPS = 200
+"""Default --min-trial-steps. Prompts are not comparable before about 200 steps of batch 8: on the
+tweet tasks' dev curves (docs/benchmarks/quality.md) the deep prompt was at 0.45-0.59 macro-F1 at step
+100 and 0.60-0.63 at 200, still rising at 250-300, and the input prompt dipped between 50 and 150; on
+issue 26's held-out sentiment task the deep prompt rose from 0.41 to 0.53 between steps 120 and 240.
+Given LoRA's time on an Intel Xeon (bf16), a floor of 100 split the budget into two trials of about
+100 steps and the winner reached dev macro-F1 0.36-0.57 on skewed tweets
+(bench/results/tune_equal_time_tweet_imbalanced_xeon_amx_min100). A search of short trials ranks how
+fast recipes start, not where they end."""
 
 MEDIAN_STARTUP_TRIALS = 2
 """The median pruner prunes only once this many trials have finished."""
