@@ -221,3 +221,18 @@ def test_a_run_that_stops_after_an_evaluation_is_not_evaluated_again(tmp_path, l
     r = train(cfg(tmp_path, train_file, eval=str(dev_file), max_time="1h"), base=learn)
     assert r.steps == 4 and r.out_of_time
     assert [h["step"] for h in r.history if "eval" in h] == [4]  # not a 5th step and a second evaluation
+
+
+@pytest.mark.parametrize("record, refit_at", [({"refit": False}, 5), ({"refit": True}, None), ({}, None)])
+def test_a_resumed_run_refits_only_if_its_checkpoint_was_not_refitted_yet(record, refit_at):
+    """The checkpoint's plan says whether it was re-fitted; a checkpoint from before re-fits existed
+    (no key) is taken as final, as those runs never re-fitted."""
+    from types import SimpleNamespace
+
+    from softprompt.train.plan import plan_auto
+
+    config = SimpleNamespace(max_steps="auto", warmup=0.1, eval_every=None, checkpoint_every=None)
+    run = SimpleNamespace(config=config, total=0, warm=0, eval_every=0, ckpt_every=0, refit_at=None)
+    saved = SimpleNamespace(info={"plan": {"planned_steps": 25, "eval_every": 5, "warmup_steps": 2, **record}})
+    assert plan_auto(run, backward=None, saved=saved) == 0.0
+    assert (run.total, run.eval_every, run.warm, run.refit_at) == (25, 5, 2, refit_at)
