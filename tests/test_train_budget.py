@@ -232,7 +232,25 @@ def test_a_resumed_run_refits_only_if_its_checkpoint_was_not_refitted_yet(record
     from softprompt.train.plan import plan_auto
 
     config = SimpleNamespace(max_steps="auto", warmup=0.1, eval_every=None, checkpoint_every=None)
-    run = SimpleNamespace(config=config, total=0, warm=0, eval_every=0, ckpt_every=0, refit_at=None)
+    run = SimpleNamespace(config=config, total=0, warm=0, eval_every=0, ckpt_every=0, refit_at=None, has_dev=True)
     saved = SimpleNamespace(info={"plan": {"planned_steps": 25, "eval_every": 5, "warmup_steps": 2, **record}})
     assert plan_auto(run, backward=None, saved=saved) == 0.0
     assert (run.total, run.eval_every, run.warm, run.refit_at) == (25, 5, 2, refit_at)
+
+
+def test_a_plan_with_one_evaluation_refits_a_fifth_of_the_way_with_the_probed_evaluation(tmp_path, learn, easy,
+                                                                                         monkeypatch):
+    """A short plan's only dev evaluation is its last: the run re-fits at a fifth of its steps instead,
+    counting the probe's evaluation time for the evaluations still to come."""
+    from softprompt.train.budget import PLAN_MARGIN, plan_steps
+
+    _fake_step(monkeypatch, 2.0, 30.0)  # an evaluation costs a quarter of the budget: one, at the end
+    train_file, dev_file = easy
+    r = train(cfg(tmp_path, train_file, eval=str(dev_file), max_steps="auto", max_time=100, eval_every=None),
+              base=learn)
+    steps, every = plan_steps(PLAN_MARGIN * 100, 2.0, 30.0, 48, 8, None)
+    assert every == steps  # one evaluation, at the end
+    (refit,) = [h for h in r.history if "refit" in h]
+    assert refit["step"] == steps // 5 and refit["refit"]["planned_steps"] == steps
+    assert refit["refit"]["eval_s"] == 30.0 and refit["refit"]["steps"] == r.steps == 60  # the data's cap
+    assert [h["step"] for h in r.history if "eval" in h] == [60]  # its one evaluation moved with its end

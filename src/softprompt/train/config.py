@@ -94,14 +94,15 @@ class TrainConfig(TaskFields):
     # --- optimisation ---
     max_steps: int | Literal["auto"] | None = None
     """Optimizer steps (default: 100, or --epochs); auto (needs --max-time): the most steps and dev evaluations that
-    fit the budget at a step time measured on this machine, re-fitted to the run's own pace at its first dev
-    evaluation, at most 10 passes over the data."""
+    fit the budget at a step time measured on this machine, re-fitted to the run's own pace early on (at its
+    first dev evaluation), at most 10 passes over the data."""
     max_time: float | str | None = None
     """Stop training after this much wall-clock time (seconds, or "90s", "15m", "1h"), keeping the best
     prompt on dev; a resumed run counts the time already spent (default: no limit)."""
-    planned: tuple[int, int] | None = field(default=None, metadata=flag(cli=False))
-    """(steps, eval_every) of a --max-steps auto run planned by its caller from its own measurements
-    (``softprompt tune``'s trials): used instead of probing here, then re-fitted like the run's own plan."""
+    planned: tuple[int, int, float] | None = field(default=None, metadata=flag(cli=False))
+    """(steps, eval_every, seconds of a dev evaluation) of a --max-steps auto run planned by its caller from
+    its own measurements (``softprompt tune``'s trials): used instead of probing here, then re-fitted like
+    the run's own plan."""
     epochs: float | None = None
     """Passes over the training data (instead of --max-steps)."""
     batch_size: int = 8

@@ -178,7 +178,7 @@ def _loop(run: Run, state: LoopState, bar) -> None:
             state.elapsed, eval_s = time.perf_counter() - run.t_start, time.perf_counter() - t_eval
             state.out_of_time = state.out_of_time or (done != run.total and no_time_for_a_step(run, state))
         if done == run.refit_at and not (state.stopped or state.out_of_time):
-            _say(run.quiet, refit(run, state, eval_s))
+            _say(run.quiet, refit(run, state, eval_s or run.eval_estimate))
             bar.total = run.total
         if run.ckpt_every and (done % run.ckpt_every == 0 or state.stopped or state.out_of_time) and done != run.total:
             _checkpoint(run, state)

@@ -11,9 +11,9 @@ the steps and dev evaluations into what is left of ``--max-time``.
 
 A probe of two steps reads the machine's load of those seconds: next to another job it read 0.95-1.2 s
 a step where the run then took 0.76 s (Intel Xeon, bf16, bench/results/tune_equal_time_*_xeon_amx),
-and the run ended with a fifth of its budget unused. So at its first dev-evaluation point the run
-re-fits its length to its own pace (:func:`refit`: its mean step so far and the evaluation just
-timed), longer or shorter, once. The plan and whether it was re-fitted are kept in the checkpoint, so
+and the run ended with a fifth of its budget unused. So at its first dev-evaluation point (a fifth of
+the way in when that evaluation is its last) the run re-fits its length to its own pace
+(:func:`refit`: its mean step so far and the evaluation just timed), longer or shorter, once. The plan and whether it was re-fitted are kept in the checkpoint, so
 a resumed run follows the same schedule without measuring again.
 
 Not here: the plan's arithmetic (budget.plan_steps / refit_steps, pure), the loop that stops at the
@@ -107,11 +107,13 @@ def plan_auto(run: Run, backward: Callable[[Run, list[int]], object], saved=None
         if plan:
             _apply(run, int(plan["planned_steps"]), int(plan["eval_every"]))
             run.warm = int(plan.get("warmup_steps", run.warm))  # a re-fitted plan keeps its first warmup
-            run.refit_at = None if plan.get("refit", True) else run.eval_every  # older checkpoints: never re-fitted
+            run.eval_estimate = float(plan.get("eval_s", 0.0))
+            run.refit_at = None if plan.get("refit", True) else _refit_point(run)  # older checkpoints: never re-fitted
         return 0.0
     if config.planned is not None:  # planned by the caller (tune), from its own measurements
-        _apply(run, *config.planned)
-        run.refit_at = run.eval_every
+        steps, every, run.eval_estimate = config.planned
+        _apply(run, steps, every)
+        run.refit_at = _refit_point(run)
         return 0.0
     t0 = time.perf_counter()
     step_s, _ = measure_step(run, backward)
@@ -121,27 +123,36 @@ def plan_auto(run: Run, backward: Callable[[Run, list[int]], object], saved=None
     total, every = auto_plan(config.max_time - probe_s, step_s, eval_s, len(run.rows), config.batch_size,
                              config.eval_every)
     _apply(run, total, every)
-    run.refit_at = run.eval_every
+    run.eval_estimate, run.refit_at = eval_s, _refit_point(run)
     run.plan_note = (f"--max-steps auto: {total} steps planned from a measured step of {step_s:.3g}s"
                      + (f" and a measured evaluation of {n_dev} dev rows of {eval_s:.3g}s, every {every} steps"
                         if run.has_dev else ""))
     return probe_s
 
 
+def _refit_point(run: Run) -> int:
+    """Where a planned run re-fits: its first dev evaluation, unless that is its last (a short plan):
+    then a fifth of the way, with the probe's evaluation time."""
+    return run.eval_every if run.has_dev and run.eval_every < run.total else max(1, run.total // 5)
+
+
 def refit(run: Run, state, eval_s: float) -> str | None:
-    """Re-fit a planned run's length at its first dev-evaluation point (``run.refit_at``) to what is
-    left of ``--max-time`` at its own mean step so far and ``eval_s`` a dev evaluation (the one just
-    timed; 0 without dev data): longer when the probe read the machine slower than it ran, shorter
+    """Re-fit a planned run's length at ``run.refit_at`` (:func:`_refit_point`) to what is left of
+    ``--max-time`` at its own mean step so far and ``eval_s`` a dev evaluation (the one just timed,
+    else the probe's; 0 without dev data): longer when the probe read the machine slower than it ran, shorter
     when faster. The warmup stays as planned. Kept in metrics.jsonl; the main process decides for
     every process. Returns what to say (None: the plan stands)."""
     config, done = run.config, state.step
-    step_s = state.train_time / max(1, done)
-    total = refit_steps(done, config.max_time - state.elapsed, step_s, eval_s, run.eval_every,
-                        step_cap(len(run.rows), config.batch_size))
+    step_s, cap = state.train_time / max(1, done), step_cap(len(run.rows), config.batch_size)
+    single = run.eval_every >= run.total  # one evaluation, at the end: it moves with the end
+    total = refit_steps(done, config.max_time - state.elapsed, step_s, eval_s,
+                        cap if single else run.eval_every, cap)
     total = int(run.rt.broadcast(total if run.rt.is_main else None))
     run.refit_at = None
     if total == run.total:
         return None
+    if single:
+        run.eval_every = total
     run.log.append({"step": done, "refit": {"planned_steps": run.total, "steps": total,
                                             "step_s": round(step_s, 4), "eval_s": round(eval_s, 3)}})
     planned, run.total = run.total, total
@@ -162,7 +173,7 @@ def plan_record(run: Run) -> dict | None:
     if run.config.max_steps != "auto":
         return None
     return {"planned_steps": run.total, "eval_every": run.eval_every, "warmup_steps": run.warm,
-            "refit": run.refit_at is None}
+            "eval_s": run.eval_estimate, "refit": run.refit_at is None}
 
 
 def _apply(run: Run, total: int, every: int) -> None:

@@ -247,6 +247,8 @@ class Run:
     """How --max-steps auto planned the run (said at the start)."""
     refit_at: int | None = None
     """The step at which a --max-steps auto run re-fits its length to its own pace (plan.refit); None: never, or done."""
+    eval_estimate: float = 0.0
+    """Seconds of a dev evaluation as planned (measured before the loop), for a re-fit with no evaluation just timed."""
 
     lengths: list[int] = field(init=False)
     """Tokens per row, for length-grouped batches."""

@@ -176,14 +176,14 @@ class TuneConfig:
         return self.train.run_path()
 
     def trial_config(self, number: int, method: str, lr: float, prompt_length: int, max_time: float,
-                     max_steps: int | None, eval_every: int | None = None) -> TrainConfig:
+                     max_steps: int | None, eval_every: int | None = None, eval_s: float = 0.0) -> TrainConfig:
         """Trial ``number``'s training settings: the shared ones with this trial's recipe and share of
         the budget; its prompt and metrics go to ``<run>/trial-NNN/``."""
         t, m = self.train, SEARCH_METHODS[method]
         folder = self.run_path() / f"trial-{number:03d}"
         fixed = t.max_steps is not None or t.epochs is not None  # --max-steps / --epochs: the user's length
         # tune's plan, re-fitted to the trial's own pace at its first dev evaluation (train/plan.py)
-        planned = None if fixed else (max_steps, eval_every or t.eval_every or max_steps)
+        planned = None if fixed else (max_steps, eval_every or t.eval_every or max_steps, eval_s)
         return dataclasses.replace(
             t, method=m.method, reparam=m.reparam, lr=lr, prompt_length=prompt_length, max_time=max_time,
             max_steps=t.max_steps if fixed else "auto", planned=planned,

@@ -133,7 +133,7 @@ def _run_trials(config: TuneConfig, study, n_train: int, base, metric: str, t0: 
         n = trials_that_fit(left, config.trials - number, min_trial_seconds(min_steps, step, dev) + setup)
         share = max(left / n - setup, 1e-3)
         plan, every = plan_steps(share, step, dev, n_train, tc.batch_size, tc.eval_every)
-        rec = _run_trial(config, trial, number, params, share, plan, every, base, metric)
+        rec = _run_trial(config, trial, number, params, share, (plan, every, dev), base, metric)
         done = rec.state == "complete"
         study.tell(trial, rec.value if done else None, state=TrialState.COMPLETE if done else TrialState.PRUNED)
         step_s[params["method"]], eval_s[params["method"]] = rec.step_seconds, rec.eval_seconds
@@ -185,9 +185,10 @@ def _suggest(trial, config: TuneConfig) -> dict:
     return {"method": method, "lr": lr, "prompt_length": int(length)}
 
 
-def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: float, plan: int, every: int, base,
-               metric: str) -> TrialRecord:
-    """Train one trial, reporting each dev evaluation to the pruner (its k-th is Optuna step k)."""
+def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: float, plan: tuple[int, int, float],
+               base, metric: str) -> TrialRecord:
+    """Train one trial, reporting each dev evaluation to the pruner (its k-th is Optuna step k); ``plan``
+    is tune's (steps, eval_every, seconds of a dev evaluation) for it, re-fitted by the trial itself."""
     evals: list[dict] = []
     pruned = False
 
@@ -200,7 +201,7 @@ def _run_trial(config: TuneConfig, trial, number: int, params: dict, share: floa
         _say(config.train.quiet, f"  step {dev.step}: dev {metric} {value:.4f}{' -> pruned' if pruned else ''}")
         return pruned
 
-    tc = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], share, plan, every)
+    tc = config.trial_config(number, params["method"], params["lr"], params["prompt_length"], share, *plan)
     steps = tc.planned[0] if tc.planned else tc.max_steps or "epochs"
     _say(config.train.quiet, f"trial {number}: {_recipe(params)}, {share:.0f}s, {steps} steps planned, "
                              f"dev every {tc.eval_every}")
