@@ -61,6 +61,14 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def add_peft_precision(ap) -> None:
+    """``--peft-precision`` on a benchmark's parser: the PEFT side's forward in softprompt's ``--precision``
+    rule (issue #26: every side in the fastest precision the machine has)."""
+    ap.add_argument("--peft-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the PEFT side's forward: auto (bf16 autocast where the CPU has native bf16, as "
+                         "softprompt's --precision auto), fp32 (as PEFT's guides run it) or bf16")
+
+
 def load_average() -> float:
     """1-minute load average (how shared the machine was)."""
     return round(os.getloadavg()[0], 2)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, markdown_table, set_threads
+from common import RESULTS, add_peft_precision, machine, markdown_table, set_threads
 
 import peft_side
 from tasks import TASKS, TaskData, load_task, sample, train_fields
@@ -166,8 +166,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--name", default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--peft-precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="LoRA's forward: auto (bf16 autocast where the CPU has native bf16, as softprompt's default)")
+    add_peft_precision(ap)
     args = ap.parse_args()
     set_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]

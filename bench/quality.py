@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, set_threads, write_results
+from common import RESULTS, add_peft_precision, set_threads, write_results
 
 import peft_side
 from tasks import NAMES, TASKS, TaskData, load_task, sample, train_fields
@@ -243,9 +243,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--name", default=None, help="results name (default quality_TASK)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
-    ap.add_argument("--peft-precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="the PEFT side's forward: auto (bf16 autocast where the CPU has native bf16, as "
-                         "softprompt's --precision auto; the issue's rule: every side in its fastest precision)")
+    add_peft_precision(ap)
     ap.add_argument("--equal-time", default=None, metavar="STEP_COST",
                     help="give each softprompt recipe the steps and dev evaluations that fit the time LoRA r=8 takes "
                          "for --steps steps, from the step costs in results/STEP_COST.json (planned as "

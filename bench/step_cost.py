@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import set_threads, write_results
+from common import add_peft_precision, set_threads, write_results
 
 import peft_side
 from learning_curves import run_softprompt, step_seconds
@@ -49,8 +49,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--peft-precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="LoRA's forward: auto (bf16 autocast where the CPU has native bf16, as softprompt's default)")
+    add_peft_precision(ap)
     ap.add_argument("--name", default=None, help="results name (default step_cost_TASK)")
     args = ap.parse_args()
     set_threads(args.threads)

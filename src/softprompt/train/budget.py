@@ -74,6 +74,16 @@ def step_cap(n_train: int, batch_size: int) -> int:
     return max(1, min(AUTO_MAX_STEPS, AUTO_EPOCHS * max(1, n_train // batch_size)))
 
 
+def _steps_that_fit(seconds: float, step_s: float, eval_s: float, every: int, least: int, most: int) -> int:
+    """The most steps n in [least, most] whose training (``step_s`` each) and dev evaluations (one every
+    ``every`` steps and one at the end: ceil(n / every), ``eval_s`` each) fit ``seconds`` (pure); ``least``
+    when none fits."""
+    n = max(least, min(most, int(seconds / step_s) if step_s > 0 else most))
+    while n > least and n * step_s + math.ceil(n / every) * eval_s > seconds:
+        n -= 1
+    return n
+
+
 def plan_steps(share: float, step_s: float, eval_s: float, n_train: int, batch_size: int,
                eval_every: int | None) -> tuple[int, int]:
     """A run's (or a tune trial's) steps, the span of its learning-rate schedule, and its --eval-every, pure: the most
@@ -83,10 +93,7 @@ def plan_steps(share: float, step_s: float, eval_s: float, n_train: int, batch_s
     they would take more than ``EVAL_SHARE`` of the share (at least one, at the end)."""
     cap = step_cap(n_train, batch_size)
     if eval_every:
-        n = min(cap, max(1, int(share / step_s)))
-        while n > 1 and n * step_s + math.ceil(n / eval_every) * eval_s > share:
-            n -= 1
-        return n, eval_every
+        return _steps_that_fit(share, step_s, eval_s, eval_every, 1, cap), eval_every
     k = max(1, min(TRAIN_EVALS, int(EVAL_SHARE * share / eval_s))) if eval_s > 0 else TRAIN_EVALS
     n = max(1, min(cap, int((share - k * eval_s) / step_s)))
     k = min(k, n)
@@ -116,11 +123,7 @@ def refit_steps(done: int, left_s: float, step_s: float, eval_s: float, every: i
     whose training (``step_s`` a step, the run's own mean so far) and dev evaluations (one every
     ``every`` steps and at the end, ``eval_s`` each, the one just timed) fit ``PLAN_MARGIN`` of the
     ``left_s`` seconds left, at most ``cap`` steps in all (:func:`step_cap`)."""
-    room = PLAN_MARGIN * left_s
-    n = max(0, min(cap - done, int(room / step_s) if step_s > 0 else cap - done))
-    while n > 0 and n * step_s + math.ceil(n / every) * eval_s > room:
-        n -= 1
-    return done + n
+    return done + _steps_that_fit(PLAN_MARGIN * left_s, step_s, eval_s, every, 0, max(0, cap - done))
 
 
 def check_budget(c) -> None:

@@ -38,7 +38,7 @@ from .balance import AUTO_RATIO
 from .calibrate import fit_calibrations
 from .checkpoint import LoopState, save_checkpoint
 from .config import TrainConfig
-from .plan import measure_eval, measure_step, no_time_for_a_step, plan_auto, plan_record, refit
+from .plan import measure_eval, measure_step, no_time_for_a_step, out_of_time, plan_auto, plan_record, refit
 from .objective import row_losses
 from .records import DevResult, EvalHook, TrainResult, peak_rss_mb
 from .schedule import SAMPLINGS, lr_at
@@ -159,7 +159,7 @@ def _loop(run: Run, state: LoopState, bar) -> None:
     """The loop: step -> log -> evaluate -> checkpoint, until the planned steps, early stopping or
     the --max-time budget (checked after each step; a run out of time is evaluated once more, unless
     it was just evaluated and one more step would not fit)."""
-    if state.step < run.total and _out_of_time(run, state):  # resumed with the budget already spent
+    if state.step < run.total and out_of_time(run, state):  # resumed with the budget already spent
         state.out_of_time = True
         return
     while state.step < run.total:  # run.total may be re-fitted on the way (plan.refit)
@@ -168,7 +168,7 @@ def _loop(run: Run, state: LoopState, bar) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", ex_s=f"{rec['examples_per_s']:.1f}")
         done, eval_s = state.step, 0.0
-        state.out_of_time = done != run.total and _out_of_time(run, state)
+        state.out_of_time = done != run.total and out_of_time(run, state)
         if run.has_dev and (done % run.eval_every == 0 or done == run.total or state.out_of_time):
             # the main process evaluates (with a sharded base, every process: its layers are shared)
             sharded, t_eval = run.model.sharded, time.perf_counter()
@@ -189,13 +189,6 @@ def _loop(run: Run, state: LoopState, bar) -> None:
         if state.out_of_time:
             _say(run.quiet, f"--max-time {run.config.max_time:g}s spent after step {done} of {run.total}")
             break
-
-
-def _out_of_time(run: Run, state: LoopState) -> bool:
-    """The --max-time budget is spent (the main process's clock decides for every process)."""
-    if run.config.max_time is None:
-        return False
-    return bool(run.rt.broadcast(state.elapsed >= run.config.max_time if run.rt.is_main else None))
 
 
 def _train_step(run: Run, state: LoopState, step: int) -> dict:

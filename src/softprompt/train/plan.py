@@ -13,11 +13,15 @@ A probe of two steps reads the machine's load of those seconds: next to another 
 a step where the run then took 0.76 s (Intel Xeon, bf16, bench/results/tune_equal_time_*_xeon_amx),
 and the run ended with a fifth of its budget unused. So at its first dev-evaluation point (a fifth of
 the way in when that evaluation is its last) the run re-fits its length to its own pace
-(:func:`refit`: its mean step so far and the evaluation just timed), longer or shorter, once. The plan and whether it was re-fitted are kept in the checkpoint, so
-a resumed run follows the same schedule without measuring again.
+(:func:`refit`: its mean step so far and the evaluation just timed), longer or shorter, once. The
+plan and whether it was re-fitted are kept in the checkpoint, so a resumed run follows the same
+schedule without measuring again.
 
-Not here: the plan's arithmetic (budget.plan_steps / refit_steps, pure), the loop that stops at the
-budget (loop.py).
+The loop's two budget checks live here too (:func:`out_of_time`, :func:`no_time_for_a_step`), beside
+the plan they keep to.
+
+Not here: the plan's arithmetic (budget.plan_steps / refit_steps, pure), the loop that calls them
+(loop.py).
 """
 
 from __future__ import annotations
@@ -139,8 +143,8 @@ def _refit_point(run: Run) -> int:
 def refit(run: Run, state, eval_s: float) -> str | None:
     """Re-fit a planned run's length at ``run.refit_at`` (:func:`_refit_point`) to what is left of
     ``--max-time`` at its own mean step so far and ``eval_s`` a dev evaluation (the one just timed,
-    else the probe's; 0 without dev data): longer when the probe read the machine slower than it ran, shorter
-    when faster. The warmup stays as planned. Kept in metrics.jsonl; the main process decides for
+    else the probe's; 0 without dev data): longer when the probe read the machine slower than it ran,
+    shorter when faster. The warmup stays as planned. Kept in metrics.jsonl; the main process decides for
     every process. Returns what to say (None: the plan stands)."""
     config, done = run.config, state.step
     step_s, cap = state.train_time / max(1, done), step_cap(len(run.rows), config.batch_size)
@@ -158,6 +162,13 @@ def refit(run: Run, state, eval_s: float) -> str | None:
     planned, run.total = run.total, total
     return (f"--max-steps auto: {total} steps re-fitted to this run's pace ({step_s:.3g}s a step, "
             f"{eval_s:.3g}s an evaluation; {planned} planned)")
+
+
+def out_of_time(run: Run, state) -> bool:
+    """The --max-time budget is spent (the main process's clock decides for every process)."""
+    if run.config.max_time is None:
+        return False
+    return bool(run.rt.broadcast(state.elapsed >= run.config.max_time if run.rt.is_main else None))
 
 
 def no_time_for_a_step(run: Run, state) -> bool:
