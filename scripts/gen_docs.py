@@ -106,6 +106,8 @@ def results_page() -> str:
              "Every table the benchmarks wrote, as `bench/results/NAME.md` holds it (machine, date and "
              "settings included). The narrative and the comparisons: [Benchmarks](index.md).\n"]
     for f in sorted((ROOT / "bench" / "results").glob("*.md")):
+        if f.name.startswith("smoke_"):  # QUICK runs on a tiny random model: git-ignored, never published
+            continue
         body = f.read_text().strip()
         body = re.sub(r"^## .*\n", "", body)  # the file's own title: replaced by ours
         parts.append(f"## {f.stem}\n\nFrom `bench/results/{f.name}`.\n\n{body}\n")
