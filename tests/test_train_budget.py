@@ -56,6 +56,15 @@ def test_config_checks_the_budget_flags(tmp_path, easy):
     assert total_steps(c, 48) == auto_steps(48, 8, 3600)
 
 
+@pytest.mark.parametrize("planned, max_steps", [((0, 4, 1.0), "auto"), ((12, 0, 1.0), "auto"), ((12, 4, -1.0), "auto"),
+                                                ((12.5, 4, 1.0), "auto"), ((12, 4), "auto"), ((12, 4, 1.0), 12)])
+def test_a_callers_plan_is_checked_up_front(tmp_path, easy, planned, max_steps):
+    """``planned`` is set by code (tune), not a flag; a bad one is still a one-line ConfigError."""
+    with pytest.raises(ConfigError, match="planned"):
+        cfg(tmp_path, easy[0], max_steps=max_steps, max_time=60, planned=planned)
+    assert cfg(tmp_path, easy[0], max_steps="auto", max_time=60, planned=(12, 4, 0.5)).planned == (12, 4, 0.5)
+
+
 def test_budget_stops_the_run_and_keeps_the_best_dev_prompt(tmp_path, learn, easy):
     train_file, dev_file = easy
     r = train(cfg(tmp_path, train_file, eval=str(dev_file), max_time=1e-6), base=learn)

@@ -137,6 +137,12 @@ def check_budget(c) -> None:
         raise ConfigError("--max-steps auto needs --max-time")
     if not (c.max_steps in (None, "auto") or isinstance(c.max_steps, int) and c.max_steps >= 1):
         raise ConfigError(f"--max-steps must be at least 1 or auto, got {c.max_steps}")
+    if c.planned is not None:  # set by a caller (tune), not a flag: still checked before a step runs
+        if c.max_steps != "auto":
+            raise ConfigError(f"planned {c.planned} needs max_steps='auto', got {c.max_steps!r}")
+        if not (len(c.planned) == 3 and all(isinstance(v, int) for v in c.planned[:2])
+                and c.planned[0] >= 1 and c.planned[1] >= 1 and c.planned[2] >= 0):
+            raise ConfigError(f"planned must be (steps >= 1, eval_every >= 1, eval seconds >= 0), got {c.planned}")
     if c.init_from is not None and not Path(c.init_from).is_file():
         raise ConfigError(f"--init-from: no such prompt file {c.init_from}")
     if c.calibrate not in CALIBRATE_CHOICES:
