@@ -5,11 +5,14 @@ prompt and PEFT LoRA r=8; then each method's dev score at the wall-clock LoRA r=
 Training seconds exclude the dev evaluations on both sides (softprompt: the sum of its step times
 from metrics.jsonl; PEFT: the timed part of its loop), so the curves compare training cost alone.
 Dev scores: rank classification (summed label log-probs) through softprompt's scorer for the
-prompts and through PEFT's own forward for LoRA (the same quantity; bench/peft_side.py).
+prompts and through PEFT's own forward for LoRA (the same quantity; bench/peft_side.py); for
+generation (headlines), greedy decoding and ROUGE-L / chrF through softprompt's scorer on both sides
+(LoRA: its adapter active on the base model, unmerged, so that training goes on).
 
 Run (two at a time on 2 cores, OMP_NUM_THREADS=1):
     .venv/bin/python bench/learning_curves.py --task tweet-sentiment --methods prompt,prefix --steps 400
     .venv/bin/python bench/learning_curves.py --task tweet-sentiment --methods lora --steps 200
+    .venv/bin/python bench/learning_curves.py --task headlines --methods prefix-lr01,prompt --dev-n 100
 Writes results/learning_curves_TASK.json/.md (runs accumulate by method) and a PNG per task.
 """
 
@@ -27,7 +30,9 @@ import peft_side
 from tasks import TASKS, TaskData, load_task, sample, train_fields
 
 from softprompt import load_base_model
-from softprompt.evaluate import classification_metrics
+from softprompt.base import wrap_base_model
+from softprompt.evaluate import classification_metrics, evaluate_prompt
+from softprompt.model import PromptedModel
 
 SOFTPROMPT_METHODS = {"prompt": {}, "prefix": {"method": "prefix"}, "prefix-lr01": {"method": "prefix", "lr": 0.01},
                     "prefix-scaled": {"method": "prefix", "reparam": "scaled"},
@@ -36,6 +41,18 @@ SOFTPROMPT_METHODS = {"prompt": {}, "prefix": {"method": "prefix"}, "prefix-lr01
 METHODS = (*SOFTPROMPT_METHODS, "lora")
 LORA_STEPS_REF = 100
 """The equal-wall-clock budget: what LoRA r=8 needs for this many steps."""
+CURVE_METRICS = {"classify": ("macro_f1", "accuracy"), "generate": ("rouge_l", "chrf")}
+"""Task kind -> the dev metrics a curve point keeps; the first is plotted and ranks points, the second breaks ties."""
+
+
+def metrics_of(point: dict) -> tuple[str, str]:
+    """The curve metrics a point carries: its task kind's :data:`CURVE_METRICS` (pure)."""
+    return next(ms for ms in CURVE_METRICS.values() if ms[0] in point)
+
+
+def rank(point: dict) -> tuple[float, float]:
+    """What makes a dev point the best: its first metric, then its second (pure)."""
+    return tuple(point[k] for k in metrics_of(point))
 
 
 def run_softprompt(data: TaskData, args, method: str, base, dev_n: int | None = None):
@@ -65,19 +82,36 @@ def step_seconds(result, batch_size: int) -> dict[int, float]:
 
 
 def softprompt_curve(data: TaskData, args, method: str, base) -> list[dict]:
-    """One softprompt run, dev-evaluated every ``args.eval_every`` steps; [{step, seconds, accuracy, macro_f1}]."""
+    """One softprompt run, dev-evaluated every ``args.eval_every`` steps; [{step, seconds, *CURVE_METRICS}]."""
     result = run_softprompt(data, args, method, base, args.dev_n)
     per_step = step_seconds(result, args.batch_size)
     seconds, at, out = 0.0, {}, []
     for step in sorted(per_step):
         seconds += per_step[step]
         at[step] = seconds
+    keys = CURVE_METRICS[data.spec.kind]
     for r in result.history:
         if "eval" in r:
             m = next(iter(r["eval"].values()))
-            out.append({"step": r["step"], "seconds": round(at[r["step"]], 2), "accuracy": m["accuracy"],
-                        "macro_f1": m["macro_f1"]})
+            out.append({"step": r["step"], "seconds": round(at[r["step"]], 2), **{k: m[k] for k in keys}})
     return out
+
+
+def lora_dev_metrics(model, tok, data: TaskData, dev) -> dict:
+    """Dev metrics of a PEFT LoRA model in the middle of training: rank classification through PEFT's
+    own forward, or greedy generation through softprompt's scorer on the base model with the adapter
+    active (unmerged; ``wrap_base_model`` freezes the model, so the adapter is made trainable again)."""
+    if data.spec.kind == "classify":
+        scores = peft_side.peft_classify_scores(model, tok, data.spec, [e.source for e in dev])  # (N, C)
+        pred = [data.spec.labels[i] for i in scores.argmax(-1).tolist()]
+        return classification_metrics([e.target for e in dev], pred, data.spec.labels)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        base = wrap_base_model(model.get_base_model(), tok, "lora")
+        return evaluate_prompt(PromptedModel(base), None, data.spec, dev, 16)  # decodes the spec's target length, as softprompt's dev evaluation does
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def lora_curve(data: TaskData, args) -> list[dict]:
@@ -90,11 +124,9 @@ def lora_curve(data: TaskData, args) -> list[dict]:
     def on_step(step: int, run) -> None:
         if step % args.eval_every and step != args.steps:
             return
-        scores = peft_side.peft_classify_scores(model, tok, data.spec, [e.source for e in dev])  # (N, C)
-        pred = [data.spec.labels[i] for i in scores.argmax(-1).tolist()]
-        m = classification_metrics([e.target for e in dev], pred, data.spec.labels)
-        out.append({"step": step, "seconds": round(sum(run.step_seconds), 2), "accuracy": m["accuracy"],
-                    "macro_f1": m["macro_f1"]})
+        m = lora_dev_metrics(model, tok, data, dev)
+        out.append({"step": step, "seconds": round(sum(run.step_seconds), 2),
+                    **{k: m[k] for k in CURVE_METRICS[data.spec.kind]}})
 
     peft_side.train_peft(model, tok, data.spec, data.train, args.steps, args.batch_size,
                          lr=peft_side.LEARNING_RATES["lora"], seed=args.seed, on_step=on_step,
@@ -105,7 +137,7 @@ def lora_curve(data: TaskData, args) -> list[dict]:
 def at_seconds(curve: list[dict], budget: float) -> dict | None:
     """The best dev point reached within ``budget`` training seconds (what --max-time keeps), or None (pure)."""
     inside = [p for p in curve if p["seconds"] <= budget]
-    return max(inside, key=lambda p: (p["macro_f1"], p["accuracy"])) if inside else None
+    return max(inside, key=rank) if inside else None
 
 
 def seconds_at_step(curve: list[dict], step: int) -> float | None:
@@ -128,7 +160,7 @@ def equal_wall_clock(curves: dict[str, list[dict]]) -> list[dict]:
         p = at_seconds(curve, budget)
         if p:
             rows.append({"method": method, "budget_s": budget, "step": p["step"], "seconds": p["seconds"],
-                         "dev_accuracy": p["accuracy"], "dev_macro_f1": p["macro_f1"]})
+                         **{f"dev_{k}": p[k] for k in sorted(metrics_of(p))}})
     return rows
 
 
@@ -139,13 +171,15 @@ def plot(task: str, curves: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    metric = "macro_f1"
     for method, curve in curves.items():
+        metric = metrics_of(curve[0])[0] if curve else metric
         for ax, x in zip(axes, ("step", "seconds")):
-            ax.plot([p[x] for p in curve], [p["macro_f1"] for p in curve], marker="o", ms=3, label=method)
+            ax.plot([p[x] for p in curve], [p[metric] for p in curve], marker="o", ms=3, label=method)
     axes[0].set_xlabel("optimizer steps (batch 8)")
     axes[1].set_xlabel("training seconds (dev evaluation excluded)")
     for ax in axes:
-        ax.set_ylabel("dev macro-F1")
+        ax.set_ylabel({"macro_f1": "dev macro-F1", "rouge_l": "dev ROUGE-L"}[metric])
         ax.grid(alpha=0.3)
     axes[1].legend()
     fig.suptitle(f"{task}: learning curves")
@@ -155,7 +189,7 @@ def plot(task: str, curves: dict[str, list[dict]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", required=True, choices=[t for t in TASKS if t != "headlines"])
+    ap.add_argument("--task", required=True, choices=TASKS)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=20)
