@@ -8,7 +8,9 @@ so machine noise hits both. Each side's first step of a run is warm-up and not t
   is timed); examples/s from its own per-step records (metrics.jsonl).
 - PEFT: ``get_peft_model(model, PromptTuningConfig(CAUSAL_LM, 20 virtual tokens, TEXT init))``,
   a plain loop calling the model with ``labels`` (full logits, loss on the label tokens), batches
-  padded by the tokenizer, AdamW lr 3e-2 (bench/peft_side.py).
+  padded by the tokenizer, AdamW lr 3e-2 (bench/peft_side.py); its forward under bf16 autocast where
+  the CPU has native bf16 (``--peft-precision auto``, every side in its fastest precision, issue #26),
+  ``--peft-precision fp32`` as PEFT's guides run it.
 
 Run: .venv/bin/python bench/train_speed.py                 (default model, ~10 min on 2 cores)
      .venv/bin/python bench/train_speed.py --model DIR --steps 3 --rounds 1 --name smoke
@@ -22,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import load_average, set_threads, write_results
+from common import add_peft_precision, load_average, set_threads, write_results
 
 import peft_side
 from tasks import NAMES, load_task, sample
@@ -56,10 +58,10 @@ def peft_run(data, examples, args, seed: int) -> dict:
     lm, tok, path = peft_side.load_hf(args.model)
     model = peft_side.peft_prompt_tuning(lm, path, peft_side.init_text(data.spec, NAMES[data.name]), args.prompt_length)
     run = peft_side.train_peft(model, tok, data.spec, examples, args.steps, args.batch_size,
-                               lr=peft_side.LEARNING_RATES["prompt-tuning"], seed=seed)
+                               lr=peft_side.LEARNING_RATES["prompt-tuning"], seed=seed, precision=args.peft_precision)
     timed = run.step_seconds[1:]
     return {"examples/s": run.examples_per_second(args.batch_size), "s/step": sum(timed) / len(timed),
-            "precision": "fp32", "final loss": run.losses[-1]}
+            "precision": run.precision, "final loss": run.losses[-1]}
 
 
 def main() -> None:
@@ -74,6 +76,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     ap.add_argument("--precision", default="auto", help="softprompt's --precision (auto: bf16 where the CPU has it natively; "
                     "fp32 shows what CPUs without native bf16 get)")
+    add_peft_precision(ap)
     ap.add_argument("--name", default="train_speed", help="results name")
     args = ap.parse_args()
     if args.steps < 2 or args.rounds < 1:
@@ -99,6 +102,7 @@ def main() -> None:
                 print(f"round {r + 1} {side}: {res['examples/s']:.2f} examples/s "
                       f"({res['s/step']:.2f} s/step, {res['precision']})", flush=True)
 
+    pf_precision = next(x["precision"] for x in rows if x["side"] != "softprompt")
     sp = [x["examples/s"] for x in rows if x["side"] == "softprompt"]
     pf = [x["examples/s"] for x in rows if x["side"] != "softprompt"]
     ratios = [a / b for a, b in zip(sp, pf)]
@@ -116,7 +120,8 @@ def main() -> None:
              f"{args.rounds} alternating rounds. softprompt: `softprompt.train.train` defaults (precision auto: bf16 "
              "autocast where the CPU has native bf16, rank-classification loss through the cached source, lm head "
              "only at label positions, length-bucketed batches). PEFT: prompt tuning, TEXT init, full logits at every "
-             "position, tokenizer padding, float32.")
+             "position, tokenizer padding, "
+             f"{'float32' if pf_precision == 'fp32' else pf_precision + ' autocast'} (--peft-precision {args.peft_precision}).")
     write_results(args.name, rows, summary, notes=notes)
 
 
