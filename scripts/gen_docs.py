@@ -5,6 +5,8 @@
 - ``docs/reference/http-api.md``: every HTTP route, from the server's OpenAPI document.
 - ``docs/benchmarks/results.md``: every ``bench/results/*.md`` table, each with its file name (the
   tables carry their CPU and date).
+- ``docs/benchmarks/curves/*.png``: the learning-curve pictures of ``bench/results`` (the site serves
+  only what is under docs/).
 
 Run: python scripts/gen_docs.py            (write)
      python scripts/gen_docs.py --check    (exit 1 naming each stale page; the test suite runs this)
@@ -122,20 +124,26 @@ PAGES = {
 }
 
 
+def curve_pictures() -> dict[str, bytes]:
+    """``bench/results/learning_curves_*.png``, byte for byte, under ``docs/benchmarks/curves/``."""
+    return {f"benchmarks/curves/{f.name}": f.read_bytes()
+            for f in sorted((ROOT / "bench" / "results").glob("learning_curves_*.png"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is stale")
     args = ap.parse_args(argv)
     stale = []
-    for rel, make in PAGES.items():
+    outputs: dict[str, bytes] = {rel: make().encode() for rel, make in PAGES.items()} | curve_pictures()
+    for rel, content in outputs.items():
         path = DOCS / rel
-        text = make()
         if args.check:
-            if not path.is_file() or path.read_text() != text:
+            if not path.is_file() or path.read_bytes() != content:
                 stale.append(rel)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            path.write_bytes(content)
     if stale:
         print(f"stale generated docs: {', '.join(stale)} (run: python scripts/gen_docs.py)", file=sys.stderr)
         return 1
