@@ -19,6 +19,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, os.environ.get("SOFTPROMPT_SRC") or str(Path(__file__).resolve().parents[1] / "src"))
 
 
+CURVE_METRICS = {"classify": ("macro_f1", "accuracy"), "generate": ("rouge_l", "chrf")}
+"""Task kind -> the dev metrics a learning-curve point keeps; the first is plotted and ranks points,
+the second breaks ties."""
+
+
+def metrics_of(point: dict) -> tuple[str, str]:
+    """The curve metrics a point carries: its task kind's :data:`CURVE_METRICS` (pure)."""
+    return next(ms for ms in CURVE_METRICS.values() if ms[0] in point)
+
+
+def rank(point: dict) -> tuple[float, ...]:
+    """What makes a dev point the best (learning_curves.py, equal_time.py): its first metric, then
+    its second (pure)."""
+    return tuple(point[k] for k in metrics_of(point))
+
+
 def machine() -> dict[str, Any]:
     """CPU model, core count, torch version: the context every result needs."""
     import torch

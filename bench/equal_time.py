@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import RESULTS, markdown_table
+from common import RESULTS, markdown_table, rank
 
 LORA_STEPS = 100
 
 
 def best_until(curve: list[dict], step: float) -> dict | None:
-    """The best dev point (macro-F1, then accuracy) at or before ``step`` (pure)."""
+    """The best dev point (macro-F1, then accuracy: :func:`common.rank`) at or before ``step`` (pure)."""
     inside = [p for p in curve if p["step"] <= step]
-    return max(inside, key=lambda p: (p["macro_f1"], p["accuracy"])) if inside else None
+    return max(inside, key=rank) if inside else None
 
 
 def rows_for(curves: dict[str, list[dict]], cost: dict[str, float]) -> list[dict]:

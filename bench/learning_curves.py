@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, add_peft_precision, machine, markdown_table, set_threads
+from common import CURVE_METRICS, RESULTS, add_peft_precision, machine, markdown_table, metrics_of, rank, set_threads
 
 import peft_side
 from tasks import TASKS, TaskData, load_task, sample, train_fields
@@ -41,18 +41,6 @@ SOFTPROMPT_METHODS = {"prompt": {}, "prefix": {"method": "prefix"}, "prefix-lr01
 METHODS = (*SOFTPROMPT_METHODS, "lora")
 LORA_STEPS_REF = 100
 """The equal-wall-clock budget: what LoRA r=8 needs for this many steps."""
-CURVE_METRICS = {"classify": ("macro_f1", "accuracy"), "generate": ("rouge_l", "chrf")}
-"""Task kind -> the dev metrics a curve point keeps; the first is plotted and ranks points, the second breaks ties."""
-
-
-def metrics_of(point: dict) -> tuple[str, str]:
-    """The curve metrics a point carries: its task kind's :data:`CURVE_METRICS` (pure)."""
-    return next(ms for ms in CURVE_METRICS.values() if ms[0] in point)
-
-
-def rank(point: dict) -> tuple[float, float]:
-    """What makes a dev point the best: its first metric, then its second (pure)."""
-    return tuple(point[k] for k in metrics_of(point))
 
 
 def run_softprompt(data: TaskData, args, method: str, base, dev_n: int | None = None):
