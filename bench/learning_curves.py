@@ -36,7 +36,10 @@ from softprompt.model import PromptedModel
 
 SOFTPROMPT_METHODS = {"prompt": {}, "prefix": {"method": "prefix"}, "prefix-lr01": {"method": "prefix", "lr": 0.01},
                     "prefix-scaled": {"method": "prefix", "reparam": "scaled"},
-                      "residual": {"reparam": "residual"}}
+                      "residual": {"reparam": "residual"},
+                      # input-prompt levers (issue #26: the input prompt on noisy data)
+                      "prompt-lr03": {"lr": 0.3}, "prompt-lr003": {"lr": 0.03}, "prompt-len100": {"prompt_length": 100},
+                      "prompt-fp32": {"precision": "fp32"}}
 """Method -> TrainConfig fields over the defaults."""
 METHODS = (*SOFTPROMPT_METHODS, "lora")
 LORA_STEPS_REF = 100
