@@ -134,10 +134,15 @@ def plan_auto(run: Run, backward: Callable[[Run, list[int]], object], saved=None
     return probe_s
 
 
+def _one_evaluation(run: Run) -> bool:
+    """The plan evaluates once, at its end (a short plan): that evaluation moves with the end."""
+    return run.eval_every >= run.total
+
+
 def _refit_point(run: Run) -> int:
     """Where a planned run re-fits: its first dev evaluation, unless that is its last (a short plan):
     then a fifth of the way, with the probe's evaluation time."""
-    return run.eval_every if run.has_dev and run.eval_every < run.total else max(1, run.total // 5)
+    return run.eval_every if run.has_dev and not _one_evaluation(run) else max(1, run.total // 5)
 
 
 def refit(run: Run, state, eval_s: float) -> str | None:
@@ -148,7 +153,7 @@ def refit(run: Run, state, eval_s: float) -> str | None:
     every process. Returns what to say (None: the plan stands)."""
     config, done = run.config, state.step
     step_s, cap = state.train_time / max(1, done), step_cap(len(run.rows), config.batch_size)
-    single = run.eval_every >= run.total  # one evaluation, at the end: it moves with the end
+    single = _one_evaluation(run)
     total = refit_steps(done, config.max_time - state.elapsed, step_s, eval_s,
                         cap if single else run.eval_every, cap)
     total = int(run.rt.broadcast(total if run.rt.is_main else None))
